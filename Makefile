@@ -1,0 +1,41 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv when missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint format bench clean
+
+# The CPU wheel of torch is installed first and pinned, so that no later requirement can pull
+# a multi-GB CUDA build. GPU users: install your CUDA torch into .venv first, then `make`.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m rqgen demo --out demo_out
+
+# pytest exits 5 when it collects no test: that is a broken suite, not a pass.
+test: $(STAMP)
+	$(VENV)/bin/ruff check rqgen tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rqgen tests benchmarks
+	$(VENV)/bin/ruff format --check rqgen tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format rqgen tests benchmarks
+	$(VENV)/bin/ruff check --fix rqgen tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/quantizer_speed.py
+	$(PY) benchmarks/rate_distortion.py
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from rqgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""The `rqgen` command (also `python -m rqgen`). Each subcommand is a thin shell over a
+library function, so everything here can also be done from Python."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rqgen.errors import RqgenError
+
+
+def _add_train_vae(sub) -> None:
+    p = sub.add_parser("train-vae", help="train (or resume) an RQ-VAE")
+    p.add_argument("--data", required=True, help="image folder, bundled:photos or bundled:digits")
+    p.add_argument("--out", required=True, help="output directory; rerun to resume")
+    p.add_argument(
+        "--config", default="tiny32", help="preset (tiny32, imagenet256, ffhq256) or file"
+    )
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--val-data", help="held-out images scored during training")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.code_depth=8 train.lr=1e-4")
+    p.set_defaults(func=cmd_train_vae)
+
+
+def cmd_train_vae(args) -> int:
+    from rqgen.configs import load_vae_experiment
+    from rqgen.train.common import shutdown_runtime
+    from rqgen.train.vae import train_vae
+
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    exp = load_vae_experiment(args.config, overrides)
+    try:
+        out = train_vae(exp, args.data, args.out, val_data=args.val_data, device=args.device)
+    finally:
+        shutdown_runtime()
+    print(f"rqgen: RQ-VAE saved to {out} (load with RQVAE.from_pretrained('{out}'))")
+    return 0
+
+
+def _add_eval_vae(sub) -> None:
+    p = sub.add_parser("eval-vae", help="PSNR, SSIM, per-depth PSNR, codebook usage, rFID")
+    p.add_argument("--vae", required=True, help="directory written by train-vae / save_pretrained")
+    p.add_argument("--data", required=True, help="image folder or bundled:NAME[:val]")
+    p.add_argument("--limit", type=int, help="score at most N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-rfid", action="store_true", help="skip rFID even if Inception is present")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.set_defaults(func=cmd_eval_vae)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_eval_vae(args) -> int:
+    from rqgen.data import build_dataset
+    from rqgen.evaluate.vae import evaluate_vae
+    from rqgen.stage1.rqvae import RQVAE
+
+    vae = RQVAE.from_pretrained(args.vae)
+    data = build_dataset(args.data, vae.config.resolution, split="val")
+    result = evaluate_vae(
+        vae,
+        data,
+        args.limit,
+        args.batch_size,
+        _device(args.device),
+        rfid=not args.no_rfid,
+        progress=not args.json,
+    )
+    result = {"vae": str(args.vae), "data": args.data, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="original/reconstruction pairs + coarse-to-fine strips")
+    p.add_argument("--vae", required=True)
+    p.add_argument("--input", required=True, help="an image file, a folder, or bundled:NAME[:val]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=16, help="at most N images from a folder/dataset")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def load_inputs(src: str, resolution: int, limit: int):
+    """An image file, a folder or a bundled set -> (images (N,3,R,R), names)."""
+    import torch
+
+    from rqgen.data import build_dataset, load_image
+    from rqgen.errors import DataError
+
+    path = Path(src)
+    if path.is_file():
+        try:
+            return load_image(path, resolution)[None], [path.stem]
+        except OSError as e:
+            raise DataError(f"cannot read image '{src}': {e}") from e
+    data = build_dataset(src, resolution, split="val")
+    n = min(limit, len(data))
+    images = torch.stack([data[i][0] for i in range(n)])
+    paths = getattr(data, "paths", None)
+    names = [Path(paths[i]).stem if paths else f"{i:04d}" for i in range(n)]
+    return images, names
+
+
+def cmd_reconstruct(args) -> int:
+    from rqgen.evaluate.vae import write_reconstructions
+    from rqgen.stage1.rqvae import RQVAE
+
+    vae = RQVAE.from_pretrained(args.vae)
+    images, names = load_inputs(args.input, vae.config.resolution, args.limit)
+    files = write_reconstructions(vae, images, names, args.out, device=_device(args.device))
+    print(f"rqgen: wrote {len(files)} images for {len(names)} input(s) to {args.out}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on bundled data (what `make demo` runs)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--steps", type=int, default=None, help="RQ-VAE steps (default: the demo's)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from rqgen.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rqgen", description="Residual-quantized autoregressive image generation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train_vae, _add_eval_vae, _add_reconstruct, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    try:
+        return args.func(args)
+    except RqgenError as e:
+        print(f"rqgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rqgen: interrupted after {time.time() - start:.0f}s", file=sys.stderr)
+        return 130

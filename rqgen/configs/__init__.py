@@ -1,0 +1,121 @@
+"""Presets and config loading: `--config PRESET|FILE` plus `key=value` overrides.
+
+A stage-1 experiment is two dataclasses, `model` (saved with the weights) and `train` (saved
+next to the training state). Files may be JSON or YAML with the same two sections; overrides
+use dotted keys: `model.code_depth=8 train.lr=1e-4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rqgen.errors import ConfigError
+from rqgen.stage1.rqvae import RQVAEConfig
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int = 20_000
+    batch_size: int = 128  # GLOBAL batch: split over ranks and gradient-accumulation steps
+    grad_accum: int = 1
+    lr: float = 4e-5  # paper: Adam(0.5, 0.9), lr 4e-5, no decay, no weight decay
+    beta1: float = 0.5
+    beta2: float = 0.9
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0: off
+    perceptual_weight: float = 1.0  # LPIPS (needs local VGG16 weights; 0 turns it off)
+    adversarial_weight: float = 0.75  # PatchGAN hinge loss, times the adaptive weight
+    disc_start: int = 0  # step at which the GAN losses switch on
+    disc_ndf: int = 64
+    disc_layers: int = 2
+    ema_decay: float = 0.0  # weight EMA of the autoencoder; 0: off
+    bf16: bool = False  # bf16 autocast (the codebook search stays fp32)
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 500
+    val_batches: int = 4  # held-out batches scored at each sample_every
+
+
+@dataclass
+class VAEExperiment:
+    model: RQVAEConfig = field(default_factory=RQVAEConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+
+
+def _tiny32() -> VAEExperiment:
+    # 32 px -> 8×8×4 with f = 4: the paper's code shape (T = 64, D = 4) at CPU scale.
+    model = RQVAEConfig(
+        resolution=32,
+        ch=32,
+        ch_mult=[1, 2, 4],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        z_channels=64,
+        embed_dim=64,
+        codebook_size=512,
+        code_depth=4,
+    )
+    # No VGG16 weights exist on a fresh machine, so LPIPS is off; the GAN starts late, after
+    # the MSE has converged (a GAN on a barely trained decoder only adds noise).
+    train = VAETrainConfig(
+        steps=600,
+        batch_size=64,
+        lr=4e-4,
+        warmup_steps=50,
+        perceptual_weight=0.0,
+        adversarial_weight=0.75,
+        disc_start=5000,
+        disc_ndf=32,
+        ckpt_every=200,
+        sample_every=200,
+    )
+    return VAEExperiment(model, train)
+
+
+def _imagenet256() -> VAEExperiment:
+    # The paper's ImageNet RQ-VAE; layer shapes as the official model (f = 32, 8×8×4).
+    return VAEExperiment(RQVAEConfig(), VAETrainConfig())
+
+
+def _ffhq256() -> VAEExperiment:
+    return VAEExperiment(RQVAEConfig(attn_resolutions=[16], codebook_size=2048), VAETrainConfig())
+
+
+PRESETS = {"tiny32": _tiny32, "imagenet256": _imagenet256, "ffhq256": _ffhq256}
+
+
+def load_vae_experiment(config: str | None, overrides: list[str] | None = None) -> VAEExperiment:
+    """Preset name or JSON/YAML file, then dotted overrides, validated against the dataclasses."""
+    config = config or "tiny32"
+    if config in PRESETS:
+        base = PRESETS[config]()
+    elif Path(config).is_file():
+        base = VAEExperiment()
+    else:
+        raise ConfigError(
+            f"--config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+        )
+    try:
+        cfg = OmegaConf.structured(base)
+        if config not in PRESETS:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(config))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.lr=1e-4)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad config value: {msg}") from e
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

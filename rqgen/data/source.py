@@ -1,0 +1,53 @@
+"""Turn a `--data` string into a dataset: `bundled:NAME[:SPLIT]` or a folder path."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from rqgen.data.bundled import (
+    TRAIN_COLOUR_PHOTOS,
+    TRAIN_GRAY_PHOTOS,
+    VAL_PHOTOS,
+    BundledDigits,
+    BundledPhotos,
+)
+from rqgen.data.folder import ImageFolder
+from rqgen.errors import DataError
+
+BUNDLED_NAMES = ("photos", "digits")
+_PREFIX = "bundled:"
+
+
+def _parse_bundled(src: str, split: str) -> tuple[str, str]:
+    """'bundled:photos:val' -> ('photos', 'val'); an explicit suffix overrides `split`."""
+    name, _, suffix = src[len(_PREFIX) :].partition(":")
+    if name not in BUNDLED_NAMES:
+        valid = ", ".join(_PREFIX + n for n in BUNDLED_NAMES)
+        raise DataError(f"unknown bundled dataset '{src}': use one of {valid} (or a folder path)")
+    return name, suffix or split
+
+
+def build_dataset(
+    src: str, resolution: int, split: str = "train", seed: int = 0, labels: bool = True
+) -> Dataset:
+    """Dataset of `(image, label)` for `src`; images are float32 (3, R, R) in [-1, 1]."""
+    if src.startswith(_PREFIX):
+        name, split = _parse_bundled(src, split)
+        if name == "photos":
+            return BundledPhotos(resolution, split=split, seed=seed)
+        return BundledDigits(resolution, split=split, seed=seed, labels=labels)
+    # Any split other than "train" is evaluation: centre crops, no flips.
+    return ImageFolder(src, resolution, train=(split == "train"), labels=labels)
+
+
+def describe(src: str, split: str = "train") -> str:
+    """Short human description of `src` for logs (does not scan or load anything)."""
+    if src.startswith(_PREFIX):
+        name, split = _parse_bundled(src, split)
+        if name == "digits":
+            return f"bundled sklearn 8x8 digits ({split} split, 10 classes, white on black)"
+        if split == "train":
+            n_c, n_g = len(TRAIN_COLOUR_PHOTOS), len(TRAIN_GRAY_PHOTOS)
+            return f"bundled photos (train: random crops of {n_c} colour + {n_g} gray photos)"
+        return f"bundled photos (val: fixed crops of held-out {', '.join(VAL_PHOTOS)})"
+    return f"image folder '{src}'"

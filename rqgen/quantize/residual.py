@@ -1,0 +1,257 @@
+"""Residual quantization (RQ-VAE paper, Eq. 3-5, 7 and 15), usable in any model.
+
+    r_0 = z;  k_d = argmin_k ||r_{d-1} - e(k)||²;  r_d = r_{d-1} - e(k_d)        (Eq. 3-4)
+    Ẑ(d) = Σ_{d'≤d} e(k_{d'})   (partial sums);   Ẑ = Ẑ(D)                        (Eq. 5)
+
+Design choices, and why:
+- One codebook shared by all depths by default (as in the paper); `shared_codebook=False`
+  gives D separate codebooks for the C.3 ablation. Codebooks are buffers of shape
+  (num_codebooks, K, dim) trained by EMA, not by gradient.
+- EMA statistics are gathered over ALL depths of a forward pass and applied ONCE. The
+  official code updates the codebook between depths, so a train-mode forward quantizes
+  deeper residuals with a codebook that has already moved towards them; eval-mode
+  reconstructions are then worse than training suggests.
+- Under torch.distributed the statistics are summed over ranks with one all-reduce and the
+  random choices (data init, restarts) are made on rank 0 and broadcast, so every rank holds
+  the same codebook after every step, equal to a single process on the global batch.
+- The nearest-code search runs in fp32 even under bf16 autocast (distances between nearby
+  codes underflow bf16's 8-bit mantissa) and is chunked over rows so that N×K distances are
+  never materialised at once (K = 16384 with millions of vectors would need tens of GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rqgen.quantize import distributed as dist
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: Tensor  # Ẑ with a straight-through gradient to z, same shape and dtype as z
+    codes: Tensor  # (..., D) int64 code map M
+    commitment_loss: Tensor  # β · Σ_d ||z - sg[Ẑ(d)]||² (Eq. 7), a scalar
+
+
+class ResidualQuantizer(nn.Module):
+    """Residual vector quantizer with EMA codebook(s) and dead-code restarts.
+
+    Input vectors are the last axis of z: (..., dim). Codes come back as (..., depth).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        depth: int,
+        *,
+        shared_codebook: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment_weight: float = 0.25,
+        restart_unused_codes: bool = True,
+        restart_threshold: float = 1.0,
+        init_from_data: bool = True,
+        max_distance_elements: int = 1 << 24,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or codebook_size < 2 or dim < 1:
+            raise ValueError(f"need depth >= 1, codebook_size >= 2, dim >= 1; got {depth=}")
+        self.dim, self.codebook_size, self.depth = dim, codebook_size, depth
+        self.shared_codebook = shared_codebook
+        self.decay, self.eps = decay, eps
+        self.commitment_weight = commitment_weight
+        self.restart_unused_codes = restart_unused_codes
+        self.restart_threshold = restart_threshold
+        self.init_from_data = init_from_data
+        self.max_distance_elements = max_distance_elements
+
+        n = 1 if shared_codebook else depth
+        codebook = torch.randn(n, codebook_size, dim) / dim**0.5
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("cluster_size", torch.ones(n, codebook_size))  # EMA of counts
+        self.register_buffer("embed_sum", codebook.clone())  # EMA of assigned vector sums
+        self.register_buffer("initialized", torch.tensor(not init_from_data))
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.codebook.shape[0]
+
+    def codebook_index(self, d: int) -> int:
+        """Which codebook serves depth d (0-based)."""
+        return 0 if self.shared_codebook else d
+
+    # ----------------------------------------------------------------- search (Eq. 3)
+    def _search(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
+        """Nearest code of each row of x (N, dim) in codebook c; or a sample from Q_τ."""
+        cb = self.codebook[c]
+        cb_sq = cb.pow(2).sum(1)
+        rows = max(1, self.max_distance_elements // self.codebook_size)
+        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        for s in range(0, x.shape[0], rows):
+            # ||x||² is the same for every code of a row, so argmin needs only ||e||² - 2x·e.
+            dist = torch.addmm(cb_sq, x[s : s + rows], cb.t(), alpha=-2.0)
+            if tau is not None and tau > 0:
+                # Gumbel-max: argmin(d/τ - G) is a draw from softmax(-d/τ) = Q_τ (Eq. 15),
+                # computed chunk by chunk like the argmin.
+                u = torch.rand(dist.shape, device=x.device, generator=generator)
+                dist = dist / tau + torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
+            out[s : s + rows] = dist.argmin(1)
+        return out
+
+    def _residual_quantize(
+        self, x: Tensor, tau: float | None = None, generator=None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Eq. 3-5 on flat fp32 rows. Returns codes (N, D), partial sums Ẑ(1..D) (D, N, dim)
+        and the residuals r_0..r_{D-1} (D, N, dim) that each depth quantized."""
+        codes, partials, residuals = [], [], []
+        r, zhat = x, torch.zeros_like(x)
+        for d in range(self.depth):
+            c = self.codebook_index(d)
+            k = self._search(r, c, tau, generator)
+            e = F.embedding(k, self.codebook[c])
+            residuals.append(r)
+            codes.append(k)
+            r = r - e
+            zhat = zhat + e
+            partials.append(zhat)
+        return torch.stack(codes, -1), torch.stack(partials), torch.stack(residuals)
+
+    # ---------------------------------------------------------------------- forward
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize z (..., dim). In training mode also updates the codebook (once)."""
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"expected last dim {self.dim}, got shape {tuple(z.shape)}")
+        lead = z.shape[:-1]
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zf = z.float().reshape(-1, self.dim)
+            with torch.no_grad():
+                if self.training and not bool(self.initialized):
+                    self._init_codebook(zf.detach())
+                codes, partials, residuals = self._residual_quantize(zf.detach())
+            # Eq. 7: commitment to every partial sum, summed over depths.
+            commit = sum(F.mse_loss(zf, partials[d]) for d in range(self.depth))
+            zhat = partials[-1]
+            quantized = zf + (zhat - zf).detach()  # straight-through estimator
+            if self.training:
+                with torch.no_grad():
+                    self._ema_update(residuals, codes)
+        return QuantizerOutput(
+            quantized=quantized.reshape(*lead, self.dim).to(z.dtype),
+            codes=codes.reshape(*lead, self.depth),
+            commitment_loss=self.commitment_weight * commit,
+        )
+
+    @torch.no_grad()
+    def quantize(
+        self, z: Tensor, tau: float | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Codes (..., D) and the residuals r_{d-1} (..., D, dim) they were chosen from.
+
+        Pure: never updates the codebook. With `tau`, each code is drawn from Q_τ(· | r_{d-1})
+        instead of taken as the argmin (stochastic sampling, Eq. 15); later residuals follow
+        the drawn codes.
+        """
+        lead = z.shape[:-1]
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codes, _, residuals = self._residual_quantize(
+                z.float().reshape(-1, self.dim), tau, generator
+            )
+        residuals = residuals.permute(1, 0, 2).reshape(*lead, self.depth, self.dim)
+        return codes.reshape(*lead, self.depth), residuals
+
+    # ------------------------------------------------------------ codes -> vectors
+    def embed(self, codes: Tensor) -> Tensor:
+        """Per-depth code vectors e(k_d): (..., D') -> (..., D', dim), for any D' ≤ D."""
+        if self.shared_codebook:
+            return F.embedding(codes, self.codebook[0])
+        return torch.stack(
+            [F.embedding(codes[..., d], self.codebook[d]) for d in range(codes.shape[-1])], -2
+        )
+
+    def partial_sums(self, codes: Tensor) -> Tensor:
+        """Ẑ(1..D') for codes (..., D'): (..., D', dim), Eq. 5."""
+        return self.embed(codes).cumsum(-2)
+
+    def decode_codes(self, codes: Tensor, depth: int | None = None) -> Tensor:
+        """Ẑ(depth) = Σ_{d ≤ depth} e(k_d) (default: all D depths) -> (..., dim)."""
+        depth = codes.shape[-1] if depth is None else depth
+        if not 1 <= depth <= codes.shape[-1]:
+            raise ValueError(f"depth must be in 1..{codes.shape[-1]}, got {depth}")
+        return self.embed(codes[..., :depth]).sum(-2)
+
+    def soft_labels(self, residual: Tensor, depth: int, tau: float) -> Tensor:
+        """Q_τ(k | r) ∝ exp(-||r - e(k)||² / τ) over the codebook of `depth` (0-based), Eq. 15.
+
+        residual: (..., dim) -> probabilities (..., K). Builds the full (..., K) output, so
+        call it on stage-2 sized batches, not on millions of vectors at once.
+        """
+        cb = self.codebook[self.codebook_index(depth)]
+        with torch.autocast(device_type=residual.device.type, enabled=False):
+            r = residual.float()
+            dist = (r.pow(2).sum(-1, keepdim=True) - 2 * r @ cb.t()) + cb.pow(2).sum(-1)
+            return torch.softmax(-dist / tau, dim=-1)
+
+    # ------------------------------------------------------------------ codebook
+    def _pool(self, residuals: Tensor, c: int) -> Tensor:
+        """Vectors that codebook c quantized this step: all depths if shared, else depth c."""
+        return residuals.reshape(-1, self.dim) if self.shared_codebook else residuals[c]
+
+    @torch.no_grad()
+    def _init_codebook(self, z: Tensor) -> None:
+        """Data-dependent init: codebook d from random residuals r_{d-1} of the first batch."""
+        r = z
+        for c in range(self.num_codebooks):
+            vectors = dist.random_rows(r, self.codebook_size)
+            self.codebook[c] = vectors
+            self.embed_sum[c] = vectors
+            self.cluster_size[c] = 1.0
+            if not self.shared_codebook:  # the next codebook sees this depth's residuals
+                r = r - F.embedding(self._search(r, c, None, None), self.codebook[c])
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, residuals: Tensor, codes: Tensor) -> None:
+        """One EMA step from this forward's assignments over all depths (with restarts)."""
+        n_cb, K = self.num_codebooks, self.codebook_size
+        # counts and sums packed in one tensor: a single all-reduce per step.
+        stats = torch.zeros(n_cb, K, self.dim + 1, device=codes.device)
+        ones = torch.ones(codes.shape[0], 1, device=codes.device)
+        for d in range(self.depth):
+            c = self.codebook_index(d)
+            stats[c].index_add_(0, codes[:, d], torch.cat([residuals[d], ones], 1))
+        dist.all_reduce_sum(stats)
+        sums, counts = stats[..., :-1], stats[..., -1]
+
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        # Laplace smoothing keeps rarely used codes from dividing by ~0.
+        n = self.cluster_size.sum(-1, keepdim=True)
+        size = (self.cluster_size + self.eps) / (n + K * self.eps) * n
+        self.codebook.copy_(self.embed_sum / size.unsqueeze(-1))
+
+        if self.restart_unused_codes:
+            self._restart_dead_codes(residuals)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, residuals: Tensor) -> None:
+        """Jukebox-style restarts: codes whose EMA usage fell below the threshold are moved
+        onto random vectors of this step. cluster_size is identical on all ranks (it was
+        all-reduced), so all ranks agree on which codes are dead."""
+        for c in range(self.num_codebooks):
+            dead = self.cluster_size[c] < self.restart_threshold
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                continue
+            vectors = dist.random_rows(self._pool(residuals, c), n_dead)
+            self.codebook[c, dead] = vectors
+            self.embed_sum[c, dead] = vectors * self.restart_threshold
+            self.cluster_size[c, dead] = self.restart_threshold
+
+    def extra_repr(self) -> str:
+        kind = "shared" if self.shared_codebook else "separate"
+        return f"dim={self.dim}, K={self.codebook_size}, D={self.depth}, {kind} codebook"

@@ -1,0 +1,116 @@
+"""RQ-VAE (paper §3.1): encoder E -> residual quantizer -> decoder G.
+
+    Z = E(X) (H×W×nz),  M = RQ(Z; C, D) (H×W×D codes),  X̂ = G(Ẑ)     (Eq. 6)
+
+Stage 2 talks to this model only through `encode` / `quantizer` / `decode_codes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rqgen.checkpoint import Pretrained
+from rqgen.quantize import ResidualQuantizer
+from rqgen.stage1.blocks import Decoder, Encoder
+
+
+@dataclass
+class RQVAEConfig:
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4, 4])
+    num_res_blocks: int = 2  # the decoder uses one more per level, as VQGAN
+    attn_resolutions: list[int] = field(default_factory=lambda: [8])
+    dropout: float = 0.0
+    z_channels: int = 256  # encoder output channels (nz)
+    embed_dim: int = 256  # code vector dimension, after the 1×1 quant_conv
+    codebook_size: int = 16384  # K
+    code_depth: int = 4  # D
+    shared_codebook: bool = True
+    decay: float = 0.99
+    commitment_weight: float = 0.25  # β
+    restart_unused_codes: bool = True
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.downsample_factor
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        return (self.latent_size, self.latent_size, self.code_depth)
+
+
+@dataclass
+class RQVAEOutput:
+    reconstruction: Tensor  # X̂, (B, 3, R, R)
+    codes: Tensor  # (B, H, W, D)
+    commitment_loss: Tensor
+
+
+class RQVAE(nn.Module, Pretrained):
+    model_type = "rqvae"
+    config_class = RQVAEConfig
+
+    def __init__(self, config: RQVAEConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.resolution % c.downsample_factor:
+            raise ValueError(f"resolution {c.resolution} is not divisible by {c.downsample_factor}")
+        shape = dict(
+            ch=c.ch,
+            ch_mult=c.ch_mult,
+            num_res_blocks=c.num_res_blocks,
+            attn_resolutions=c.attn_resolutions,
+            resolution=c.resolution,
+            z_channels=c.z_channels,
+            dropout=c.dropout,
+        )
+        self.encoder = Encoder(in_channels=c.in_channels, **shape)
+        self.decoder = Decoder(out_channels=c.in_channels, **shape)
+        self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
+        self.quantizer = ResidualQuantizer(
+            c.embed_dim,
+            c.codebook_size,
+            c.code_depth,
+            shared_codebook=c.shared_codebook,
+            decay=c.decay,
+            commitment_weight=c.commitment_weight,
+            restart_unused_codes=c.restart_unused_codes,
+        )
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Z = E(X): images (B, 3, R, R) -> features (B, H, W, embed_dim), channel-last."""
+        return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
+
+    def decode(self, zhat: Tensor) -> Tensor:
+        """X̂ = G(Ẑ): features (B, H, W, embed_dim) -> images (B, 3, R, R)."""
+        return self.decoder(self.post_quant_conv(zhat.permute(0, 3, 1, 2)))
+
+    @torch.no_grad()
+    def encode_to_codes(self, x: Tensor) -> Tensor:
+        """Images -> code map M (B, H, W, D) (argmin codes; never updates the codebook)."""
+        return self.quantizer.quantize(self.encode(x))[0]
+
+    @torch.no_grad()
+    def decode_codes(self, codes: Tensor, depth: int | None = None) -> Tensor:
+        """Codes (B, H, W, D) -> images from Ẑ(depth) (default: all D; Table 6 with d < D)."""
+        return self.decode(self.quantizer.decode_codes(codes, depth))
+
+    def forward(self, x: Tensor) -> RQVAEOutput:
+        q = self.quantizer(self.encode(x))
+        return RQVAEOutput(self.decode(q.quantized), q.codes, q.commitment_loss)
+
+    @property
+    def last_layer(self) -> Tensor:
+        """Weight the adaptive GAN weight is computed at (VQGAN: decoder.conv_out)."""
+        return self.decoder.conv_out.weight

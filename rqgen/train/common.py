@@ -1,0 +1,252 @@
+"""Pieces every trainer uses: process group, data stream, logging, EMA, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
+from rqgen.errors import CheckpointError
+
+# ------------------------------------------------------------------ process group
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(device: str | None = None) -> Runtime:
+    """Single process, or the process group torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        torch_dist.init_process_group(backend)
+    rank = torch_dist.get_rank() if world > 1 else 0
+    if device is None:
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return Runtime(rank, world, dev)
+
+
+def shutdown_runtime() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------ data stream
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Global batches of a seeded permutation per epoch; rank r takes the r-th consecutive
+    slice of each. Starts at any global step, so resuming needs no replay of the data, and
+    the ranks together see exactly the batch a single process would."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int):
+        if global_batch % world:
+            raise ValueError(f"batch {global_batch} is not divisible by {world} processes")
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start = seed, start
+        self.per_epoch = max(1, n // global_batch)  # drop the last partial batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step, local = self.start, self.global_batch // self.world
+        while True:
+            epoch, i = divmod(step, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            if self.n < self.global_batch:  # tiny datasets: repeat to fill a batch
+                perm = perm.repeat(math.ceil(self.global_batch / self.n))
+            batch = perm[i * self.global_batch : (i + 1) * self.global_batch]
+            yield batch[self.rank * local : (self.rank + 1) * local].tolist()
+            step += 1
+
+    def __len__(self) -> int:  # infinite stream; len is only used for display
+        return self.per_epoch
+
+
+class _EpochedDataset(Dataset):
+    """Forwards the epoch of each index to datasets with random crops (set_epoch)."""
+
+    def __init__(self, dataset: Dataset, per_epoch: int):
+        self.dataset, self.per_epoch = dataset, per_epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, step = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(step // self.per_epoch)
+        return self.dataset[index]
+
+
+class _TaggedSampler(Sampler):
+    def __init__(self, sampler: ShardedBatchSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        for step, batch in enumerate(self.sampler, start=self.sampler.start):
+            yield [(i, step) for i in batch]
+
+
+def batch_stream(
+    dataset: Dataset, global_batch: int, rt: Runtime, seed: int, start_step: int, workers: int
+) -> Iterator:
+    """Endless iterator of this rank's micro-batches, starting at global micro-step start_step."""
+    sampler = ShardedBatchSampler(
+        len(dataset), global_batch, rt.rank, rt.world_size, seed, start_step
+    )
+    loader = DataLoader(
+        _EpochedDataset(dataset, sampler.per_epoch),
+        batch_sampler=_TaggedSampler(sampler),
+        num_workers=workers,
+        pin_memory=rt.device.type == "cuda",
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
+# ------------------------------------------------------------------ logging
+
+
+class MetricsLog:
+    """JSONL metrics (always) and TensorBoard (when installed), on the main process only."""
+
+    def __init__(self, directory: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = directory / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, step: int, **metrics: float) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------ weight EMA
+
+
+class WeightEMA:
+    """Exponential moving average of parameters; buffers (e.g. the codebook) are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for k, v in model.state_dict().items():
+            if k in params and v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v, 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+# ------------------------------------------------------------------ training state
+
+
+class TrainState:
+    """`DIR/train_state/`: every tensor needed to resume, swapped in atomically.
+
+    Weights go to safetensors files; optimizer states, step and RNG states to `state.pt`
+    (tensors and plain containers only, read back with weights_only=True).
+    """
+
+    def __init__(self, out_dir: Path):
+        self.dir = out_dir / "train_state"
+
+    def exists(self) -> bool:
+        return (self._live_dir() / "state.pt").is_file()
+
+    def save(self, modules: dict[str, nn.Module | dict], state: dict, meta: dict) -> None:
+        tmp = self.dir.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, m in modules.items():
+            sd = m if isinstance(m, dict) else m.state_dict()
+            save_state_dict(sd, tmp / f"{name}.safetensors")
+        torch.save(state, tmp / "state.pt")
+        write_json(tmp / "meta.json", meta)
+        old = self.dir.with_suffix(".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)  # the swap: a crash before it keeps the old state
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _live_dir(self) -> Path:
+        # A crash between the two renames in save() leaves only train_state.old.
+        return self.dir if (self.dir / "state.pt").is_file() else self.dir.with_suffix(".old")
+
+    def meta(self) -> dict:
+        return json.loads((self._live_dir() / "meta.json").read_text())
+
+    def load(self, modules: dict[str, nn.Module], map_location) -> dict:
+        d = self._live_dir()
+        for name, m in modules.items():
+            path = d / f"{name}.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"training state in {d} has no {name}.safetensors")
+            load_state_dict_into(m, path)
+        return torch.load(d / "state.pt", map_location=map_location, weights_only=True)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+
+
+def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
+    """Linear warmup, then constant (the paper's stage-1 schedule: no decay)."""
+    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr

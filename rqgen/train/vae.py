@@ -1,0 +1,331 @@
+"""Stage-1 training: RQ-VAE with MSE + β·commitment + LPIPS + PatchGAN (paper §3.1, Eq. 6-7).
+
+    rqgen train-vae --data bundled:photos --out runs/vae --config tiny32
+    torchrun --nproc_per_node 2 -m rqgen train-vae --data DIR --out runs/vae
+
+`--out DIR` is always a loadable `save_pretrained` directory (refreshed at each checkpoint);
+`DIR/train_state/` holds what resuming needs, and a rerun of the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from rqgen.configs import VAEExperiment
+from rqgen.data import build_dataset, describe
+from rqgen.errors import ConfigError, TrainingError
+from rqgen.evaluate import psnr
+from rqgen.stage1.losses import (
+    LPIPS,
+    NLayerDiscriminator,
+    adaptive_weight,
+    generator_adv_loss,
+    hinge_d_loss,
+)
+from rqgen.stage1.rqvae import RQVAE
+from rqgen.train.common import (
+    MetricsLog,
+    Runtime,
+    TrainState,
+    WeightEMA,
+    batch_stream,
+    init_runtime,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    warmup_lr,
+)
+from rqgen.utils.images import save_grid
+
+
+def default_val_source(data: str) -> str | None:
+    """Bundled sets have held-out splits; folders are scored only when --val-data is given."""
+    return f"{data}:val" if data in ("bundled:photos", "bundled:digits") else None
+
+
+class VAETrainer:
+    def __init__(
+        self,
+        exp: VAEExperiment,
+        data: str,
+        out: str | Path,
+        rt: Runtime,
+        val_data: str | None = None,
+        quiet: bool = False,
+    ):
+        self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
+        t, m = exp.train, exp.model
+        if t.batch_size % (rt.world_size * t.grad_accum):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum "
+                f"= {rt.world_size} × {t.grad_accum}"
+            )
+        self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
+        self.state = TrainState(self.out)
+        if self.state.exists():
+            self._check_same_model()
+
+        seed_everything(t.seed)  # identical init on every rank, and across reruns
+        self.model = RQVAE(m).to(rt.device)
+        self.lpips = LPIPS.from_pretrained().to(rt.device) if t.perceptual_weight > 0 else None
+        self.use_gan = t.adversarial_weight > 0
+        self.disc = (
+            NLayerDiscriminator(m.in_channels, t.disc_ndf, t.disc_layers).to(rt.device)
+            if self.use_gan
+            else None
+        )
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+        self.opt_d = (
+            torch.optim.Adam(self.disc.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+            if self.use_gan
+            else None
+        )
+        self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.step = 0
+        if self.state.exists():
+            self._resume()  # restores the RNG too: a resumed run continues the same stream
+        else:
+            seed_everything(t.seed + rt.rank)  # rank 0 draws as a single process would
+
+        ddp = rt.world_size > 1
+        dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        # Codebook buffers are synchronised by the quantizer itself: no buffer broadcast.
+        self.model_ddp = DDP(self.model, dev_ids, broadcast_buffers=False) if ddp else self.model
+        self.disc_ddp = (
+            DDP(self.disc, dev_ids, broadcast_buffers=False) if ddp and self.use_gan else self.disc
+        )
+        self.train_set = build_dataset(data, m.resolution, "train", seed=t.seed)
+        val_src = val_data or default_val_source(data)
+        self.val_set = build_dataset(val_src, m.resolution, "val") if val_src else None
+        self.log = MetricsLog(self.out, rt.is_main)
+
+    # ------------------------------------------------------------------ resume
+    def _check_same_model(self) -> None:
+        saved = self.state.meta()["experiment"]["model"]
+        if saved != dataclasses.asdict(self.exp.model):
+            diff = sorted(k for k in saved if saved[k] != dataclasses.asdict(self.exp.model).get(k))
+            raise ConfigError(
+                f"{self.out} holds a run with a different model config ({', '.join(diff)}): "
+                "resume with the same config or choose a new --out"
+            )
+
+    def _resume(self) -> None:
+        modules = {"model": self.model}
+        if self.disc is not None:
+            modules["disc"] = self.disc
+        s = self.state.load(modules, map_location=self.rt.device)
+        self.opt.load_state_dict(s["opt"])
+        if self.opt_d is not None and "opt_d" in s:
+            self.opt_d.load_state_dict(s["opt_d"])
+        if self.ema is not None and "ema" in s:
+            self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
+        self.step = int(s["step"])
+        set_rng_state(s["rng"])
+
+    def save(self) -> None:
+        if not self.rt.is_main:
+            return
+        modules = {"model": self.model}
+        if self.disc is not None:
+            modules["disc"] = self.disc
+        state = {"opt": self.opt.state_dict(), "step": self.step, "rng": rng_state()}
+        if self.opt_d is not None:
+            state["opt_d"] = self.opt_d.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow
+        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step}
+        self.state.save(modules, state, meta)
+        # The public checkpoint: EMA weights when enabled (usually the better model).
+        export = self.model
+        if self.ema is not None:
+            export = RQVAE(self.exp.model)
+            export.load_state_dict(self.ema.shadow)
+        export.save_pretrained(
+            self.out, train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if not self.exp.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+
+    def _no_sync(self, module, last_micro_batch: bool):
+        """Gradient accumulation under DDP: all-reduce only on the last micro-batch."""
+        if last_micro_batch or self.rt.world_size == 1:
+            return contextlib.nullcontext()
+        return module.no_sync()
+
+    def train_step(self, batches) -> dict[str, float]:
+        t = self.exp.train
+        gan_on = self.use_gan and self.step >= t.disc_start
+        for g in self.opt.param_groups:
+            g["lr"] = warmup_lr(self.step, t.lr, t.warmup_steps)
+        totals: dict[str, float] = {}
+        recons = []
+        self.opt.zero_grad(set_to_none=True)
+        for i, (x, _) in enumerate(batches):
+            x = x.to(self.rt.device, non_blocking=True)
+            last = i == len(batches) - 1
+            with self._no_sync(self.model_ddp, last), self._autocast():
+                out = self.model_ddp(x)
+                xr = out.reconstruction.float()
+                rec = F.mse_loss(xr, x)  # Eq. 6, ||X - X̂||²
+                nll = rec
+                parts = {"rec": rec.detach()}
+                if self.lpips is not None:
+                    p = self.lpips(xr, x).mean()
+                    nll = nll + t.perceptual_weight * p
+                    parts["lpips"] = p.detach()
+                loss = nll + out.commitment_loss  # + β Σ_d ||Z - sg[Ẑ(d)]||² (Eq. 7)
+                if gan_on:
+                    # The generator sees the unwrapped, frozen discriminator: its gradients
+                    # must not reach the discriminator's DDP reducer.
+                    self.disc.requires_grad_(False)
+                    g_loss = generator_adv_loss(self.disc(xr))
+                    w = adaptive_weight(nll, g_loss, self.model.last_layer) * t.adversarial_weight
+                    loss = loss + w * g_loss
+                    parts |= {"g_loss": g_loss.detach(), "adaptive_w": torch.as_tensor(w)}
+                parts |= {"commit": out.commitment_loss.detach(), "loss": loss.detach()}
+                (loss / len(batches)).backward()
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {self.step}; the last checkpoint in "
+                    f"{self.out} is intact: lower train.lr, set train.grad_clip, or check the data"
+                )
+            recons.append((x, xr.detach()))
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+        if gan_on:
+            self.disc.requires_grad_(True)
+            self.opt_d.zero_grad(set_to_none=True)
+            for i, (x, xr) in enumerate(recons):
+                last = i == len(recons) - 1
+                with self._no_sync(self.disc_ddp, last), self._autocast():
+                    d_loss = hinge_d_loss(self.disc_ddp(x), self.disc_ddp(xr))
+                    (d_loss / len(recons)).backward()
+                totals["d_loss"] = totals.get("d_loss", 0.0) + float(d_loss) / len(recons)
+            self.opt_d.step()
+        return totals
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """PSNR of held-out reconstructions (eval mode: the codebook is not touched)."""
+        if self.val_set is None:
+            return {}
+        model = self.model
+        if self.ema is not None:
+            model = RQVAE(self.exp.model).to(self.rt.device)
+            model.load_state_dict(self.ema.shadow)
+        model.eval()
+        scores, first = [], None
+        n = min(len(self.val_set), self.exp.train.val_batches * self.micro_batch)
+        for s in range(0, n, self.micro_batch):
+            x = torch.stack([self.val_set[i][0] for i in range(s, min(n, s + self.micro_batch))])
+            x = x.to(self.rt.device)
+            xr = model(x).reconstruction.clamp(-1, 1)
+            scores.append(psnr(xr, x))
+            if first is None:
+                first = (x[:16], xr[:16])
+        self.model.train()
+        if first is not None:
+            save_grid(
+                torch.cat(first),
+                self.out / "samples" / f"recon_{self.step:07d}.png",
+                nrow=len(first[0]),
+            )
+        return {"val_psnr": float(torch.cat(scores).mean())}
+
+    def codebook_sync_error(self) -> float:
+        """Largest codebook difference between this rank and rank 0 (0.0 = in sync)."""
+        if self.rt.world_size == 1:
+            return 0.0
+        cb = self.model.quantizer.codebook.detach().clone()
+        ref = cb.clone()
+        torch.distributed.broadcast(ref, 0)
+        err = (cb - ref).abs().max().reshape(1)
+        torch.distributed.all_reduce(err, op=torch.distributed.ReduceOp.MAX)
+        return float(err)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Path:
+        t, rt = self.exp.train, self.rt
+        if rt.is_main and not self.quiet:
+            print(
+                f"rqgen: training RQ-VAE {self.exp.model.code_shape} "
+                f"K={self.exp.model.codebook_size} "
+                f"on {describe(self.data)} -> {self.out} (from step {self.step} to {t.steps}, "
+                f"{rt.world_size} process(es), micro-batch {self.micro_batch})"
+            )
+        stream = batch_stream(
+            self.train_set,
+            self.micro_batch * rt.world_size,
+            rt,
+            t.seed,
+            self.step * t.grad_accum,
+            t.num_workers,
+        )
+        self.model.train()
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=not rt.is_main or self.quiet,
+            desc="train-vae",
+            dynamic_ncols=True,
+        )
+        t0, last_metrics = time.time(), {}
+        while self.step < t.steps:
+            batches = [next(stream) for _ in range(t.grad_accum)]
+            metrics = self.train_step(batches)
+            self.step += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                metrics["sec_per_step"] = (time.time() - t0) / t.log_every
+                metrics["lr"] = self.opt.param_groups[0]["lr"]
+                metrics["codebook_sync_err"] = self.codebook_sync_error()
+                t0 = time.time()
+                self.log.log(self.step, **metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", rec=f"{metrics['rec']:.4f}")
+                last_metrics = metrics
+            if self.step % t.sample_every == 0 or self.step == t.steps:
+                val = self.validate() if rt.is_main else {}
+                if val:
+                    self.log.log(self.step, **val)
+                    bar.set_postfix(
+                        loss=f"{last_metrics.get('loss', math.nan):.4f}",
+                        **{k: f"{v:.2f}" for k, v in val.items()},
+                    )
+            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                self.save()
+        bar.close()
+        self.log.close()
+        return self.out
+
+
+def train_vae(
+    exp: VAEExperiment,
+    data: str,
+    out: str | Path,
+    val_data: str | None = None,
+    device: str | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Train (or resume) an RQ-VAE; returns the `save_pretrained` directory."""
+    rt = init_runtime(device)
+    return VAETrainer(exp, data, out, rt, val_data=val_data, quiet=quiet).fit()

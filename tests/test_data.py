@@ -1,0 +1,196 @@
+"""Behaviour of the datasets: image folders, bundled photos and digits, and the dispatcher."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rqgen.data import (
+    IMAGE_EXTENSIONS,
+    BundledDigits,
+    BundledPhotos,
+    ImageFolder,
+    build_dataset,
+    bundled,
+    describe,
+)
+from rqgen.data.folder import UnreadableImageWarning
+from rqgen.errors import DataError
+
+
+def _save(path, size=(40, 24), colour=(200, 30, 30), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    arr = (rng.random((size[1], size[0], 3)) * 60 + np.array(colour) * 0.7).astype(np.uint8)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+def _check_image(x, r):
+    assert x.shape == (3, r, r)
+    assert x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root/{cats,dogs}/..., a nested subfolder, a root-level image and a non-image file."""
+    _save(tmp_path / "dogs" / "d1.png", size=(30, 50))
+    _save(tmp_path / "dogs" / "deeper" / "d2.JPG")  # nested + upper-case extension
+    _save(tmp_path / "cats" / "c1.jpeg", mode="L")  # grayscale must come out RGB
+    _save(tmp_path / "cats" / "c2.webp")
+    _save(tmp_path / "cats" / "c3.bmp")
+    _save(tmp_path / "loose.png", mode="RGBA")
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty_class").mkdir()
+    return tmp_path
+
+
+def test_folder_recursive_scan_and_labels(tree):
+    ds = ImageFolder(tree, 16)
+    names = [p.name for p in ds.paths]
+    assert names == ["c1.jpeg", "c2.webp", "c3.bmp", "d1.png", "d2.JPG", "loose.png"]
+    assert ds.classes == ["cats", "dogs"] and ds.num_classes == 2
+    assert ds.labels == [0, 0, 0, 1, 1, -1]
+    assert ds.skipped == []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        _check_image(x, 16)
+        assert y == ds.labels[i]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_folder_without_labels_and_eval_crops_are_deterministic(tree):
+    ds = ImageFolder(tree, 12, train=False, labels=False)
+    assert ds.num_classes == 0 and all(ds[i][1] == -1 for i in range(len(ds)))
+    assert torch.equal(ds[0][0], ds[0][0])
+    assert set(IMAGE_EXTENSIONS) == {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def test_folder_corrupt_file_is_skipped_with_one_warning(tree):
+    bad = tree / "dogs" / "broken.jpg"
+    bad.write_bytes(os.urandom(300))
+    with pytest.warns(UnreadableImageWarning, match=r"skipped 1 unreadable image\(s\)") as rec:
+        ds = ImageFolder(tree, 16)
+    assert len(rec) == 1 and "broken.jpg" in str(rec[0].message)
+    assert ds.skipped == [bad] and "\n" not in ds.warning
+    assert len(ds) == 6
+    _check_image(ds[0][0], 16)
+
+
+def test_folder_decode_failure_falls_back_to_next_image(tree):
+    ds = ImageFolder(tree, 16, train=False)
+    ds.paths[0].write_bytes(b"\x89PNG garbage")  # breaks after the scan-time check
+    with pytest.warns(UnreadableImageWarning, match="could not decode"):
+        x, y = ds[0]
+    expected, _ = ds[1]
+    assert torch.equal(x, expected) and y == ds.labels[1]
+
+
+@pytest.mark.parametrize("case", ["empty", "missing", "all_bad"])
+def test_folder_without_images_raises_one_line(tmp_path, case):
+    root = tmp_path / "data"
+    if case != "missing":
+        root.mkdir()
+    if case == "all_bad":
+        (root / "x.png").write_bytes(b"nope")
+    with pytest.raises(DataError) as err:
+        ImageFolder(root, 16)
+    msg = str(err.value)
+    assert "\n" not in msg and str(root) in msg
+    assert ("does not exist" if case == "missing" else "no readable images") in msg
+
+
+def test_bundled_photos_shapes_and_split_disjoint():
+    train, val = BundledPhotos(24, length=6), BundledPhotos(24, split="val", length=6)
+    assert not set(train.photos) & set(val.photos)
+    assert len(val.photos) == 3 and len(BundledPhotos(24, split="val")) == 256
+    for ds in (train, val):
+        for i in range(3):
+            x, y = ds[i]
+            _check_image(x, 24)
+            assert y == -1
+    with pytest.raises(IndexError):
+        train[6]
+
+
+def test_bundled_photos_load_offline(monkeypatch):
+    # An import of pooch means skimage wanted to download: every photo must be in the wheel.
+    monkeypatch.setitem(sys.modules, "pooch", None)
+    bundled.load_photo.cache_clear()
+    for name in bundled.TRAIN_COLOUR_PHOTOS + bundled.TRAIN_GRAY_PHOTOS + bundled.VAL_PHOTOS:
+        arr = bundled.load_photo(name)
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
+    for name in bundled.TRAIN_COLOUR_PHOTOS + bundled.VAL_PHOTOS:
+        arr = bundled.load_photo(name).astype(int)
+        assert np.abs(arr[..., 0] - arr[..., 1]).mean() > 1, f"{name} should be in colour"
+
+
+def test_bundled_photos_val_is_fixed_and_train_follows_epoch():
+    a, b = BundledPhotos(16, split="val", seed=0), BundledPhotos(16, split="val", seed=5)
+    b.set_epoch(3)
+    for i in (0, 1, 100):
+        assert torch.equal(a[i][0], b[i][0])
+
+    t1, t2 = BundledPhotos(16, seed=1), BundledPhotos(16, seed=1)
+    t1.set_epoch(2)
+    t2.set_epoch(2)
+    assert all(torch.equal(t1[i][0], t2[i][0]) for i in range(3))
+    first = [t1[i][0] for i in range(3)]
+    t1.set_epoch(3)
+    assert not all(torch.equal(first[i], t1[i][0]) for i in range(3))
+    other_seed = BundledPhotos(16, seed=2)
+    other_seed.set_epoch(2)
+    assert not all(torch.equal(first[i], other_seed[i][0]) for i in range(3))
+
+
+def test_bundled_photos_mostly_colour():
+    ds = BundledPhotos(32, length=4000)
+    picks = [ds.plan(i).photo for i in range(len(ds))]
+    colour = sum(p in ds.colour_photos for p in picks) / len(picks)
+    assert colour >= 0.8
+    assert set(picks) == set(ds.photos)  # every photo gets used
+
+
+def test_bundled_digits():
+    from sklearn.datasets import load_digits
+
+    sk = load_digits()
+    train, val = BundledDigits(), BundledDigits(split="val")
+    assert train.num_classes == 10 and train.classes == [str(i) for i in range(10)]
+    assert not set(train.indices) & set(val.indices)
+    assert sorted([*train.indices, *val.indices]) == list(range(1797))
+    assert 0.12 < len(val) / 1797 < 0.18
+    for ds in (train, val):
+        for i in (0, 7, len(ds) - 1):
+            x, y = ds[i]
+            _check_image(x, 32)
+            assert y == sk.target[ds.indices[i]]
+    # White digit on black: mostly dark background, with bright ink.
+    x, _ = train[0]
+    assert x.mean() < -0.2 and x[:, 0, 0].max() < -0.9 and x.max() > 0.5
+    assert BundledDigits(split="val", labels=False)[0][1] == -1
+
+
+def test_build_dataset_dispatch(tree):
+    ds = build_dataset("bundled:photos", 16)
+    assert isinstance(ds, BundledPhotos) and ds.split == "train"
+    assert build_dataset("bundled:photos:val", 16).split == "val"
+    assert build_dataset("bundled:photos", 16, split="val").split == "val"
+    dig = build_dataset("bundled:digits:val", 8, split="train")
+    assert isinstance(dig, BundledDigits) and dig.split == "val"
+    folder = build_dataset(str(tree), 16, split="val", labels=False)
+    assert isinstance(folder, ImageFolder) and not folder.train and folder.num_classes == 0
+    assert "photos" in describe("bundled:photos") and str(tree) in describe(str(tree))
+
+
+def test_build_dataset_unknown_bundled_name():
+    with pytest.raises(DataError, match="bundled:photos, bundled:digits") as err:
+        build_dataset("bundled:imagenet", 16)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="unknown split"):
+        build_dataset("bundled:digits:test", 16)
