@@ -1,0 +1,227 @@
+"""ResidualQuantizer: Eq. 3-5 (search, partial sums), Eq. 7 (commitment), Eq. 15 (Q_τ), EMA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rqgen import ResidualQuantizer
+
+
+def clustered(n_clusters=16, per=64, dim=8, spread=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_clusters, dim, generator=g) * 3
+    x = centers.repeat_interleave(per, 0) + spread * torch.randn(n_clusters * per, dim, generator=g)
+    return x, centers
+
+
+def trained(depth=4, K=64, dim=8, steps=30, **kw):
+    torch.manual_seed(0)
+    q = ResidualQuantizer(dim, K, depth, **kw).train()
+    x = torch.randn(2048, dim)
+    for _ in range(steps):
+        q(x)
+    return q.eval(), x
+
+
+def test_output_shapes_and_dtype():
+    q = ResidualQuantizer(16, 32, 3)
+    z = torch.randn(2, 5, 7, 16, dtype=torch.float64)
+    out = q(z)
+    assert out.quantized.shape == z.shape and out.quantized.dtype == z.dtype
+    assert out.codes.shape == (2, 5, 7, 3) and out.codes.dtype == torch.long
+    assert out.codes.min() >= 0 and out.codes.max() < 32
+    assert out.commitment_loss.ndim == 0
+
+
+def test_residual_norms_shrink_with_depth():
+    q, x = trained(depth=6)
+    _, residuals = q.quantize(x)  # r_0 .. r_{D-1}
+    codes, _ = q.quantize(x)
+    final = x - q.decode_codes(codes)  # r_D
+    norms = torch.cat([residuals, final[:, None]], 1).norm(dim=-1).mean(0)
+    assert torch.all(norms[1:] < norms[:-1]), norms
+
+
+def test_partial_sums_rebuild_zhat():
+    q, x = trained(depth=4)
+    codes, residuals = q.quantize(x)
+    partial = q.partial_sums(codes)  # Ẑ(1..D)
+    assert partial.shape == (*codes.shape, 8)
+    for d in range(1, 5):
+        torch.testing.assert_close(q.decode_codes(codes, d), partial[:, d - 1])
+        if d < 4:  # r_d = z - Ẑ(d)  (Eq. 4)
+            torch.testing.assert_close(residuals[:, d], x - partial[:, d - 1])
+    # forward's output is Ẑ = Ẑ(D) (eval mode: no codebook update)
+    torch.testing.assert_close(q(x).quantized, partial[:, -1])
+
+
+def test_codes_are_greedy_nearest_neighbours():
+    q, x = trained(depth=3)
+    codes, residuals = q.quantize(x[:100])
+    cb = q.codebook[0]
+    for d in range(3):
+        brute = torch.cdist(residuals[:, d], cb).argmin(1)
+        assert torch.equal(codes[:, d], brute)
+
+
+def test_chunked_search_equals_unchunked():
+    q, x = trained(depth=3)
+    full, _ = q.quantize(x)
+    q.max_distance_elements = 64 * 7  # 7 rows per chunk, ragged last chunk
+    chunked, _ = q.quantize(x)
+    assert torch.equal(full, chunked)
+
+
+def test_commitment_loss_is_beta_times_sum_over_depths():
+    q, x = trained(depth=4)
+    x = x.clone().requires_grad_(True)
+    out = q(x)
+    partial = q.partial_sums(out.codes)
+    expected = 0.25 * sum(F.mse_loss(x, partial[:, d]) for d in range(4))
+    torch.testing.assert_close(out.commitment_loss, expected)
+
+
+def test_straight_through_gradient():
+    q, x = trained()
+    x = x[:10].clone().requires_grad_(True)
+    q(x).quantized.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def test_soft_labels_tau_to_zero_equal_argmin():
+    q, x = trained(depth=4)
+    codes, residuals = q.quantize(x[:200])
+    for d in range(4):
+        probs = q.soft_labels(residuals[:, d], d, tau=1e-6)
+        assert torch.allclose(probs.sum(-1), torch.ones(200))
+        assert torch.equal(probs.argmax(-1), codes[:, d])
+        assert probs.max(-1).values.min() > 0.99  # one-hot in the limit
+    # stochastic sampling with τ → 0 is the argmin path too
+    sampled, _ = q.quantize(x[:200], tau=1e-6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, codes)
+
+
+def test_soft_labels_match_eq15_formula():
+    q, x = trained(depth=2)
+    r = x[:5]
+    tau = 0.5
+    d2 = torch.cdist(r, q.codebook[0]).pow(2)
+    expected = torch.softmax(-d2 / tau, -1)  # Q_τ(k | r) ∝ exp(-||r - e(k)||² / τ)
+    torch.testing.assert_close(q.soft_labels(r, 0, tau), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_stochastic_codes_follow_q_tau():
+    q, x = trained(depth=1)
+    tau = 2.0
+    r = x[:1]
+    probs = q.soft_labels(r, 0, tau)[0]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([q.quantize(r.expand(4000, -1), tau=tau, generator=g)[0][:, 0]])
+    freq = torch.bincount(draws.flatten(), minlength=q.codebook_size).float() / draws.numel()
+    assert (freq - probs).abs().max() < 0.03
+    assert (probs > 0.05).sum() > 1, "test needs a non-degenerate distribution"
+
+
+def test_same_generator_same_stochastic_codes():
+    q, x = trained(depth=3)
+    a, _ = q.quantize(x, tau=0.5, generator=torch.Generator().manual_seed(3))
+    b, _ = q.quantize(x, tau=0.5, generator=torch.Generator().manual_seed(3))
+    c, _ = q.quantize(x, tau=0.5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ema_converges_on_clustered_data():
+    x, centers = clustered(n_clusters=16)
+    torch.manual_seed(0)
+    # start every code half a unit off its cluster: EMA must pull it onto the centroid
+    q = ResidualQuantizer(8, 16, 1, init_from_data=False, restart_unused_codes=False)
+    start = centers + 0.5 * torch.randn_like(centers)
+    q.codebook[0], q.embed_sum[0] = start, start
+    q.train()
+    errors = []
+    for _ in range(100):
+        q(x[torch.randperm(len(x))])
+        errors.append((q.codebook[0] - centers).norm(dim=1).max().item())
+    # the pull of the initial position decays like 1 / (1 + usage·t)
+    assert all(b <= a + 1e-4 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 0.05 < 0.5 < errors[0], errors[::10]  # floor: centroid noise ~0.02
+
+
+def test_data_init_and_restarts_cover_every_cluster():
+    x, centers = clustered(n_clusters=16)
+    torch.manual_seed(0)
+    q = ResidualQuantizer(8, 64, 1).train()  # over-complete codebook, data-dependent init
+    for _ in range(60):
+        q(x[torch.randperm(len(x))])
+    assert torch.cdist(centers, q.codebook[0]).min(1).values.max() < 0.1
+
+
+def test_ema_update_is_applied_once_per_step_from_all_depths():
+    torch.manual_seed(0)
+    q = ResidualQuantizer(4, 8, 3, restart_unused_codes=False, init_from_data=False)
+    x = torch.randn(256, 4)
+    before = q.codebook.clone()
+    codes_before, residuals = q.quantize(x)
+    out = q.train()(x)
+    # the train-mode forward used the codebook as it was BEFORE the step at every depth
+    assert torch.equal(out.codes, codes_before)
+    # and the new codebook is one EMA step on statistics pooled over all depths
+    counts = torch.zeros(8)
+    sums = torch.zeros(8, 4)
+    for d in range(3):
+        counts += torch.bincount(codes_before[:, d], minlength=8)
+        sums.index_add_(0, codes_before[:, d], residuals[:, d])
+    size = 0.99 * 1.0 + 0.01 * counts
+    embed = 0.99 * before[0] + 0.01 * sums
+    n = size.sum()
+    smoothed = (size + 1e-5) / (n + 8 * 1e-5) * n
+    torch.testing.assert_close(q.codebook[0], embed / smoothed[:, None])
+
+
+def test_restarts_revive_dead_codes():
+    x, _ = clustered(n_clusters=4, dim=8)
+    torch.manual_seed(0)
+    q = ResidualQuantizer(8, 32, 2).train()
+    q(x)  # data init
+    q.codebook[0, :16] = 1e3  # 16 codes far from every vector: dead
+    q.cluster_size[0, :16] = 0.0
+    q.embed_sum[0, :16] = 1e3 * 0.0
+    q(x)
+    assert (q.codebook[0, :16].abs() < 100).all(), "dead codes were not moved onto data"
+    assert (q.cluster_size[0] >= 1.0 - 1e-6).all()
+    # with restarts off they stay dead
+    q2 = ResidualQuantizer(8, 32, 2, restart_unused_codes=False).train()
+    q2(x)
+    q2.codebook[0, :16] = 1e3
+    q2.cluster_size[0, :16] = 0.0
+    q2.embed_sum[0, :16] = 0.0
+    q2(x)
+    assert (q2.codebook[0, :16].abs() > 100).any() or (q2.codebook[0, :16] == 0).all()
+
+
+def test_separate_codebooks_one_per_depth():
+    q, x = trained(depth=3, shared_codebook=False)
+    assert q.codebook.shape == (3, 64, 8)
+    codes, residuals = q.quantize(x[:50])
+    for d in range(3):
+        brute = torch.cdist(residuals[:, d], q.codebook[d]).argmin(1)
+        assert torch.equal(codes[:, d], brute)
+    expected = sum(q.codebook[d][codes[:, d]] for d in range(3))
+    torch.testing.assert_close(q.decode_codes(codes), expected)
+
+
+def test_bf16_autocast_search_stays_fp32():
+    q, x = trained(depth=4)
+    ref, _ = q.quantize(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x.to(torch.bfloat16))
+    assert out.quantized.dtype == torch.bfloat16
+    # the input was rounded to bf16, so compare against fp32 codes of the rounded input
+    ref_rounded, _ = q.quantize(x.to(torch.bfloat16).float())
+    assert torch.equal(out.codes, ref_rounded)
+    assert (ref != ref_rounded).float().mean() < 0.2
+
+
+def test_rejects_wrong_dim():
+    with pytest.raises(ValueError, match="last dim"):
+        ResidualQuantizer(8, 16, 2)(torch.randn(3, 7))
