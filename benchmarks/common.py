@@ -41,7 +41,11 @@ def command() -> str:
 def write_results(name: str, markdown_body: str, data: dict) -> Path:
     """benchmarks/results/NAME.md (table + machine + command) and NAME.json (raw numbers)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "command": command(), "date": datetime.now(timezone.utc).isoformat()}
+    meta = {
+        "machine": machine(),
+        "command": command(),
+        "date": datetime.now(timezone.utc).isoformat(),
+    }
     m = meta["machine"]
     header = (
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "

@@ -56,11 +56,46 @@ def one(name: str, overrides: list[str], args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
     py = sys.executable
-    run([py, "-m", "rqgen", "train-vae", "--data", "bundled:photos", "--out", str(out),
-         "--steps", str(args.steps), "--device", "cpu", f"train.seed={args.seed}",
-         "train.num_workers=0", *overrides], args.threads, log)
-    res = json.loads(run([py, "-m", "rqgen", "eval-vae", "--vae", str(out), "--data",
-                          "bundled:photos:val", "--json", "--device", "cpu"], args.threads, log))
+    run(
+        [
+            py,
+            "-m",
+            "rqgen",
+            "train-vae",
+            "--data",
+            "bundled:photos",
+            "--out",
+            str(out),
+            "--steps",
+            str(args.steps),
+            "--device",
+            "cpu",
+            f"train.seed={args.seed}",
+            "train.num_workers=0",
+            *overrides,
+        ],
+        args.threads,
+        log,
+    )
+    res = json.loads(
+        run(
+            [
+                py,
+                "-m",
+                "rqgen",
+                "eval-vae",
+                "--vae",
+                str(out),
+                "--data",
+                "bundled:photos:val",
+                "--json",
+                "--device",
+                "cpu",
+            ],
+            args.threads,
+            log,
+        )
+    )
     h, w, d = res["code_shape"]
     res["bits_per_image"] = h * w * d * math.log2(res["codebook_size"])
     res["variant"] = name

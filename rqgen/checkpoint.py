@@ -77,7 +77,11 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> No
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         parts = []
-        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+        for name, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("with another shape", wrong),
+        ):
             if keys:
                 parts.append(f"{len(keys)} {name} (e.g. {keys[0]})")
         raise CheckpointError(

@@ -26,6 +26,7 @@ class VAETrainConfig:
     lr: float = 4e-5  # paper: Adam(0.5, 0.9), lr 4e-5, no decay, no weight decay
     beta1: float = 0.5
     beta2: float = 0.9
+    adam_eps: float = 1e-8
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0: off
     perceptual_weight: float = 1.0  # LPIPS (needs local VGG16 weights; 0 turns it off)

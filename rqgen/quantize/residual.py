@@ -198,8 +198,13 @@ class ResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ codebook
     def _pool(self, residuals: Tensor, c: int) -> Tensor:
-        """Vectors that codebook c quantized this step: all depths if shared, else depth c."""
-        return residuals.reshape(-1, self.dim) if self.shared_codebook else residuals[c]
+        """Vectors that codebook c quantized this step: all depths if shared, else depth c.
+
+        Rows are ordered sample-major, so that under DDP the ranks' pools laid end to end
+        are the single-process pool of the global batch (see distributed.random_rows)."""
+        if self.shared_codebook:
+            return residuals.transpose(0, 1).reshape(-1, self.dim)
+        return residuals[c]
 
     @torch.no_grad()
     def _init_codebook(self, z: Tensor) -> None:

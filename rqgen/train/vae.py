@@ -83,9 +83,13 @@ class VAETrainer:
             if self.use_gan
             else None
         )
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps
+        )
         self.opt_d = (
-            torch.optim.Adam(self.disc.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+            torch.optim.Adam(
+                self.disc.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps
+            )
             if self.use_gan
             else None
         )
@@ -171,7 +175,7 @@ class VAETrainer:
         for g in self.opt.param_groups:
             g["lr"] = warmup_lr(self.step, t.lr, t.warmup_steps)
         totals: dict[str, float] = {}
-        recons = []
+        recons, nonfinite = [], False
         self.opt.zero_grad(set_to_none=True)
         for i, (x, _) in enumerate(batches):
             x = x.to(self.rt.device, non_blocking=True)
@@ -197,14 +201,11 @@ class VAETrainer:
                     parts |= {"g_loss": g_loss.detach(), "adaptive_w": torch.as_tensor(w)}
                 parts |= {"commit": out.commitment_loss.detach(), "loss": loss.detach()}
                 (loss / len(batches)).backward()
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {self.step}; the last checkpoint in "
-                    f"{self.out} is intact: lower train.lr, set train.grad_clip, or check the data"
-                )
+            nonfinite = nonfinite or not bool(torch.isfinite(loss))
             recons.append((x, xr.detach()))
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        self._stop_if_nonfinite(nonfinite, totals.get("loss", math.nan))
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.opt.step()
@@ -252,6 +253,28 @@ class VAETrainer:
             )
         return {"val_psnr": float(torch.cat(scores).mean())}
 
+    def _stop_if_nonfinite(self, nonfinite: bool, loss: float) -> None:
+        """Stop before the optimizer step, on every rank at once (no rank left waiting)."""
+        flag = torch.tensor([float(nonfinite)], device=self.rt.device)  # NCCL: on the GPU
+        if self.rt.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise TrainingError(
+                f"loss became {loss} at step {self.step + 1}; the last checkpoint in "
+                f"{self.out} is intact: lower train.lr, set train.grad_clip, or check the data"
+            )
+
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Logged losses describe the global batch, not rank 0's share of it."""
+        if self.rt.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor(
+            [metrics[k] for k in keys], dtype=torch.float64, device=self.rt.device
+        )
+        torch.distributed.all_reduce(values)
+        return dict(zip(keys, (values / self.rt.world_size).tolist()))
+
     def codebook_sync_error(self) -> float:
         """Largest codebook difference between this rank and rank 0 (0.0 = in sync)."""
         if self.rt.world_size == 1:
@@ -289,6 +312,15 @@ class VAETrainer:
             desc="train-vae",
             dynamic_ncols=True,
         )
+        try:
+            self._loop(stream, bar)
+        finally:  # also on errors, so the bar does not swallow the error line
+            bar.close()
+            self.log.close()
+        return self.out
+
+    def _loop(self, stream, bar) -> None:
+        t, rt = self.exp.train, self.rt
         t0, last_metrics = time.time(), {}
         while self.step < t.steps:
             batches = [next(stream) for _ in range(t.grad_accum)]
@@ -298,6 +330,7 @@ class VAETrainer:
             if self.step % t.log_every == 0 or self.step == t.steps:
                 metrics["sec_per_step"] = (time.time() - t0) / t.log_every
                 metrics["lr"] = self.opt.param_groups[0]["lr"]
+                metrics = self.mean_over_ranks(metrics)
                 metrics["codebook_sync_err"] = self.codebook_sync_error()
                 t0 = time.time()
                 self.log.log(self.step, **metrics)
@@ -313,9 +346,6 @@ class VAETrainer:
                     )
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.save()
-        bar.close()
-        self.log.close()
-        return self.out
 
 
 def train_vae(

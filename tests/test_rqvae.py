@@ -1,0 +1,136 @@
+"""RQVAE: shapes, presets with the official layout, checkpoint round trip, learning."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rqgen import RQVAE, RQVAEConfig
+from rqgen.configs import load_vae_experiment
+from rqgen.errors import CheckpointError, ConfigError
+
+
+def small_config(**kw) -> RQVAEConfig:
+    base = dict(
+        resolution=32, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
+        z_channels=16, embed_dim=16, codebook_size=32, code_depth=4,
+    )  # fmt: skip
+    return RQVAEConfig(**{**base, **kw})
+
+
+def test_tiny32_shapes_match_the_papers_code_shape():
+    cfg = load_vae_experiment("tiny32").model
+    assert cfg.code_shape == (8, 8, 4) and cfg.downsample_factor == 4
+    vae = RQVAE(cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (2, 8, 8, cfg.embed_dim)
+    out = vae(x)
+    assert out.reconstruction.shape == x.shape and out.codes.shape == (2, 8, 8, 4)
+    vae.eval()
+    codes = vae.encode_to_codes(x)
+    assert vae.decode_codes(codes).shape == x.shape
+    assert vae.decode_codes(codes, depth=1).shape == x.shape
+
+
+def test_imagenet256_preset_has_the_official_layer_shapes():
+    vae = RQVAE(load_vae_experiment("imagenet256").model)
+    sd = vae.state_dict()
+    assert sd["encoder.conv_out.weight"].shape == (256, 512, 3, 3)
+    assert sd["quant_conv.weight"].shape == (256, 256, 1, 1)
+    assert sd["encoder.down.5.attn.1.q.weight"].shape == (512, 512, 1, 1)
+    assert "encoder.down.4.downsample.conv.weight" in sd
+    assert "encoder.down.5.downsample.conv.weight" not in sd
+    assert "decoder.up.5.block.2.conv2.weight" in sd  # 3 blocks per level in the decoder
+    assert "decoder.up.5.attn.2.proj_out.weight" in sd
+    assert (
+        "decoder.up.1.upsample.conv.weight" in sd and "decoder.up.0.upsample.conv.weight" not in sd
+    )
+    assert "encoder.mid.attn_1.q.weight" in sd and "decoder.mid.block_2.conv1.weight" in sd
+    assert sd["quantizer.codebook"].shape == (1, 16384, 256)  # shared: stored once
+    n_params = sum(p.numel() for p in vae.parameters())
+    assert 95e6 < n_params < 115e6  # the official model has about 104M with K = 16384
+    assert vae.config.code_shape == (8, 8, 4)
+
+
+def test_ffhq256_preset_attends_at_16():
+    sd = RQVAE(load_vae_experiment("ffhq256").model).state_dict()
+    assert "encoder.down.4.attn.0.q.weight" in sd and "encoder.down.5.attn.0.q.weight" not in sd
+    assert sd["quantizer.codebook"].shape == (1, 2048, 256)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    vae = RQVAE(small_config()).train()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    vae(x)  # data-init the codebook and take one EMA step
+    vae.eval()
+    vae.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors"}
+    loaded = RQVAE.from_pretrained(tmp_path / "m")
+    assert loaded.config == vae.config
+    assert torch.equal(loaded.encode_to_codes(x), vae.encode_to_codes(x))
+    torch.testing.assert_close(loaded(x).reconstruction, vae(x).reconstruction)
+
+
+def test_mismatched_checkpoint_is_a_one_line_error(tmp_path):
+    RQVAE(small_config()).save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["config"]["codebook_size"] = 64
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        RQVAE.from_pretrained(tmp_path / "m")
+    assert "\n" not in str(e.value) and "3 with another shape (e.g. quantizer." in str(e.value)
+
+    cfg["model_type"] = "rq_transformer"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not 'rqvae'"):
+        RQVAE.from_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        RQVAE.from_pretrained(tmp_path / "nothing")
+
+
+def test_truncated_weights_are_a_clear_error(tmp_path):
+    RQVAE(small_config()).save_pretrained(tmp_path / "m")
+    w = tmp_path / "m" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        RQVAE.from_pretrained(tmp_path / "m")
+
+
+def test_loss_falls_on_tiny_data():
+    torch.manual_seed(0)
+    vae = RQVAE(small_config(attn_resolutions=[])).train()
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    x = F.avg_pool2d(x, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)  # learnable
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = vae(x)
+        loss = F.mse_loss(out.reconstruction, x) + out.commitment_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_vae_experiment("no-such-preset")
+    with pytest.raises(ConfigError) as e:
+        load_vae_experiment("tiny32", ["model.no_such_key=3"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError):
+        load_vae_experiment("tiny32", ["model.code_depth=four"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_vae_experiment("tiny32", ["model.code_depth"])
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  resolution: 64\n  code_depth: 2\ntrain:\n  lr: 0.001\n")
+    exp = load_vae_experiment(str(f), ["train.steps=7"])
+    assert exp.model.resolution == 64 and exp.model.code_depth == 2
+    assert exp.train.lr == 1e-3 and exp.train.steps == 7

@@ -1,0 +1,196 @@
+"""End to end through the real CLI: training, resume after a kill, DDP, bad input, eval."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from rqgen import RQVAE
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.ch=16",
+    "model.ch_mult=[1,2,2]",
+    "model.z_channels=16",
+    "model.embed_dim=16",
+    "model.codebook_size=32",
+    "train.batch_size=8",
+    "train.num_workers=0",
+    "train.log_every=1",
+    "train.ckpt_every=5",
+    "train.sample_every=10",
+    "train.val_batches=1",
+    "train.warmup_steps=0",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+
+
+def rqgen(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rqgen", *map(str, args)],
+        capture_output=True, text=True, env=ENV, timeout=300, **kw,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rqgen {args} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_args(out, steps, *extra, data="bundled:digits"):
+    return ["train-vae", "--data", data, "--out", out, "--steps", steps, "--device", "cpu",
+            *TINY, *extra]  # fmt: skip
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vae") / "run"
+    rqgen(*train_args(out, 10))
+    return out
+
+
+def test_training_writes_a_loadable_model_logs_and_grids(trained):
+    vae = RQVAE.from_pretrained(trained)
+    assert vae.config.codebook_size == 32
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["step"] == 10 and cfg["data"] == "bundled:digits"
+    rows = metrics(trained)
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 11))
+    assert all(r["codebook_sync_err"] == 0.0 for r in rows if "loss" in r)
+    assert any("val_psnr" in r for r in rows)
+    assert sorted(p.name for p in (trained / "samples").iterdir()) == ["recon_0000010.png"]
+
+
+def test_eval_vae_prints_one_json_object(trained):
+    proc = rqgen("eval-vae", "--vae", trained, "--data", "bundled:digits:val", "--limit", 20,
+                 "--json", "--device", "cpu")  # fmt: skip
+    result = json.loads(proc.stdout)  # the whole stdout is one JSON object
+    assert result["n_images"] == 20
+    for key in ("psnr", "ssim", "codebook_usage", "perplexity"):
+        assert isinstance(result[key], float)
+    assert len(result["per_depth_psnr"]) == 4
+    assert 0 < result["codebook_usage"] <= 1 and 1 <= result["perplexity"] <= 32
+    assert result["rfid"] is None and "Inception" in result["rfid_note"] + "inception"
+
+
+def test_reconstruct_writes_pairs_and_coarse_to_fine_strips(trained, tmp_path):
+    img = tmp_path / "photo.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(img)
+    rqgen("reconstruct", "--vae", trained, "--input", img, "--out", tmp_path / "rec")
+    pair = Image.open(tmp_path / "rec" / "photo_pair.png")
+    strip = Image.open(tmp_path / "rec" / "photo_coarse_to_fine.png")
+    assert strip.width > 2 * pair.width  # original + D = 4 partial reconstructions
+    rqgen("reconstruct", "--vae", trained, "--input", "bundled:digits:val", "--limit", 3,
+          "--out", tmp_path / "rec2")  # fmt: skip
+    assert len(list((tmp_path / "rec2").glob("*_coarse_to_fine.png"))) == 3
+
+
+def test_resume_after_kill_continues_exactly(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    rqgen(*train_args(straight, 30))
+
+    cmd = [sys.executable, "-m", "rqgen", *map(str, train_args(killed, 30))]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # kill hard between two checkpoints (the first is written at step 5)
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 7:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((killed / "train_state" / "meta.json").read_text())
+    assert 5 <= state["step"] < 30, "the run must be killed mid-way"
+
+    rqgen(*train_args(killed, 30))
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_two_processes_match_one_process_and_share_the_codebook(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Conv biases in front of per-channel GroupNorm get pure rounding-noise gradients, which
+    # Adam with eps 1e-8 turns into ±lr steps; a larger eps keeps the comparison meaningful.
+    eps = "train.adam_eps=1e-6"
+    rqgen(*train_args(one, 6, eps))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "rqgen", *map(str, train_args(two, 6, eps))],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in metrics(two) if "loss" in r]
+    assert len(rows) == 6 and all(r["codebook_sync_err"] == 0.0 for r in rows)
+    losses = [r["loss"] for r in metrics(one) if "loss" in r]
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-4)
+    a, b = weights(one), weights(two)
+    for k in a:  # same global batch of 8: DDP's 2 × 4 equals one process's 8
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_ddp_with_the_gan_keeps_codebooks_identical(tmp_path):
+    out = tmp_path / "gan"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "rqgen", *map(str, train_args(out, 4, "train.disc_start=1", "train.disc_ndf=8"))],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert all(r["codebook_sync_err"] == 0.0 for r in rows)
+    assert all("d_loss" in r and "adaptive_w" in r for r in rows[1:])
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
+    data = tmp_path / "imgs" / "cats"
+    data.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (40, 36), (40 * i, 100, 200)).save(data / f"{i}.png")
+    (data / "broken.jpg").write_bytes(b"not an image at all")
+    proc = rqgen(*train_args(tmp_path / "out", 2, data=tmp_path / "imgs"))
+    assert "skipped 1 unreadable image" in proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_empty_folder_fails_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = rqgen(*train_args(tmp_path / "out", 2, data=tmp_path / "empty"), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rqgen: error: no readable images")
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    rqgen(*train_args(out, 5))
+    before = weights(out)
+    proc = rqgen(*train_args(out, 12, "train.lr=1e30"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("rqgen: error: loss became nan")
+    after = weights(out)  # the last good checkpoint is untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resuming_with_another_model_config_is_refused(tmp_path):
+    out = tmp_path / "r"
+    rqgen(*train_args(out, 5))
+    proc = rqgen(*train_args(out, 8, "model.code_depth=2"), check=False)
+    assert proc.returncode == 2 and "different model config (code_depth)" in proc.stderr
