@@ -194,3 +194,16 @@ def test_resuming_with_another_model_config_is_refused(tmp_path):
     rqgen(*train_args(out, 5))
     proc = rqgen(*train_args(out, 8, "model.code_depth=2"), check=False)
     assert proc.returncode == 2 and "different model config (code_depth)" in proc.stderr
+
+
+def test_bf16_weight_ema_and_grad_accumulation(tmp_path):
+    out = tmp_path / "opts"
+    rqgen(*train_args(out, 3, "train.bf16=true", "train.ema_decay=0.5", "train.grad_accum=2"))
+    exported = weights(out)  # the public checkpoint holds the EMA weights
+    raw = load_file(str(out / "train_state" / "model.safetensors"))
+    k = "decoder.conv_out.weight"
+    assert not torch.equal(exported[k], raw[k])
+    assert torch.equal(exported["quantizer.codebook"], raw["quantizer.codebook"])  # buffers copied
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite under bf16
+    RQVAE.from_pretrained(out)

@@ -14,9 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    # 32 groups as VQGAN; small models with e.g. 48 channels use the largest divisor that fits.
-    return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6)
+def Normalize(channels: int, num_groups: int | None = None) -> nn.GroupNorm:
+    """GroupNorm as VQGAN: 32 groups (every official layer has >= 128 channels). Narrow CPU
+    models keep >= 4 channels per group: one channel per group would normalise away each
+    image's mean colour in every residual branch."""
+    if num_groups is None:
+        num_groups = math.gcd(32, max(1, channels // 4))
+    return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
