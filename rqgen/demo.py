@@ -18,7 +18,7 @@ from rqgen.evaluate.vae import evaluate_vae, write_reconstructions
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.vae import train_vae
 
-DEMO_STEPS = 400  # about 5 minutes on 2 CPU cores
+DEMO_STEPS = 300  # about 6 minutes on 2 CPU cores
 
 
 def run_demo(out: Path, steps: int | None = None) -> dict:

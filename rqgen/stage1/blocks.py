@@ -92,6 +92,30 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+class Level(nn.Module):
+    """One resolution level: ResBlocks (each followed by attention at attention resolutions),
+    then an optional `downsample` / `upsample` set by the encoder / decoder."""
+
+    def __init__(self, block_in: int, block_out: int, n_blocks: int, attn: bool, dropout: float):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(), nn.ModuleList()
+        for _ in range(n_blocks):
+            self.block.append(ResnetBlock(block_in, block_out, dropout))
+            block_in = block_out
+            if attn:
+                self.attn.append(AttnBlock(block_out))
+
+    def forward(self, h: Tensor) -> Tensor:
+        for j, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[j](h)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                h = getattr(self, name)(h)
+        return h
+
+
 class Encoder(nn.Module):
     """Image (B, C, R, R) -> features (B, z_channels, R/f, R/f), f = 2^(len(ch_mult) - 1)."""
 
@@ -112,14 +136,8 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         res, block_in = resolution, ch
         for i, mult in enumerate(ch_mult):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * mult
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+            level = Level(block_in, ch * mult, num_res_blocks, res in attn_resolutions, dropout)
+            block_in = ch * mult
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
@@ -131,12 +149,7 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -167,14 +180,9 @@ class Decoder(nn.Module):
         self.mid = MidBlock(block_in, dropout)
         levels = []
         for i in reversed(range(len(ch_mult))):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i]
-            for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+            level = Level(block_in, block_out, num_res_blocks + 1, res in attn_resolutions, dropout)
+            block_in = block_out
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
@@ -186,12 +194,7 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
