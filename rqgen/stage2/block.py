@@ -1,0 +1,131 @@
+"""ONE pre-LN transformer block with a preallocated KV cache and SDPA attention.
+
+Every autoregressive model here (the spatial and depth transformers of RQ-Transformer, the
+flat VQ baseline, DQ-Transformer) is a `Transformer` of these blocks. Module names follow the
+official RQ-Transformer (`ln1, ln2, attn.{query,key,value,proj}, mlp.0, mlp.2`) so its weights
+map one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KVCache:
+    """Keys and values of one attention layer, allocated once for the whole sequence.
+
+    Growing a cache by torch.cat copies it at every step (quadratic traffic); writing into
+    a preallocated buffer is a single small copy per step.
+    """
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n = k.shape[2]
+        if self.pos + n > self.k.shape[2]:
+            raise RuntimeError(f"KV cache of length {self.k.shape[2]} is full")
+        self.k[:, :, self.pos : self.pos + n] = k
+        self.v[:, :, self.pos : self.pos + n] = v
+        self.pos += n
+        return self.k[:, :, : self.pos], self.v[:, :, : self.pos]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        return x.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, Dh)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            start = cache.pos
+            k, v = cache.append(k, v)
+            if t == 1:  # one new token sees the whole cache: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:  # new token i sees cached positions and new tokens up to i
+                i = torch.arange(t, device=x.device)[:, None] + start
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class Block(nn.Module):
+    """x + Attn(LN(x)); x + MLP(LN(x)) with a 4× GELU MLP (GPT-2 / official layout)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width),
+            nn.GELU(),
+            nn.Linear(4 * width, width),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """A causal stack of `Block`s, with or without a KV cache per layer."""
+
+    def __init__(self, width: int, layers: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.width, self.heads = width, heads
+        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        hd = self.width // self.heads
+        return [KVCache(batch, self.heads, max_len, hd, device, dtype) for _ in self.blocks]
+
+    def forward(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i])
+        return x
+
+
+def gpt_init(module: nn.Module, n_layers: int) -> None:
+    """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by
+    1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            std = 0.02
+            if name.endswith("attn.proj") or name.endswith("mlp.2"):
+                std = 0.02 / (2 * n_layers) ** 0.5
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

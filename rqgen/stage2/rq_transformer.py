@@ -1,0 +1,214 @@
+"""RQ-Transformer (paper §3.2): a spatial transformer over T positions and a depth
+transformer over the D codes of each position.
+
+    p(S) = Π_t Π_d p(S_td | S_<t, S_t,<d)                                         (Eq. 9)
+    u_t = PE_T(t) + Σ_d e(S_{t-1,d});  h_t = SpatialTransformer(u_1..u_t)         (Eq. 10-11)
+    v_t1 = PE_D(1) + h_t;  v_td = PE_D(d) + Σ_{d'<d} e(S_td');  p_td = DepthT(v_t≤d) (Eq. 12-13)
+
+Inputs are built from the frozen RQ-VAE codebook through learned projections, as in the
+official model (`input_mlp`, `head_mlp`, `pos_emb_*`, `classifier`), so its weights import
+key for key. The codebook is stored with the model (a buffer) so a checkpoint is complete
+and can be checked against the VAE it is paired with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rqgen.checkpoint import Pretrained
+from rqgen.errors import CheckpointError, ConfigError
+from rqgen.stage2.block import Transformer, gpt_init
+
+
+@dataclass
+class RQTransformerConfig:
+    codebook_size: int = 512  # K
+    code_shape: list[int] = field(default_factory=lambda: [8, 8, 4])  # H, W, D
+    embed_dim: int = 64  # dimension of the RQ-VAE code vectors
+    shared_codebook: bool = True
+    width: int = 256
+    heads: int = 8
+    spatial_layers: int = 8
+    depth_layers: int = 4
+    dropout: float = 0.1
+    num_classes: int = 0  # 0: unconditional (one learned start token)
+    text_vocab_size: int = 0  # > 0: text-conditional (BPE tokens as a causal prefix)
+    text_length: int = 32
+    text_loss_weight: float = 0.1  # official: 0.1 for text tokens, 0.9 for image codes
+    vae_fingerprint: str = ""  # hash of the codebook of the RQ-VAE the model was trained with
+
+    @property
+    def T(self) -> int:
+        return self.code_shape[0] * self.code_shape[1]
+
+    @property
+    def D(self) -> int:
+        return self.code_shape[2]
+
+    @property
+    def cond_length(self) -> int:
+        return self.text_length if self.text_vocab_size else 1
+
+
+def codebook_fingerprint(codebook: Tensor) -> str:
+    """Short hash of a codebook's values: pairs a transformer with its VAE."""
+    data = codebook.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+class RQTransformer(nn.Module, Pretrained):
+    model_type = "rq_transformer"
+    config_class = RQTransformerConfig
+
+    def __init__(self, config: RQTransformerConfig, codebook: Tensor | None = None):
+        super().__init__()
+        self.config = c = config
+        n_cb = 1 if c.shared_codebook else c.D
+        if codebook is None:
+            codebook = torch.zeros(n_cb, c.codebook_size, c.embed_dim)
+        if codebook.shape != (n_cb, c.codebook_size, c.embed_dim):
+            raise ConfigError(
+                f"codebook of shape {tuple(codebook.shape)} does not fit the transformer config "
+                f"({n_cb}, {c.codebook_size}, {c.embed_dim})"
+            )
+        self.register_buffer("codebook", codebook.detach().clone())
+
+        C = c.width
+        self.input_mlp = nn.Linear(c.embed_dim, C)  # e(code) -> spatial input
+        self.head_mlp = nn.Linear(c.embed_dim, C)  # partial sums Ẑ(d) -> depth input
+        self.pos_emb_hw = nn.Parameter(torch.zeros(1, c.T, C))
+        self.pos_emb_d = nn.Parameter(torch.zeros(1, c.D, C))
+        self.pos_emb_cond = nn.Parameter(torch.zeros(1, c.cond_length, C))
+        if c.text_vocab_size:
+            self.cond_emb = nn.Embedding(c.text_vocab_size, C)
+            self.cond_classifier = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, c.text_vocab_size))
+        else:
+            # classes 0..N-1 and, last, the null condition (unconditional start / CFG)
+            self.cond_emb = nn.Embedding(c.num_classes + 1, C)
+        self.embed_drop = nn.Dropout(c.dropout)
+        self.body_transformer = Transformer(C, c.spatial_layers, c.heads, c.dropout)
+        self.head_transformer = Transformer(C, c.depth_layers, c.heads, c.dropout)
+        self.classifier = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, c.codebook_size))
+        gpt_init(self, c.spatial_layers + c.depth_layers)
+        for p in (self.pos_emb_hw, self.pos_emb_d, self.pos_emb_cond):
+            nn.init.normal_(p, 0.0, 0.02)
+
+    # --------------------------------------------------------------- embeddings
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def code_vectors(self, codes: Tensor) -> Tensor:
+        """e(S_td) for codes (..., D') -> (..., D', embed_dim), from the frozen codebook."""
+        if self.config.shared_codebook:
+            return F.embedding(codes, self.codebook[0])
+        return torch.stack(
+            [F.embedding(codes[..., d], self.codebook[d]) for d in range(codes.shape[-1])], -2
+        )
+
+    def cond_tokens(self, cond: Tensor) -> Tensor:
+        """Condition ids (B,) for classes / unconditional, (B, L) for text -> (B, L, C)."""
+        c = self.config
+        if not c.text_vocab_size:
+            cond = cond.reshape(-1, 1)
+            if (cond < 0).any() or (cond > self.null_class).any():
+                bad = int(cond[(cond < 0) | (cond > self.null_class)][0])
+                raise ConfigError(
+                    f"class id {bad} is out of range: this model knows classes 0..{c.num_classes - 1}"
+                    if c.num_classes
+                    else f"class id {bad} given to an unconditional model: omit the class"
+                )
+        return self.cond_emb(cond) + self.pos_emb_cond[:, : cond.shape[1]]
+
+    def spatial_inputs(self, codes: Tensor) -> Tensor:
+        """Codes (B, T', D) -> per-position inputs (B, T', C): Σ_d input_mlp(e(S_td)) + PE_T."""
+        x = self.input_mlp(self.code_vectors(codes)).sum(-2)
+        return x + self.pos_emb_hw[:, : codes.shape[1]]
+
+    def depth_inputs(self, h: Tensor, codes: Tensor) -> Tensor:
+        """h (N, C) and the first D' codes (N, D') of each position -> (N, D'+1, C):
+        [h + PE_D(1), head_mlp(Ẑ(1)) + PE_D(2), ..., head_mlp(Ẑ(D')) + PE_D(D'+1)]."""
+        x = h[:, None]
+        if codes.shape[1] > 0:
+            partial = self.code_vectors(codes).cumsum(-2)  # Ẑ(d): partial sums (Eq. 12)
+            x = torch.cat([x, self.head_mlp(partial)], 1)
+        return x + self.pos_emb_d[:, : x.shape[1]]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, codes: Tensor, cond: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Teacher-forced logits. codes (B, H, W, D) or (B, T, D); cond (B,) or (B, L) text.
+
+        Returns image logits (B, T, D, K) and, for text models, text logits (B, L-1, V)
+        predicting text token i+1 from tokens ≤ i.
+        """
+        c = self.config
+        B = codes.shape[0]
+        codes = codes.reshape(B, c.T, c.D)
+        prefix = self.cond_tokens(cond)
+        L = prefix.shape[1]
+        # Eq. 10: the condition (or start) token, then the codes of positions 0..T-2
+        x = torch.cat([prefix, self.spatial_inputs(codes[:, :-1])], 1)
+        h = self.body_transformer(self.embed_drop(x))  # (B, L + T - 1, C)
+        h_img = h[:, L - 1 :]  # the output at token L-1+t predicts position t
+        v = self.depth_inputs(h_img.reshape(B * c.T, -1), codes.reshape(B * c.T, c.D)[:, :-1])
+        out = self.head_transformer(self.embed_drop(v))  # (B·T, D, C)
+        logits = self.classifier(out).view(B, c.T, c.D, c.codebook_size)
+        text_logits = self.cond_classifier(h[:, : L - 1]) if c.text_vocab_size else None
+        return logits, text_logits
+
+    def loss(
+        self,
+        codes: Tensor,
+        cond: Tensor,
+        soft_targets: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """NLL of Eq. 14 (with soft labels Q_τ when given: (B, T, D, K)); text models add
+        the weighted text-token loss."""
+        logits, text_logits = self(codes, cond)
+        K = self.config.codebook_size
+        flat = logits.reshape(-1, K).float()
+        if soft_targets is None:
+            img = F.cross_entropy(flat, codes.reshape(-1))
+        else:
+            img = -(soft_targets.reshape(-1, K) * F.log_softmax(flat, -1)).sum(-1).mean()
+        parts = {"img_loss": float(img.detach())}
+        if text_logits is None:
+            return img, parts
+        w = self.config.text_loss_weight
+        txt = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]).float(),
+                              cond[:, 1:].reshape(-1))  # fmt: skip
+        parts["text_loss"] = float(txt.detach())
+        return (1 - w) * img + w * txt, parts
+
+    # ------------------------------------------------------------------- pairing
+    def check_vae(self, vae) -> None:
+        """One-line error when `vae` is not the RQ-VAE this transformer was trained with."""
+        q = vae.quantizer
+        c = self.config
+        expected = (c.codebook_size, list(c.code_shape), c.embed_dim)
+        got = (q.codebook_size, list(vae.config.code_shape), q.dim)
+        if got != expected or codebook_fingerprint(q.codebook) != c.vae_fingerprint:
+            raise CheckpointError(
+                f"this transformer was trained with another RQ-VAE (K, code shape, dim = "
+                f"{expected}, codebook {c.vae_fingerprint}); the given one has {got}, "
+                f"codebook {codebook_fingerprint(q.codebook)}: pass the VAE it was trained with"
+            )
+
+    @classmethod
+    def for_vae(cls, vae, **overrides) -> RQTransformer:
+        """A transformer sized for `vae`'s codes, holding a copy of its frozen codebook."""
+        q = vae.quantizer
+        cfg = RQTransformerConfig(
+            codebook_size=q.codebook_size,
+            code_shape=list(vae.config.code_shape),
+            embed_dim=q.dim,
+            shared_codebook=q.shared_codebook,
+            vae_fingerprint=codebook_fingerprint(q.codebook),
+            **overrides,
+        )
+        return cls(cfg, q.codebook)
