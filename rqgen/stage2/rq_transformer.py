@@ -118,10 +118,10 @@ class RQTransformer(nn.Module, Pretrained):
             cond = cond.reshape(-1, 1)
             if (cond < 0).any() or (cond > self.null_class).any():
                 bad = int(cond[(cond < 0) | (cond > self.null_class)][0])
+                if not c.num_classes:
+                    raise ConfigError(f"class id {bad} given to an unconditional model: omit it")
                 raise ConfigError(
-                    f"class id {bad} is out of range: this model knows classes 0..{c.num_classes - 1}"
-                    if c.num_classes
-                    else f"class id {bad} given to an unconditional model: omit the class"
+                    f"class id {bad} is out of range: this model knows 0..{c.num_classes - 1}"
                 )
         return self.cond_emb(cond) + self.pos_emb_cond[:, : cond.shape[1]]
 
