@@ -92,20 +92,107 @@ def _ffhq256() -> VAEExperiment:
 PRESETS = {"tiny32": _tiny32, "imagenet256": _imagenet256, "ffhq256": _ffhq256}
 
 
+# ---------------------------------------------------------------------------- stage 2
+
+
+@dataclass
+class ARModelConfig:
+    """What the user chooses; K, code shape and code dimension come from the RQ-VAE."""
+
+    width: int = 256
+    heads: int = 8
+    spatial_layers: int = 8
+    depth_layers: int = 4  # 0 with a 16×16×1 VQ: the flat VQ-GAN-style baseline
+    dropout: float = 0.1
+    conditioning: str = "class"  # class | none | text
+    text_length: int = 32
+    text_vocab_size: int = 4096  # BPE vocabulary trained on the captions
+    text_loss_weight: float = 0.1
+
+
+@dataclass
+class ARTrainConfig:
+    steps: int = 5000
+    batch_size: int = 64  # global
+    grad_accum: int = 1
+    lr: float = 5e-4  # paper: AdamW(0.9, 0.95), lr 5e-4 cosine, wd 1e-4, clip 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr·min_lr_ratio
+    grad_clip: float = 1.0
+    soft_labels: bool = True  # targets Q_τ(· | r_{d-1}) instead of one-hot (Eq. 15)
+    stochastic_codes: bool = True  # training codes drawn from Q_τ every epoch (Eq. 15)
+    tau: float = 0.5
+    cond_dropout: float = 0.1  # condition replaced by the null one: enables CFG
+    val_fraction: float = 0.05
+    eval_every: int = 200
+    patience: int = 0  # early stopping after this many evals without improvement; 0: off
+    ema_decay: float = 0.0
+    bf16: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+
+
+@dataclass
+class ARExperiment:
+    model: ARModelConfig = field(default_factory=ARModelConfig)
+    train: ARTrainConfig = field(default_factory=ARTrainConfig)
+
+
+def _ar_tiny() -> ARExperiment:
+    return ARExperiment(
+        ARModelConfig(width=128, heads=4, spatial_layers=4, depth_layers=2, dropout=0.1),
+        ARTrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50, eval_every=100),
+    )
+
+
+def _ar_flat_tiny() -> ARExperiment:
+    # The flat baseline: every layer spatial (use with a 16×16×1 VQ).
+    return ARExperiment(
+        ARModelConfig(width=128, heads=4, spatial_layers=6, depth_layers=0, dropout=0.1),
+        _ar_tiny().train,
+    )
+
+
+AR_PRESETS = {
+    "ar-tiny": _ar_tiny,
+    "ar-flat-tiny": _ar_flat_tiny,
+    # Table 5 sizes (ImageNet 480M, FFHQ 370M)
+    "ar-imagenet-480m": lambda: ARExperiment(
+        ARModelConfig(width=1536, heads=24, spatial_layers=12, depth_layers=4)
+    ),
+    "ar-ffhq-370m": lambda: ARExperiment(
+        ARModelConfig(width=1024, heads=16, spatial_layers=24, depth_layers=4, conditioning="none"),
+        ARTrainConfig(batch_size=16, tau=1.0, patience=5),
+    ),
+}
+
+
 def load_vae_experiment(config: str | None, overrides: list[str] | None = None) -> VAEExperiment:
     """Preset name or JSON/YAML file, then dotted overrides, validated against the dataclasses."""
-    config = config or "tiny32"
-    if config in PRESETS:
-        base = PRESETS[config]()
+    return _load(config or "tiny32", PRESETS, VAEExperiment, overrides)
+
+
+def load_ar_experiment(config: str | None, overrides: list[str] | None = None) -> ARExperiment:
+    return _load(config or "ar-tiny", AR_PRESETS, ARExperiment, overrides)
+
+
+def _load(config: str, presets: dict, default, overrides: list[str] | None):
+    if config in presets:
+        base = presets[config]()
     elif Path(config).is_file():
-        base = VAEExperiment()
+        base = default()
     else:
         raise ConfigError(
-            f"--config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a file"
+            f"--config {config!r} is neither a preset ({', '.join(presets)}) nor a file"
         )
     try:
         cfg = OmegaConf.structured(base)
-        if config not in PRESETS:
+        if config not in presets:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(config))
         if overrides:
             bad = [o for o in overrides if "=" not in o]

@@ -170,6 +170,16 @@ class RQTransformer(nn.Module, Pretrained):
         """NLL of Eq. 14 (with soft labels Q_τ when given: (B, T, D, K)); text models add
         the weighted text-token loss."""
         logits, text_logits = self(codes, cond)
+        return self.loss_from_logits(logits, text_logits, codes, cond, soft_targets)
+
+    def loss_from_logits(
+        self,
+        logits: Tensor,
+        text_logits: Tensor | None,
+        codes: Tensor,
+        cond: Tensor,
+        soft_targets: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
         K = self.config.codebook_size
         flat = logits.reshape(-1, K).float()
         if soft_targets is None:

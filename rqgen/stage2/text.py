@@ -1,0 +1,73 @@
+"""Captions -> BPE token ids (huggingface `tokenizers`), trained on the dataset's captions and
+saved next to the model as `tokenizer.json`. At most `length` tokens (paper: 32); id 0 pads.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from rqgen.errors import CheckpointError
+
+PAD, UNK = "[PAD]", "[UNK]"
+FILE = "tokenizer.json"
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, length: int = 32):
+        self.tok, self.length = tokenizer, length
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int, length: int = 32) -> TextTokenizer:
+        tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[PAD, UNK], end_of_word_suffix="</w>",
+            show_progress=False,
+        )  # fmt: skip
+        tok.train_from_iterator(list(captions), trainer)
+        return cls(tok, length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """(B, length) ids, padded with 0; longer captions are cut with one warning."""
+        out = torch.zeros(len(texts), self.length, dtype=torch.long)
+        cut = 0
+        for i, enc in enumerate(self.tok.encode_batch(texts)):
+            ids = enc.ids
+            if len(ids) > self.length:
+                cut += 1
+                ids = ids[: self.length]
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if cut:
+            warnings.warn(
+                f"{cut} prompt(s) longer than {self.length} tokens were truncated", stacklevel=2
+            )
+        return out
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [
+            self.tok.decode([i for i in row.tolist() if i != 0])
+            for row in ids.reshape(-1, self.length)
+        ]
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FILE
+        self.tok.save(str(path))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, length: int = 32) -> TextTokenizer:
+        path = Path(directory) / FILE
+        if not path.is_file():
+            raise CheckpointError(f"text model in '{directory}' has no {FILE}")
+        return cls(Tokenizer.from_file(str(path)), length)

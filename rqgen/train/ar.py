@@ -1,0 +1,369 @@
+"""Stage-2 training: RQ-Transformer on the codes of a frozen RQ-VAE (paper §3.2, Eq. 14-15).
+
+    rqgen train-ar --vae runs/vae --data bundled:digits --out runs/ar --config ar-tiny
+    torchrun --nproc_per_node 2 -m rqgen train-ar --vae runs/vae --data DIR --out runs/ar
+
+Encoder features Z are extracted once and cached in OUT/features.safetensors; codes are drawn
+from them at every step, so stochastic sampling (Eq. 15) gives fresh codes every epoch.
+OUT ends as a `save_pretrained` directory (the best model on the validation split) that
+`rqgen sample --model OUT` loads together with the VAE it records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from rqgen.checkpoint import save_state_dict
+from rqgen.configs import ARExperiment
+from rqgen.data import build_dataset, describe
+from rqgen.data.captions import captions_for
+from rqgen.errors import ConfigError, TrainingError
+from rqgen.stage1.rqvae import RQVAE
+from rqgen.stage2.rq_transformer import RQTransformer, codebook_fingerprint
+from rqgen.stage2.text import TextTokenizer
+from rqgen.train.common import (
+    MetricsLog,
+    Runtime,
+    TrainState,
+    WeightEMA,
+    batch_stream,
+    init_runtime,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+
+class Features(Dataset):
+    def __init__(self, z: torch.Tensor, cond: torch.Tensor):
+        self.z, self.cond = z, cond
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i):
+        return self.z[i], self.cond[i]
+
+
+def cosine_lr(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def extract_features(vae: RQVAE, dataset: Dataset, device, batch_size: int = 128) -> tuple:
+    """Z = E(X) for every item, plus the labels: (N, H, W, dim) float32, (N,) int64."""
+    zs, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, y in tqdm(loader, desc="extract features", leave=False):
+        zs.append(vae.encode(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(zs), torch.cat(labels)
+
+
+class ARTrainer:
+    def __init__(self, exp: ARExperiment, vae_dir: str | Path, data: str, out: str | Path,
+                 rt: Runtime, captions: str | None = None, quiet: bool = False):  # fmt: skip
+        self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
+        m, t = exp.model, exp.train
+        if m.conditioning not in ("class", "none", "text"):
+            raise ConfigError(f"model.conditioning={m.conditioning!r}: use class, none or text")
+        if t.batch_size % (rt.world_size * t.grad_accum):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum"
+            )
+        self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
+        self.vae_dir = Path(vae_dir)
+        self.vae = RQVAE.from_pretrained(vae_dir).to(rt.device).eval()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        dataset = build_dataset(data, self.vae.config.resolution, "train", seed=t.seed)
+        z, labels, text = self._features(dataset, captions)
+        n_classes = getattr(dataset, "num_classes", 0)
+        if m.conditioning == "class" and n_classes == 0:
+            raise ConfigError(
+                f"{data} has no class labels (no subfolders): use model.conditioning=none"
+            )
+        if m.conditioning == "class":
+            cond = labels
+        elif m.conditioning == "text":
+            cond = text
+        else:
+            cond = torch.zeros(len(z), dtype=torch.long)  # the null/start token
+        self.classes = list(getattr(dataset, "classes", [])) if m.conditioning == "class" else []
+
+        # deterministic validation split (the same on every rank and every resume)
+        perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(t.seed))
+        n_val = max(1, int(len(z) * t.val_fraction)) if t.val_fraction > 0 else 0
+        val, train = perm[:n_val], perm[n_val:]
+        self.train_set, self.val_set = Features(z[train], cond[train]), Features(z[val], cond[val])
+
+        seed_everything(t.seed)
+        self.model = RQTransformer.for_vae(
+            self.vae,
+            width=m.width, heads=m.heads, spatial_layers=m.spatial_layers,
+            depth_layers=m.depth_layers, dropout=m.dropout,
+            num_classes=n_classes if m.conditioning == "class" else 0,
+            text_vocab_size=self.tokenizer.vocab_size if m.conditioning == "text" else 0,
+            text_length=m.text_length, text_loss_weight=m.text_loss_weight,
+        ).to(rt.device)  # fmt: skip
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2),
+        )  # fmt: skip
+        self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.state = TrainState(self.out)
+        self.step, self.best, self.bad_evals = 0, math.inf, 0
+        if self.state.exists():
+            self._resume()
+        else:
+            seed_everything(t.seed + rt.rank)
+        dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        self.model_ddp = DDP(self.model, dev_ids) if rt.world_size > 1 else self.model
+        self.log = MetricsLog(self.out, rt.is_main)
+
+    # ------------------------------------------------------------------ features
+    def _features(self, dataset, captions):
+        """Extract once (rank 0), cache in OUT/features.safetensors, load on every rank."""
+        path = self.out / "features.safetensors"
+        fp = codebook_fingerprint(self.vae.quantizer.codebook)
+        m = self.exp.model
+        if m.conditioning == "text":
+            tok_dir = self.out
+            if self.rt.is_main and not (tok_dir / "tokenizer.json").is_file():
+                texts = captions_for(dataset, captions)
+                TextTokenizer.train(texts, m.text_vocab_size, m.text_length).save(tok_dir)
+            self._barrier()
+            self.tokenizer = TextTokenizer.load(tok_dir, m.text_length)
+        if self.rt.is_main:
+            cached = load_file(str(path)) if path.is_file() else None
+            if cached is None or cached.get("fingerprint_" + fp) is None:
+                z, labels = extract_features(self.vae, dataset, self.rt.device)
+                tensors = {"z": z, "labels": labels, "fingerprint_" + fp: torch.ones(1)}
+                if m.conditioning == "text":
+                    tensors["text"] = self.tokenizer.encode(captions_for(dataset, captions))
+                save_state_dict(tensors, path)
+        self._barrier()
+        cached = load_file(str(path))
+        return cached["z"], cached["labels"], cached.get("text")
+
+    def _barrier(self) -> None:
+        if self.rt.world_size > 1:
+            torch_dist.barrier()
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        s = self.state.load({"model": self.model}, map_location=self.rt.device)
+        self.opt.load_state_dict(s["opt"])
+        if self.ema is not None and "ema" in s:
+            self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
+        self.step, self.best, self.bad_evals = int(s["step"]), float(s["best"]), int(s["bad"])
+        set_rng_state(s["rng"])
+
+    def _public_model(self) -> RQTransformer:
+        if self.ema is None:
+            return self.model
+        m = RQTransformer(self.model.config).to(self.rt.device)
+        m.load_state_dict(self.ema.shadow)
+        return m
+
+    def save_public(self) -> None:
+        """The best model so far, with what `rqgen sample` needs to find the VAE."""
+        vae = os.path.relpath(self.vae_dir.resolve(), self.out.resolve())
+        self._public_model().save_pretrained(
+            self.out, vae=vae, classes=self.classes, conditioning=self.exp.model.conditioning,
+            train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step,
+            val_loss=self.best,
+        )  # fmt: skip
+
+    def save_state(self) -> None:
+        state = {"opt": self.opt.state_dict(), "step": self.step, "rng": rng_state(),
+                 "best": self.best, "bad": self.bad_evals}  # fmt: skip
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow
+        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step}
+        self.state.save({"model": self.model}, state, meta)
+
+    # ------------------------------------------------------------------ step
+    def _codes_and_targets(self, z: torch.Tensor, generator) -> tuple:
+        """Codes for this step (argmin, or drawn from Q_τ) and soft targets (Eq. 15)."""
+        t, q = self.exp.train, self.vae.quantizer
+        tau = t.tau if t.stochastic_codes else None
+        codes, residuals = q.quantize(z, tau, generator)
+        soft = None
+        if t.soft_labels:
+            soft = torch.stack(
+                [q.soft_labels(residuals[..., d, :], d, t.tau) for d in range(q.depth)], -2
+            )
+        return codes, soft
+
+    def _drop_cond(self, cond: torch.Tensor, generator) -> torch.Tensor:
+        p = self.exp.train.cond_dropout
+        if p <= 0 or self.exp.model.conditioning == "none":
+            return cond
+        drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < p
+        null = 0 if self.exp.model.conditioning == "text" else self.model.null_class
+        if cond.dim() == 2:
+            return torch.where(drop[:, None], torch.full_like(cond, null), cond)
+        return torch.where(drop, torch.full_like(cond, null), cond)
+
+    def _autocast(self):
+        if not self.exp.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+
+    def train_step(self, batches) -> dict[str, float]:
+        t = self.exp.train
+        for g in self.opt.param_groups:
+            g["lr"] = cosine_lr(self.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        gen = torch.Generator(self.rt.device).manual_seed(
+            t.seed * 1_000_003 + self.step * 101 + self.rt.rank
+        )
+        self.opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for i, (z, cond) in enumerate(batches):
+            z, cond = z.to(self.rt.device), cond.to(self.rt.device)
+            codes, soft = self._codes_and_targets(z, gen)
+            last = i == len(batches) - 1
+            sync = (contextlib.nullcontext() if last or self.rt.world_size == 1
+                    else self.model_ddp.no_sync())  # fmt: skip
+            with sync, self._autocast():
+                loss, parts = self._loss(self.model_ddp, codes, self._drop_cond(cond, gen), soft)
+                (loss / len(batches)).backward()
+            for k, v in {**parts, "loss": float(loss.detach())}.items():
+                totals[k] = totals.get(k, 0.0) + v / len(batches)
+        if not math.isfinite(totals["loss"]):
+            raise TrainingError(
+                f"loss became {totals['loss']} at step {self.step + 1}; the last checkpoint in "
+                f"{self.out} is intact: lower train.lr or check the data"
+            )
+        if t.grad_clip > 0:
+            totals["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            )
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return totals
+
+    def _loss(self, model, codes, cond, soft):
+        # DDP needs the call to go through forward(); RQTransformer.loss calls self(...)
+        if isinstance(model, DDP):
+            logits, text_logits = model(codes, cond)
+            return self.model.loss_from_logits(logits, text_logits, codes, cond, soft)
+        return model.loss(codes, cond, soft)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Hard-label NLL of the argmin codes of the held-out features."""
+        if len(self.val_set) == 0:
+            return math.nan
+        model = self._public_model().eval()
+        total, n = 0.0, 0
+        for s in range(0, len(self.val_set), self.micro_batch):
+            z = self.val_set.z[s : s + self.micro_batch].to(self.rt.device)
+            cond = self.val_set.cond[s : s + self.micro_batch].to(self.rt.device)
+            codes, _ = self.vae.quantizer.quantize(z)
+            loss, _ = model.loss(codes, cond)
+            total += float(loss) * len(z)
+            n += len(z)
+        self.model.train()
+        return total / n
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Path:
+        t, rt = self.exp.train, self.rt
+        if rt.is_main and not self.quiet:
+            c = self.model.config
+            n_params = sum(p.numel() for p in self.model.parameters())
+            print(
+                f"rqgen: training RQ-Transformer ({n_params / 1e6:.1f}M params, "
+                f"{c.spatial_layers}+{c.depth_layers} layers, width {c.width}) on "
+                f"{describe(self.data)} codes {tuple(c.code_shape)} -> {self.out} "
+                f"(step {self.step} to {t.steps}, {len(self.train_set)} train / "
+                f"{len(self.val_set)} val)"
+            )
+        stream = batch_stream(self.train_set, self.micro_batch * rt.world_size, rt, t.seed,
+                              self.step * t.grad_accum, t.num_workers)  # fmt: skip
+        self.model.train()
+        bar = tqdm(total=t.steps, initial=self.step, desc="train-ar", dynamic_ncols=True,
+                   disable=not rt.is_main or self.quiet)  # fmt: skip
+        try:
+            self._loop(stream, bar)
+        finally:
+            bar.close()
+            self.log.close()
+        return self.out
+
+    def _loop(self, stream, bar) -> None:
+        t, rt = self.exp.train, self.rt
+        t0 = time.time()
+        while self.step < t.steps:
+            metrics = self.train_step([next(stream) for _ in range(t.grad_accum)])
+            self.step += 1
+            bar.update(1)
+            if self.step % t.log_every == 0:
+                metrics["sec_per_step"] = (time.time() - t0) / t.log_every
+                metrics["lr"] = self.opt.param_groups[0]["lr"]
+                t0 = time.time()
+                self.log.log(self.step, **metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            stop = False
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                stop = self._evaluate(bar)
+            at_ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps or stop
+            if at_ckpt and rt.is_main:
+                self.save_state()
+            if stop:
+                if rt.is_main and not self.quiet:
+                    print(f"rqgen: early stop at step {self.step}: no better val loss in "
+                          f"{t.patience} evaluations (best {self.best:.4f})")  # fmt: skip
+                break
+
+    def _evaluate(self, bar) -> bool:
+        """Validate on rank 0, keep the best model public; returns True to stop early."""
+        t = self.exp.train
+        flag = torch.zeros(1, device=self.rt.device)
+        if self.rt.is_main:
+            val = self.validate()
+            self.log.log(self.step, val_loss=val)
+            bar.set_postfix(val=f"{val:.3f}")
+            if not val < self.best and math.isfinite(val):
+                self.bad_evals += 1
+            else:
+                self.best, self.bad_evals = (val if math.isfinite(val) else self.best), 0
+                self.save_public()
+            flag[0] = float(t.patience > 0 and self.bad_evals >= t.patience)
+        if self.rt.world_size > 1:
+            torch_dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+
+def train_ar(
+    exp: ARExperiment,
+    vae: str | Path,
+    data: str,
+    out: str | Path,
+    captions: str | None = None,
+    device: str | None = None,
+    quiet: bool = False,
+) -> Path:
+    rt = init_runtime(device)
+    return ARTrainer(exp, vae, data, out, rt, captions=captions, quiet=quiet).fit()
