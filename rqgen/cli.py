@@ -126,6 +126,131 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _add_train_ar(sub) -> None:
+    p = sub.add_parser("train-ar", help="train (or resume) an RQ-Transformer on a VAE's codes")
+    p.add_argument("--vae", required=True, help="the RQ-VAE directory (frozen)")
+    p.add_argument("--data", required=True, help="image folder, bundled:digits or bundled:photos")
+    p.add_argument("--out", required=True, help="output directory; rerun to resume")
+    p.add_argument(
+        "--config", default="ar-tiny", help="preset (ar-tiny, ar-flat-tiny, ...) or file"
+    )
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--captions", help="JSONL/CSV manifest of captions (text conditioning)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.width=512 train.tau=1.0")
+    p.set_defaults(func=cmd_train_ar)
+
+
+def cmd_train_ar(args) -> int:
+    from rqgen.configs import load_ar_experiment
+    from rqgen.train.ar import train_ar
+    from rqgen.train.common import shutdown_runtime
+
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    exp = load_ar_experiment(args.config, overrides)
+    try:
+        out = train_ar(exp, args.vae, args.data, args.out, args.captions, args.device)
+    finally:
+        shutdown_runtime()
+    print(f"rqgen: RQ-Transformer saved to {out} (sample with: rqgen sample --model {out})")
+    return 0
+
+
+def _per_depth(kind):
+    """'16' -> 16; '16,8,4,4' -> [16, 8, 4, 4] (one value per depth)."""
+
+    def parse(text: str):
+        values = [kind(v) for v in text.split(",")]
+        return values[0] if len(values) == 1 else values
+
+    return parse
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from an RQ-Transformer")
+    p.add_argument("--model", required=True, help="directory written by train-ar")
+    p.add_argument("--vae", help="RQ-VAE directory (default: the one the model records)")
+    p.add_argument("--n", type=int, default=16, help="number of images")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--class", dest="cls", help="class id or name (default: all classes in turn)")
+    g.add_argument("--prompt", help="caption, for text-conditional models")
+    p.add_argument("--top-k", type=_per_depth(int), help="K, or one per depth: 64,32,16,16")
+    p.add_argument("--top-p", type=_per_depth(float), help="P, or one per depth")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="FILE.png: a grid; otherwise a directory")
+    p.add_argument("--save-codes", help="also write the sampled codes (.npy, (N, H, W, D))")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_sample)
+
+
+def sample_conditions(model, meta, tokenizer, n: int, cls: str | None, prompt: str | None):
+    """Condition tensor for n samples, and a name per sample for file names."""
+    import torch
+
+    from rqgen.errors import ConfigError
+
+    classes = meta.get("classes") or []
+    if model.config.text_vocab_size:
+        if prompt is None:
+            raise ConfigError("this model is text-conditional: pass --prompt TEXT")
+        return tokenizer.encode([prompt] * n), ["prompt"] * n
+    if prompt is not None:
+        raise ConfigError("this model is not text-conditional: drop --prompt")
+    if model.config.num_classes == 0:
+        if cls is not None:
+            raise ConfigError("this model is unconditional: drop --class")
+        return torch.full((n,), model.null_class, dtype=torch.long), ["sample"] * n
+    if cls is None:  # every class in turn: a balanced grid
+        ids = [i % model.config.num_classes for i in range(n)]
+    else:
+        if cls in classes:
+            ids = [classes.index(cls)] * n
+        elif cls.lstrip("-").isdigit():
+            ids = [int(cls)] * n
+        else:
+            raise ConfigError(f"unknown class {cls!r}: use an id 0..{model.config.num_classes - 1}")
+    cond = torch.tensor(ids, dtype=torch.long)
+    model.cond_tokens(cond)  # validates the ids: one-line error when out of range
+    names = [classes[i] if i < len(classes) else str(i) for i in ids]
+    return cond, names
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, sample_codes
+    from rqgen.utils.images import save_grid, save_image
+
+    device = _device(args.device)
+    model, vae, meta, tokenizer = load_for_sampling(args.model, args.vae, device)
+    cond, names = sample_conditions(model, meta, tokenizer, args.n, args.cls, args.prompt)
+    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    codes, images = [], []
+    for s in range(0, args.n, args.batch_size):
+        c = sample_codes(model, cond[s : s + args.batch_size].to(device), cfg, gen)
+        codes.append(c)
+        images.append(vae.decode_codes(c).clamp(-1, 1).cpu())
+    codes, images = torch.cat(codes), torch.cat(images)
+    out = Path(args.out)
+    upscale = max(1, 128 // vae.config.resolution)
+    nrow = min(args.n, model.config.num_classes or 8) if args.cls is None else 8
+    if out.suffix.lower() == ".png":
+        save_grid(images, out, nrow=nrow, upscale=upscale)
+    else:
+        for i, (img, name) in enumerate(zip(images, names)):
+            save_image(img, out / f"{i:05d}_{name}.png", upscale=upscale)
+        save_grid(images, out / "grid.png", nrow=nrow, upscale=upscale)
+    if args.save_codes:
+        np.save(args.save_codes, codes.cpu().numpy())
+    print(f"rqgen: wrote {args.n} samples to {out}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on bundled data (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")
@@ -145,7 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rqgen", description="Residual-quantized autoregressive image generation."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train_vae, _add_eval_vae, _add_reconstruct, _add_demo):
+    for add in (
+        _add_train_vae,
+        _add_eval_vae,
+        _add_reconstruct,
+        _add_train_ar,
+        _add_sample,
+        _add_demo,
+    ):
         add(sub)
     return parser
 

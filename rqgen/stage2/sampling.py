@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from rqgen.errors import CheckpointError
 from rqgen.stage2.rq_transformer import RQTransformer
 
 
@@ -135,4 +137,31 @@ def sample_images(vae, model: RQTransformer, cond: Tensor, cfg: SamplingConfig |
     return torch.cat(out)
 
 
-__all__ = ["SamplingConfig", "draw", "filter_logits", "sample_codes", "sample_images"]
+__all__ = [
+    "SamplingConfig",
+    "draw",
+    "filter_logits",
+    "load_for_sampling",
+    "sample_codes",
+    "sample_images",
+]
+
+
+def load_for_sampling(model_dir: str | Path, vae_dir: str | Path | None = None, device="cpu"):
+    """The transformer, the RQ-VAE it records (or `vae_dir`), its metadata and tokenizer."""
+    from rqgen.checkpoint import read_config
+    from rqgen.stage1.rqvae import RQVAE
+    from rqgen.stage2.text import TextTokenizer
+
+    meta = read_config(model_dir)
+    model = RQTransformer.from_pretrained(model_dir, map_location=device)
+    if vae_dir is None:
+        if "vae" not in meta:
+            raise CheckpointError(f"'{model_dir}' does not record its RQ-VAE: pass --vae DIR")
+        vae_dir = Path(model_dir) / meta["vae"]
+    vae = RQVAE.from_pretrained(vae_dir, map_location=device)
+    model.check_vae(vae)
+    tokenizer = None
+    if model.config.text_vocab_size:
+        tokenizer = TextTokenizer.load(model_dir, model.config.text_length)
+    return model, vae, meta, tokenizer
