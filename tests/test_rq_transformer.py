@@ -8,11 +8,11 @@ from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig
 from rqgen.stage2.sampling import SamplingConfig, filter_logits, sample_codes
 
 
-def make(num_classes=3, text_vocab_size=0, K=16, shape=(3, 3, 3), **kw):
+def make(num_classes=3, text_vocab_size=0, K=16, shape=(3, 3, 3), depth_layers=2, **kw):
     torch.manual_seed(0)
     cfg = RQTransformerConfig(
         codebook_size=K, code_shape=list(shape), embed_dim=8, width=32, heads=4,
-        spatial_layers=2, depth_layers=2, dropout=0.0, num_classes=num_classes,
+        spatial_layers=2, depth_layers=depth_layers, dropout=0.0, num_classes=num_classes,
         text_vocab_size=text_vocab_size, text_length=5, **kw,
     )  # fmt: skip
     return RQTransformer(cfg, torch.randn(1, K, 8)).eval()
@@ -103,3 +103,13 @@ def test_overfits_a_handful_of_code_maps():
     # and greedy-ish sampling reproduces each class's code map
     out = sample_codes(m.eval(), cond, SamplingConfig(top_k=1))
     assert torch.equal(out.reshape(4, 16, 4), codes)
+
+
+def test_flat_baseline_is_the_same_model_with_no_depth_layers():
+    # A VQ code map 4×4×1 with every layer spatial: a plain GPT over 16 tokens.
+    m = make(shape=(4, 4, 1), depth_layers=0)
+    assert len(m.head_transformer.blocks) == 0
+    cond = torch.tensor([0, 1])
+    a = sample_codes(m, cond, SamplingConfig(), torch.Generator().manual_seed(0))
+    b = sample_codes(m, cond, SamplingConfig(), torch.Generator().manual_seed(0), use_cache=False)
+    assert a.shape == (2, 4, 4, 1) and torch.equal(a, b)

@@ -102,6 +102,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+        if len(self.blocks) == 0:  # e.g. the flat baseline's empty depth transformer
+            return []
         p = next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         hd = self.width // self.heads
