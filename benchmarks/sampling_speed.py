@@ -64,11 +64,7 @@ def matmul_peak(dtype) -> float:
 
 def images_per_s(m, batch: int, cache: bool, bf16: bool, reps: int = 1) -> float:
     cond = torch.arange(batch) % 10
-    ctx = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if bf16
-        else torch.autocast("cpu", enabled=False)
-    )
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with ctx:
         sample_codes(m, cond[: min(batch, 2)], SamplingConfig(), use_cache=cache)  # warm-up
         t = time.perf_counter()
