@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -132,6 +133,7 @@ class ARTrainer:
         self.state = TrainState(self.out)
         self.step, self.best, self.bad_evals = 0, math.inf, 0
         if self.state.exists():
+            self.state.check_same_model(dataclasses.asdict(m))
             self._resume()
         else:
             seed_everything(t.seed + rt.rank)
@@ -143,7 +145,9 @@ class ARTrainer:
     def _features(self, dataset, captions):
         """Extract once (rank 0), cache in OUT/features.safetensors, load on every rank."""
         path = self.out / "features.safetensors"
-        fp = codebook_fingerprint(self.vae.quantizer.codebook)
+        # the cache is valid for this VAE codebook and this data source only
+        key = codebook_fingerprint(self.vae.quantizer.codebook) + "_" + self.data
+        fp = hashlib.sha256(key.encode()).hexdigest()[:16]
         m = self.exp.model
         if m.conditioning == "text":
             tok_dir = self.out

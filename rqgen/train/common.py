@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
-from rqgen.errors import CheckpointError
+from rqgen.errors import CheckpointError, ConfigError
 
 # ------------------------------------------------------------------ process group
 
@@ -228,6 +228,16 @@ class TrainState:
 
     def meta(self) -> dict:
         return json.loads((self._live_dir() / "meta.json").read_text())
+
+    def check_same_model(self, model_config: dict) -> None:
+        """Refuse to resume a run whose model config differs from the one asked for."""
+        saved = self.meta()["experiment"]["model"]
+        if saved != model_config:
+            diff = sorted(k for k in saved if saved[k] != model_config.get(k))
+            raise ConfigError(
+                f"{self.dir.parent} holds a run with a different model config "
+                f"({', '.join(diff)}): resume with the same config or choose a new --out"
+            )
 
     def load(self, modules: dict[str, nn.Module], map_location) -> dict:
         d = self._live_dir()

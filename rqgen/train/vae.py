@@ -72,7 +72,7 @@ class VAETrainer:
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.state = TrainState(self.out)
         if self.state.exists():
-            self._check_same_model()
+            self.state.check_same_model(dataclasses.asdict(exp.model))
 
         seed_everything(t.seed)  # identical init on every rank, and across reruns
         self.model = RQVAE(m).to(rt.device)
@@ -113,15 +113,6 @@ class VAETrainer:
         self.log = MetricsLog(self.out, rt.is_main)
 
     # ------------------------------------------------------------------ resume
-    def _check_same_model(self) -> None:
-        saved = self.state.meta()["experiment"]["model"]
-        if saved != dataclasses.asdict(self.exp.model):
-            diff = sorted(k for k in saved if saved[k] != dataclasses.asdict(self.exp.model).get(k))
-            raise ConfigError(
-                f"{self.out} holds a run with a different model config ({', '.join(diff)}): "
-                "resume with the same config or choose a new --out"
-            )
-
     def _resume(self) -> None:
         modules = {"model": self.model}
         if self.disc is not None:
