@@ -132,6 +132,9 @@ def batch_stream(
         num_workers=workers,
         pin_memory=rt.device.type == "cuda",
         persistent_workers=False,
+        # its own generator: creating the iterator must not draw from the global RNG, or a
+        # resumed run (RNG restored, then a new iterator) would drift from an unbroken one
+        generator=torch.Generator().manual_seed(seed + 7919 * start_step + rt.rank),
     )
     return iter(loader)
 
