@@ -225,10 +225,14 @@ class ResidualQuantizer(nn.Module):
         n_cb, K = self.num_codebooks, self.codebook_size
         # counts and sums packed in one tensor: a single all-reduce per step.
         stats = torch.zeros(n_cb, K, self.dim + 1, device=codes.device)
-        ones = torch.ones(codes.shape[0], 1, device=codes.device)
-        for d in range(self.depth):
-            c = self.codebook_index(d)
-            stats[c].index_add_(0, codes[:, d], torch.cat([residuals[d], ones], 1))
+        if self.shared_codebook:  # one scatter over all depths at once
+            k = codes.t().reshape(-1)
+            stats[0, :, :-1].index_add_(0, k, residuals.reshape(-1, self.dim))
+            stats[0, :, -1] = torch.bincount(k, minlength=K).float()
+        else:
+            for d in range(self.depth):
+                stats[d, :, :-1].index_add_(0, codes[:, d], residuals[d])
+                stats[d, :, -1] = torch.bincount(codes[:, d], minlength=K).float()
         dist.all_reduce_sum(stats)
         sums, counts = stats[..., :-1], stats[..., -1]
 
