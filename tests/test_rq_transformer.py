@@ -113,3 +113,45 @@ def test_flat_baseline_is_the_same_model_with_no_depth_layers():
     a = sample_codes(m, cond, SamplingConfig(), torch.Generator().manual_seed(0))
     b = sample_codes(m, cond, SamplingConfig(), torch.Generator().manual_seed(0), use_cache=False)
     assert a.shape == (2, 4, 4, 1) and torch.equal(a, b)
+
+
+class _FakeVAE:
+    """Decodes a code map to a flat grey image whose brightness is the mean code."""
+
+    def __init__(self, model):
+        from rqgen.stage2.rq_transformer import codebook_fingerprint
+
+        c = model.config
+        self.config = type("C", (), {"code_shape": c.code_shape})()
+        self.quantizer = type("Q", (), {"codebook_size": c.codebook_size, "dim": c.embed_dim,
+                                        "codebook": model.codebook})()  # fmt: skip
+        model.config.vae_fingerprint = codebook_fingerprint(model.codebook)
+
+    def decode_codes(self, codes):
+        v = codes.float().mean((1, 2, 3)) / 8 - 1
+        return v[:, None, None, None].expand(-1, 3, 4, 4)
+
+
+class _Brightness(torch.nn.Module):
+    """'Classifier' whose class-1 probability grows with brightness, class 0 the reverse."""
+
+    def forward(self, x):
+        m = x.mean((1, 2, 3))
+        return torch.stack([-10 * m, 10 * m, torch.zeros_like(m)], 1)
+
+
+def test_rejection_sampling_keeps_the_most_likely_candidates():
+    from rqgen.stage2.sampling import rejection_sample, sample_images
+
+    m = make()
+    vae = _FakeVAE(m)
+    cond = torch.tensor([1, 0, 1, 1, 0])
+    gen = torch.Generator().manual_seed(0)
+    kept = rejection_sample(vae, m, cond, _Brightness(), 0.25, generator=gen)
+    assert kept.shape == (5, 3, 4, 4)
+    plain = sample_images(vae, m, torch.ones(40, dtype=torch.long), generator=gen)
+    # the 3 kept class-1 images are brighter than a typical unfiltered class-1 sample
+    assert kept[cond == 1].mean() > plain.mean() + 0.05
+    assert kept[cond == 0].mean() < kept[cond == 1].mean()
+    with pytest.raises(ConfigError, match="acceptance"):
+        rejection_sample(vae, m, cond, _Brightness(), 0.0)

@@ -8,6 +8,7 @@ matmuls instead of a forward over the whole prefix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rqgen.errors import CheckpointError
+from rqgen.errors import CheckpointError, ConfigError
 from rqgen.stage2.rq_transformer import RQTransformer
 
 
@@ -142,9 +143,40 @@ __all__ = [
     "draw",
     "filter_logits",
     "load_for_sampling",
+    "rejection_sample",
     "sample_codes",
     "sample_images",
 ]
+
+
+@torch.no_grad()
+def rejection_sample(
+    vae,
+    model: RQTransformer,
+    cond: Tensor,
+    classifier: torch.nn.Module,
+    acceptance: float,
+    cfg: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+) -> Tensor:
+    """The paper's rejection sampling: for each requested class c with n_c images, draw
+    ceil(n_c / acceptance) candidates and keep the n_c that `classifier` finds most likely
+    to be c. Images come back in the order of `cond`."""
+    if not 0 < acceptance <= 1:
+        raise ConfigError(f"acceptance rate must be in (0, 1], got {acceptance}")
+    out = None
+    for c in cond.unique().tolist():
+        where = (cond == c).nonzero().squeeze(1)
+        m = math.ceil(len(where) / acceptance)
+        cand = sample_images(vae, model, torch.full((m,), c, device=cond.device), cfg,
+                             generator, batch_size)  # fmt: skip
+        score = classifier(cand).softmax(-1)[:, c]
+        keep = score.topk(len(where)).indices
+        if out is None:
+            out = cand.new_empty(len(cond), *cand.shape[1:])
+        out[where] = cand[keep]
+    return out
 
 
 def load_for_sampling(model_dir: str | Path, vae_dir: str | Path | None = None, device="cpu"):
