@@ -14,29 +14,43 @@ from rqgen.errors import RqgenError
 
 def _add_train_vae(sub) -> None:
     p = sub.add_parser("train-vae", help="train (or resume) an RQ-VAE")
+    _training_args(p, "tiny32", "tiny32, imagenet256, ffhq256", "model.code_depth=8 train.lr=1e-4")
+    p.add_argument("--val-data", help="held-out images scored during training")
+    p.set_defaults(func=cmd_train_vae)
+
+
+def _training_args(p, default: str, presets: str, example: str) -> None:
+    """Arguments every trainer takes (the same under torchrun)."""
     p.add_argument("--data", required=True, help="image folder, bundled:photos or bundled:digits")
     p.add_argument("--out", required=True, help="output directory; rerun to resume")
-    p.add_argument(
-        "--config", default="tiny32", help="preset (tiny32, imagenet256, ffhq256) or file"
-    )
+    p.add_argument("--config", default=default, help=f"preset ({presets}) or a JSON/YAML file")
     p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
-    p.add_argument("--val-data", help="held-out images scored during training")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.code_depth=8 train.lr=1e-4")
-    p.set_defaults(func=cmd_train_vae)
+    p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
+
+
+def _run_training(args, load_experiment, train):
+    """Config from preset/file + overrides, then train(exp); the process group is always
+    torn down so torchrun workers exit cleanly on errors too."""
+    from rqgen.train.common import shutdown_runtime
+
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    exp = load_experiment(args.config, overrides)
+    try:
+        return train(exp)
+    finally:
+        shutdown_runtime()
 
 
 def cmd_train_vae(args) -> int:
     from rqgen.configs import load_vae_experiment
-    from rqgen.train.common import shutdown_runtime
     from rqgen.train.vae import train_vae
 
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    exp = load_vae_experiment(args.config, overrides)
-    try:
-        out = train_vae(exp, args.data, args.out, val_data=args.val_data, device=args.device)
-    finally:
-        shutdown_runtime()
+    out = _run_training(
+        args,
+        load_vae_experiment,
+        lambda exp: train_vae(exp, args.data, args.out, args.val_data, args.device),
+    )
     print(f"rqgen: RQ-VAE saved to {out} (load with RQVAE.from_pretrained('{out}'))")
     return 0
 
@@ -129,29 +143,20 @@ def cmd_reconstruct(args) -> int:
 def _add_train_ar(sub) -> None:
     p = sub.add_parser("train-ar", help="train (or resume) an RQ-Transformer on a VAE's codes")
     p.add_argument("--vae", required=True, help="the RQ-VAE directory (frozen)")
-    p.add_argument("--data", required=True, help="image folder, bundled:digits or bundled:photos")
-    p.add_argument("--out", required=True, help="output directory; rerun to resume")
-    p.add_argument(
-        "--config", default="ar-tiny", help="preset (ar-tiny, ar-flat-tiny, ...) or file"
-    )
-    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    _training_args(p, "ar-tiny", "ar-tiny, ar-flat-tiny, ...", "model.width=512 train.tau=1.0")
     p.add_argument("--captions", help="JSONL/CSV manifest of captions (text conditioning)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.width=512 train.tau=1.0")
     p.set_defaults(func=cmd_train_ar)
 
 
 def cmd_train_ar(args) -> int:
     from rqgen.configs import load_ar_experiment
     from rqgen.train.ar import train_ar
-    from rqgen.train.common import shutdown_runtime
 
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    exp = load_ar_experiment(args.config, overrides)
-    try:
-        out = train_ar(exp, args.vae, args.data, args.out, args.captions, args.device)
-    finally:
-        shutdown_runtime()
+    out = _run_training(
+        args,
+        load_ar_experiment,
+        lambda exp: train_ar(exp, args.vae, args.data, args.out, args.captions, args.device),
+    )
     print(f"rqgen: RQ-Transformer saved to {out} (sample with: rqgen sample --model {out})")
     return 0
 
