@@ -11,7 +11,6 @@ OUT ends as a `save_pretrained` directory (the best model on the validation spli
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -30,13 +29,14 @@ from rqgen.checkpoint import save_state_dict
 from rqgen.configs import ARExperiment
 from rqgen.data import build_dataset, describe
 from rqgen.data.captions import captions_for
-from rqgen.errors import ConfigError, TrainingError
+from rqgen.errors import ConfigError
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.stage2.rq_transformer import RQTransformer, codebook_fingerprint
 from rqgen.stage2.text import TextTokenizer
 from rqgen.train.common import (
     MetricsLog,
     Runtime,
+    Trainer,
     TrainState,
     WeightEMA,
     batch_stream,
@@ -76,11 +76,12 @@ def extract_features(vae: RQVAE, dataset: Dataset, device, batch_size: int = 128
     return torch.cat(zs), torch.cat(labels)
 
 
-class ARTrainer:
+class ARTrainer(Trainer):
     def __init__(self, exp: ARExperiment, vae_dir: str | Path, data: str, out: str | Path,
                  rt: Runtime, captions: str | None = None, quiet: bool = False):  # fmt: skip
         self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
         m, t = exp.model, exp.train
+        self.bf16 = t.bf16
         if m.conditioning not in ("class", "none", "text"):
             raise ConfigError(f"model.conditioning={m.conditioning!r}: use class, none or text")
         if t.batch_size % (rt.world_size * t.grad_accum):
@@ -228,11 +229,6 @@ class ARTrainer:
             return torch.where(drop[:, None], torch.full_like(cond, null), cond)
         return torch.where(drop, torch.full_like(cond, null), cond)
 
-    def _autocast(self):
-        if not self.exp.train.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
-
     def train_step(self, batches) -> dict[str, float]:
         t = self.exp.train
         for g in self.opt.param_groups:
@@ -245,19 +241,12 @@ class ARTrainer:
         for i, (z, cond) in enumerate(batches):
             z, cond = z.to(self.rt.device), cond.to(self.rt.device)
             codes, soft = self._codes_and_targets(z, gen)
-            last = i == len(batches) - 1
-            sync = (contextlib.nullcontext() if last or self.rt.world_size == 1
-                    else self.model_ddp.no_sync())  # fmt: skip
-            with sync, self._autocast():
+            with self._no_sync(self.model_ddp, i == len(batches) - 1), self._autocast():
                 loss, parts = self._loss(self.model_ddp, codes, self._drop_cond(cond, gen), soft)
                 (loss / len(batches)).backward()
             for k, v in {**parts, "loss": float(loss.detach())}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batches)
-        if not math.isfinite(totals["loss"]):
-            raise TrainingError(
-                f"loss became {totals['loss']} at step {self.step + 1}; the last checkpoint in "
-                f"{self.out} is intact: lower train.lr or check the data"
-            )
+        self._stop_if_nonfinite(not math.isfinite(totals["loss"]), totals["loss"])
         if t.grad_clip > 0:
             totals["grad_norm"] = float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -324,6 +313,7 @@ class ARTrainer:
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0:
+                metrics = self.mean_over_ranks(metrics)
                 metrics["sec_per_step"] = (time.time() - t0) / t.log_every
                 metrics["lr"] = self.opt.param_groups[0]["lr"]
                 t0 = time.time()

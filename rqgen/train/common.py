@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
-from rqgen.errors import CheckpointError, ConfigError
+from rqgen.errors import CheckpointError, ConfigError, TrainingError
 
 # ------------------------------------------------------------------ process group
 
@@ -263,3 +264,48 @@ def set_rng_state(state: dict) -> None:
 def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
     """Linear warmup, then constant (the paper's stage-1 schedule: no decay)."""
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+
+
+# ------------------------------------------------------------------ trainer base
+
+
+class Trainer:
+    """What both trainers share: autocast, DDP accumulation, NaN stop, rank-mean metrics."""
+
+    rt: Runtime
+    out: Path
+    step: int
+    bf16: bool
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+
+    def _no_sync(self, module, last_micro_batch: bool):
+        """Gradient accumulation under DDP: all-reduce only on the last micro-batch."""
+        if last_micro_batch or self.rt.world_size == 1:
+            return contextlib.nullcontext()
+        return module.no_sync()
+
+    def _stop_if_nonfinite(self, nonfinite: bool, loss: float) -> None:
+        """Stop before the optimizer step, on every rank at once (no rank left waiting)."""
+        flag = torch.tensor([float(nonfinite)], device=self.rt.device)  # NCCL: on the GPU
+        if self.rt.world_size > 1:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise TrainingError(
+                f"loss became {loss} at step {self.step + 1}; the last checkpoint in "
+                f"{self.out} is intact: lower train.lr, set train.grad_clip, or check the data"
+            )
+
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Logged losses describe the global batch, not rank 0's share of it."""
+        if self.rt.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor(
+            [metrics[k] for k in keys], dtype=torch.float64, device=self.rt.device
+        )
+        torch_dist.all_reduce(values)
+        return dict(zip(keys, (values / self.rt.world_size).tolist()))

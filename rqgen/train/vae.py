@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from rqgen.configs import VAEExperiment
 from rqgen.data import build_dataset, describe
-from rqgen.errors import ConfigError, TrainingError
+from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
 from rqgen.stage1.losses import (
     LPIPS,
@@ -35,6 +34,7 @@ from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.common import (
     MetricsLog,
     Runtime,
+    Trainer,
     TrainState,
     WeightEMA,
     batch_stream,
@@ -52,7 +52,7 @@ def default_val_source(data: str) -> str | None:
     return f"{data}:val" if data in ("bundled:photos", "bundled:digits") else None
 
 
-class VAETrainer:
+class VAETrainer(Trainer):
     def __init__(
         self,
         exp: VAEExperiment,
@@ -64,6 +64,7 @@ class VAETrainer:
     ):
         self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
         t, m = exp.train, exp.model
+        self.bf16 = t.bf16
         if t.batch_size % (rt.world_size * t.grad_accum):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum "
@@ -149,17 +150,6 @@ class VAETrainer:
         )
 
     # ------------------------------------------------------------------ one step
-    def _autocast(self):
-        if not self.exp.train.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
-
-    def _no_sync(self, module, last_micro_batch: bool):
-        """Gradient accumulation under DDP: all-reduce only on the last micro-batch."""
-        if last_micro_batch or self.rt.world_size == 1:
-            return contextlib.nullcontext()
-        return module.no_sync()
-
     def train_step(self, batches) -> dict[str, float]:
         t = self.exp.train
         gan_on = self.use_gan and self.step >= t.disc_start
@@ -243,28 +233,6 @@ class VAETrainer:
                 nrow=len(first[0]),
             )
         return {"val_psnr": float(torch.cat(scores).mean())}
-
-    def _stop_if_nonfinite(self, nonfinite: bool, loss: float) -> None:
-        """Stop before the optimizer step, on every rank at once (no rank left waiting)."""
-        flag = torch.tensor([float(nonfinite)], device=self.rt.device)  # NCCL: on the GPU
-        if self.rt.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() > 0:
-            raise TrainingError(
-                f"loss became {loss} at step {self.step + 1}; the last checkpoint in "
-                f"{self.out} is intact: lower train.lr, set train.grad_clip, or check the data"
-            )
-
-    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Logged losses describe the global batch, not rank 0's share of it."""
-        if self.rt.world_size == 1:
-            return metrics
-        keys = sorted(metrics)
-        values = torch.tensor(
-            [metrics[k] for k in keys], dtype=torch.float64, device=self.rt.device
-        )
-        torch.distributed.all_reduce(values)
-        return dict(zip(keys, (values / self.rt.world_size).tolist()))
 
     def codebook_sync_error(self) -> float:
         """Largest codebook difference between this rank and rank 0 (0.0 = in sync)."""
