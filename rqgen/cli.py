@@ -67,6 +67,13 @@ def _add_eval_vae(sub) -> None:
     p.set_defaults(func=cmd_eval_vae)
 
 
+def cache_dir() -> Path:
+    """Where rqgen keeps things it builds once (e.g. the digit classifier)."""
+    import os
+
+    return Path(os.environ.get("RQGEN_CACHE", Path.home() / ".cache" / "rqgen"))
+
+
 def _device(name: str | None) -> str:
     import torch
 
@@ -187,6 +194,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True, help="FILE.png: a grid; otherwise a directory")
     p.add_argument("--save-codes", help="also write the sampled codes (.npy, (N, H, W, D))")
+    p.add_argument("--accept", type=float, help="rejection sampling: keep this fraction (0-1]")
+    p.add_argument(
+        "--classifier",
+        choices=["digits"],
+        default="digits",
+        help="classifier for --accept (digits: trained once on the bundled digits, cached)",
+    )
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
 
@@ -227,7 +241,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, sample_codes
+    from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling, rejection_sample
     from rqgen.utils.images import save_grid, save_image
 
     device = _device(args.device)
@@ -235,12 +249,17 @@ def cmd_sample(args) -> int:
     cond, names = sample_conditions(model, meta, tokenizer, args.n, args.cls, args.prompt)
     cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
     gen = torch.Generator(device).manual_seed(args.seed)
-    codes, images = [], []
-    for s in range(0, args.n, args.batch_size):
-        c = sample_codes(model, cond[s : s + args.batch_size].to(device), cfg, gen)
-        codes.append(c)
-        images.append(vae.decode_codes(c).clamp(-1, 1).cpu())
-    codes, images = torch.cat(codes), torch.cat(images)
+    cond = cond.to(device)
+    if args.accept is not None:
+        from rqgen.evaluate.digits import load_or_train
+
+        classifier = load_or_train(cache_dir() / "classifiers", device)
+        codes, images = rejection_sample(
+            vae, model, cond, classifier, args.accept, cfg, gen, args.batch_size
+        )
+    else:
+        codes, images = generate(vae, model, cond, cfg, gen, args.batch_size)
+    images = images.cpu()
     out = Path(args.out)
     upscale = max(1, 128 // vae.config.resolution)
     nrow = min(args.n, model.config.num_classes or 8) if args.cls is None else 8

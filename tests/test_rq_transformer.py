@@ -147,8 +147,9 @@ def test_rejection_sampling_keeps_the_most_likely_candidates():
     vae = _FakeVAE(m)
     cond = torch.tensor([1, 0, 1, 1, 0])
     gen = torch.Generator().manual_seed(0)
-    kept = rejection_sample(vae, m, cond, _Brightness(), 0.25, generator=gen)
-    assert kept.shape == (5, 3, 4, 4)
+    codes, kept = rejection_sample(vae, m, cond, _Brightness(), 0.25, generator=gen)
+    assert kept.shape == (5, 3, 4, 4) and codes.shape == (5, 3, 3, 3)
+    torch.testing.assert_close(vae.decode_codes(codes), kept)
     plain = sample_images(vae, m, torch.ones(40, dtype=torch.long), generator=gen)
     # the 3 kept class-1 images are brighter than a typical unfiltered class-1 sample
     assert kept[cond == 1].mean() > plain.mean() + 0.05

@@ -93,3 +93,41 @@ def test_resume_continues_from_the_checkpoint(vae, tmp_path):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 9))
     assert json.loads((ar / "train_state" / "meta.json").read_text())["step"] == 8
+
+
+def test_rejection_sampling_from_the_cli(vae, tmp_path):
+    ar = tmp_path / "ar"
+    train_ar(vae, ar, 4)
+    cache = {"RQGEN_CACHE": str(tmp_path / "cache")}
+    args = [
+        "--n",
+        4,
+        "--class",
+        "7",
+        "--accept",
+        "0.5",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "r.png",
+    ]
+    rqgen("sample", "--model", ar, *args, "--save-codes", tmp_path / "r.npy", env_extra=cache)
+    assert np.load(tmp_path / "r.npy").shape == (4, 8, 8, 4)
+    assert (tmp_path / "cache" / "classifiers" / "digit_classifier.safetensors").is_file()
+
+
+def test_ddp_training_of_the_transformer(vae, tmp_path):
+    import subprocess
+    import sys
+
+    from test_train_vae import ENV
+
+    ar = tmp_path / "ar"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rqgen", "train-ar", "--vae", str(vae), "--data", "bundled:digits", "--out",
+           str(ar), "--steps", "4", "--device", "cpu", *AR_TINY]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(r) for r in (ar / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    rqgen("sample", "--model", ar, "--n", 2, "--device", "cpu", "--out", tmp_path / "s.png")

@@ -34,10 +34,10 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
 
 
-def rqgen(*args, check=True, **kw) -> subprocess.CompletedProcess:
+def rqgen(*args, check=True, env_extra=None, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "rqgen", *map(str, args)],
-        capture_output=True, text=True, env=ENV, timeout=300, **kw,
+        capture_output=True, text=True, env={**ENV, **(env_extra or {})}, timeout=300, **kw,
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"rqgen {args} failed:\n{proc.stderr[-3000:]}")

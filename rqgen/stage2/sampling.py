@@ -127,26 +127,27 @@ def _sample_uncached(model, cond, codes, cfg, generator) -> None:
             codes[:, t, d] = _next_code(logits[:, t, d], d, cfg, n, generator)
 
 
-def sample_images(vae, model: RQTransformer, cond: Tensor, cfg: SamplingConfig | None = None,
-                  generator=None, batch_size: int = 64) -> Tensor:  # fmt: skip
-    """Codes sampled in batches of `batch_size`, decoded in batches: images (B, 3, R, R)."""
+@torch.no_grad()
+def generate(
+    vae,
+    model: RQTransformer,
+    cond: Tensor,
+    cfg: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Codes sampled and decoded batch by batch: codes (B, H, W, D), images (B, 3, R, R)."""
     model.check_vae(vae)
-    out = []
+    codes, images = [], []
     for s in range(0, cond.shape[0], batch_size):
-        codes = sample_codes(model, cond[s : s + batch_size], cfg, generator)
-        out.append(vae.decode_codes(codes).clamp(-1, 1))
-    return torch.cat(out)
+        c = sample_codes(model, cond[s : s + batch_size], cfg, generator)
+        codes.append(c)
+        images.append(vae.decode_codes(c).clamp(-1, 1))
+    return torch.cat(codes), torch.cat(images)
 
 
-__all__ = [
-    "SamplingConfig",
-    "draw",
-    "filter_logits",
-    "load_for_sampling",
-    "rejection_sample",
-    "sample_codes",
-    "sample_images",
-]
+def sample_images(vae, model, cond, cfg=None, generator=None, batch_size: int = 64) -> Tensor:
+    return generate(vae, model, cond, cfg, generator, batch_size)[1]
 
 
 @torch.no_grad()
@@ -159,24 +160,24 @@ def rejection_sample(
     cfg: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """The paper's rejection sampling: for each requested class c with n_c images, draw
     ceil(n_c / acceptance) candidates and keep the n_c that `classifier` finds most likely
-    to be c. Images come back in the order of `cond`."""
+    to be c. Codes and images come back in the order of `cond`."""
     if not 0 < acceptance <= 1:
         raise ConfigError(f"acceptance rate must be in (0, 1], got {acceptance}")
-    out = None
+    codes = images = None
     for c in cond.unique().tolist():
         where = (cond == c).nonzero().squeeze(1)
         m = math.ceil(len(where) / acceptance)
-        cand = sample_images(vae, model, torch.full((m,), c, device=cond.device), cfg,
-                             generator, batch_size)  # fmt: skip
-        score = classifier(cand).softmax(-1)[:, c]
-        keep = score.topk(len(where)).indices
-        if out is None:
-            out = cand.new_empty(len(cond), *cand.shape[1:])
-        out[where] = cand[keep]
-    return out
+        full = torch.full((m,), c, device=cond.device)
+        cand_codes, cand = generate(vae, model, full, cfg, generator, batch_size)
+        keep = classifier(cand).softmax(-1)[:, c].topk(len(where)).indices
+        if images is None:
+            codes = cand_codes.new_empty(len(cond), *cand_codes.shape[1:])
+            images = cand.new_empty(len(cond), *cand.shape[1:])
+        codes[where], images[where] = cand_codes[keep], cand[keep]
+    return codes, images
 
 
 def load_for_sampling(model_dir: str | Path, vae_dir: str | Path | None = None, device="cpu"):
