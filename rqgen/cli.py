@@ -279,13 +279,21 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on bundled data (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--steps", type=int, default=None, help="RQ-VAE steps (default: the demo's)")
+    p.add_argument("--ar-steps", type=int, default=None, help="RQ-Transformer steps (digits)")
+    p.add_argument(
+        "--task", choices=["photos", "digits"], default="photos",
+        help="photos: the RQ-VAE on bundled photos; digits: RQ-VAE + RQ-Transformer on digits",
+    )  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
-    from rqgen.demo import run_demo
+    from rqgen.demo import run_demo, run_digits_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    if args.task == "digits":
+        run_digits_demo(Path(args.out), args.steps, args.ar_steps)
+    else:
+        run_demo(Path(args.out), steps=args.steps)
     return 0
 
 
