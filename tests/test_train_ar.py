@@ -24,6 +24,14 @@ def vae(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def class_ar(vae, tmp_path_factory):
+    """One class-conditional model shared by the tests that only sample from it."""
+    out = tmp_path_factory.mktemp("class_ar") / "ar"
+    train_ar(vae, out, 4)
+    return out
+
+
 def train_ar(vae, out, steps, *extra):
     return rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", out, "--steps",
                  steps, "--device", "cpu", *AR_TINY, *extra)  # fmt: skip
@@ -51,9 +59,8 @@ def test_each_conditioning_trains_and_samples(vae, tmp_path, conditioning):
     assert len(files) == 5 and "grid.png" in files
 
 
-def test_same_seed_same_samples_and_classes_named(vae, tmp_path):
-    ar = tmp_path / "ar"
-    train_ar(vae, ar, 4)
+def test_same_seed_same_samples_and_classes_named(class_ar, tmp_path):
+    ar = class_ar
     for name in ("a", "b"):
         rqgen("sample", "--model", ar, "--n", 10, "--seed", 5, "--device", "cpu",
               "--out", tmp_path / name, "--save-codes", tmp_path / f"{name}.npy")  # fmt: skip
@@ -62,9 +69,8 @@ def test_same_seed_same_samples_and_classes_named(vae, tmp_path):
     assert names[:3] == ["00000_0.png", "00001_1.png", "00002_2.png"]  # every class in turn
 
 
-def test_bad_class_long_prompt_and_wrong_vae_are_clear(vae, tmp_path):
-    ar = tmp_path / "ar"
-    train_ar(vae, ar, 4)
+def test_bad_class_long_prompt_and_wrong_vae_are_clear(vae, class_ar, tmp_path):
+    ar = class_ar
     p = rqgen("sample", "--model", ar, "--n", 2, "--class", "12", "--out", tmp_path / "x.png",
               check=False)  # fmt: skip
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
@@ -95,9 +101,8 @@ def test_resume_continues_from_the_checkpoint(vae, tmp_path):
     assert json.loads((ar / "train_state" / "meta.json").read_text())["step"] == 8
 
 
-def test_rejection_sampling_from_the_cli(vae, tmp_path):
-    ar = tmp_path / "ar"
-    train_ar(vae, ar, 4)
+def test_rejection_sampling_from_the_cli(class_ar, tmp_path):
+    ar = class_ar
     cache = {"RQGEN_CACHE": str(tmp_path / "cache")}
     args = [
         "--n",
