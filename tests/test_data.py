@@ -194,18 +194,3 @@ def test_build_dataset_unknown_bundled_name():
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="unknown split"):
         build_dataset("bundled:digits:test", 16)
-
-
-def test_bundled_photos_colour_augmentation_permutes_channels():
-    from rqgen.data import BundledPhotos
-
-    train = BundledPhotos(16, "train", length=64)
-    perms = {train.plan(i).channels for i in range(64)}
-    assert len(perms) > 3  # several of the 6 RGB orders are used
-    i = next(i for i in range(64) if train.plan(i).channels != (0, 1, 2))
-    plain = BundledPhotos(16, "train", length=64, colour_augment=False)
-    assert plain.plan(i).channels == (0, 1, 2)
-    x, y = train[i][0], plain[i][0]
-    assert torch.equal(x, y[list(train.plan(i).channels)])  # same crop, channels reordered
-    val = BundledPhotos(16, "val")
-    assert all(val.plan(j).channels == (0, 1, 2) for j in range(16))

@@ -80,7 +80,6 @@ class CropPlan:
     photo: str
     box: tuple[float, float, float, float]
     flip: bool
-    channels: tuple[int, int, int] = (0, 1, 2)  # colour augmentation: an RGB permutation
 
 
 class BundledPhotos(Dataset):
@@ -93,15 +92,9 @@ class BundledPhotos(Dataset):
     """
 
     def __init__(
-        self,
-        resolution: int,
-        split: str = "train",
-        length: int | None = None,
-        seed: int = 0,
-        colour_augment: bool = True,
+        self, resolution: int, split: str = "train", length: int | None = None, seed: int = 0
     ):
         _check_split(split)
-        self.colour_augment = colour_augment
         self.resolution = int(resolution)
         self.split = split
         self.seed = seed
@@ -146,13 +139,7 @@ class BundledPhotos(Dataset):
         side = short * r / max(target, r)  # crop side in photo pixels
         x, y = rng.uniform(0, w - side), rng.uniform(0, h - side)
         flip = self.split == "train" and bool(rng.random() < 0.5)
-        channels = (0, 1, 2)
-        if self.split == "train" and self.colour_augment:
-            # A dozen photos cover a small part of colour space; a codebook trained on them
-            # maps unseen hues (teal, saturated orange) onto the nearest seen one. Permuting
-            # RGB keeps each photo's structure and spreads its colours.
-            channels = tuple(int(c) for c in rng.permutation(3))
-        return CropPlan(name, (x, y, x + side, y + side), flip, channels)
+        return CropPlan(name, (x, y, x + side, y + side), flip)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.length:
@@ -164,7 +151,7 @@ class BundledPhotos(Dataset):
         img = img.resize((r, r), Image.Resampling.BICUBIC, box=p.box)
         if p.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)[list(p.channels)], -1
+        return to_tensor(img), -1
 
 
 @functools.cache
