@@ -113,10 +113,10 @@ def main() -> None:
             f"| {vqp['ms'] / ours['ms']:.1f}× | {ours['rel_mse']:.4f} | {vqp['rel_mse']:.4f} |"
         )
         print(rows[-1], flush=True)
-    import vector_quantize_pytorch as vqp_pkg  # noqa: PLC0415
+    from importlib.metadata import version
 
     body = (
-        f"vector-quantize-pytorch {getattr(vqp_pkg, '__version__', '?')} ResidualVQ "
+        f"vector-quantize-pytorch {version('vector-quantize-pytorch')} ResidualVQ "
         "(shared_codebook, decay 0.99, kmeans_init with 1 iteration, threshold_ema_dead_code 1) "
         "vs rqgen ResidualQuantizer (shared, decay 0.99, data init, restarts below 1). "
         "Training-mode forward incl. the EMA update, median of 5 (3 for K = 16384); relative "
