@@ -182,17 +182,10 @@ class ARTrainer(Trainer):
         self.step, self.best, self.bad_evals = int(s["step"]), float(s["best"]), int(s["bad"])
         set_rng_state(s["rng"])
 
-    def _public_model(self) -> RQTransformer:
-        if self.ema is None:
-            return self.model
-        m = RQTransformer(self.model.config).to(self.rt.device)
-        m.load_state_dict(self.ema.shadow)
-        return m
-
     def save_public(self) -> None:
         """The best model so far, with what `rqgen sample` needs to find the VAE."""
         vae = os.path.relpath(self.vae_dir.resolve(), self.out.resolve())
-        self._public_model().save_pretrained(
+        self.public_model().save_pretrained(
             self.out, vae=vae, classes=self.classes, conditioning=self.exp.model.conditioning,
             train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step,
             val_loss=self.best,
@@ -268,7 +261,7 @@ class ARTrainer(Trainer):
         """Hard-label NLL of the argmin codes of the held-out features."""
         if len(self.val_set) == 0:
             return math.nan
-        model = self._public_model().eval()
+        model = self.public_model().eval()
         total, n = 0.0, 0
         for s in range(0, len(self.val_set), self.micro_batch):
             z = self.val_set.z[s : s + self.micro_batch].to(self.rt.device)

@@ -276,6 +276,16 @@ class Trainer:
     out: Path
     step: int
     bf16: bool
+    model: nn.Module
+    ema: WeightEMA | None
+
+    def public_model(self) -> nn.Module:
+        """The model to save and score: a copy holding the EMA weights when EMA is on."""
+        if self.ema is None:
+            return self.model
+        m = type(self.model)(self.model.config).to(self.rt.device)
+        m.load_state_dict(self.ema.shadow)
+        return m
 
     def _autocast(self):
         if not self.bf16:

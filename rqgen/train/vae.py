@@ -141,11 +141,7 @@ class VAETrainer(Trainer):
         meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step}
         self.state.save(modules, state, meta)
         # The public checkpoint: EMA weights when enabled (usually the better model).
-        export = self.model
-        if self.ema is not None:
-            export = RQVAE(self.exp.model)
-            export.load_state_dict(self.ema.shadow)
-        export.save_pretrained(
+        self.public_model().save_pretrained(
             self.out, train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step
         )
 
@@ -211,11 +207,7 @@ class VAETrainer(Trainer):
         """PSNR of held-out reconstructions (eval mode: the codebook is not touched)."""
         if self.val_set is None:
             return {}
-        model = self.model
-        if self.ema is not None:
-            model = RQVAE(self.exp.model).to(self.rt.device)
-            model.load_state_dict(self.ema.shadow)
-        model.eval()
+        model = self.public_model().eval()
         scores, first = [], None
         n = min(len(self.val_set), self.exp.train.val_batches * self.micro_batch)
         for s in range(0, n, self.micro_batch):
