@@ -201,6 +201,12 @@ def _add_sample(sub) -> None:
         default="digits",
         help="classifier for --accept (digits: trained once on the bundled digits, cached)",
     )
+    p.add_argument(
+        "--clip-rerank", type=int, metavar="N",
+        help="CLIP re-ranking: best of N candidates per image, scored against the prompt "
+        "(or 'a photo of a CLASS'); needs local CLIP weights",
+    )  # fmt: skip
+    p.add_argument("--clip", help="local CLIP directory (default: $RQGEN_CLIP, then hub cache)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
 
@@ -241,6 +247,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
+    from rqgen.errors import ConfigError
     from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling, rejection_sample
     from rqgen.utils.images import save_grid, save_image
 
@@ -250,7 +257,20 @@ def cmd_sample(args) -> int:
     cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
     gen = torch.Generator(device).manual_seed(args.seed)
     cond = cond.to(device)
-    if args.accept is not None:
+    if args.accept is not None and args.clip_rerank is not None:
+        raise ConfigError("choose one of --accept and --clip-rerank")
+    if args.clip_rerank is not None:
+        from rqgen.evaluate.clip import CLIPScorer
+        from rqgen.stage2.sampling import clip_rerank
+
+        if model.config.num_classes == 0 and not model.config.text_vocab_size:
+            raise ConfigError("--clip-rerank needs a text or class-conditional model")
+        scorer = CLIPScorer.load(args.clip, device)  # before sampling: fail fast
+        texts = [args.prompt or f"a photo of a {name}" for name in names]
+        codes, images = clip_rerank(
+            vae, model, cond, texts, scorer, args.clip_rerank, cfg, gen, args.batch_size
+        )
+    elif args.accept is not None:
         from rqgen.evaluate.digits import load_or_train
 
         classifier = load_or_train(cache_dir() / "classifiers", device)

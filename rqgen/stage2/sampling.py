@@ -9,7 +9,7 @@ matmuls instead of a forward over the whole prefix.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,33 +151,62 @@ def sample_images(vae, model, cond, cfg=None, generator=None, batch_size: int = 
 
 
 @torch.no_grad()
-def rejection_sample(
+def best_of(
     vae,
     model: RQTransformer,
     cond: Tensor,
-    classifier: torch.nn.Module,
+    score: Callable[[Tensor, int], Tensor],
     acceptance: float,
     cfg: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """The paper's rejection sampling: for each requested class c with n_c images, draw
-    ceil(n_c / acceptance) candidates and keep the n_c that `classifier` finds most likely
-    to be c. Codes and images come back in the order of `cond`."""
+    """Selection by a scorer: for each distinct condition with n rows in `cond`, draw
+    ceil(n / acceptance) candidates and keep the n that `score(images, row)` ranks highest
+    (`row` indexes `cond` at one row of that condition). Output follows the order of `cond`."""
     if not 0 < acceptance <= 1:
         raise ConfigError(f"acceptance rate must be in (0, 1], got {acceptance}")
     codes = images = None
-    for c in cond.unique().tolist():
-        where = (cond == c).nonzero().squeeze(1)
-        m = math.ceil(len(where) / acceptance)
-        full = torch.full((m,), c, device=cond.device)
+    groups, inverse = cond.unique(dim=0, return_inverse=True)
+    for g in range(len(groups)):
+        where = (inverse == g).nonzero().squeeze(1)
+        m = math.ceil(len(where) / acceptance - 1e-9)  # 1/3 must give 3n, not 3n+1
+        full = cond[where[:1]].expand(m, *cond.shape[1:])
         cand_codes, cand = generate(vae, model, full, cfg, generator, batch_size)
-        keep = classifier(cand).softmax(-1)[:, c].topk(len(where)).indices
+        keep = score(cand, int(where[0])).topk(len(where)).indices
         if images is None:
             codes = cand_codes.new_empty(len(cond), *cand_codes.shape[1:])
             images = cand.new_empty(len(cond), *cand.shape[1:])
         codes[where], images[where] = cand_codes[keep], cand[keep]
     return codes, images
+
+
+def rejection_sample(
+    vae, model, cond, classifier: torch.nn.Module, acceptance: float, cfg=None, generator=None,
+    batch_size: int = 64,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The paper's rejection sampling: of ceil(n / acceptance) candidates per class keep the
+    n that `classifier` finds most likely to be the requested class."""
+
+    def score(images: Tensor, row: int) -> Tensor:
+        return classifier(images).softmax(-1)[:, int(cond[row])]
+
+    return best_of(vae, model, cond, score, acceptance, cfg, generator, batch_size)
+
+
+def clip_rerank(
+    vae, model, cond, texts: list[str], scorer, candidates: int, cfg=None, generator=None,
+    batch_size: int = 64,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """CLIP re-ranking (best of `candidates` per image): `texts[i]` describes row i of `cond`
+    (its prompt, or a caption built from its class); `scorer` is a `CLIPScorer`."""
+    if candidates < 1:
+        raise ConfigError(f"CLIP re-ranking needs at least 1 candidate per image, got {candidates}")
+
+    def score(images: Tensor, row: int) -> Tensor:
+        return scorer.similarity(images, [texts[row]] * len(images)).to(images.device)
+
+    return best_of(vae, model, cond, score, 1 / candidates, cfg, generator, batch_size)
 
 
 def load_for_sampling(model_dir: str | Path, vae_dir: str | Path | None = None, device="cpu"):
