@@ -73,6 +73,29 @@ def images_per_s(m, batch: int, cache: bool, bf16: bool, reps: int = 1) -> float
     return batch * reps / (time.perf_counter() - t)
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product")
+
+
+def matmul_share(m: RQTransformer, batch: int = 64) -> dict[str, float]:
+    """Fractions of the wall time of one cached batch spent in matmul/attention kernels, in
+    other aten ops, and outside any op (Python and dispatch overhead)."""
+    cond = torch.arange(batch) % 10
+    sample_codes(m, cond[:2], SamplingConfig())
+    t = time.perf_counter()
+    with torch.profiler.profile() as prof:
+        sample_codes(m, cond, SamplingConfig(), torch.Generator().manual_seed(0))
+    wall = (time.perf_counter() - t) * 1e6
+    # top-level aten ops only: their self times add up without double counting
+    ev = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    mm = sum(e.self_cpu_time_total for e in ev if e.key.startswith(MATMUL_OPS))
+    other = sum(e.self_cpu_time_total for e in ev) - mm
+    return {
+        "matmul": mm / wall,
+        "other_ops": other / wall,
+        "python": max(0.0, 1 - (mm + other) / wall),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -102,6 +125,8 @@ def main() -> None:
             if not cache and batch > 16:
                 continue  # uncached costs T·D full forwards: minutes per batch here
             for dtype in ("fp32", "bf16"):
+                if dtype == "bf16" and (batch > 16 or not cache):
+                    continue  # CPUs without bf16 matmul units emulate it: ~10× slower than fp32
                 r = images_per_s(rq, batch, cache, dtype == "bf16")
                 f = images_per_s(flat, batch, cache, dtype == "bf16")
                 pr = 100 * r * flops["rq"] / peak[dtype] if cache else float("nan")
@@ -110,6 +135,7 @@ def main() -> None:
                 rows.append(f"| {batch} | {'yes' if cache else 'no'} | {dtype} | {r:.2f} | "
                             f"{f:.2f} | {r / f:.1f}× | {pr:.1f} | {pf:.1f} |")  # fmt: skip
                 print(rows[-1], flush=True)
+    share = {k: matmul_share(m) for k, m in (("rq", rq), ("flat", flat))}
     body = (
         f"Random-weight class-conditional models, width {WIDTH}, {HEADS} heads, K = {K}: "
         f"RQ-Transformer 8 spatial + 4 depth layers on 8×8×4 ({n_rq / 1e6:.1f}M params); flat "
@@ -117,9 +143,20 @@ def main() -> None:
         "`sample_codes` (codes only; decoding excluded). Measured matmul peak: "
         f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
         f"analytic FLOPs per cached sample: RQ {flops['rq'] / 1e9:.2f} G, flat "
-        f"{flops['flat'] / 1e9:.2f} G. Uncached runs only at batch ≤ 16.\n\n" + "\n".join(rows)
+        f"{flops['flat'] / 1e9:.2f} G. Uncached runs only at batch ≤ 16 and bf16 only at batch "
+        "≤ 16 (this CPU has no bf16 matmul units: autocast to bf16 is slower than fp32 here; "
+        "the option is for GPUs).\n\n" + "\n".join(rows) + "\n\nWhere the cached sampler "
+        "spends its time at batch 64, fp32 (torch profiler, self CPU time): "
+        + "; ".join(
+            f"{k}: {v['matmul']:.0%} in matmul and attention kernels, "
+            f"{v['other_ops']:.0%} in other ops, {v['python']:.0%} outside ops "
+            "(Python, dispatch)"
+            for k, v in share.items()
+        )  # fmt: skip
+        + ".\n"
     )
-    print(write_results("sampling_speed", body, {"peak": peak, "flops": flops, "rows": data}))
+    data_all = {"peak": peak, "flops": flops, "rows": data, "time_share_batch64": share}
+    print(write_results("sampling_speed", body, data_all))
 
 
 if __name__ == "__main__":

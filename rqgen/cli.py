@@ -67,13 +67,6 @@ def _add_eval_vae(sub) -> None:
     p.set_defaults(func=cmd_eval_vae)
 
 
-def cache_dir() -> Path:
-    """Where rqgen keeps things it builds once (e.g. the digit classifier)."""
-    import os
-
-    return Path(os.environ.get("RQGEN_CACHE", Path.home() / ".cache" / "rqgen"))
-
-
 def _device(name: str | None) -> str:
     import torch
 
@@ -272,6 +265,7 @@ def cmd_sample(args) -> int:
         )
     elif args.accept is not None:
         from rqgen.evaluate.digits import load_or_train
+        from rqgen.utils.paths import cache_dir
 
         classifier = load_or_train(cache_dir() / "classifiers", device)
         codes, images = rejection_sample(
@@ -301,19 +295,19 @@ def _add_demo(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="RQ-VAE steps (default: the demo's)")
     p.add_argument("--ar-steps", type=int, default=None, help="RQ-Transformer steps (digits)")
     p.add_argument(
-        "--task", choices=["photos", "digits"], default="photos",
-        help="photos: the RQ-VAE on bundled photos; digits: RQ-VAE + RQ-Transformer on digits",
+        "--task", choices=["digits", "photos"], default="digits",
+        help="digits: RQ-VAE + RQ-Transformer on bundled digits; photos: the RQ-VAE on photos",
     )  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
-    from rqgen.demo import run_demo, run_digits_demo
+    from rqgen.demo import run_demo, run_photos_demo
 
     if args.task == "digits":
-        run_digits_demo(Path(args.out), args.steps, args.ar_steps)
+        run_demo(Path(args.out), args.steps, args.ar_steps)
     else:
-        run_demo(Path(args.out), steps=args.steps)
+        run_photos_demo(Path(args.out), steps=args.steps)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Stage 2 end to end through the CLI: each conditioning path trains and samples."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,24 +102,13 @@ def test_resume_continues_from_the_checkpoint(vae, tmp_path):
     assert json.loads((ar / "train_state" / "meta.json").read_text())["step"] == 8
 
 
-def test_rejection_sampling_from_the_cli(class_ar, tmp_path):
-    ar = class_ar
-    cache = {"RQGEN_CACHE": str(tmp_path / "cache")}
-    args = [
-        "--n",
-        4,
-        "--class",
-        "7",
-        "--accept",
-        "0.5",
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path / "r.png",
-    ]
-    rqgen("sample", "--model", ar, *args, "--save-codes", tmp_path / "r.npy", env_extra=cache)
+def test_rejection_sampling_from_the_cli(class_ar, tmp_path, rqgen_cache):
+    args = ["--n", 4, "--class", "7", "--accept", "0.5", "--device", "cpu"]
+    rqgen("sample", "--model", class_ar, *args, "--out", tmp_path / "r.png", "--save-codes",
+          tmp_path / "r.npy", env_extra=rqgen_cache)  # fmt: skip
     assert np.load(tmp_path / "r.npy").shape == (4, 8, 8, 4)
-    assert (tmp_path / "cache" / "classifiers" / "digit_classifier.safetensors").is_file()
+    cached = Path(rqgen_cache["RQGEN_CACHE"]) / "classifiers" / "digit_classifier.safetensors"
+    assert cached.is_file()
 
 
 def test_ddp_training_of_the_transformer(vae, tmp_path):

@@ -61,7 +61,7 @@ def train_digit_classifier(
     """Train on the bundled train split; returns the model and its held-out accuracy."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    train, val = BundledDigits(32, "train"), BundledDigits(32, "val")
+    train = BundledDigits(32, "train")
     x = torch.stack([train[i][0] for i in range(len(train))])
     y = torch.tensor([train[i][1] for i in range(len(train))])
     model = DigitClassifier().to(device)
@@ -72,12 +72,17 @@ def train_digit_classifier(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval(), heldout_accuracy(model)
+
+
+@torch.no_grad()
+def heldout_accuracy(model: DigitClassifier) -> float:
+    """Accuracy on the bundled held-out digits (the split no model here trains on)."""
+    val = BundledDigits(32, "val")
+    device = next(model.parameters()).device
     xv = torch.stack([val[i][0] for i in range(len(val))]).to(device)
     yv = torch.tensor([val[i][1] for i in range(len(val))], device=device)
-    with torch.no_grad():
-        acc = float((model(xv).argmax(1) == yv).float().mean())
-    return model, acc
+    return float((model.eval()(xv).argmax(1) == yv).float().mean())
 
 
 def load_or_train(cache: str | Path, device="cpu", steps: int = 300) -> DigitClassifier:
