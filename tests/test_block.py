@@ -40,3 +40,21 @@ def test_official_parameter_names():
     names = set(model(layers=1).state_dict())
     for n in ("ln1", "ln2", "attn.query", "attn.key", "attn.value", "attn.proj", "mlp.0", "mlp.2"):
         assert f"blocks.0.{n}.weight" in names
+
+
+def test_fused_inference_projection_equals_training_path_and_follows_updates():
+    m = model()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        fused = m(x)  # one concatenated q/k/v matmul, cached per weight version
+    torch.testing.assert_close(fused, m(x), atol=1e-6, rtol=1e-5)  # autograd: separate matmuls
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x).square().mean().backward()
+    opt.step()  # in-place update: the fused weights must be rebuilt
+    with torch.no_grad():
+        after = m(x)
+    assert not torch.allclose(after, fused)
+    torch.testing.assert_close(after, m(x), atol=1e-6, rtol=1e-5)
+    # a cache filled with autograd on holds the same keys and values
+    cache = m.new_cache(2, 7)
+    torch.testing.assert_close(m(x, cache), m(x), atol=1e-5, rtol=1e-5)

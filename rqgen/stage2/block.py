@@ -17,23 +17,22 @@ class KVCache:
     """Keys and values of one attention layer, allocated once for the whole sequence.
 
     Growing a cache by torch.cat copies it at every step (quadratic traffic); writing into
-    a preallocated buffer is a single small copy per step.
+    a preallocated buffer is a single small copy per step. Keys and values share one buffer
+    (2, B, heads, max_len, head_dim) so that each step is one copy, not two.
     """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch, heads, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.kv = torch.empty((2, batch, heads, max_len, head_dim), device=device, dtype=dtype)
         self.pos = 0
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        n = k.shape[2]
-        if self.pos + n > self.k.shape[2]:
-            raise RuntimeError(f"KV cache of length {self.k.shape[2]} is full")
-        self.k[:, :, self.pos : self.pos + n] = k
-        self.v[:, :, self.pos : self.pos + n] = v
+    def append(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """kv: (2, B, heads, n, head_dim) -> all keys and values so far."""
+        n = kv.shape[3]
+        if self.pos + n > self.kv.shape[3]:
+            raise RuntimeError(f"KV cache of length {self.kv.shape[3]} is full")
+        self.kv[:, :, :, self.pos : self.pos + n] = kv
         self.pos += n
-        return self.k[:, :, : self.pos], self.v[:, :, : self.pos]
+        return self.kv[0, :, :, : self.pos], self.kv[1, :, :, : self.pos]
 
     def reset(self) -> None:
         self.pos = 0
@@ -50,20 +49,40 @@ class CausalSelfAttention(nn.Module):
         self.value = nn.Linear(width, width)
         self.proj = nn.Linear(width, width)
         self.resid_drop = nn.Dropout(dropout)
+        self._fused: tuple | None = None  # (version key, W_qkv, b_qkv) for inference
 
-    def _split(self, x: Tensor) -> Tensor:
+    def _split(self, y: Tensor) -> Tensor:
+        b, t, c = y.shape
+        return y.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, Dh)
+
+    def _fused_qkv(self, x: Tensor) -> Tensor:
+        """(3, B, H, T, Dh) by one matmul with the three projections concatenated (rebuilt
+        when a weight changes). Used without autograd: sampling runs one token at a time,
+        where each op dispatched costs about as much as its arithmetic."""
         b, t, c = x.shape
-        return x.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, Dh)
+        lins = (self.query, self.key, self.value)
+        key = tuple((p.data_ptr(), p._version) for lin in lins for p in (lin.weight, lin.bias))
+        if self._fused is None or self._fused[0] != key:
+            w = torch.cat([lin.weight for lin in lins])
+            self._fused = (key, w, torch.cat([lin.bias for lin in lins]))
+        y = F.linear(x, self._fused[1], self._fused[2])  # (B, T, 3C)
+        return y.view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         b, t, c = x.shape
-        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        if torch.is_grad_enabled():
+            q, k, v = (self._split(lin(x)) for lin in (self.query, self.key, self.value))
+            kv = None
+        else:
+            qkv = self._fused_qkv(x)
+            q, kv = qkv[0], qkv[1:]
+            k, v = kv[0], kv[1]
         p = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             start = cache.pos
-            k, v = cache.append(k, v)
+            k, v = cache.append(torch.stack([k, v]) if kv is None else kv)
             if t == 1:  # one new token sees the whole cache: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
             else:  # new token i sees cached positions and new tokens up to i
