@@ -51,7 +51,10 @@ def test_loads_local_clip_and_scores_each_pair(tiny_clip):
     # larger images are resized to the model's 32 px; a 2× nearest upscale changes little
     up = images.repeat_interleave(2, -1).repeat_interleave(2, -2)
     assert (scorer.similarity(up, texts) - s).abs().max() < 0.2
-    assert 0 <= scorer.clip_score(images, texts) <= 100
+    assert scorer.clip_score(images, texts) == pytest.approx(float(s.mean()))
+    assert scorer.clip_score(images, texts, torchmetrics_scale=True) == pytest.approx(
+        float(100 * s.clamp(min=0).mean())
+    )
 
 
 def test_missing_clip_weights_name_the_fix(tmp_path, monkeypatch):
