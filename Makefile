@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/quantizer_speed.py
 	$(PY) benchmarks/rate_distortion.py
+	$(PY) benchmarks/sampling_speed.py
+	$(PY) benchmarks/digits_quality.py
 
 clean:
 	rm -rf demo_out .pytest_cache
