@@ -311,6 +311,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_convert_official(sub) -> None:
+    p = sub.add_parser(
+        "convert-official",
+        help="import official RQ-VAE / RQ-Transformer checkpoints (model.pt + config.yaml)",
+    )
+    p.add_argument("--stage1", required=True, help="official stage-1 directory")
+    p.add_argument("--stage2", help="official stage-2 directory (paired with --stage1)")
+    p.add_argument("--ema", action="store_true", help="take state_dict_ema instead of state_dict")
+    p.add_argument("--out", required=True, help="writes OUT/vae and, with --stage2, OUT/ar")
+    p.set_defaults(func=cmd_convert_official)
+
+
+def cmd_convert_official(args) -> int:
+    import os
+
+    from rqgen.convert.official import convert_stage1, convert_stage2
+
+    out = Path(args.out)
+    vae = convert_stage1(args.stage1, args.ema)  # everything is checked before writing
+    model = convert_stage2(args.stage2, vae, args.ema) if args.stage2 else None
+    vae.save_pretrained(out / "vae", source=str(args.stage1), converted_from="official")
+    print(f"rqgen: wrote {out / 'vae'} (RQ-VAE, code shape {list(vae.config.code_shape)})")
+    if model is not None:
+        vae_rel = os.path.relpath((out / "vae").resolve(), (out / "ar").resolve())
+        conditioning = (
+            "text"
+            if model.config.text_vocab_size
+            else "class"
+            if model.config.num_classes
+            else "none"
+        )
+        model.save_pretrained(out / "ar", vae=vae_rel, conditioning=conditioning, classes=[],
+                              source=str(args.stage2), converted_from="official")  # fmt: skip
+        print(f"rqgen: wrote {out / 'ar'} (RQ-Transformer, {conditioning}-conditional)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rqgen", description="Residual-quantized autoregressive image generation."
@@ -323,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train_ar,
         _add_sample,
         _add_demo,
+        _add_convert_official,
     ):
         add(sub)
     return parser

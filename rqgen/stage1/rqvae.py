@@ -34,6 +34,9 @@ class RQVAEConfig:
     decay: float = 0.99
     commitment_weight: float = 0.25  # β
     restart_unused_codes: bool = True
+    # GroupNorm groups: 0 keeps >= 4 channels per group in narrow layers (gcd(32, C/4)), which
+    # is 32 at official widths; converted official models set 32 everywhere, as VQGAN does.
+    norm_groups: int = 0
 
     @property
     def downsample_factor(self) -> int:
@@ -87,6 +90,14 @@ class RQVAE(nn.Module, Pretrained):
             commitment_weight=c.commitment_weight,
             restart_unused_codes=c.restart_unused_codes,
         )
+        if c.norm_groups:
+            for m in self.modules():
+                if isinstance(m, nn.GroupNorm):
+                    if m.num_channels % c.norm_groups:
+                        raise ValueError(
+                            f"norm_groups={c.norm_groups} does not divide {m.num_channels} channels"
+                        )
+                    m.num_groups = c.norm_groups
 
     def encode(self, x: Tensor) -> Tensor:
         """Z = E(X): images (B, 3, R, R) -> features (B, H, W, embed_dim), channel-last."""
