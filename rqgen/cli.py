@@ -348,6 +348,135 @@ def cmd_convert_official(args) -> int:
     return 0
 
 
+def _add_eval_gen(sub) -> None:
+    p = sub.add_parser("eval-gen", help="FID / KID / IS of samples against a reference")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", help="folder of generated images")
+    src.add_argument("--model", help="RQ-Transformer directory: sample, stream to --out, score")
+    p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
+    p.add_argument("--n", type=int, default=1000, help="samples to draw with --model")
+    p.add_argument("--per-class", type=int, help="class-balanced: this many samples per class")
+    p.add_argument("--out", help="where --model writes its PNGs (default: MODEL/samples_eval)")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception",
+                   help="evaluator network (inception: local torch-fidelity weights)")  # fmt: skip
+    p.add_argument("--resolution", type=int, help="image size for --ref/--samples folders")
+    p.add_argument("--top-k", type=_per_depth(int))
+    p.add_argument("--top-p", type=_per_depth(float))
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval_gen)
+
+
+def _add_fid_stats(sub) -> None:
+    p = sub.add_parser("fid-stats", help="reference feature statistics for eval-gen (.npz)")
+    p.add_argument("data", help="folder or bundled:NAME[:SPLIT]")
+    p.add_argument("--out", required=True, help="STATS.npz")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--split", default="val", help="bundled split, or 'train' for random crops")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_fid_stats)
+
+
+def _batches(dataset, batch_size: int):
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, _ in tqdm(loader, desc="features", leave=False):
+        yield x
+
+
+def cmd_fid_stats(args) -> int:
+    from rqgen.data import build_dataset
+    from rqgen.evaluate.generation import build_evaluator, stats_of
+
+    device = _device(args.device)
+    evaluator = build_evaluator(args.features, device)
+    data = build_dataset(args.data, args.resolution, split=args.split, labels=False)
+    stats, _ = stats_of(_batches(data, args.batch_size), evaluator, source=args.data)
+    stats.save(args.out)
+    print(f"rqgen: wrote {args.out} ({stats.n} images of {args.data}, {evaluator.name})")
+    return 0
+
+
+def cmd_eval_gen(args) -> int:
+    import torch
+
+    from rqgen.data import build_dataset
+    from rqgen.errors import ConfigError, DataError
+    from rqgen.evaluate.generation import (
+        FeatureStats,
+        build_evaluator,
+        frechet_distance,
+        inception_score,
+        kernel_distance,
+        stats_of,
+    )
+
+    device = _device(args.device)
+    evaluator = build_evaluator(args.features, device)
+    result: dict = {"evaluator": evaluator.name}
+    if args.model:
+        from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, stream_samples
+
+        model, vae, meta, tokenizer = load_for_sampling(args.model, None, device)
+        if model.config.text_vocab_size:
+            raise ConfigError("eval-gen samples class-conditional or unconditional models")
+        k = model.config.num_classes
+        if args.per_class is not None:
+            if not k:
+                raise ConfigError("--per-class needs a class-conditional model")
+            cond = torch.arange(k).repeat_interleave(args.per_class)
+        elif k:
+            cond = torch.arange(args.n) % k  # every class in turn: balanced up to one
+        else:
+            cond = torch.full((args.n,), model.null_class)
+        out = Path(args.out) if args.out else Path(args.model) / "samples_eval"
+        cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
+        gen = torch.Generator(device).manual_seed(args.seed)
+        classes = meta.get("classes") or []
+        images = stream_samples(vae, model, cond.to(device), cfg, gen, args.batch_size, out,
+                                classes)  # fmt: skip
+        resolution = vae.config.resolution
+        result.update(samples=str(out), sampling=dict(vars(cfg)), model=str(args.model))
+        result["per_class"] = {str(c): int((cond == c).sum()) for c in cond.unique().tolist()}
+    else:
+        resolution = args.resolution or 256
+        data = build_dataset(args.samples, resolution, split="val", labels=False)
+        images = _batches(data, args.batch_size)
+        result["samples"] = str(args.samples)
+    fake, logits = stats_of(images, evaluator, source="samples", with_logits=True)
+    if str(args.ref).endswith(".npz"):
+        ref = FeatureStats.load(args.ref)
+        if ref.evaluator != evaluator.name:
+            raise DataError(
+                f"'{args.ref}' was computed with {ref.evaluator!r}, not {evaluator.name!r}: "
+                "recompute it with rqgen fid-stats --features " + args.features
+            )
+    else:
+        data = build_dataset(args.ref, args.resolution or resolution, split="val", labels=False)
+        ref, _ = stats_of(_batches(data, args.batch_size), evaluator, source=args.ref)
+    kid, kid_std = kernel_distance(ref, fake)
+    result.update(
+        reference=ref.source or str(args.ref), n_reference=ref.n, n_samples=fake.n,
+        fid=frechet_distance(ref, fake), kid=kid, kid_std=kid_std,
+    )  # fmt: skip
+    if logits is not None:
+        result["inception_score"], result["inception_score_std"] = inception_score(logits)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"FID {result['fid']:.3f}  KID {kid:.5f} ± {kid_std:.5f}  ({fake.n} samples vs "
+              f"{ref.n} reference images of {result['reference']}; {evaluator.name})")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rqgen", description="Residual-quantized autoregressive image generation."
@@ -361,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sample,
         _add_demo,
         _add_convert_official,
+        _add_eval_gen,
+        _add_fid_stats,
     ):
         add(sub)
     return parser

@@ -17,22 +17,6 @@ AR_TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ar") / "vae"
-    rqgen("train-vae", "--data", "bundled:digits", "--out", out, "--steps", 3, "--device", "cpu",
-          *TINY)  # fmt: skip
-    return out
-
-
-@pytest.fixture(scope="module")
-def class_ar(vae, tmp_path_factory):
-    """One class-conditional model shared by the tests that only sample from it."""
-    out = tmp_path_factory.mktemp("class_ar") / "ar"
-    train_ar(vae, out, 4)
-    return out
-
-
 def train_ar(vae, out, steps, *extra):
     return rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", out, "--steps",
                  steps, "--device", "cpu", *AR_TINY, *extra)  # fmt: skip

@@ -9,7 +9,7 @@ matmuls instead of a forward over the whole prefix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +144,31 @@ def generate(
         codes.append(c)
         images.append(vae.decode_codes(c).clamp(-1, 1))
     return torch.cat(codes), torch.cat(images)
+
+
+def stream_samples(
+    vae, model: RQTransformer, cond: Tensor, cfg: SamplingConfig | None, generator,
+    batch_size: int, out: str | Path, classes: Sequence[str] = (),
+) -> Iterator[Tensor]:  # fmt: skip
+    """Sample `cond` batch by batch, write each image to OUT/NNNNNN_<class>.png and yield the
+    batch: memory stays at one batch however many samples are drawn."""
+    from tqdm import tqdm
+
+    from rqgen.utils.images import save_image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.check_vae(vae)
+    for s in tqdm(range(0, cond.shape[0], batch_size), desc="sample", leave=False):
+        c = cond[s : s + batch_size]
+        with torch.no_grad():
+            images = vae.decode_codes(sample_codes(model, c, cfg, generator)).clamp(-1, 1).cpu()
+        for i, (img, k) in enumerate(zip(images, c.tolist())):
+            name = classes[k] if k < len(classes) else str(k)
+            if k == getattr(model, "null_class", -1) and not model.config.num_classes:
+                name = "sample"
+            save_image(img, out / f"{s + i:06d}_{name}.png")
+        yield images
 
 
 def sample_images(vae, model, cond, cfg=None, generator=None, batch_size: int = 64) -> Tensor:

@@ -1,0 +1,217 @@
+"""Generation metrics: FID, KID and Inception Score of a sample set against a reference.
+
+An `Evaluator` maps [-1, 1] images to features (and, when it can, class logits for IS):
+`inception` is torch-fidelity's InceptionV3 (2015-12-05 weights, from a local file; the
+network behind most published FIDs), `digits` is the digit classifier trained on the bundled
+digits (runs anywhere, meaningful only for digits). Any module can stand in (tests use small
+ones). Statistics stream: features are summed in float64 batch by batch, and only a random
+subset of rows (default 10,000) is kept for KID.
+
+Reference statistics are saved as `.npz` (`rqgen fid-stats`) with the evaluator's name, and a
+comparison between different evaluators is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rqgen.errors import ConfigError, DataError
+
+
+class Evaluator(nn.Module):
+    """features(images) -> (B, F) and, if `has_logits`, logits(images) -> (B, classes)."""
+
+    def __init__(self, name: str, features: nn.Module, logits: nn.Module | None = None,
+                 input_size: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.name, self.feature_net, self.logit_net = name, features.eval(), logits
+        self.input_size = input_size  # resize to this many pixels first (None: as given)
+
+    @property
+    def has_logits(self) -> bool:
+        return self.logit_net is not None
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        p = next(self.parameters(), None)
+        images = images.to(p.device if p is not None else "cpu", torch.float32)
+        if self.input_size and images.shape[-1] != self.input_size:
+            size = (self.input_size, self.input_size)
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
+        return images
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        return self.feature_net(self._prepare(images)).flatten(1).double()
+
+    @torch.no_grad()
+    def logits(self, images: Tensor) -> Tensor:
+        return self.logit_net(self._prepare(images)).double()
+
+
+class _Uint8Inception(nn.Module):
+    """[-1, 1] -> uint8 [0, 255] (rounded) -> torch-fidelity InceptionV3 output."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+
+
+def build_evaluator(name: str, device="cpu", cache: str | Path | None = None) -> Evaluator:
+    """`inception` (local torch-fidelity weights) or `digits` (the bundled-digits CNN)."""
+    if name == "digits":
+        from rqgen.evaluate.digits import DigitFeatures, load_or_train
+        from rqgen.utils.paths import cache_dir
+
+        clf = load_or_train(Path(cache or cache_dir()) / "classifiers", device)
+        return Evaluator("digits-cnn (rqgen bundled-digits classifier, 128-d)",
+                         DigitFeatures(clf), clf, input_size=32).to(device)  # fmt: skip
+    if name == "inception":
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        from rqgen.errors import CheckpointError
+        from rqgen.evaluate.fid import find_inception_weights, inception_fid_available
+
+        ok, reason = inception_fid_available()
+        if not ok:
+            raise CheckpointError(reason)
+        path = str(find_inception_weights())
+        feats = NoTrainInceptionV3("inception-v3-compat", ["2048"], path)
+        logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], path)
+        return Evaluator("torch-fidelity InceptionV3 2015-12-05 (pool3 2048-d)",
+                         _Uint8Inception(feats), _Uint8Inception(logits)).to(device)  # fmt: skip
+    raise ConfigError(f"unknown evaluator {name!r}: use inception or digits")
+
+
+@dataclass
+class FeatureStats:
+    """Mean and covariance of one image set's features, plus a random subset for KID."""
+
+    evaluator: str
+    n: int
+    mu: np.ndarray
+    sigma: np.ndarray
+    subset: np.ndarray
+    source: str = ""
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, subset=self.subset.astype(np.float32),
+                 n=self.n, evaluator=self.evaluator, source=self.source)  # fmt: skip
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(str(z["evaluator"]), int(z["n"]), z["mu"], z["sigma"],
+                           z["subset"].astype(np.float64), str(z["source"]))  # fmt: skip
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"'{path}' is not a statistics file written by rqgen fid-stats") from e
+
+
+class StatsAccumulator:
+    """Streams feature batches: float64 sums for mean/covariance, reservoir subset for KID."""
+
+    def __init__(self, keep: int = 10_000, seed: int = 0) -> None:
+        self.keep, self.n = keep, 0
+        self.sum = self.outer = None
+        self.subset: list[Tensor] = []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, feats: Tensor) -> None:
+        f = feats.detach().double().cpu()
+        if self.sum is None:
+            self.sum, self.outer = f.sum(0), f.T @ f
+        else:
+            self.sum += f.sum(0)
+            self.outer += f.T @ f
+        for row in f:  # reservoir sampling: every row kept with equal probability
+            self.n += 1
+            if len(self.subset) < self.keep:
+                self.subset.append(row)
+            else:
+                j = int(torch.randint(self.n, (1,), generator=self.gen))
+                if j < self.keep:
+                    self.subset[j] = row
+
+    def stats(self, evaluator: str, source: str = "") -> FeatureStats:
+        if self.n < 2:
+            raise DataError(f"need at least 2 images for statistics, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        subset = torch.stack(self.subset).numpy()
+        return FeatureStats(evaluator, self.n, mu.numpy(), sigma.numpy(), subset, source)
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """||μa − μb||² + Tr(Σa + Σb − 2 (Σa Σb)^½) (Heusel et al. 2017)."""
+    from scipy import linalg
+
+    diff = a.mu - b.mu
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid
+        eps = np.eye(a.sigma.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((a.sigma + eps) @ (b.sigma + eps))
+    covmean = covmean.real
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+def kernel_distance(a: FeatureStats, b: FeatureStats, subsets: int = 100,
+                    subset_size: int = 1000) -> tuple[float, float]:  # fmt: skip
+    """KID (polynomial-kernel MMD², Bińkowski et al. 2018) by torchmetrics on the kept rows."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, len(a.subset), len(b.subset))
+    if size < 2:
+        raise DataError("KID needs at least 2 images on each side")
+    kid = KernelInceptionDistance(feature=_Identity(a.subset.shape[1]), subsets=subsets,
+                                  subset_size=size)  # fmt: skip
+    kid.update(torch.from_numpy(a.subset), real=True)
+    kid.update(torch.from_numpy(b.subset), real=False)
+    mean, std = kid.compute()
+    return float(mean), float(std)
+
+
+class _Identity(nn.Module):
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E KL(p(y|x) || p(y))) over `splits` chunks, as torchmetrics / the paper."""
+    from torchmetrics.image.inception import InceptionScore
+
+    metric = InceptionScore(feature=_Identity(logits.shape[1]), splits=splits)
+    metric.update(logits.float())
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def stats_of(
+    images: Iterable[Tensor], evaluator: Evaluator, keep: int = 10_000, source: str = "",
+    with_logits: bool = False,
+) -> tuple[FeatureStats, Tensor | None]:  # fmt: skip
+    """Feature statistics of an iterable of [-1, 1] image batches (and their logits)."""
+    acc, logits = StatsAccumulator(keep), []
+    for batch in images:
+        acc.update(evaluator.features(batch))
+        if with_logits and evaluator.has_logits:
+            logits.append(evaluator.logits(batch).cpu())
+    return acc.stats(evaluator.name, source), (torch.cat(logits) if logits else None)

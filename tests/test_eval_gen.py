@@ -1,0 +1,132 @@
+"""Generation metrics: streamed statistics, FID / KID / IS, reference files and eval-gen."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rqgen.data import BundledDigits
+from rqgen.errors import CheckpointError
+from rqgen.evaluate.generation import (
+    Evaluator,
+    FeatureStats,
+    StatsAccumulator,
+    _Identity,
+    build_evaluator,
+    frechet_distance,
+    inception_score,
+    kernel_distance,
+    stats_of,
+)
+
+
+def small_evaluator() -> Evaluator:
+    """A fixed random conv net: enough to tell image distributions apart."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())  # fmt: skip
+    return Evaluator("test-net", net, nn.Sequential(net, nn.Linear(128, 10)))
+
+
+def digits(n=400) -> torch.Tensor:
+    val = BundledDigits(32, "val")
+    return torch.stack([val[i][0] for i in range(min(n, len(val)))])
+
+
+def test_streamed_statistics_equal_the_batch_formula():
+    f = torch.randn(1000, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    acc = StatsAccumulator(keep=100)
+    for chunk in f.split(77):
+        acc.update(chunk)
+    s = acc.stats("x")
+    np.testing.assert_allclose(s.mu, f.mean(0).numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(s.sigma, np.cov(f.numpy(), rowvar=False), rtol=1e-9, atol=1e-9)
+    assert s.n == 1000 and s.subset.shape == (100, 6)
+    rows = {tuple(r) for r in f.numpy().round(8)}
+    assert all(tuple(r) in rows for r in s.subset.round(8))  # a subset of the real rows
+
+
+def test_fid_is_zero_on_itself_matches_torchmetrics_and_grows_with_noise():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    ev, x = small_evaluator(), digits()
+    ref, _ = stats_of(x.split(64), ev)
+    assert abs(frechet_distance(ref, ref)) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    fids = []
+    for sigma in (0.1, 0.3, 0.6):
+        noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+        fake, _ = stats_of(noisy.split(64), ev)
+        fids.append(frechet_distance(ref, fake))
+    assert 0 < fids[0] < fids[1] < fids[2]
+    # the same number as torchmetrics' FID on the same features
+    tm = FrechetInceptionDistance(feature=_Identity(128))
+    tm.update(ev.features(x), real=True)
+    tm.update(ev.features(noisy), real=False)
+    assert fids[2] == pytest.approx(float(tm.compute()), rel=1e-4)
+
+
+def test_kid_and_inception_score_behave():
+    ev, x = small_evaluator(), digits()
+    ref, logits = stats_of(x.split(64), ev, with_logits=True)
+    same, _ = kernel_distance(ref, ref, subsets=20, subset_size=100)
+    noisy = (x + 0.6 * torch.randn_like(x)).clamp(-1, 1)
+    far, _ = kernel_distance(ref, stats_of(noisy.split(64), ev)[0], subsets=20, subset_size=100)
+    assert abs(same) < 0.2 * far
+    # IS: confident, diverse logits score near the number of classes; uniform ones score 1
+    sharp = torch.eye(10).repeat(20, 1) * 30
+    assert inception_score(sharp, splits=1)[0] == pytest.approx(10, rel=1e-3)
+    assert inception_score(torch.zeros(200, 10))[0] == pytest.approx(1, rel=1e-6)
+    assert logits.shape == (len(x), 10)
+
+
+def test_stats_file_round_trip(tmp_path):
+    ev = small_evaluator()
+    s, _ = stats_of(digits(100).split(50), ev, source="bundled:digits:val")
+    t = FeatureStats.load(s.save(tmp_path / "ref.npz"))
+    assert (t.evaluator, t.n, t.source) == ("test-net", 100, "bundled:digits:val")
+    np.testing.assert_allclose(t.sigma, s.sigma)
+    assert frechet_distance(s, t) == pytest.approx(0, abs=1e-6)
+
+
+def test_inception_without_weights_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("RQGEN_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(Exception, match="weights-inception-2015-12-05") as e:
+        build_evaluator("inception")
+    assert isinstance(e.value, CheckpointError) or "torch-fidelity" in str(e.value)
+
+
+@pytest.mark.slow
+def test_eval_gen_cli_balanced_streamed_and_self_consistent(tmp_path, rqgen_cache, class_ar):
+    from test_train_vae import rqgen
+
+    env, ar = rqgen_cache, class_ar
+    stats = tmp_path / "ref.npz"
+    rqgen("fid-stats", "bundled:digits:val", "--out", stats, "--features", "digits",
+          "--resolution", 32, env_extra=env)  # fmt: skip
+    out = tmp_path / "samples"
+    r = rqgen("eval-gen", "--model", ar, "--per-class", 3, "--ref", stats, "--features",
+              "digits", "--out", out, "--json", "--batch-size", 7, env_extra=env)  # fmt: skip
+    res = json.loads(r.stdout)
+    assert res["per_class"] == {str(c): 3 for c in range(10)} and res["n_samples"] == 30
+    assert res["fid"] > 0 and "digits-cnn" in res["evaluator"] and "inception_score" in res
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 30 and files[0] == "000000_0.png" and files[-1] == "000029_9.png"
+    # the held-out digits scored against their own statistics: FID ~ 0
+    real = tmp_path / "real"
+    val = BundledDigits(32, "val")
+    from rqgen.utils.images import save_image
+
+    for i in range(len(val)):
+        save_image(val[i][0], real / f"{i:04d}.png")
+    r = rqgen("eval-gen", "--samples", real, "--ref", stats, "--features", "digits",
+              "--resolution", 32, "--json", env_extra=env)  # fmt: skip
+    assert abs(json.loads(r.stdout)["fid"]) < 0.05
+    # statistics from another evaluator are refused
+    FeatureStats("other", 2, np.zeros(2), np.eye(2), np.zeros((2, 2))).save(tmp_path / "o.npz")
+    r = rqgen("eval-gen", "--samples", real, "--ref", tmp_path / "o.npz", "--features",
+              "digits", "--resolution", 32, env_extra=env, check=False)  # fmt: skip
+    assert r.returncode == 2 and "recompute it with rqgen fid-stats" in r.stderr
