@@ -326,7 +326,7 @@ def _add_convert_official(sub) -> None:
 def cmd_convert_official(args) -> int:
     import os
 
-    from rqgen.convert.official import convert_stage1, convert_stage2
+    from rqgen.convert.official import convert_stage1, convert_stage2, load_official_config
 
     out = Path(args.out)
     vae = convert_stage1(args.stage1, args.ema)  # everything is checked before writing
@@ -342,8 +342,12 @@ def cmd_convert_official(args) -> int:
             if model.config.num_classes
             else "none"
         )
+        conf = load_official_config(args.stage2)
+        # the top-k / top-p / temperature the official scripts sample this model with
+        sampling = conf.get("sampling") or conf.get("experiment", {}).get("sample") or {}
         model.save_pretrained(out / "ar", vae=vae_rel, conditioning=conditioning, classes=[],
-                              source=str(args.stage2), converted_from="official")  # fmt: skip
+                              source=str(args.stage2), converted_from="official",
+                              official_sampling=sampling)  # fmt: skip
         print(f"rqgen: wrote {out / 'ar'} (RQ-Transformer, {conditioning}-conditional)")
     return 0
 
