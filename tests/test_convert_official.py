@@ -50,9 +50,24 @@ def test_stage1_matches_the_official_code(vae):
     assert vae.quantizer.codebook.shape == (1, 32, 16)  # shared codebook stored once, no padding
 
 
+def official_bpe(tmp_path):
+    """vocab.json + merges.txt as the official release ships them (a lowercasing CharBPE),
+    small enough for the 50-token test model."""
+    from tokenizers import CharBPETokenizer
+
+    from rqgen.stage2.text import TextTokenizer
+
+    bpe = CharBPETokenizer(unk_token="[UNK]", lowercase=True)
+    bpe.train_from_iterator(["a photo of a red cat", "a dog on the grass"] * 3, vocab_size=40,
+                            special_tokens=["[UNK]"], show_progress=False)  # fmt: skip
+    vocab, merges = bpe.save_model(str(tmp_path))
+    return TextTokenizer.from_official(vocab, merges, length=6), vocab, merges
+
+
 @pytest.mark.parametrize("kind", ["class", "uncond", "text"])
 def test_stage2_logits_match_the_official_code(vae, tmp_path, kind):
-    model = convert_stage2(official_dir(tmp_path, f"stage2_{kind}"), vae)
+    tokenizer = official_bpe(tmp_path)[0] if kind == "text" else None
+    model = convert_stage2(official_dir(tmp_path, f"stage2_{kind}"), vae, tokenizer=tokenizer)
     ref = load_file(str(DATA / f"stage2_{kind}_io.safetensors"))
     codes = load_file(str(DATA / "stage1_io.safetensors"))["codes"]
     cond = ref["cond"]
@@ -67,6 +82,7 @@ def test_stage2_logits_match_the_official_code(vae, tmp_path, kind):
     assert (logits.view(ref["logits"].shape) - ref["logits"]).abs().max() < 1e-4  # (B,H,W,D,K)
     if kind == "text":
         assert (text_logits - ref["cond_logits"]).abs().max() < 1e-4
+        assert model.config.text_pad_id == tokenizer.pad_id == tokenizer.vocab_size - 1
     model.check_vae(vae)  # the converted pair is recognised as a pair
 
 
@@ -140,3 +156,21 @@ def test_cli_converts_a_pair_that_rqgen_sample_loads(tmp_path):
     assert __import__("numpy").load(tmp_path / "c.npy").shape == (2, 8, 8, 4)
     r = rqgen("convert-official", "--stage1", tmp_path / "nowhere", "--out", out, check=False)
     assert r.returncode == 2 and "no config.yaml" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_official_bpe_round_trips_and_text_models_need_it(vae, tmp_path):
+    tok, vocab, merges = official_bpe(tmp_path)
+    ids = tok.encode(["A Red Cat"])
+    assert ids.shape == (1, 6) and (ids[0, -1] == tok.pad_id)  # padded with [PAD]
+    assert tok.decode(ids) == ["a red cat"]  # lowercased, as the official tokenizer
+    with pytest.raises(CheckpointError, match="--bpe-vocab"):
+        convert_stage2(official_dir(tmp_path, "stage2_text"), vae)
+    from test_train_vae import rqgen
+
+    out = tmp_path / "conv"
+    s1, s2 = official_dir(tmp_path, "stage1"), tmp_path / "stage2_text"
+    rqgen("convert-official", "--stage1", s1, "--stage2", s2, "--bpe-vocab", vocab,
+          "--bpe-merges", merges, "--out", out)  # fmt: skip
+    rqgen("sample", "--model", out / "ar", "--n", 2, "--prompt", "a red cat", "--device", "cpu",
+          "--out", tmp_path / "t.png")  # fmt: skip
+    assert (tmp_path / "t.png").is_file()

@@ -183,7 +183,7 @@ def stage2_config(arch: dict, vae: RQVAE) -> RQTransformerConfig:
             num_classes=n_cond if (len_cond == 1 and n_cond > 1) else 0,
             text_vocab_size=n_cond if len_cond > 1 else 0,
             text_length=len_cond if len_cond > 1 else 32,
-            text_loss_weight=0.1 / 0.9,  # official weights: text 0.1, image 0.9
+            text_loss_weight=0.1,  # official: 0.9·image + 0.1·text, as ours
             vae_fingerprint=codebook_fingerprint(vae.quantizer.codebook),
         )  # fmt: skip
     except KeyError as e:
@@ -219,9 +219,24 @@ def convert_stage2_state(state: dict[str, Tensor], cfg: RQTransformerConfig, vae
     return out
 
 
-def convert_stage2(directory: str | Path, vae: RQVAE, ema: bool = False) -> RQTransformer:
+def convert_stage2(directory: str | Path, vae: RQVAE, ema: bool = False,
+                   tokenizer=None) -> RQTransformer:  # fmt: skip
+    """An official stage-2 directory -> our RQTransformer; text models need the official BPE
+    as a `TextTokenizer` (`TextTokenizer.from_official`)."""
     conf = load_official_config(directory)
     cfg = stage2_config(conf.get("arch", {}), vae)
+    if cfg.text_vocab_size:
+        if tokenizer is None:
+            raise CheckpointError(
+                "this is a text-conditional model: pass the official BPE files "
+                "(--bpe-vocab bpe-16k-vocab.json --bpe-merges bpe-16k-merges.txt)"
+            )
+        if tokenizer.vocab_size > cfg.text_vocab_size:
+            raise CheckpointError(
+                f"the BPE vocabulary has {tokenizer.vocab_size} tokens but the model embeds "
+                f"{cfg.text_vocab_size}: wrong vocabulary files"
+            )
+        cfg.text_pad_id = tokenizer.pad_id
     model = RQTransformer(cfg, vae.quantizer.codebook)
     state = convert_stage2_state(load_official_state(Path(directory) / "model.pt", ema), cfg, vae)
     _check_keys(state, model, f"stage-2 checkpoint '{directory}'")

@@ -40,6 +40,7 @@ class RQTransformerConfig:
     text_vocab_size: int = 0  # > 0: text-conditional (BPE tokens as a causal prefix)
     text_length: int = 32
     text_loss_weight: float = 0.1  # official: 0.1 for text tokens, 0.9 for image codes
+    text_pad_id: int = 0  # padding token: fills short captions; all-padding is CFG's null
     vae_fingerprint: str = ""  # hash of the codebook of the RQ-VAE the model was trained with
 
     @property

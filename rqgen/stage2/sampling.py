@@ -67,7 +67,7 @@ def _guided_cond(model: RQTransformer, cond: Tensor, cfg: SamplingConfig) -> Ten
     if cfg.cfg_scale == 1.0:
         return cond
     if model.config.text_vocab_size:
-        null = torch.zeros_like(cond)  # the empty caption: padding only
+        null = torch.full_like(cond, model.config.text_pad_id)  # the empty caption
     else:
         null = torch.full_like(cond, model.null_class)
     return torch.cat([cond, null])

@@ -1,5 +1,6 @@
 """Captions -> BPE token ids (huggingface `tokenizers`), trained on the dataset's captions and
-saved next to the model as `tokenizer.json`. At most `length` tokens (paper: 32); id 0 pads.
+saved next to the model as `tokenizer.json`. At most `length` tokens (paper: 32), padded with
+the `[PAD]` token (id 0 in tokenizers trained here; the official vocabulary appends it).
 """
 
 from __future__ import annotations
@@ -34,13 +35,33 @@ class TextTokenizer:
         tok.train_from_iterator(list(captions), trainer)
         return cls(tok, length)
 
+    @classmethod
+    def from_official(
+        cls, vocab: str | Path, merges: str | Path, length: int = 32
+    ) -> TextTokenizer:
+        """The official release's BPE (`bpe-16k-vocab.json`, `bpe-16k-merges.txt`): a
+        lowercasing character-level BPE, with `[PAD]` appended as the official code does."""
+        from tokenizers import CharBPETokenizer
+
+        for f in (vocab, merges):
+            if not Path(f).is_file():
+                raise CheckpointError(f"BPE file '{f}' not found (from the official release)")
+        wrapper = CharBPETokenizer.from_file(str(vocab), str(merges), unk_token=UNK, lowercase=True)
+        wrapper.add_special_tokens([PAD])
+        return cls(wrapper._tokenizer, length)
+
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
+    @property
+    def pad_id(self) -> int:
+        pad = self.tok.token_to_id(PAD)
+        return 0 if pad is None else pad
+
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """(B, length) ids, padded with 0; longer captions are cut with one warning."""
-        out = torch.zeros(len(texts), self.length, dtype=torch.long)
+        """(B, length) ids, padded with [PAD]; longer captions are cut with one warning."""
+        out = torch.full((len(texts), self.length), self.pad_id, dtype=torch.long)
         cut = 0
         for i, enc in enumerate(self.tok.encode_batch(texts)):
             ids = enc.ids
@@ -56,7 +77,7 @@ class TextTokenizer:
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [
-            self.tok.decode([i for i in row.tolist() if i != 0])
+            self.tok.decode([i for i in row.tolist() if i != self.pad_id])
             for row in ids.reshape(-1, self.length)
         ]
 

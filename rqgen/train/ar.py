@@ -122,6 +122,7 @@ class ARTrainer(Trainer):
             num_classes=n_classes if m.conditioning == "class" else 0,
             text_vocab_size=self.tokenizer.vocab_size if m.conditioning == "text" else 0,
             text_length=m.text_length, text_loss_weight=m.text_loss_weight,
+            text_pad_id=self.tokenizer.pad_id if m.conditioning == "text" else 0,
         ).to(rt.device)  # fmt: skip
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
@@ -217,7 +218,8 @@ class ARTrainer(Trainer):
         if p <= 0 or self.exp.model.conditioning == "none":
             return cond
         drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < p
-        null = 0 if self.exp.model.conditioning == "text" else self.model.null_class
+        text = self.exp.model.conditioning == "text"
+        null = self.model.config.text_pad_id if text else self.model.null_class
         if cond.dim() == 2:
             return torch.where(drop[:, None], torch.full_like(cond, null), cond)
         return torch.where(drop, torch.full_like(cond, null), cond)
