@@ -373,6 +373,8 @@ def _add_eval_gen(sub) -> None:
     p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
     p.add_argument("--n", type=int, default=1000, help="samples to draw with --model")
     p.add_argument("--per-class", type=int, help="class-balanced: this many samples per class")
+    p.add_argument("--prompts", help="text models: a file of captions, one per line (cycled)")
+    p.add_argument("--clip", help="local CLIP directory for the CLIP score of text models")
     p.add_argument("--out", help="where --model writes its PNGs (default: MODEL/samples_eval)")
     p.add_argument("--features", choices=["inception", "digits"], default="inception",
                    help="evaluator network (inception: local torch-fidelity weights)")  # fmt: skip
@@ -409,6 +411,27 @@ def _batches(dataset, batch_size: int):
         yield x
 
 
+def _with_clip_score(images, texts: list[str], clip: str | None, device, result: dict):
+    """Pass image batches through, collecting CLIP similarity to their captions in `result`;
+    without local CLIP weights, `clip_score` is null with the reason."""
+    from rqgen.errors import CheckpointError
+    from rqgen.evaluate.clip import CLIPScorer
+
+    try:
+        scorer = CLIPScorer.load(clip, device)
+        result["clip_evaluator"] = f"CLIP {clip or 'default'} (mean cosine, not x100)"
+        result["clip_similarities"] = []
+    except CheckpointError as e:
+        scorer, result["clip_score"], result["clip_score_note"] = None, None, str(e)
+    start = 0
+    for batch in images:
+        if scorer is not None:
+            sims = scorer.similarity(batch, texts[start : start + len(batch)])
+            result["clip_similarities"].append(sims.cpu())
+        start += len(batch)
+        yield batch
+
+
 def cmd_fid_stats(args) -> int:
     from rqgen.data import build_dataset
     from rqgen.evaluate.generation import build_evaluator, stats_of
@@ -443,10 +466,16 @@ def cmd_eval_gen(args) -> int:
         from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, stream_samples
 
         model, vae, meta, tokenizer = load_for_sampling(args.model, None, device)
-        if model.config.text_vocab_size:
-            raise ConfigError("eval-gen samples class-conditional or unconditional models")
         k = model.config.num_classes
-        if args.per_class is not None:
+        if model.config.text_vocab_size:
+            if not args.prompts:
+                raise ConfigError("text-conditional model: pass --prompts FILE (one per line)")
+            lines = [t.strip() for t in Path(args.prompts).read_text().splitlines() if t.strip()]
+            if not lines:
+                raise DataError(f"no captions in '{args.prompts}'")
+            texts = [lines[i % len(lines)] for i in range(args.n)]
+            cond = tokenizer.encode(texts)
+        elif args.per_class is not None:
             if not k:
                 raise ConfigError("--per-class needs a class-conditional model")
             cond = torch.arange(k).repeat_interleave(args.per_class)
@@ -460,9 +489,12 @@ def cmd_eval_gen(args) -> int:
         classes = meta.get("classes") or []
         images = stream_samples(vae, model, cond.to(device), cfg, gen, args.batch_size, out,
                                 classes)  # fmt: skip
+        if model.config.text_vocab_size:
+            images = _with_clip_score(images, texts, args.clip, device, result)
         resolution = vae.config.resolution
         result.update(samples=str(out), sampling=dict(vars(cfg)), model=str(args.model))
-        result["per_class"] = {str(c): int((cond == c).sum()) for c in cond.unique().tolist()}
+        if cond.dim() == 1:
+            result["per_class"] = {str(c): int((cond == c).sum()) for c in cond.unique().tolist()}
     else:
         resolution = args.resolution or 256
         data = build_dataset(args.samples, resolution, split="val", labels=False)
@@ -486,6 +518,9 @@ def cmd_eval_gen(args) -> int:
     )  # fmt: skip
     if logits is not None:
         result["inception_score"], result["inception_score_std"] = inception_score(logits)
+    if "clip_similarities" in result:
+        sims = result.pop("clip_similarities")
+        result["clip_score"] = float(torch.cat(sims).mean())  # mean cosine, as Table 3
     if args.json:
         print(json.dumps(result, indent=2))
     else:

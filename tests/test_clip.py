@@ -96,21 +96,43 @@ def test_rerank_keeps_the_best_candidates_of_the_same_draw():
         clip_rerank(vae, m, cond, texts, _BrightnessScorer(), 0)
 
 
-def test_clip_rerank_from_the_cli(tiny_clip, tmp_path):
-    import numpy as np
-    from test_train_ar import AR_TINY
-    from test_train_vae import TINY, rqgen
+@pytest.fixture(scope="module")
+def text_ar(vae, tmp_path_factory):
+    from test_train_ar import train_ar
 
-    vae = tmp_path / "vae"
-    rqgen("train-vae", "--data", "bundled:digits", "--out", vae, "--steps", 2, "--device", "cpu",
-          *TINY)  # fmt: skip
-    ar = tmp_path / "ar"
-    rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", ar, "--steps", 2,
-          "--device", "cpu", *AR_TINY, "model.conditioning=text")  # fmt: skip
-    args = ["sample", "--model", ar, "--n", 2, "--prompt", "the digit two", "--device", "cpu"]
+    out = tmp_path_factory.mktemp("text_ar") / "ar"
+    train_ar(vae, out, 2, "model.conditioning=text")
+    return out
+
+
+def test_clip_rerank_from_the_cli(tiny_clip, text_ar, tmp_path):
+    import numpy as np
+    from test_train_vae import rqgen
+
+    args = ["sample", "--model", text_ar, "--n", 2, "--prompt", "the digit two", "--device", "cpu"]
     rqgen(*args, "--clip-rerank", 3, "--clip", tiny_clip, "--out", tmp_path / "g.png",
           "--save-codes", tmp_path / "c.npy")  # fmt: skip
     assert np.load(tmp_path / "c.npy").shape == (2, 8, 8, 4)
     r = rqgen(*args, "--clip-rerank", 3, "--clip", tmp_path / "nowhere", "--out",
               tmp_path / "h.png", check=False)  # fmt: skip
     assert r.returncode != 0 and "no CLIP weights" in r.stderr and not (tmp_path / "h.png").exists()
+
+
+def test_eval_gen_of_a_text_model_reports_clip_score(tiny_clip, text_ar, tmp_path, rqgen_cache):
+    import json
+
+    from test_train_vae import rqgen
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one\n\na handwritten digit seven\n")
+    args = ["eval-gen", "--model", text_ar, "--n", 6, "--prompts", prompts, "--ref",
+            "bundled:digits:val", "--features", "digits", "--json", "--device", "cpu"]  # fmt: skip
+    r = rqgen(*args, "--clip", tiny_clip, "--out", tmp_path / "s", env_extra=rqgen_cache)
+    res = json.loads(r.stdout)
+    assert (
+        res["n_samples"] == 6 and -1 <= res["clip_score"] <= 1 and "CLIP" in res["clip_evaluator"]
+    )
+    assert sorted(p.name for p in (tmp_path / "s").iterdir())[0] == "000000_text.png"
+    r = rqgen(*args, "--clip", tmp_path / "nowhere", "--out", tmp_path / "t", env_extra=rqgen_cache)
+    res = json.loads(r.stdout)
+    assert res["clip_score"] is None and "no CLIP weights" in res["clip_score_note"]

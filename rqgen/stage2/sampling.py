@@ -164,9 +164,12 @@ def stream_samples(
         with torch.no_grad():
             images = vae.decode_codes(sample_codes(model, c, cfg, generator)).clamp(-1, 1).cpu()
         for i, (img, k) in enumerate(zip(images, c.tolist())):
-            name = classes[k] if k < len(classes) else str(k)
-            if k == getattr(model, "null_class", -1) and not model.config.num_classes:
+            if c.dim() == 2:  # text prompts
+                name = "text"
+            elif not model.config.num_classes:
                 name = "sample"
+            else:
+                name = classes[k] if k < len(classes) else str(k)
             save_image(img, out / f"{s + i:06d}_{name}.png")
         yield images
 
