@@ -213,5 +213,5 @@ def stats_of(
     for batch in images:
         acc.update(evaluator.features(batch))
         if with_logits and evaluator.has_logits:
-            logits.append(evaluator.logits(batch).cpu())
+            logits.append(evaluator.logits(batch).float().cpu())  # 50k × 1008 fp32: 200 MB
     return acc.stats(evaluator.name, source), (torch.cat(logits) if logits else None)
