@@ -207,3 +207,21 @@ def test_bf16_weight_ema_and_grad_accumulation(tmp_path):
     rows = [r for r in metrics(out) if "loss" in r]
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite under bf16
     RQVAE.from_pretrained(out)
+
+
+def test_resume_check_treats_fields_added_later_as_defaults(tmp_path):
+    import dataclasses
+
+    from rqgen.errors import ConfigError
+    from rqgen.stage1.rqvae import RQVAEConfig
+    from rqgen.train.common import TrainState
+
+    state = TrainState(tmp_path)
+    old = dataclasses.asdict(RQVAEConfig(ch=32))
+    del old["norm_groups"]  # a run saved before the field existed
+    state.save({}, {"step": 1}, {"experiment": {"model": old}})
+    state.check_same_model(RQVAEConfig(ch=32))  # same model: resumes
+    with pytest.raises(ConfigError, match="norm_groups"):
+        state.check_same_model(RQVAEConfig(ch=32, norm_groups=32))
+    with pytest.raises(ConfigError, match=r"\(ch\)"):
+        state.check_same_model(RQVAEConfig(ch=64))

@@ -135,7 +135,7 @@ class ARTrainer(Trainer):
         self.state = TrainState(self.out)
         self.step, self.best, self.bad_evals = 0, math.inf, 0
         if self.state.exists():
-            self.state.check_same_model(dataclasses.asdict(m))
+            self.state.check_same_model(m)
             self._resume()
         else:
             seed_everything(t.seed + rt.rank)

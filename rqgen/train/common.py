@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -233,11 +234,13 @@ class TrainState:
     def meta(self) -> dict:
         return json.loads((self._live_dir() / "meta.json").read_text())
 
-    def check_same_model(self, model_config: dict) -> None:
-        """Refuse to resume a run whose model config differs from the one asked for."""
-        saved = self.meta()["experiment"]["model"]
-        if saved != model_config:
-            diff = sorted(k for k in saved if saved[k] != model_config.get(k))
+    def check_same_model(self, model_config) -> None:
+        """Refuse to resume a run whose model config (a dataclass) differs from the one asked
+        for. A field added to rqgen after the run was saved counts as its default value."""
+        wanted = dataclasses.asdict(model_config)
+        saved = {**dataclasses.asdict(type(model_config)()), **self.meta()["experiment"]["model"]}
+        if saved != wanted:
+            diff = sorted(k for k in saved if saved[k] != wanted.get(k))
             raise ConfigError(
                 f"{self.dir.parent} holds a run with a different model config "
                 f"({', '.join(diff)}): resume with the same config or choose a new --out"

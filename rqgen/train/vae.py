@@ -73,7 +73,7 @@ class VAETrainer(Trainer):
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.state = TrainState(self.out)
         if self.state.exists():
-            self.state.check_same_model(dataclasses.asdict(exp.model))
+            self.state.check_same_model(exp.model)
 
         seed_everything(t.seed)  # identical init on every rank, and across reruns
         self.model = RQVAE(m).to(rt.device)
