@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rqgen.errors import ConfigError, DataError
+from rqgen.evaluate.fid import _Precomputed as _Identity  # features already computed
 
 
 class Evaluator(nn.Module):
@@ -183,15 +184,6 @@ def kernel_distance(a: FeatureStats, b: FeatureStats, subsets: int = 100,
     kid.update(torch.from_numpy(b.subset), real=False)
     mean, std = kid.compute()
     return float(mean), float(std)
-
-
-class _Identity(nn.Module):
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
 
 
 def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
