@@ -158,11 +158,9 @@ def stream_samples(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.check_vae(vae)
     for s in tqdm(range(0, cond.shape[0], batch_size), desc="sample", leave=False):
         c = cond[s : s + batch_size]
-        with torch.no_grad():
-            images = vae.decode_codes(sample_codes(model, c, cfg, generator)).clamp(-1, 1).cpu()
+        images = generate(vae, model, c, cfg, generator, batch_size)[1].cpu()
         for i, (img, k) in enumerate(zip(images, c.tolist())):
             if c.dim() == 2:  # text prompts
                 name = "text"
