@@ -462,6 +462,14 @@ def cmd_eval_gen(args) -> int:
     device = _device(args.device)
     evaluator = build_evaluator(args.features, device)
     result: dict = {"evaluator": evaluator.name}
+    ref = None
+    if str(args.ref).endswith(".npz"):  # checked before any sampling: fail fast
+        ref = FeatureStats.load(args.ref)
+        if ref.evaluator != evaluator.name:
+            raise DataError(
+                f"'{args.ref}' was computed with {ref.evaluator!r}, not {evaluator.name!r}: "
+                "recompute it with rqgen fid-stats --features " + args.features
+            )
     if args.model:
         from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, stream_samples
 
@@ -501,14 +509,7 @@ def cmd_eval_gen(args) -> int:
         images = _batches(data, args.batch_size)
         result["samples"] = str(args.samples)
     fake, logits = stats_of(images, evaluator, source="samples", with_logits=True)
-    if str(args.ref).endswith(".npz"):
-        ref = FeatureStats.load(args.ref)
-        if ref.evaluator != evaluator.name:
-            raise DataError(
-                f"'{args.ref}' was computed with {ref.evaluator!r}, not {evaluator.name!r}: "
-                "recompute it with rqgen fid-stats --features " + args.features
-            )
-    else:
+    if ref is None:
         data = build_dataset(args.ref, args.resolution or resolution, split="val", labels=False)
         ref, _ = stats_of(_batches(data, args.batch_size), evaluator, source=args.ref)
     kid, kid_std = kernel_distance(ref, fake)
