@@ -36,3 +36,28 @@ def test_unfitted_router_and_bad_grid_are_refused():
         EntropyRouter(4)(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ConfigError, match="divisible"):
         region_entropy(torch.zeros(1, 3, 30, 30), 4)
+
+
+def test_budget_loss_pulls_the_learned_router_to_the_target():
+    from rqgen.stage1.dq_router import LearnedRouter
+
+    torch.manual_seed(0)
+    router = LearnedRouter(coarse_channels=16, fine_channels=8, fine_fraction=0.3)
+    with torch.no_grad():
+        router.mlp[-1].bias.copy_(torch.tensor([-3.0, 3.0]))  # starts almost all fine
+    hc, hf = torch.randn(32, 16, 4, 4), torch.randn(32, 8, 8, 8)
+    router.eval()
+    start = float(router(hc, hf)[0].mean())
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    router.train()
+    for _ in range(300):
+        gate, budget = router(hc, hf)
+        assert set(gate.unique().tolist()) <= {0.0, 1.0}  # hard decisions in training too
+        opt.zero_grad()
+        budget.backward()  # straight-through: the hard sample still passes gradients
+        opt.step()
+    router.eval()
+    end = float(router(hc, hf)[0].mean())
+    assert start > 0.9 and abs(end - 0.3) < 0.1
+    gate, budget = router(hc, hf)
+    assert torch.equal(gate, router(hc, hf)[0])  # evaluation is deterministic

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from rqgen.errors import ConfigError, DataError
+from rqgen.stage1.blocks import Normalize
 
 
 def region_entropy(images: Tensor, coarse_size: int, bins: int = 32) -> Tensor:
@@ -61,3 +62,37 @@ class EntropyRouter(nn.Module):
         if torch.isnan(self.threshold):
             raise ConfigError("the entropy router has no threshold: call fit() on training data")
         return region_entropy(images, self.coarse_size, self.bins) > self.threshold
+
+
+class LearnedRouter(nn.Module):
+    """DQ-VAE's learned router: per coarse region, an MLP on [GN(coarse), GN(avgpool2(fine))]
+    gives two logits (coarse, fine). Training draws a hard Gumbel-softmax sample (τ = 1) whose
+    gradient flows straight through; evaluation takes the argmax. The budget loss
+    γ·(mean fine fraction − r)² keeps the fraction near the target r."""
+
+    def __init__(self, coarse_channels: int, fine_channels: int, fine_fraction: float = 0.5,
+                 budget_weight: float = 10.0, hidden: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if not 0 <= fine_fraction <= 1:
+            raise ConfigError(f"fine fraction must be in [0, 1], got {fine_fraction}")
+        self.fine_fraction, self.budget_weight = fine_fraction, budget_weight
+        self.norm_coarse, self.norm_fine = Normalize(coarse_channels), Normalize(fine_channels)
+        width = coarse_channels + fine_channels
+        hidden = hidden or width
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+
+    def logits(self, h_coarse: Tensor, h_fine: Tensor) -> Tensor:
+        """(B, Cc, Hc, Hc), (B, Cf, 2Hc, 2Hc) -> (B, Hc, Hc, 2) logits of (coarse, fine)."""
+        pooled = nn.functional.avg_pool2d(self.norm_fine(h_fine), 2)
+        x = torch.cat([self.norm_coarse(h_coarse), pooled], 1).permute(0, 2, 3, 1)
+        return self.mlp(x)
+
+    def forward(self, h_coarse: Tensor, h_fine: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (gate (B, Hc, Hc): 1 fine / 0 coarse, differentiable in training; budget loss)."""
+        logits = self.logits(h_coarse, h_fine)
+        if self.training:
+            gate = nn.functional.gumbel_softmax(logits.float(), tau=1.0, hard=True)[..., 1]
+        else:
+            gate = (logits[..., 1] > logits[..., 0]).float()
+        budget = self.budget_weight * (gate.mean() - self.fine_fraction) ** 2
+        return gate, budget
