@@ -13,8 +13,9 @@ from rqgen.errors import RqgenError
 
 
 def _add_train_vae(sub) -> None:
-    p = sub.add_parser("train-vae", help="train (or resume) an RQ-VAE")
-    _training_args(p, "tiny32", "tiny32, imagenet256, ffhq256", "model.code_depth=8 train.lr=1e-4")
+    p = sub.add_parser("train-vae", help="train (or resume) an RQ-VAE or a DQ-VAE")
+    _training_args(p, "tiny32", "tiny32, imagenet256, ffhq256, dq-tiny32, dq-imagenet256",
+                   "model.code_depth=8 train.lr=1e-4")  # fmt: skip
     p.add_argument("--val-data", help="held-out images scored during training")
     p.set_defaults(func=cmd_train_vae)
 
@@ -51,7 +52,10 @@ def cmd_train_vae(args) -> int:
         load_vae_experiment,
         lambda exp: train_vae(exp, args.data, args.out, args.val_data, args.device),
     )
-    print(f"rqgen: RQ-VAE saved to {out} (load with RQVAE.from_pretrained('{out}'))")
+    from rqgen.checkpoint import read_config
+
+    name = "DQVAE" if read_config(out)["model_type"] == "dqvae" else "RQVAE"
+    print(f"rqgen: {name[:2]}-VAE saved to {out} (load with {name}.from_pretrained('{out}'))")
     return 0
 
 
@@ -76,9 +80,9 @@ def _device(name: str | None) -> str:
 def cmd_eval_vae(args) -> int:
     from rqgen.data import build_dataset
     from rqgen.evaluate.vae import evaluate_vae
-    from rqgen.stage1.rqvae import RQVAE
+    from rqgen.stage1 import load_vae
 
-    vae = RQVAE.from_pretrained(args.vae)
+    vae = load_vae(args.vae)
     data = build_dataset(args.data, vae.config.resolution, split="val")
     result = evaluate_vae(
         vae,
@@ -131,9 +135,9 @@ def load_inputs(src: str, resolution: int, limit: int):
 
 def cmd_reconstruct(args) -> int:
     from rqgen.evaluate.vae import write_reconstructions
-    from rqgen.stage1.rqvae import RQVAE
+    from rqgen.stage1 import load_vae
 
-    vae = RQVAE.from_pretrained(args.vae)
+    vae = load_vae(args.vae)
     images, names = load_inputs(args.input, vae.config.resolution, args.limit)
     files = write_reconstructions(vae, images, names, args.out, device=_device(args.device))
     print(f"rqgen: wrote {len(files)} images for {len(names)} input(s) to {args.out}")

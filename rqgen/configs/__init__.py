@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rqgen.errors import ConfigError
+from rqgen.stage1.dqvae import DQVAEConfig
 from rqgen.stage1.rqvae import RQVAEConfig
 
 
@@ -48,6 +49,16 @@ class VAETrainConfig:
 class VAEExperiment:
     model: RQVAEConfig = field(default_factory=RQVAEConfig)
     train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    model_type: str = "rqvae"
+
+
+@dataclass
+class DQVAEExperiment:
+    """A DQ-VAE run; config files select it with `model_type: dqvae`."""
+
+    model: DQVAEConfig = field(default_factory=DQVAEConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    model_type: str = "dqvae"
 
 
 def _tiny32() -> VAEExperiment:
@@ -89,7 +100,38 @@ def _ffhq256() -> VAEExperiment:
     return VAEExperiment(RQVAEConfig(attn_resolutions=[16], codebook_size=2048), VAETrainConfig())
 
 
-PRESETS = {"tiny32": _tiny32, "imagenet256": _imagenet256, "ffhq256": _ffhq256}
+def _dq_tiny32() -> DQVAEExperiment:
+    # 32 px: coarse 4×4 (f = 8), fine 8×8 (f = 4); the fine path and the decoder are tiny32's,
+    # one more encoder level gives the coarse grid. About 44 codes per image at r = 0.5.
+    model = DQVAEConfig(
+        resolution=32,
+        ch=32,
+        ch_mult=[1, 2, 4, 4],
+        decoder_ch_mult=[1, 2, 4],
+        num_res_blocks=1,
+        attn_resolutions=[],
+        decoder_attn_resolutions=[],
+        z_channels=64,
+        embed_dim=64,
+        codebook_size=512,
+    )
+    return DQVAEExperiment(model, _tiny32().train)
+
+
+def _dq_imagenet256() -> DQVAEExperiment:
+    # The reference ImageNet DQ-VAE: entropy router, r = 0.5, 16×16 coarse / 32×32 fine,
+    # K = 1024 × 256, 3-layer PatchGAN.
+    return DQVAEExperiment(DQVAEConfig(), VAETrainConfig(batch_size=32, lr=4.5e-6 * 32,
+                                                        disc_layers=3))  # fmt: skip
+
+
+PRESETS = {
+    "tiny32": _tiny32,
+    "imagenet256": _imagenet256,
+    "ffhq256": _ffhq256,
+    "dq-tiny32": _dq_tiny32,
+    "dq-imagenet256": _dq_imagenet256,
+}
 
 
 # ---------------------------------------------------------------------------- stage 2
@@ -172,9 +214,21 @@ AR_PRESETS = {
 }
 
 
-def load_vae_experiment(config: str | None, overrides: list[str] | None = None) -> VAEExperiment:
-    """Preset name or JSON/YAML file, then dotted overrides, validated against the dataclasses."""
-    return _load(config or "tiny32", PRESETS, VAEExperiment, overrides)
+def load_vae_experiment(
+    config: str | None, overrides: list[str] | None = None
+) -> VAEExperiment | DQVAEExperiment:
+    """Preset name or JSON/YAML file, then dotted overrides, validated against the dataclasses.
+    A file with `model_type: dqvae` describes a DQ-VAE."""
+    default = VAEExperiment
+    if config and config not in PRESETS and Path(config).is_file():
+        try:
+            kind = OmegaConf.load(config).get("model_type", "rqvae")
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot read {config}: {str(e).splitlines()[0]}") from e
+        if kind not in ("rqvae", "dqvae"):
+            raise ConfigError(f"{config}: model_type {kind!r} is not rqvae or dqvae")
+        default = DQVAEExperiment if kind == "dqvae" else VAEExperiment
+    return _load(config or "tiny32", PRESETS, default, overrides)
 
 
 def load_ar_experiment(config: str | None, overrides: list[str] | None = None) -> ARExperiment:

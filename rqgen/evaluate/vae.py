@@ -14,8 +14,35 @@ from tqdm import tqdm
 
 from rqgen.evaluate.fid import FIDMeter, inception_fid_available
 from rqgen.evaluate.recon import CodeStats, psnr, ssim
+from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.utils.images import save_grid
+
+
+def sequence_codes(packed: torch.Tensor) -> torch.Tensor:
+    """A DQ code map's codes, each coarse code once: (N_tokens, 1) for code statistics."""
+    codes, fine = unpack_codes(packed)
+    fine_cells = fine.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    return torch.cat([codes[:, ::2, ::2][~fine], codes[fine_cells]])[:, None]
+
+
+def granularity_overlay(x: torch.Tensor, fine_mask: torch.Tensor, scale: int) -> torch.Tensor:
+    """(B, 3, R, R) images enlarged `scale`× with the code grid drawn on: one box per coarse
+    region, four per fine region (fine regions tinted red)."""
+    big = F.interpolate(x, scale_factor=scale, mode="nearest")
+    B, _, S, _ = big.shape
+    hc = fine_mask.shape[-1]
+    cell = S // hc
+    tint = fine_mask.float().repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, None]
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    big = torch.where(tint > 0, 0.75 * big + 0.25 * red, big)
+    idx = torch.arange(S)
+    coarse_line = (idx % cell == 0) | (idx % cell == cell - 1)
+    half_line = (idx % (cell // 2) == 0) & ~coarse_line
+    lines = coarse_line[None, :] | coarse_line[:, None]
+    half = (half_line[None, :] | half_line[:, None])[None] & (tint[:, 0] > 0)
+    mask = (lines[None] | half)[:, None]
+    return torch.where(mask, torch.ones_like(big), big)
 
 
 def reference_codec(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -27,7 +54,7 @@ def reference_codec(x: torch.Tensor, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_vae(
-    vae: RQVAE,
+    vae: RQVAE | DQVAE,
     dataset: Dataset,
     limit: int | None = None,
     batch_size: int = 64,
@@ -41,7 +68,9 @@ def evaluate_vae(
         dataset = Subset(dataset, range(limit))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     D, K = vae.config.code_depth, vae.config.codebook_size
+    dq = isinstance(vae, DQVAE)
     stats = CodeStats(K)
+    tokens = fine = 0.0
     sums = {"psnr": 0.0, "ssim": 0.0, "ref": 0.0}
     depth_sums = [0.0] * D
     n = 0
@@ -50,7 +79,12 @@ def evaluate_vae(
     for x, _ in tqdm(loader, desc="eval-vae", disable=not progress, leave=False):
         x = x.to(device)
         codes = vae.encode_to_codes(x)
-        stats.update(codes)
+        if dq:
+            stats.update(sequence_codes(codes))
+            tokens += float(vae.tokens_per_image(codes).sum())
+            fine += float(unpack_codes(codes)[1].float().flatten(1).mean(1).sum())
+        else:
+            stats.update(codes)
         xr = vae.decode_codes(codes).clamp(-1, 1)
         sums["psnr"] += float(psnr(xr, x).sum())
         sums["ssim"] += float(ssim(xr, x).sum())
@@ -74,7 +108,13 @@ def evaluate_vae(
         "reference_codec": f"area-downsample to {codes.shape[1]}x{codes.shape[2]} RGB, bicubic up",
         "code_shape": list(vae.config.code_shape),
         "codebook_size": K,
+        "tokens_per_image": tokens / n if dq else vae.config.code_shape[0] ** 2 * D,
     }
+    if dq:  # a DQ code map is the fine grid × (code, granularity)
+        result["fine_fraction"] = fine / n
+        result["coarse_grid"] = vae.config.coarse_size
+        result["fine_grid"] = vae.config.fine_size
+        result["router"] = vae.config.router
     if fid is not None:
         result["rfid"] = fid.compute()
         result["rfid_evaluator"] = fid.evaluator
@@ -86,10 +126,17 @@ def evaluate_vae(
 
 @torch.no_grad()
 def write_reconstructions(
-    vae: RQVAE, images: torch.Tensor, names: list[str], out_dir, device="cpu", batch_size: int = 32
+    vae: RQVAE | DQVAE,
+    images: torch.Tensor,
+    names: list[str],
+    out_dir,
+    device="cpu",
+    batch_size: int = 32,
 ) -> list[Path]:
-    """For each image write NAME_pair.png (original | reconstruction) and
-    NAME_coarse_to_fine.png (original, then G(Ẑ(1)) ... G(Ẑ(D)): the Fig. 5 analog)."""
+    """For each image write NAME_pair.png (original | reconstruction) and, for an RQ-VAE,
+    NAME_coarse_to_fine.png (original, then G(Ẑ(1)) ... G(Ẑ(D)): the Fig. 5 analog); for a
+    DQ-VAE, NAME_granularity.png (the code grid drawn on the original and on the
+    reconstruction)."""
     out_dir = Path(out_dir)
     vae = vae.to(device).eval()
     D = vae.config.code_depth
@@ -99,8 +146,17 @@ def write_reconstructions(
         x = images[s : s + batch_size].to(device)
         codes = vae.encode_to_codes(x)
         steps = [vae.decode_codes(codes, d).clamp(-1, 1) for d in range(1, D + 1)]
+        if isinstance(vae, DQVAE):
+            fine = unpack_codes(codes)[1].cpu()
+            shown = granularity_overlay(torch.cat([x.cpu(), steps[-1].cpu()]),
+                                        torch.cat([fine, fine]), upscale)  # fmt: skip
         for i, name in enumerate(names[s : s + batch_size]):
             pair = torch.stack([x[i], steps[-1][i]])
+            if isinstance(vae, DQVAE):
+                written.append(save_grid(pair, out_dir / f"{name}_pair.png", nrow=2, upscale=upscale))
+                both = torch.stack([shown[i], shown[len(x) + i]])
+                written.append(save_grid(both, out_dir / f"{name}_granularity.png", nrow=2))
+                continue
             strip = torch.stack([x[i]] + [st[i] for st in steps])
             written.append(save_grid(pair, out_dir / f"{name}_pair.png", nrow=2, upscale=upscale))
             written.append(

@@ -122,24 +122,37 @@ class ResidualQuantizer(nn.Module):
         return torch.stack(codes, -1), torch.stack(partials), torch.stack(residuals)
 
     # ---------------------------------------------------------------------- forward
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        """Quantize z (..., dim). In training mode also updates the codebook (once)."""
+    def forward(self, z: Tensor, weights: Tensor | None = None) -> QuantizerOutput:
+        """Quantize z (..., dim). In training mode also updates the codebook (once).
+
+        `weights` (..., broadcastable to z's leading shape) weigh each vector in the
+        commitment loss and in the EMA statistics: DQ-VAE gives each of the four fine-grid
+        copies of a coarse code 1/4, so every region counts once."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"expected last dim {self.dim}, got shape {tuple(z.shape)}")
         lead = z.shape[:-1]
         with torch.autocast(device_type=z.device.type, enabled=False):
             zf = z.float().reshape(-1, self.dim)
+            w = None
+            if weights is not None:
+                w = weights.detach().float().expand(lead).reshape(-1)
             with torch.no_grad():
                 if self.training and not bool(self.initialized):
                     self._init_codebook(zf.detach())
                 codes, partials, residuals = self._residual_quantize(zf.detach())
             # Eq. 7: commitment to every partial sum, summed over depths.
-            commit = sum(F.mse_loss(zf, partials[d]) for d in range(self.depth))
+            if w is None:
+                commit = sum(F.mse_loss(zf, partials[d]) for d in range(self.depth))
+            else:  # weighted mean over vectors, mean over channels
+                commit = sum(
+                    ((zf - partials[d]).pow(2).mean(-1) * w).sum() / w.sum().clamp_min(1e-12)
+                    for d in range(self.depth)
+                )
             zhat = partials[-1]
             quantized = zf + (zhat - zf).detach()  # straight-through estimator
             if self.training:
                 with torch.no_grad():
-                    self._ema_update(residuals, codes)
+                    self._ema_update(residuals, codes, w)
         return QuantizerOutput(
             quantized=quantized.reshape(*lead, self.dim).to(z.dtype),
             codes=codes.reshape(*lead, self.depth),
@@ -220,19 +233,25 @@ class ResidualQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, residuals: Tensor, codes: Tensor) -> None:
-        """One EMA step from this forward's assignments over all depths (with restarts)."""
+    def _ema_update(self, residuals: Tensor, codes: Tensor, w: Tensor | None = None) -> None:
+        """One EMA step from this forward's assignments over all depths (with restarts);
+        `w` (N,) weighs each vector's contribution to counts and sums."""
         n_cb, K = self.num_codebooks, self.codebook_size
+        weighted = residuals if w is None else residuals * w[None, :, None]
+        if w is None:
+            ones = torch.ones_like(codes, dtype=torch.float)
+        else:
+            ones = w[:, None].expand(-1, self.depth)
         # counts and sums packed in one tensor: a single all-reduce per step.
         stats = torch.zeros(n_cb, K, self.dim + 1, device=codes.device)
         if self.shared_codebook:  # one scatter over all depths at once
             k = codes.t().reshape(-1)
-            stats[0, :, :-1].index_add_(0, k, residuals.reshape(-1, self.dim))
-            stats[0, :, -1] = torch.bincount(k, minlength=K).float()
+            stats[0, :, :-1].index_add_(0, k, weighted.reshape(-1, self.dim))
+            stats[0, :, -1] = torch.bincount(k, ones.t().reshape(-1), minlength=K).float()
         else:
             for d in range(self.depth):
-                stats[d, :, :-1].index_add_(0, codes[:, d], residuals[d])
-                stats[d, :, -1] = torch.bincount(codes[:, d], minlength=K).float()
+                stats[d, :, :-1].index_add_(0, codes[:, d], weighted[d])
+                stats[d, :, -1] = torch.bincount(codes[:, d], ones[:, d], minlength=K).float()
         dist.all_reduce_sum(stats)
         sums, counts = stats[..., :-1], stats[..., -1]
 

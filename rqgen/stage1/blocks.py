@@ -105,15 +105,41 @@ class Level(nn.Module):
             if attn:
                 self.attn.append(AttnBlock(block_out))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def body(self, h: Tensor) -> Tensor:
+        """The level's blocks, without the resampling."""
         for j, block in enumerate(self.block):
             h = block(h)
             if len(self.attn) > 0:
                 h = self.attn[j](h)
+        return h
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = self.body(h)
         for name in ("downsample", "upsample"):
             if hasattr(self, name):
                 h = getattr(self, name)(h)
         return h
+
+
+def down_levels(
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: Sequence[int],
+    resolution: int,
+    dropout: float,
+) -> nn.ModuleList:
+    """The encoder's levels: level i works at resolution R/2^i and all but the last end with
+    a downsample."""
+    levels, res, block_in = nn.ModuleList(), resolution, ch
+    for i, mult in enumerate(ch_mult):
+        level = Level(block_in, ch * mult, num_res_blocks, res in attn_resolutions, dropout)
+        block_in = ch * mult
+        if i != len(ch_mult) - 1:
+            level.downsample = Downsample(block_in)
+            res //= 2
+        levels.append(level)
+    return levels
 
 
 class Encoder(nn.Module):
@@ -133,15 +159,8 @@ class Encoder(nn.Module):
     ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        res, block_in = resolution, ch
-        for i, mult in enumerate(ch_mult):
-            level = Level(block_in, ch * mult, num_res_blocks, res in attn_resolutions, dropout)
-            block_in = ch * mult
-            if i != len(ch_mult) - 1:
-                level.downsample = Downsample(block_in)
-                res //= 2
-            self.down.append(level)
+        self.down = down_levels(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dropout)
+        block_in = ch * ch_mult[-1]
         self.mid = MidBlock(block_in, dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from rqgen.configs import VAEExperiment
+from rqgen.configs import DQVAEExperiment, VAEExperiment
 from rqgen.data import build_dataset, describe
 from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
@@ -30,6 +30,7 @@ from rqgen.stage1.losses import (
     generator_adv_loss,
     hinge_d_loss,
 )
+from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.common import (
     MetricsLog,
@@ -55,7 +56,7 @@ def default_val_source(data: str) -> str | None:
 class VAETrainer(Trainer):
     def __init__(
         self,
-        exp: VAEExperiment,
+        exp: VAEExperiment | DQVAEExperiment,
         data: str,
         out: str | Path,
         rt: Runtime,
@@ -76,7 +77,8 @@ class VAETrainer(Trainer):
             self.state.check_same_model(exp.model)
 
         seed_everything(t.seed)  # identical init on every rank, and across reruns
-        self.model = RQVAE(m).to(rt.device)
+        self.is_dq = isinstance(m, DQVAEConfig)
+        self.model = (DQVAE(m) if self.is_dq else RQVAE(m)).to(rt.device)
         self.lpips = LPIPS.from_pretrained().to(rt.device) if t.perceptual_weight > 0 else None
         self.use_gan = t.adversarial_weight > 0
         self.disc = (
@@ -112,6 +114,21 @@ class VAETrainer(Trainer):
         val_src = val_data or default_val_source(data)
         self.val_set = build_dataset(val_src, m.resolution, "val") if val_src else None
         self.log = MetricsLog(self.out, rt.is_main)
+        if self.is_dq and self.model.needs_router_fit:
+            self._fit_entropy_router()
+
+    def _fit_entropy_router(self, max_images: int = 50_000) -> None:
+        """DQ-VAE's entropy thresholds come from the training images (the same on every
+        rank: the dataset and its order are deterministic)."""
+        n = min(len(self.train_set), max_images)
+        batches = (
+            torch.stack([self.train_set[i][0] for i in range(s, min(n, s + 256))])
+            for s in range(0, n, 256)
+        )
+        th = self.model.fit_router(batches)
+        if self.rt.is_main and not self.quiet:
+            print(f"rqgen: entropy router threshold {th:.4f} nats (fine fraction "
+                  f"{self.exp.model.fine_fraction} on {n} training images)")  # fmt: skip
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
@@ -168,6 +185,10 @@ class VAETrainer(Trainer):
                     nll = nll + t.perceptual_weight * p
                     parts["lpips"] = p.detach()
                 loss = nll + out.commitment_loss  # + β Σ_d ||Z - sg[Ẑ(d)]||² (Eq. 7)
+                if self.is_dq:  # budget loss of the learned router (0 for the entropy one)
+                    loss = loss + out.budget_loss
+                    parts |= {"budget": out.budget_loss.detach(),
+                              "fine_fraction": out.fine_mask.detach().mean()}  # fmt: skip
                 if gan_on:
                     # The generator sees the unwrapped, frozen discriminator: its gradients
                     # must not reach the discriminator's DDP reducer.
@@ -208,13 +229,16 @@ class VAETrainer(Trainer):
         if self.val_set is None:
             return {}
         model = self.public_model().eval()
-        scores, first = [], None
+        scores, fine, first = [], [], None
         n = min(len(self.val_set), self.exp.train.val_batches * self.micro_batch)
         for s in range(0, n, self.micro_batch):
             x = torch.stack([self.val_set[i][0] for i in range(s, min(n, s + self.micro_batch))])
             x = x.to(self.rt.device)
-            xr = model(x).reconstruction.clamp(-1, 1)
+            out = model(x)
+            xr = out.reconstruction.clamp(-1, 1)
             scores.append(psnr(xr, x))
+            if self.is_dq:
+                fine.append(out.fine_mask.flatten(1).mean(1))
             if first is None:
                 first = (x[:16], xr[:16])
         self.model.train()
@@ -224,7 +248,10 @@ class VAETrainer(Trainer):
                 self.out / "samples" / f"recon_{self.step:07d}.png",
                 nrow=len(first[0]),
             )
-        return {"val_psnr": float(torch.cat(scores).mean())}
+        result = {"val_psnr": float(torch.cat(scores).mean())}
+        if fine:
+            result["val_fine_fraction"] = float(torch.cat(fine).mean())
+        return result
 
     def codebook_sync_error(self) -> float:
         """Largest codebook difference between this rank and rank 0 (0.0 = in sync)."""
@@ -241,9 +268,14 @@ class VAETrainer(Trainer):
     def fit(self) -> Path:
         t, rt = self.exp.train, self.rt
         if rt.is_main and not self.quiet:
+            what = (
+                f"DQ-VAE coarse {self.exp.model.coarse_size}² / fine {self.exp.model.fine_size}² "
+                f"({self.exp.model.router} router, r={self.exp.model.fine_fraction})"
+                if self.is_dq
+                else f"RQ-VAE {self.exp.model.code_shape}"
+            )
             print(
-                f"rqgen: training RQ-VAE {self.exp.model.code_shape} "
-                f"K={self.exp.model.codebook_size} "
+                f"rqgen: training {what} K={self.exp.model.codebook_size} "
                 f"on {describe(self.data)} -> {self.out} (from step {self.step} to {t.steps}, "
                 f"{rt.world_size} process(es), micro-batch {self.micro_batch})"
             )
@@ -300,13 +332,13 @@ class VAETrainer(Trainer):
 
 
 def train_vae(
-    exp: VAEExperiment,
+    exp: VAEExperiment | DQVAEExperiment,
     data: str,
     out: str | Path,
     val_data: str | None = None,
     device: str | None = None,
     quiet: bool = False,
 ) -> Path:
-    """Train (or resume) an RQ-VAE; returns the `save_pretrained` directory."""
+    """Train (or resume) an RQ-VAE or DQ-VAE; returns the `save_pretrained` directory."""
     rt = init_runtime(device)
     return VAETrainer(exp, data, out, rt, val_data=val_data, quiet=quiet).fit()
