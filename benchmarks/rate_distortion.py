@@ -51,7 +51,7 @@ def run(cmd: list[str], threads: int, log: Path) -> str:
     return proc.stdout
 
 
-def one(name: str, overrides: list[str], args) -> dict:
+def one(name: str, overrides: list[str], args, config: str = "tiny32") -> dict:
     out = Path(args.workdir) / slug(name)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
@@ -70,6 +70,8 @@ def one(name: str, overrides: list[str], args) -> dict:
             str(args.steps),
             "--device",
             "cpu",
+            "--config",
+            config,
             f"train.seed={args.seed}",
             "train.num_workers=0",
             *overrides,
@@ -96,8 +98,7 @@ def one(name: str, overrides: list[str], args) -> dict:
             log,
         )
     )
-    h, w, d = res["code_shape"]
-    res["bits_per_image"] = h * w * d * math.log2(res["codebook_size"])
+    res["bits_per_image"] = res["tokens_per_image"] * math.log2(res["codebook_size"])
     res["variant"] = name
     print(f"{name}: PSNR {res['psnr']:.2f} dB", flush=True)
     return res

@@ -153,7 +153,8 @@ def write_reconstructions(
         for i, name in enumerate(names[s : s + batch_size]):
             pair = torch.stack([x[i], steps[-1][i]])
             if isinstance(vae, DQVAE):
-                written.append(save_grid(pair, out_dir / f"{name}_pair.png", nrow=2, upscale=upscale))
+                pair_file = out_dir / f"{name}_pair.png"
+                written.append(save_grid(pair, pair_file, nrow=2, upscale=upscale))
                 both = torch.stack([shown[i], shown[len(x) + i]])
                 written.append(save_grid(both, out_dir / f"{name}_granularity.png", nrow=2))
                 continue

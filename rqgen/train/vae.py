@@ -23,6 +23,7 @@ from rqgen.configs import DQVAEExperiment, VAEExperiment
 from rqgen.data import build_dataset, describe
 from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
+from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
 from rqgen.stage1.losses import (
     LPIPS,
     NLayerDiscriminator,
@@ -30,7 +31,6 @@ from rqgen.stage1.losses import (
     generator_adv_loss,
     hinge_d_loss,
 )
-from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.common import (
     MetricsLog,
