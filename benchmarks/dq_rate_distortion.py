@@ -31,7 +31,10 @@ VARIANTS = {  # name: (preset, overrides)
     "VQ 4x4 (coarse grid)": ("tiny32", [*COARSE, "model.code_depth=1"]),
     "RQ 4x4x2": ("tiny32", [*COARSE, "model.code_depth=2"]),
     "DQ r=1/3, entropy router": ("dq-tiny32", ["model.fine_fraction=0.3333"]),
-    "DQ r=1/3, learned router": ("dq-tiny32", ["model.fine_fraction=0.3333", "model.router=learned"]),
+    "DQ r=1/3, learned router": (
+        "dq-tiny32",
+        ["model.fine_fraction=0.3333", "model.router=learned"],
+    ),
     "DQ r=1/2, entropy router": ("dq-tiny32", ["model.fine_fraction=0.5"]),
     "RQ 4x4x3": ("tiny32", [*COARSE, "model.code_depth=3"]),
     "DQ r=2/3, entropy router": ("dq-tiny32", ["model.fine_fraction=0.6667"]),
