@@ -161,7 +161,7 @@ def cmd_train_ar(args) -> int:
         load_ar_experiment,
         lambda exp: train_ar(exp, args.vae, args.data, args.out, args.captions, args.device),
     )
-    print(f"rqgen: RQ-Transformer saved to {out} (sample with: rqgen sample --model {out})")
+    print(f"rqgen: transformer saved to {out} (sample with: rqgen sample --model {out})")
     return 0
 
 
@@ -215,7 +215,7 @@ def sample_conditions(model, meta, tokenizer, n: int, cls: str | None, prompt: s
     from rqgen.errors import ConfigError
 
     classes = meta.get("classes") or []
-    if model.config.text_vocab_size:
+    if getattr(model.config, "text_vocab_size", 0):
         if prompt is None:
             raise ConfigError("this model is text-conditional: pass --prompt TEXT")
         return tokenizer.encode([prompt] * n), ["prompt"] * n
@@ -235,7 +235,7 @@ def sample_conditions(model, meta, tokenizer, n: int, cls: str | None, prompt: s
         else:
             raise ConfigError(f"unknown class {cls!r}: use an id 0..{model.config.num_classes - 1}")
     cond = torch.tensor(ids, dtype=torch.long)
-    model.cond_tokens(cond)  # validates the ids: one-line error when out of range
+    model.check_cond(cond)  # one-line error when an id is out of range
     names = [classes[i] if i < len(classes) else str(i) for i in ids]
     return cond, names
 
@@ -260,7 +260,7 @@ def cmd_sample(args) -> int:
         from rqgen.evaluate.clip import CLIPScorer
         from rqgen.stage2.sampling import clip_rerank
 
-        if model.config.num_classes == 0 and not model.config.text_vocab_size:
+        if model.config.num_classes == 0 and not getattr(model.config, "text_vocab_size", 0):
             raise ConfigError("--clip-rerank needs a text or class-conditional model")
         scorer = CLIPScorer.load(args.clip, device)  # before sampling: fail fast
         texts = [args.prompt or f"a photo of a {name}" for name in names]

@@ -145,6 +145,8 @@ class ARModelConfig:
     heads: int = 8
     spatial_layers: int = 8
     depth_layers: int = 4  # 0 with a 16×16×1 VQ: the flat VQ-GAN-style baseline
+    position_layers: int = 2  # DQ-Transformer (with a DQ-VAE): position transformer
+    content_layers: int = 6  # DQ-Transformer: content transformer
     dropout: float = 0.1
     conditioning: str = "class"  # class | none | text
     text_length: int = 32
@@ -200,8 +202,18 @@ def _ar_flat_tiny() -> ARExperiment:
     )
 
 
+def _dq_ar_tiny() -> ARExperiment:
+    # DQ-Transformer for dq-tiny32 codes: 2 position + 4 content layers (the reference's 1:3
+    # split), hard codes (DQ-VAE has no residual depth for soft labels).
+    exp = _ar_tiny()
+    exp.model.position_layers, exp.model.content_layers = 2, 4
+    exp.train.soft_labels = exp.train.stochastic_codes = False
+    return exp
+
+
 AR_PRESETS = {
     "ar-tiny": _ar_tiny,
+    "dq-ar-tiny": _dq_ar_tiny,
     "ar-flat-tiny": _ar_flat_tiny,
     # Table 5 sizes (ImageNet 480M, FFHQ 370M)
     "ar-imagenet-480m": lambda: ARExperiment(
@@ -210,6 +222,11 @@ AR_PRESETS = {
     "ar-ffhq-370m": lambda: ARExperiment(
         ARModelConfig(width=1024, heads=16, spatial_layers=24, depth_layers=4, conditioning="none"),
         ARTrainConfig(batch_size=16, tau=1.0, patience=5),
+    ),
+    # the reference ImageNet DQ-Transformer: 6 + 18 layers, width 1024, 8 heads (~309M)
+    "dq-ar-imagenet": lambda: ARExperiment(
+        ARModelConfig(width=1024, heads=8, position_layers=6, content_layers=18),
+        ARTrainConfig(weight_decay=0.01, soft_labels=False, stochastic_codes=False),
     ),
 }
 

@@ -56,6 +56,16 @@ class RQTransformerConfig:
         return self.text_length if self.text_vocab_size else 1
 
 
+def check_class_ids(cond: Tensor, num_classes: int) -> None:
+    """One-line error unless every id is a class 0..N-1 or the null class N."""
+    bad = (cond < 0) | (cond > num_classes)
+    if bad.any():
+        k = int(cond[bad][0])
+        if not num_classes:
+            raise ConfigError(f"class id {k} given to an unconditional model: omit it")
+        raise ConfigError(f"class id {k} is out of range: this model knows 0..{num_classes - 1}")
+
+
 def codebook_fingerprint(codebook: Tensor) -> str:
     """Short hash of a codebook's values: pairs a transformer with its VAE."""
     data = codebook.detach().float().cpu().contiguous().numpy().tobytes()
@@ -112,18 +122,16 @@ class RQTransformer(nn.Module, Pretrained):
             [F.embedding(codes[..., d], self.codebook[d]) for d in range(codes.shape[-1])], -2
         )
 
+    def check_cond(self, cond: Tensor) -> None:
+        if not self.config.text_vocab_size:
+            check_class_ids(cond, self.config.num_classes)
+
     def cond_tokens(self, cond: Tensor) -> Tensor:
         """Condition ids (B,) for classes / unconditional, (B, L) for text -> (B, L, C)."""
         c = self.config
         if not c.text_vocab_size:
             cond = cond.reshape(-1, 1)
-            if (cond < 0).any() or (cond > self.null_class).any():
-                bad = int(cond[(cond < 0) | (cond > self.null_class)][0])
-                if not c.num_classes:
-                    raise ConfigError(f"class id {bad} given to an unconditional model: omit it")
-                raise ConfigError(
-                    f"class id {bad} is out of range: this model knows 0..{c.num_classes - 1}"
-                )
+            check_class_ids(cond, c.num_classes)
         return self.cond_emb(cond) + self.pos_emb_cond[:, : cond.shape[1]]
 
     def spatial_inputs(self, codes: Tensor) -> Tensor:

@@ -136,11 +136,16 @@ def generate(
     generator: torch.Generator | None = None,
     batch_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """Codes sampled and decoded batch by batch: codes (B, H, W, D), images (B, 3, R, R)."""
+    """Codes sampled and decoded batch by batch: codes (B, H, W, D) (a DQ-Transformer gives
+    packed DQ-VAE code maps, (B, 2Hc, 2Hc, 2)), images (B, 3, R, R)."""
+    from rqgen.stage2.dq_sampling import sample_dq_codes
+    from rqgen.stage2.dq_transformer import DQTransformer
+
     model.check_vae(vae)
+    sample = sample_dq_codes if isinstance(model, DQTransformer) else sample_codes
     codes, images = [], []
     for s in range(0, cond.shape[0], batch_size):
-        c = sample_codes(model, cond[s : s + batch_size], cfg, generator)
+        c = sample(model, cond[s : s + batch_size], cfg, generator)
         codes.append(c)
         images.append(vae.decode_codes(c).clamp(-1, 1))
     return torch.cat(codes), torch.cat(images)
@@ -236,20 +241,28 @@ def clip_rerank(
 
 
 def load_for_sampling(model_dir: str | Path, vae_dir: str | Path | None = None, device="cpu"):
-    """The transformer, the RQ-VAE it records (or `vae_dir`), its metadata and tokenizer."""
+    """The transformer (RQ or DQ), the VAE it records (or `vae_dir`), its metadata and
+    tokenizer."""
     from rqgen.checkpoint import read_config
-    from rqgen.stage1.rqvae import RQVAE
+    from rqgen.stage1 import load_vae
+    from rqgen.stage2.dq_transformer import DQTransformer
     from rqgen.stage2.text import TextTokenizer
 
     meta = read_config(model_dir)
-    model = RQTransformer.from_pretrained(model_dir, map_location=device)
+    classes = {RQTransformer.model_type: RQTransformer, DQTransformer.model_type: DQTransformer}
+    if meta.get("model_type") not in classes:
+        raise CheckpointError(
+            f"'{model_dir}' holds a {meta.get('model_type')!r} model, not an RQ- or "
+            "DQ-Transformer: pass a directory written by rqgen train-ar"
+        )
+    model = classes[meta["model_type"]].from_pretrained(model_dir, map_location=device)
     if vae_dir is None:
         if "vae" not in meta:
-            raise CheckpointError(f"'{model_dir}' does not record its RQ-VAE: pass --vae DIR")
+            raise CheckpointError(f"'{model_dir}' does not record its VAE: pass --vae DIR")
         vae_dir = Path(model_dir) / meta["vae"]
-    vae = RQVAE.from_pretrained(vae_dir, map_location=device)
+    vae = load_vae(vae_dir, map_location=device)
     model.check_vae(vae)
     tokenizer = None
-    if model.config.text_vocab_size:
+    if getattr(model.config, "text_vocab_size", 0):
         tokenizer = TextTokenizer.load(model_dir, model.config.text_length)
     return model, vae, meta, tokenizer

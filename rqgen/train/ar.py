@@ -30,7 +30,11 @@ from rqgen.configs import ARExperiment
 from rqgen.data import build_dataset, describe
 from rqgen.data.captions import captions_for
 from rqgen.errors import ConfigError
+from rqgen.stage1 import load_vae
+from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage1.rqvae import RQVAE
+from rqgen.stage2.dq_sequence import DQVocab, to_sequence
+from rqgen.stage2.dq_transformer import DQTransformer, stack_sequence
 from rqgen.stage2.rq_transformer import RQTransformer, codebook_fingerprint
 from rqgen.stage2.text import TextTokenizer
 from rqgen.train.common import (
@@ -66,12 +70,23 @@ def cosine_lr(step: int, base: float, warmup: int, total: int, min_ratio: float)
 
 
 @torch.no_grad()
-def extract_features(vae: RQVAE, dataset: Dataset, device, batch_size: int = 128) -> tuple:
-    """Z = E(X) for every item, plus the labels: (N, H, W, dim) float32, (N,) int64."""
+def extract_features(vae: RQVAE | DQVAE, dataset: Dataset, device, batch_size: int = 128):
+    """Per item, plus the labels (N,) int64: for an RQ-VAE the features Z = E(X), (N, H, W,
+    dim) float32 (codes are drawn from them at each step); for a DQ-VAE the token streams of
+    its code map (N, 3, 4·Nc + 4), padded (the router's choice is fixed per image)."""
     zs, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in tqdm(loader, desc="extract features", leave=False):
-        zs.append(vae.encode(x.to(device)).float().cpu())
+        x = x.to(device)
+        if isinstance(vae, DQVAE):
+            vocab = DQVocab(vae.config.codebook_size, vae.config.coarse_size)
+            codes, fine = unpack_codes(vae.encode_to_codes(x).cpu())
+            seq = stack_sequence(to_sequence(codes, fine, vocab))
+            pad = torch.tensor([vocab.content_pad, vocab.position_pad(True), 1])[None, :, None]
+            missing = 4 * vocab.n_coarse + 4 - seq.shape[2]
+            zs.append(torch.cat([seq, pad.expand(len(seq), 3, missing)], 2))
+        else:
+            zs.append(vae.encode(x).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(zs), torch.cat(labels)
 
@@ -90,7 +105,16 @@ class ARTrainer(Trainer):
             )
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.vae_dir = Path(vae_dir)
-        self.vae = RQVAE.from_pretrained(vae_dir).to(rt.device).eval()
+        self.vae = load_vae(vae_dir).to(rt.device).eval()
+        self.is_dq = isinstance(self.vae, DQVAE)
+        if self.is_dq and m.conditioning == "text":
+            raise ConfigError("DQ-Transformer is class-conditional or unconditional: "
+                              "use model.conditioning=class or none")  # fmt: skip
+        if self.is_dq and (t.soft_labels or t.stochastic_codes):
+            raise ConfigError(
+                "a DQ-VAE gives one code per cell: set train.soft_labels=false "
+                "train.stochastic_codes=false (or use --config dq-ar-tiny)"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
 
         dataset = build_dataset(data, self.vae.config.resolution, "train", seed=t.seed)
@@ -115,15 +139,22 @@ class ARTrainer(Trainer):
         self.train_set, self.val_set = Features(z[train], cond[train]), Features(z[val], cond[val])
 
         seed_everything(t.seed)
-        self.model = RQTransformer.for_vae(
-            self.vae,
-            width=m.width, heads=m.heads, spatial_layers=m.spatial_layers,
-            depth_layers=m.depth_layers, dropout=m.dropout,
-            num_classes=n_classes if m.conditioning == "class" else 0,
-            text_vocab_size=self.tokenizer.vocab_size if m.conditioning == "text" else 0,
-            text_length=m.text_length, text_loss_weight=m.text_loss_weight,
-            text_pad_id=self.tokenizer.pad_id if m.conditioning == "text" else 0,
-        ).to(rt.device)  # fmt: skip
+        if self.is_dq:
+            self.model = DQTransformer.for_vae(
+                self.vae, width=m.width, heads=m.heads, position_layers=m.position_layers,
+                content_layers=m.content_layers, dropout=m.dropout,
+                num_classes=n_classes if m.conditioning == "class" else 0,
+            ).to(rt.device)  # fmt: skip
+        else:
+            self.model = RQTransformer.for_vae(
+                self.vae,
+                width=m.width, heads=m.heads, spatial_layers=m.spatial_layers,
+                depth_layers=m.depth_layers, dropout=m.dropout,
+                num_classes=n_classes if m.conditioning == "class" else 0,
+                text_vocab_size=self.tokenizer.vocab_size if m.conditioning == "text" else 0,
+                text_length=m.text_length, text_loss_weight=m.text_loss_weight,
+                text_pad_id=self.tokenizer.pad_id if m.conditioning == "text" else 0,
+            ).to(rt.device)  # fmt: skip
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
         self.opt = torch.optim.AdamW(
@@ -147,8 +178,12 @@ class ARTrainer(Trainer):
     def _features(self, dataset, captions):
         """Extract once (rank 0), cache in OUT/features.safetensors, load on every rank."""
         path = self.out / "features.safetensors"
-        # the cache is valid for this VAE codebook and this data source only
+        # the cache is valid for this VAE codebook and this data source only (for a DQ-VAE
+        # also its router, which decides the granularity of each region)
         key = codebook_fingerprint(self.vae.quantizer.codebook) + "_" + self.data
+        if self.is_dq:
+            router = self.vae.router.state_dict().values()
+            key += "_" + codebook_fingerprint(torch.cat([p.flatten() for p in router]))
         fp = hashlib.sha256(key.encode()).hexdigest()[:16]
         m = self.exp.model
         if m.conditioning == "text":
@@ -202,7 +237,12 @@ class ARTrainer(Trainer):
 
     # ------------------------------------------------------------------ step
     def _codes_and_targets(self, z: torch.Tensor, generator) -> tuple:
-        """Codes for this step (argmin, or drawn from Q_τ) and soft targets (Eq. 15)."""
+        """Codes for this step (argmin, or drawn from Q_τ) and soft targets (Eq. 15). A DQ
+        item already is its token streams: trimmed to the longest sequence of the batch."""
+        if self.is_dq:
+            pad = self.model.config.vocab.content_pad
+            length = int((z[:, 0] != pad).sum(1).max())
+            return z[:, :, :length], None
         t, q = self.exp.train, self.vae.quantizer
         tau = t.tau if t.stochastic_codes else None
         codes, residuals = q.quantize(z, tau, generator)
@@ -252,10 +292,9 @@ class ARTrainer(Trainer):
         return totals
 
     def _loss(self, model, codes, cond, soft):
-        # DDP needs the call to go through forward(); RQTransformer.loss calls self(...)
+        # DDP needs the call to go through forward(); both models' loss() call self(...)
         if isinstance(model, DDP):
-            logits, text_logits = model(codes, cond)
-            return self.model.loss_from_logits(logits, text_logits, codes, cond, soft)
+            return self.model.loss_from_logits(*model(codes, cond), codes, cond, soft)
         return model.loss(codes, cond, soft)
 
     @torch.no_grad()
@@ -268,7 +307,11 @@ class ARTrainer(Trainer):
         for s in range(0, len(self.val_set), self.micro_batch):
             z = self.val_set.z[s : s + self.micro_batch].to(self.rt.device)
             cond = self.val_set.cond[s : s + self.micro_batch].to(self.rt.device)
-            codes, _ = self.vae.quantizer.quantize(z)
+            codes = (
+                self._codes_and_targets(z, None)[0]
+                if self.is_dq
+                else self.vae.quantizer.quantize(z)[0]
+            )
             loss, _ = model.loss(codes, cond)
             total += float(loss) * len(z)
             n += len(z)
@@ -281,10 +324,16 @@ class ARTrainer(Trainer):
         if rt.is_main and not self.quiet:
             c = self.model.config
             n_params = sum(p.numel() for p in self.model.parameters())
+            if self.is_dq:
+                what = (f"DQ-Transformer ({n_params / 1e6:.1f}M params, {c.position_layers}+"
+                        f"{c.content_layers} layers, width {c.width}) on {describe(self.data)} "
+                        f"codes (coarse {c.coarse_size}², fine {2 * c.coarse_size}²)")  # fmt: skip
+            else:
+                what = (f"RQ-Transformer ({n_params / 1e6:.1f}M params, {c.spatial_layers}+"
+                        f"{c.depth_layers} layers, width {c.width}) on {describe(self.data)} "
+                        f"codes {tuple(c.code_shape)}")  # fmt: skip
             print(
-                f"rqgen: training RQ-Transformer ({n_params / 1e6:.1f}M params, "
-                f"{c.spatial_layers}+{c.depth_layers} layers, width {c.width}) on "
-                f"{describe(self.data)} codes {tuple(c.code_shape)} -> {self.out} "
+                f"rqgen: training {what} -> {self.out} "
                 f"(step {self.step} to {t.steps}, {len(self.train_set)} train / "
                 f"{len(self.val_set)} val)"
             )
