@@ -1,0 +1,145 @@
+"""DQ-VAE: code-map invariants, region weighting, router gradients, learning, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from rqgen import DQVAE, DQVAEConfig, ResidualQuantizer
+from rqgen.data import BundledDigits
+from rqgen.errors import ConfigError
+from rqgen.evaluate import psnr
+from rqgen.stage1.dqvae import pack_codes, unpack_codes
+
+TINY = dict(resolution=32, ch=8, ch_mult=[1, 2, 2, 2], decoder_ch_mult=[1, 2, 2],
+            num_res_blocks=1, attn_resolutions=[], decoder_attn_resolutions=[],
+            z_channels=16, embed_dim=16, codebook_size=64)  # fmt: skip
+
+
+def digits(n: int, split: str = "train") -> torch.Tensor:
+    data = BundledDigits(32, split)
+    return torch.stack([data[i][0] for i in range(n)])
+
+
+def fitted(router: str = "entropy", **kw) -> DQVAE:
+    torch.manual_seed(0)
+    model = DQVAE(DQVAEConfig(**{**TINY, "router": router, **kw}))
+    if router == "entropy":
+        model.fit_router([digits(256)])
+    return model
+
+
+def test_code_map_invariants_and_decode_round_trip():
+    model = fitted().eval()
+    x = digits(16, "val")
+    packed = model.encode_to_codes(x)
+    assert packed.shape == (16, 8, 8, 2)
+    codes, fine = unpack_codes(packed)
+    assert torch.equal(pack_codes(codes, fine), packed)
+    # a coarse region carries one code: its four fine cells hold the same id
+    blocks = codes.view(16, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(16, 4, 4, 4)
+    same = (blocks == blocks[..., :1]).all(-1)
+    assert same[~fine].all()
+    n_fine = fine.flatten(1).sum(1)
+    assert torch.equal(model.tokens_per_image(packed), (16 - n_fine) + 4 * n_fine)
+    # the codes decode to exactly what the eval forward pass reconstructs
+    out = model(x)
+    assert torch.equal(out.codes, packed)
+    torch.testing.assert_close(model.decode_codes(packed), out.reconstruction)
+
+
+def test_entropy_router_follows_the_target_fraction():
+    for r in (0.25, 0.75):
+        model = fitted(fine_fraction=r).eval()
+        frac = float(unpack_codes(model.encode_to_codes(digits(269, "val")))[1].float().mean())
+        assert abs(frac - r) < 0.06
+
+
+def test_coarse_copies_weigh_one_quarter_like_one_vector():
+    """Four copies at weight 1/4 update the codebook and commit exactly like one copy."""
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 8), torch.randn(3, 8)
+    q1 = ResidualQuantizer(8, 4, 1, init_from_data=False, restart_unused_codes=False)
+    q2 = ResidualQuantizer(8, 4, 1, init_from_data=False, restart_unused_codes=False)
+    q2.load_state_dict(q1.state_dict())
+    w = torch.tensor([0.25] * 4 + [1.0] * 3)
+    out1 = q1(torch.cat([a.expand(4, 8), b]), weights=w)
+    out2 = q2(torch.cat([a, b]))
+    torch.testing.assert_close(q1.codebook, q2.codebook)
+    torch.testing.assert_close(q1.cluster_size, q2.cluster_size)
+    torch.testing.assert_close(out1.commitment_loss, out2.commitment_loss)
+
+
+def test_learned_router_gets_gradient_from_the_reconstruction():
+    model = fitted("learned").train()
+    out = model(digits(8))
+    out.reconstruction.pow(2).mean().backward()  # no budget loss in this objective
+    grad = model.router.mlp[-1].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert set(out.fine_mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_position_encoding_tells_repeated_codes_apart():
+    model = fitted().eval()
+    same = torch.zeros(1, 8, 8, 2, dtype=torch.long)  # one code everywhere
+    img = model.decode_codes(same)
+    assert (img - img.mean((2, 3), keepdim=True)).abs().max() > 1e-3
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(ConfigError, match="decoder_ch_mult"):
+        DQVAE(DQVAEConfig(**{**TINY, "decoder_ch_mult": [1, 2]}))
+    with pytest.raises(ConfigError, match="router"):
+        DQVAE(DQVAEConfig(**{**TINY, "router": "random"}))
+    with pytest.raises(ConfigError, match="fit"):
+        DQVAE(DQVAEConfig(**TINY))(digits(2))
+
+
+def test_overfits_a_few_digits():
+    model = fitted().train()
+    x = digits(4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.eval()
+    with torch.no_grad():
+        before = float(psnr(model(x).reconstruction.clamp(-1, 1), x).mean())
+    model.train()
+    for _ in range(100):
+        out = model(x)
+        loss = (out.reconstruction - x).pow(2).mean() + out.commitment_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = float(psnr(model(x).reconstruction.clamp(-1, 1), x).mean())
+    assert after > before + 6 and after > 16, (before, after)
+
+
+def test_save_and_load_keep_the_router(tmp_path):
+    model = fitted().eval()
+    model.save_pretrained(tmp_path / "m")
+    back = DQVAE.from_pretrained(tmp_path / "m")
+    x = digits(4, "val")
+    assert torch.equal(back.encode_to_codes(x), model.encode_to_codes(x))
+
+
+def test_cli_trains_scores_and_draws_a_dq_vae(tmp_path):
+    from test_train_vae import rqgen
+
+    out = tmp_path / "dq"
+    small = [f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY.items()]
+    rqgen("train-vae", "--data", "bundled:digits", "--out", out, "--config", "dq-tiny32",
+          "--steps", 3, "--device", "cpu", *small, "train.batch_size=8", "train.num_workers=0",
+          "train.sample_every=3", "train.val_batches=1")  # fmt: skip
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "dqvae" and cfg["config"]["router"] == "entropy"
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_fine_fraction" in r for r in rows)
+    res = json.loads(rqgen("eval-vae", "--vae", out, "--data", "bundled:digits:val", "--limit",
+                           32, "--json", "--no-rfid", "--device", "cpu").stdout)  # fmt: skip
+    assert 0 <= res["fine_fraction"] <= 1
+    assert res["tokens_per_image"] == pytest.approx(16 * (1 + 3 * res["fine_fraction"]))
+    rqgen("reconstruct", "--vae", out, "--input", "bundled:digits", "--out", tmp_path / "rec",
+          "--limit", 2, "--device", "cpu")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [
+        "0000_granularity.png", "0000_pair.png", "0001_granularity.png", "0001_pair.png"]  # fmt: skip
