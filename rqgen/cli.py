@@ -302,6 +302,9 @@ def _add_demo(sub) -> None:
         "--task", choices=["digits", "photos"], default="digits",
         help="digits: RQ-VAE + RQ-Transformer on bundled digits; photos: the RQ-VAE on photos",
     )  # fmt: skip
+    p.add_argument(
+        "--dq", action="store_true", help="digits with DQ-VAE + DQ-Transformer (same budget)"
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -309,7 +312,7 @@ def cmd_demo(args) -> int:
     from rqgen.demo import run_demo, run_photos_demo
 
     if args.task == "digits":
-        run_demo(Path(args.out), args.steps, args.ar_steps)
+        run_demo(Path(args.out), args.steps, args.ar_steps, dq=args.dq)
     else:
         run_photos_demo(Path(args.out), steps=args.steps)
     return 0

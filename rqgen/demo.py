@@ -61,9 +61,16 @@ DIGITS_VAE_OVERRIDES = ["train.batch_size=32", "train.num_workers=0"]
 DIGITS_AR_OVERRIDES = ["train.batch_size=32", "model.dropout=0.0"]
 
 
-def run_demo(out: Path, vae_steps: int | None = None, ar_steps: int | None = None) -> dict:
-    """Stage 1 + stage 2 on the bundled digits: tiny32 RQ-VAE, class-conditional RQ-Transformer,
-    a grid of samples for every class, scored by a classifier trained on real digits."""
+def run_demo(
+    out: Path,
+    vae_steps: int | None = None,
+    ar_steps: int | None = None,
+    dq: bool = False,
+    per_class: int = 10,
+) -> dict:
+    """Stage 1 + stage 2 on the bundled digits: tiny32 RQ-VAE, class-conditional RQ-Transformer
+    (with `dq`: dq-tiny32 DQ-VAE and DQ-Transformer, same steps and batch), a grid of
+    samples for every class, scored by a classifier trained on real digits."""
     from rqgen.configs import load_ar_experiment
     from rqgen.evaluate.digits import heldout_accuracy, load_or_train, score_digits
     from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling
@@ -73,11 +80,13 @@ def run_demo(out: Path, vae_steps: int | None = None, ar_steps: int | None = Non
 
     start = time.time()
     exp = load_vae_experiment(
-        "tiny32", [f"train.steps={vae_steps or DIGITS_VAE_STEPS}", *DIGITS_VAE_OVERRIDES]
+        "dq-tiny32" if dq else "tiny32",
+        [f"train.steps={vae_steps or DIGITS_VAE_STEPS}", *DIGITS_VAE_OVERRIDES],
     )
     vae_dir = train_vae(exp, "bundled:digits", out / "vae")
     ar_exp = load_ar_experiment(
-        "ar-tiny", [f"train.steps={ar_steps or DIGITS_AR_STEPS}", *DIGITS_AR_OVERRIDES]
+        "dq-ar-tiny" if dq else "ar-tiny",
+        [f"train.steps={ar_steps or DIGITS_AR_STEPS}", *DIGITS_AR_OVERRIDES],
     )
     ar_dir = train_ar(ar_exp, vae_dir, "bundled:digits", out / "ar")
 
@@ -91,18 +100,27 @@ def run_demo(out: Path, vae_steps: int | None = None, ar_steps: int | None = Non
 
     classifier = load_or_train(cache_dir() / "classifiers")  # trained once, then reused
     classifier_acc = heldout_accuracy(classifier)
-    per_class = 10
     cond = torch.arange(10).repeat_interleave(per_class)
     results = {}
     for name, scale in (("samples", 1.0), ("samples_cfg2", 2.0)):
         gen = torch.Generator().manual_seed(0)
         _, images = generate(vae, model, cond, SamplingConfig(cfg_scale=scale), gen)
         # one row per class: column i of row c is the i-th sample of class c
-        save_grid(images, out / f"{name}.png", nrow=per_class, upscale=4)
+        save_grid(images[: 10 * per_class], out / f"{name}.png", nrow=per_class, upscale=4)
         results[name] = score_digits(classifier, images, cond, real)
     metrics = {
         "stage1_heldout": {
-            k: stage1[k] for k in ("psnr", "ssim", "per_depth_psnr", "codebook_usage", "perplexity")
+            k: stage1[k]
+            for k in (
+                "psnr",
+                "ssim",
+                "per_depth_psnr",
+                "codebook_usage",
+                "perplexity",
+                "tokens_per_image",
+                "fine_fraction",
+            )
+            if k in stage1
         },  # fmt: skip
         "classifier_heldout_accuracy": classifier_acc,
         "generation": results,
