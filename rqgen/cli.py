@@ -44,17 +44,17 @@ def _run_training(args, load_experiment, train):
 
 
 def cmd_train_vae(args) -> int:
-    from rqgen.configs import load_vae_experiment
+    from rqgen.configs import DQVAEExperiment, load_vae_experiment
     from rqgen.train.vae import train_vae
 
-    out = _run_training(
-        args,
-        load_vae_experiment,
-        lambda exp: train_vae(exp, args.data, args.out, args.val_data, args.device),
-    )
-    from rqgen.checkpoint import read_config
+    kind = []
 
-    name = "DQVAE" if read_config(out)["model_type"] == "dqvae" else "RQVAE"
+    def train(exp):
+        kind.append("DQVAE" if isinstance(exp, DQVAEExperiment) else "RQVAE")
+        return train_vae(exp, args.data, args.out, args.val_data, args.device)
+
+    out = _run_training(args, load_vae_experiment, train)
+    name = kind[0]
     print(f"rqgen: {name[:2]}-VAE saved to {out} (load with {name}.from_pretrained('{out}'))")
     return 0
 

@@ -146,17 +146,24 @@ def test_ddp_two_processes_match_one_process_and_share_the_codebook(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
 
 
-def test_ddp_with_the_gan_keeps_codebooks_identical(tmp_path):
+def test_ddp_with_the_gan_and_a_dq_vae_keeps_codebooks_identical(tmp_path):
+    """DQ-VAE with the learned router: weighted codebook statistics, router and GAN under DDP."""
     out = tmp_path / "gan"
+    dq = ["model.decoder_ch_mult=[1,2]", "model.router=learned",
+          "model.decoder_attn_resolutions=[]", "train.disc_start=1",
+          "train.disc_ndf=8"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "rqgen", *map(str, train_args(out, 4, "train.disc_start=1", "train.disc_ndf=8"))],
+         "-m", "rqgen", "train-vae", "--config", "dq-tiny32",
+         *map(str, train_args(out, 4, *dq)[1:])],
         capture_output=True, text=True, env=ENV, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "dqvae"
     rows = [r for r in metrics(out) if "loss" in r]
     assert all(r["codebook_sync_err"] == 0.0 for r in rows)
     assert all("d_loss" in r and "adaptive_w" in r for r in rows[1:])
+    assert all(0 <= r["fine_fraction"] <= 1 and "budget" in r for r in rows)
 
 
 def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
