@@ -20,16 +20,9 @@ from torch import Tensor
 from rqgen.stage1.dqvae import pack_codes
 from rqgen.stage2.dq_sequence import DQSequence, from_sequence
 from rqgen.stage2.dq_transformer import DQTransformer
-from rqgen.stage2.sampling import SamplingConfig, _next_code, draw
+from rqgen.stage2.sampling import SamplingConfig, _next_code, draw, guide
 
 COARSE, COARSE_END, FINE, DONE = 0, 1, 2, 3
-
-
-def _guide(logits: Tensor, n: int, scale: float) -> Tensor:
-    if scale == 1.0:
-        return logits
-    cond, uncond = logits[:n], logits[n:]
-    return uncond + scale * (cond - uncond)
 
 
 @torch.no_grad()
@@ -88,7 +81,7 @@ def sample_dq_codes(
         h = h_all[:, -1]
 
         # ---- next position: drawn in the coarse phase, forced otherwise
-        logits = _guide(model.coarse_pos_head(h).float(), n, cfg.cfg_scale)
+        logits = guide(model.coarse_pos_head(h).float(), n, cfg.cfg_scale)
         allowed = torch.zeros_like(logits, dtype=torch.bool)
         allowed[:, : v.n_coarse] = cell_ids[None] > last[:, None]  # ascending, never repeated
         allowed[:, v.position_eos(False)] = True

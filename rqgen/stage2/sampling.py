@@ -54,10 +54,16 @@ def draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
 
 
+def guide(logits: Tensor, n: int, scale: float) -> Tensor:
+    """Classifier-free guidance: rows n.. are the unconditional twins of rows ..n."""
+    if scale == 1.0:
+        return logits
+    cond, uncond = logits[:n], logits[n:]
+    return uncond + scale * (cond - uncond)
+
+
 def _next_code(logits: Tensor, d: int, cfg: SamplingConfig, n: int, generator) -> Tensor:
-    if cfg.cfg_scale != 1.0:  # rows n.. are the unconditional twins
-        cond, uncond = logits[:n], logits[n:]
-        logits = uncond + cfg.cfg_scale * (cond - uncond)
+    logits = guide(logits, n, cfg.cfg_scale)
     logits = logits.float() / max(cfg.temperature, 1e-5)
     logits = filter_logits(logits, cfg.at_depth(cfg.top_k, d), cfg.at_depth(cfg.top_p, d))
     return draw(logits, generator)
