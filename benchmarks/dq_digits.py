@@ -56,11 +56,12 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--speed-only", action="store_true", help="reuse trained models")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64])
+    p.add_argument("--only", nargs="*", default=["rq", "dq"], help="pipelines to (re)run")
     args = p.parse_args()
     work = Path(args.workdir)
     if not args.speed_only:
         with ProcessPoolExecutor(2) as pool:
-            jobs = {k: pool.submit(train, k, args.workdir, args.per_class) for k in ("rq", "dq")}
+            jobs = {k: pool.submit(train, k, args.workdir, args.per_class) for k in args.only}
             for k, job in jobs.items():
                 (work / f"{k}.json").write_text(json.dumps(job.result(), indent=2))
     metrics = {k: json.loads((work / f"{k}.json").read_text()) for k in ("rq", "dq")}
