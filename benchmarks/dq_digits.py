@@ -89,7 +89,13 @@ def main() -> None:
     for b in args.batches:
         speed_rows.append(f"| {b} | " + " | ".join(f"{speed[k][b]:.2f}" for k in speed) + " |")
     dq1 = metrics["dq"]["stage1_heldout"]
-    body = (
+    source = (
+        f"Quality numbers: the last full run (`python benchmarks/dq_digits.py`), read from "
+        f"{work}/{{rq,dq}}.json; speed measured by this command.\n\n"
+        if args.speed_only
+        else ""
+    )
+    body = source + (
         f"Digits demo budget for both (150 VAE + 400 transformer steps, batch 32, width 128, "
         f"6 layers), {args.per_class} samples per class, one seed. Classifier held-out accuracy "
         f"{metrics['rq']['classifier_heldout_accuracy']:.1%}. DQ fine fraction on held-out "
