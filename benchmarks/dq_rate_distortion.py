@@ -78,7 +78,8 @@ def main() -> None:
         + "\n".join(rows)
         + "\n"
     )
-    print(write_results("dq_rate_distortion", body, {"steps": args.steps, "results": results}))
+    name = "dq_rate_distortion" + (f"_seed{args.seed}" if args.seed else "")
+    print(write_results(name, body, {"steps": args.steps, "seed": args.seed, "results": results}))
 
 
 if __name__ == "__main__":
