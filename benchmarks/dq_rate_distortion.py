@@ -10,21 +10,19 @@ scored with `rqgen eval-vae` on crops of photos never seen in training. Token bu
     48  RQ 4×4×3  |  DQ r = 2/3
     64  VQ 8×8 (the fine grid alone)
 
-    python benchmarks/dq_rate_distortion.py --steps 400 --jobs 2
+    python benchmarks/dq_rate_distortion.py --steps 300 --jobs 2
 
 Reruns resume unfinished trainings from benchmarks/work/dq_rate_distortion.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import one  # noqa: E402
+from rate_distortion import parse_args, train_all  # noqa: E402
 
 COARSE = ["model.ch_mult=[1,2,4,4]"]  # tiny32 with one more level: f = 8, a 4×4 grid
 VARIANTS = {  # name: (preset, overrides)
@@ -43,17 +41,8 @@ VARIANTS = {  # name: (preset, overrides)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--jobs", type=int, default=2, help="variants trained at once")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default="benchmarks/work/dq_rate_distortion")
-    p.add_argument("--only", nargs="*", help="subset of variant names")
-    args = p.parse_args()
-    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda kv: one(kv[0], kv[1][1], args, kv[1][0]), variants.items()))
+    args = parse_args(__doc__, 300, "benchmarks/work/dq_rate_distortion")
+    results = train_all(VARIANTS, args)
     results.sort(key=lambda r: r["tokens_per_image"])
 
     rows = [

@@ -104,18 +104,28 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32") -> dict:
     return res
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000)
+def parse_args(doc: str, steps: int, workdir: str) -> argparse.Namespace:
+    """The options every stage-1 comparison takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--jobs", type=int, default=2, help="variants trained at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default="benchmarks/work/rate_distortion")
+    p.add_argument("--workdir", default=workdir)
     p.add_argument("--only", nargs="*", help="subset of variant names")
-    args = p.parse_args()
-    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    return p.parse_args()
+
+
+def train_all(variants: dict[str, tuple[str, list[str]]], args) -> list[dict]:
+    """Train and score {name: (preset, overrides)}, `args.jobs` at a time."""
+    chosen = {k: v for k, v in variants.items() if not args.only or k in args.only}
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda kv: one(*kv, args), variants.items()))
+        return list(pool.map(lambda kv: one(kv[0], kv[1][1], args, kv[1][0]), chosen.items()))
+
+
+def main() -> None:
+    args = parse_args(__doc__, 1000, "benchmarks/work/rate_distortion")
+    results = train_all({k: ("tiny32", v) for k, v in VARIANTS.items()}, args)
 
     rows = [
         "| variant | code shape | bits/image | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(D) | "
