@@ -143,3 +143,19 @@ def test_cli_trains_scores_and_draws_a_dq_vae(tmp_path):
           "--limit", 2, "--device", "cpu")  # fmt: skip
     names = sorted(p.name for p in (tmp_path / "rec").iterdir())
     assert names == [f"000{i}_{k}.png" for i in (0, 1) for k in ("granularity", "pair")]
+
+
+def test_config_files_select_the_dq_vae(tmp_path):
+    from rqgen.configs import DQVAEExperiment, VAEExperiment, load_vae_experiment
+
+    f = tmp_path / "dq.yaml"
+    f.write_text("model_type: dqvae\nmodel:\n  resolution: 32\n  ch_mult: [1, 2, 4, 4]\n"
+                 "  decoder_ch_mult: [1, 2, 4]\n")  # fmt: skip
+    exp = load_vae_experiment(str(f), ["model.router=learned"])
+    assert isinstance(exp, DQVAEExperiment) and exp.model.coarse_size == 4
+    assert exp.model.router == "learned"
+    assert isinstance(load_vae_experiment("tiny32"), VAEExperiment)
+    assert isinstance(load_vae_experiment("dq-tiny32"), DQVAEExperiment)
+    f.write_text("model_type: vqgan\n")
+    with pytest.raises(ConfigError, match="rqvae or dqvae"):
+        load_vae_experiment(str(f))
