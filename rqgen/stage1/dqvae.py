@@ -62,10 +62,6 @@ class DQVAEConfig:
         return 2 * self.coarse_size
 
     @property
-    def downsample_factor(self) -> int:  # of the fine grid, the one the decoder starts from
-        return self.resolution // self.fine_size
-
-    @property
     def code_depth(self) -> int:
         return 1
 
@@ -73,11 +69,6 @@ class DQVAEConfig:
     def code_shape(self) -> tuple[int, int, int]:
         """Shape of a packed code map per image: fine grid × (code, granularity)."""
         return (self.fine_size, self.fine_size, 2)
-
-    def expected_tokens(self, fine_fraction: float | None = None) -> float:
-        """Codes per image at fine fraction r: Nc·(1 − r) + 4·Nc·r."""
-        r = self.fine_fraction if fine_fraction is None else fine_fraction
-        return self.coarse_size**2 * (1 + 3 * r)
 
 
 @dataclass

@@ -52,7 +52,7 @@ class DQTransformerConfig:
 
     @property
     def max_length(self) -> int:
-        """Longest sequence: every region fine, Nc + 4·Nc + ... = 4·Nc + 4 tokens."""
+        """Longest sequence: every region fine, 4·Nc codes + 4 special tokens."""
         return 4 * self.coarse_size**2 + 4
 
 

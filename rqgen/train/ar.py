@@ -75,15 +75,16 @@ def extract_features(vae: RQVAE | DQVAE, dataset: Dataset, device, batch_size: i
     dim) float32 (codes are drawn from them at each step); for a DQ-VAE the token streams of
     its code map (N, 3, 4·Nc + 4), padded (the router's choice is fixed per image)."""
     zs, labels = [], []
+    if isinstance(vae, DQVAE):
+        vocab = DQVocab(vae.config.codebook_size, vae.config.coarse_size)
+        pad = torch.tensor([vocab.content_pad, vocab.position_pad(True), 1])[None, :, None]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in tqdm(loader, desc="extract features", leave=False):
         x = x.to(device)
         if isinstance(vae, DQVAE):
-            vocab = DQVocab(vae.config.codebook_size, vae.config.coarse_size)
             codes, fine = unpack_codes(vae.encode_to_codes(x).cpu())
             seq = stack_sequence(to_sequence(codes, fine, vocab))
-            pad = torch.tensor([vocab.content_pad, vocab.position_pad(True), 1])[None, :, None]
-            missing = 4 * vocab.n_coarse + 4 - seq.shape[2]
+            missing = 4 * vocab.n_coarse + 4 - seq.shape[2]  # pad to the longest possible
             zs.append(torch.cat([seq, pad.expand(len(seq), 3, missing)], 2))
         else:
             zs.append(vae.encode(x).float().cpu())
