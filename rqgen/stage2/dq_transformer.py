@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rqgen.checkpoint import Pretrained
-from rqgen.errors import CheckpointError, ConfigError
+from rqgen.errors import ConfigError
 from rqgen.stage2.block import Transformer, gpt_init
 from rqgen.stage2.dq_sequence import DQSequence, DQVocab
-from rqgen.stage2.rq_transformer import check_class_ids, codebook_fingerprint
+from rqgen.stage2.rq_transformer import check_class_ids, check_pairing, codebook_fingerprint
 
 
 @dataclass
@@ -154,15 +154,11 @@ class DQTransformer(nn.Module, Pretrained):
 
     # ------------------------------------------------------------------ pairing
     def check_vae(self, vae) -> None:
-        c = self.config
-        got = (vae.config.codebook_size, getattr(vae.config, "coarse_size", None))
-        fp = codebook_fingerprint(vae.quantizer.codebook)
-        if got != (c.codebook_size, c.coarse_size) or fp != c.vae_fingerprint:
-            raise CheckpointError(
-                f"this DQ-Transformer was trained with another DQ-VAE (K, coarse grid = "
-                f"{(c.codebook_size, c.coarse_size)}, codebook {c.vae_fingerprint}); the given "
-                f"one has {got}, codebook {fp}: pass the VAE it was trained with"
-            )
+        """One-line error when `vae` is not the DQ-VAE this transformer was trained with."""
+        c, v = self.config, vae.config
+        check_pairing(vae, "DQ-VAE", "K, coarse grid", c.vae_fingerprint,
+                      (c.codebook_size, c.coarse_size),
+                      (v.codebook_size, getattr(v, "coarse_size", None)))  # fmt: skip
 
     @classmethod
     def for_vae(cls, vae, **overrides) -> DQTransformer:

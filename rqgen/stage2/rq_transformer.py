@@ -66,6 +66,18 @@ def check_class_ids(cond: Tensor, num_classes: int) -> None:
         raise ConfigError(f"class id {k} is out of range: this model knows 0..{num_classes - 1}")
 
 
+def check_pairing(vae, kind: str, what: str, fingerprint: str, expected, got) -> None:
+    """One-line error when `vae` is not the one a transformer was trained with: its shape
+    summary `got` differs from `expected`, or its codebook from the recorded fingerprint."""
+    fp = codebook_fingerprint(vae.quantizer.codebook)
+    if got != expected or fp != fingerprint:
+        raise CheckpointError(
+            f"this transformer was trained with another {kind} ({what} = {expected}, codebook "
+            f"{fingerprint}); the given one has {got}, codebook {fp}: pass the VAE it was "
+            "trained with"
+        )
+
+
 def codebook_fingerprint(codebook: Tensor) -> str:
     """Short hash of a codebook's values: pairs a transformer with its VAE."""
     data = codebook.detach().float().cpu().contiguous().numpy().tobytes()
@@ -207,16 +219,10 @@ class RQTransformer(nn.Module, Pretrained):
     # ------------------------------------------------------------------- pairing
     def check_vae(self, vae) -> None:
         """One-line error when `vae` is not the RQ-VAE this transformer was trained with."""
-        q = vae.quantizer
-        c = self.config
-        expected = (c.codebook_size, list(c.code_shape), c.embed_dim)
-        got = (q.codebook_size, list(vae.config.code_shape), q.dim)
-        if got != expected or codebook_fingerprint(q.codebook) != c.vae_fingerprint:
-            raise CheckpointError(
-                f"this transformer was trained with another RQ-VAE (K, code shape, dim = "
-                f"{expected}, codebook {c.vae_fingerprint}); the given one has {got}, "
-                f"codebook {codebook_fingerprint(q.codebook)}: pass the VAE it was trained with"
-            )
+        c, q = self.config, vae.quantizer
+        check_pairing(vae, "RQ-VAE", "K, code shape, dim", c.vae_fingerprint,
+                      (c.codebook_size, list(c.code_shape), c.embed_dim),
+                      (q.codebook_size, list(vae.config.code_shape), q.dim))  # fmt: skip
 
     @classmethod
     def for_vae(cls, vae, **overrides) -> RQTransformer:
