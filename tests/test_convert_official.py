@@ -174,3 +174,33 @@ def test_official_bpe_round_trips_and_text_models_need_it(vae, tmp_path):
     rqgen("sample", "--model", out / "ar", "--n", 2, "--prompt", "a red cat", "--device", "cpu",
           "--out", tmp_path / "t.png")  # fmt: skip
     assert (tmp_path / "t.png").is_file()
+
+
+def _reference_attention(attn, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Causal multi-head attention written out as the official code does it: q, k, v split
+    into `heads` slices of C / heads channels, softmax(q k^T / sqrt(dh)) v, then proj."""
+    B, T, C = x.shape
+    q, k, v = (lin(x).view(B, T, heads, C // heads).transpose(1, 2)
+               for lin in (attn.query, attn.key, attn.value))  # fmt: skip
+    att = (q @ k.transpose(-1, -2)) / (C // heads) ** 0.5
+    att = att.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
+    return attn.proj((att @ v).transpose(1, 2).reshape(B, T, C))
+
+
+def test_spatial_and_depth_transformers_may_have_different_head_counts(vae, tmp_path):
+    d = official_dir(tmp_path, "stage2_class")
+    text = (d / "config.yaml").read_text()
+    head_part = text.index("head:\n")
+    (d / "config.yaml").write_text(
+        text[:head_part] + text[head_part:].replace("n_head: 4", "n_head: 2", 1)
+    )
+    model = convert_stage2(d, vae)
+    assert model.config.heads == 4 and model.config.depth_heads == 2
+    body, head = model.body_transformer.blocks[0].attn, model.head_transformer.blocks[0].attn
+    assert (body.heads, head.heads) == (4, 2)
+    x = torch.randn(3, 5, model.config.width)
+    with torch.no_grad():
+        for attn, heads in ((body, 4), (head, 2)):
+            torch.testing.assert_close(attn(x), _reference_attention(attn, x, heads))
+        # and 2 heads are not 4: the head count is really used
+        assert not torch.allclose(head(x), _reference_attention(head, x, 4), atol=1e-4)

@@ -15,7 +15,8 @@ def make(num_classes=3, text_vocab_size=0, K=16, shape=(3, 3, 3), depth_layers=2
         spatial_layers=2, depth_layers=depth_layers, dropout=0.0, num_classes=num_classes,
         text_vocab_size=text_vocab_size, text_length=5, **kw,
     )  # fmt: skip
-    return RQTransformer(cfg, torch.randn(1, K, 8)).eval()
+    n_codebooks = 1 if cfg.shared_codebook else cfg.D
+    return RQTransformer(cfg, torch.randn(n_codebooks, K, 8)).eval()
 
 
 def test_changing_a_code_never_changes_earlier_logits():
@@ -48,6 +49,49 @@ def test_cached_and_uncached_sampling_give_identical_codes(cfg_scale):
     assert torch.equal(a, b)
     c = sample_codes(m, cond, cfg, torch.Generator().manual_seed(8))
     assert not torch.equal(a, c)
+
+
+# Every configuration the trainer and the official importer produce: shared or per-depth
+# codebooks, class / unconditional / text conditions, depths 1-8, non-square code maps.
+SAMPLER_CASES = [
+    pytest.param(dict(shared_codebook=shared, shape=(2, 3, D)), id=f"D{D}-{'shared' if shared else 'separate'}")
+    for D in (1, 2, 4, 8)
+    for shared in (True, False)
+] + [
+    pytest.param(dict(shared_codebook=False, shape=(3, 2, 4), num_classes=0), id="uncond"),
+    pytest.param(dict(shared_codebook=False, shape=(2, 2, 4), num_classes=0, text_vocab_size=20),
+                 id="text"),
+    pytest.param(dict(shared_codebook=False, shape=(2, 2, 4), depth_heads=2), id="depth-heads-2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kw", SAMPLER_CASES)
+def test_cached_sampler_equals_uncached_reference(kw):
+    m = make(**kw)
+    c = m.config
+    if c.text_vocab_size:
+        cond = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    else:
+        cond = torch.tensor([0, 1, 2]) if c.num_classes else torch.zeros(3, dtype=torch.long)
+    for cfg in (SamplingConfig(top_k=1), SamplingConfig(temperature=1.5, cfg_scale=2.0)):
+        a = sample_codes(m, cond, cfg, torch.Generator().manual_seed(3), use_cache=True)
+        b = sample_codes(m, cond, cfg, torch.Generator().manual_seed(3), use_cache=False)
+        assert a.shape == (3, *c.code_shape)
+        assert torch.equal(a, b), f"cached and uncached samplers differ ({kw}, {cfg})"
+
+
+def test_separate_codebooks_feed_each_depth_its_own_code_vectors():
+    # Greedy codes must be the argmax of the teacher-forced logits of the codes themselves:
+    # a sampler that looked depth d up in codebook 0 would not be self-consistent.
+    m = make(shared_codebook=False, shape=(2, 2, 4))
+    cond = torch.tensor([0, 1])
+    codes = sample_codes(m, cond, SamplingConfig(top_k=1))
+    logits, _ = m(codes, cond)
+    assert torch.equal(logits.argmax(-1), codes.reshape(2, 4, 4))
+    for d in range(4):
+        torch.testing.assert_close(
+            m.code_vector(codes[..., d], d), m.code_vectors(codes)[..., d, :]
+        )
 
 
 def test_soft_labels_with_one_hot_targets_equal_cross_entropy():

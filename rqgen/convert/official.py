@@ -178,7 +178,9 @@ def stage2_config(arch: dict, vae: RQVAE) -> RQTransformerConfig:
         cfg = RQTransformerConfig(
             codebook_size=vocab, code_shape=[h, w, d], embed_dim=arch.get("input_embed_dim")
             or vae.config.embed_dim, shared_codebook=vae.config.shared_codebook,
-            width=arch["embed_dim"], heads=heads_body, spatial_layers=arch["body"]["n_layer"],
+            width=arch["embed_dim"], heads=heads_body,
+            depth_heads=heads_head if heads_head != heads_body else 0,
+            spatial_layers=arch["body"]["n_layer"],
             depth_layers=arch["head"]["n_layer"], dropout=0.0,
             num_classes=n_cond if (len_cond == 1 and n_cond > 1) else 0,
             text_vocab_size=n_cond if len_cond > 1 else 0,
@@ -188,8 +190,6 @@ def stage2_config(arch: dict, vae: RQVAE) -> RQTransformerConfig:
         )  # fmt: skip
     except KeyError as e:
         raise CheckpointError(f"official stage-2 config lacks arch.{e.args[0]}") from e
-    if heads_head != heads_body:
-        raise CheckpointError(f"body has {heads_body} heads but head has {heads_head}: unsupported")
     if vocab != vae.config.codebook_size or list(cfg.code_shape) != list(vae.config.code_shape):
         raise CheckpointError(
             f"stage-2 config (K={vocab}, code shape {cfg.code_shape}) does not match the stage-1 "

@@ -32,7 +32,8 @@ class RQTransformerConfig:
     embed_dim: int = 64  # dimension of the RQ-VAE code vectors
     shared_codebook: bool = True
     width: int = 256
-    heads: int = 8
+    heads: int = 8  # spatial transformer
+    depth_heads: int = 0  # depth transformer; 0: the same as `heads`
     spatial_layers: int = 8
     depth_layers: int = 4
     dropout: float = 0.1
@@ -50,6 +51,10 @@ class RQTransformerConfig:
     @property
     def D(self) -> int:
         return self.code_shape[2]
+
+    @property
+    def heads_depth(self) -> int:
+        return self.depth_heads or self.heads
 
     @property
     def cond_length(self) -> int:
@@ -115,7 +120,7 @@ class RQTransformer(nn.Module, Pretrained):
             self.cond_emb = nn.Embedding(c.num_classes + 1, C)
         self.embed_drop = nn.Dropout(c.dropout)
         self.body_transformer = Transformer(C, c.spatial_layers, c.heads, c.dropout)
-        self.head_transformer = Transformer(C, c.depth_layers, c.heads, c.dropout)
+        self.head_transformer = Transformer(C, c.depth_layers, c.heads_depth, c.dropout)
         self.classifier = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, c.codebook_size))
         gpt_init(self, c.spatial_layers + c.depth_layers)
         for p in (self.pos_emb_hw, self.pos_emb_d, self.pos_emb_cond):
@@ -133,6 +138,11 @@ class RQTransformer(nn.Module, Pretrained):
         return torch.stack(
             [F.embedding(codes[..., d], self.codebook[d]) for d in range(codes.shape[-1])], -2
         )
+
+    def code_vector(self, codes: Tensor, depth: int) -> Tensor:
+        """e(S_td) for the codes (...,) of one depth d -> (..., embed_dim): codebook d when
+        every depth has its own (`shared_codebook=False`)."""
+        return F.embedding(codes, self.codebook[0 if self.config.shared_codebook else depth])
 
     def check_cond(self, cond: Tensor) -> None:
         if not self.config.text_vocab_size:

@@ -116,7 +116,9 @@ def _sample_cached(model, cond, codes, cfg, generator) -> None:
             if d == 0:
                 v = (h + model.pos_emb_d[:, 0])[:, None]
             else:
-                e = model.code_vectors(codes[:, t, d - 1 : d].repeat(B // n, 1))[:, 0]
+                # depth d-1's own codebook: a one-wide slice through code_vectors would look
+                # every depth up in codebook 0
+                e = model.code_vector(codes[:, t, d - 1].repeat(B // n), d - 1)
                 partial = e if partial is None else partial + e  # Ẑ(d), Eq. 12
                 v = (model.head_mlp(partial) + model.pos_emb_d[:, d])[:, None]
             out = model.head_transformer(v, depth_cache)[:, -1]
