@@ -26,7 +26,7 @@ def _training_args(p, default: str, presets: str, example: str) -> None:
     p.add_argument("--out", required=True, help="output directory; rerun to resume")
     p.add_argument("--config", default=default, help=f"preset ({presets}) or a JSON/YAML file")
     p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_device(p)
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
 
 
@@ -65,16 +65,24 @@ def _add_eval_vae(sub) -> None:
     p.add_argument("--data", required=True, help="image folder or bundled:NAME[:val]")
     p.add_argument("--limit", type=int, help="score at most N images")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    _add_device(p)
     p.add_argument("--no-rfid", action="store_true", help="skip rFID even if Inception is present")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.set_defaults(func=cmd_eval_vae)
 
 
-def _device(name: str | None) -> str:
-    import torch
+def _add_device(p) -> None:
+    p.add_argument(
+        "--device", default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process "
+        "takes cuda:LOCAL_RANK (default: auto)",
+    )  # fmt: skip
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+def _device(name: str | None):
+    from rqgen.utils.device import resolve_device
+
+    return resolve_device(name)
 
 
 def cmd_eval_vae(args) -> int:
@@ -108,7 +116,7 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--input", required=True, help="an image file, a folder, or bundled:NAME[:val]")
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=16, help="at most N images from a folder/dataset")
-    p.add_argument("--device", default=None)
+    _add_device(p)
     p.set_defaults(func=cmd_reconstruct)
 
 
@@ -204,7 +212,7 @@ def _add_sample(sub) -> None:
         "(or 'a photo of a CLASS'); needs local CLIP weights",
     )  # fmt: skip
     p.add_argument("--clip", help="local CLIP directory (default: $RQGEN_CLIP, then hub cache)")
-    p.add_argument("--device", default=None)
+    _add_device(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -305,6 +313,7 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--dq", action="store_true", help="digits with DQ-VAE + DQ-Transformer (same budget)"
     )
+    _add_device(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -312,9 +321,9 @@ def cmd_demo(args) -> int:
     from rqgen.demo import run_demo, run_photos_demo
 
     if args.task == "digits":
-        run_demo(Path(args.out), args.steps, args.ar_steps, dq=args.dq)
+        run_demo(Path(args.out), args.steps, args.ar_steps, dq=args.dq, device=args.device)
     else:
-        run_photos_demo(Path(args.out), steps=args.steps)
+        run_photos_demo(Path(args.out), steps=args.steps, device=args.device)
     return 0
 
 
@@ -393,7 +402,7 @@ def _add_eval_gen(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default=None)
+    _add_device(p)
     p.set_defaults(func=cmd_eval_gen)
 
 
@@ -405,7 +414,7 @@ def _add_fid_stats(sub) -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--split", default="val", help="bundled split, or 'train' for random crops")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    _add_device(p)
     p.set_defaults(func=cmd_fid_stats)
 
 

@@ -21,21 +21,24 @@ from rqgen.data import build_dataset
 from rqgen.evaluate.vae import evaluate_vae, write_reconstructions
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.vae import train_vae
+from rqgen.utils.device import resolve_device
 
 DEMO_STEPS = 300  # about 6 minutes on 2 CPU cores
 
 
-def run_photos_demo(out: Path, steps: int | None = None) -> dict:
+def run_photos_demo(out: Path, steps: int | None = None, device: str | None = "auto") -> dict:
     start = time.time()
     exp = load_vae_experiment("tiny32", [f"train.steps={steps or DEMO_STEPS}"])
-    vae_dir = train_vae(exp, "bundled:photos", out / "vae")
+    vae_dir = train_vae(exp, "bundled:photos", out / "vae", device=device)
     vae = RQVAE.from_pretrained(vae_dir)
 
     val = build_dataset("bundled:photos:val", vae.config.resolution, split="val")
     n = 12
     images = torch.stack([val[i][0] for i in range(n)])
-    write_reconstructions(vae, images, [f"val{i:02d}" for i in range(n)], out / "reconstructions")
-    result = evaluate_vae(vae, val, progress=False)
+    write_reconstructions(vae, images, [f"val{i:02d}" for i in range(n)], out / "reconstructions",
+                          device=dev)  # fmt: skip
+    dev = resolve_device(device)
+    result = evaluate_vae(vae, val, progress=False, device=dev)
     result["train_seconds_total"] = round(time.time() - start, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -67,6 +70,7 @@ def run_demo(
     ar_steps: int | None = None,
     dq: bool = False,
     per_class: int = 10,
+    device: str | None = "auto",
 ) -> dict:
     """Stage 1 + stage 2 on the bundled digits: tiny32 RQ-VAE, class-conditional RQ-Transformer
     (with `dq`: dq-tiny32 DQ-VAE and DQ-Transformer, same steps and batch), a grid of
@@ -83,31 +87,31 @@ def run_demo(
         "dq-tiny32" if dq else "tiny32",
         [f"train.steps={vae_steps or DIGITS_VAE_STEPS}", *DIGITS_VAE_OVERRIDES],
     )
-    vae_dir = train_vae(exp, "bundled:digits", out / "vae")
+    vae_dir = train_vae(exp, "bundled:digits", out / "vae", device=device)
     ar_exp = load_ar_experiment(
         "dq-ar-tiny" if dq else "ar-tiny",
         [f"train.steps={ar_steps or DIGITS_AR_STEPS}", *DIGITS_AR_OVERRIDES],
     )
-    ar_dir = train_ar(ar_exp, vae_dir, "bundled:digits", out / "ar")
+    ar_dir = train_ar(ar_exp, vae_dir, "bundled:digits", out / "ar", device=device)
 
-    model, vae, _, _ = load_for_sampling(ar_dir)
+    dev = resolve_device(device)
+    model, vae, _, _ = load_for_sampling(ar_dir, device=dev)
     val = build_dataset("bundled:digits:val", vae.config.resolution, split="val")
     real = torch.stack([val[i][0] for i in range(len(val))])
-    write_reconstructions(
-        vae, real[:10], [f"val{i:02d}" for i in range(10)], out / "reconstructions"
-    )
-    stage1 = evaluate_vae(vae, val, progress=False)
+    names = [f"val{i:02d}" for i in range(10)]
+    write_reconstructions(vae, real[:10], names, out / "reconstructions", device=dev)
+    stage1 = evaluate_vae(vae, val, progress=False, device=dev)
 
-    classifier = load_or_train(cache_dir() / "classifiers")  # trained once, then reused
+    classifier = load_or_train(cache_dir() / "classifiers", dev)  # trained once, then reused
     classifier_acc = heldout_accuracy(classifier)
-    cond = torch.arange(10).repeat_interleave(per_class)
+    cond = torch.arange(10, device=dev).repeat_interleave(per_class)
     results = {}
     for name, scale in (("samples", 1.0), ("samples_cfg2", 2.0)):
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(dev).manual_seed(0)
         _, images = generate(vae, model, cond, SamplingConfig(cfg_scale=scale), gen)
         # one row per class: column i of row c is the i-th sample of class c
         save_grid(images[: 10 * per_class], out / f"{name}.png", nrow=per_class, upscale=4)
-        results[name] = score_digits(classifier, images, cond, real)
+        results[name] = score_digits(classifier, images, cond, real.to(dev))
     metrics = {
         "stage1_heldout": {
             k: stage1[k]

@@ -19,3 +19,7 @@ class CheckpointError(RqgenError):
 
 class TrainingError(RqgenError):
     """Training cannot continue (e.g. the loss became NaN)."""
+
+
+class DeviceError(RqgenError):
+    """The requested device does not exist here or cannot be used this way."""

@@ -38,6 +38,7 @@ class VAETrainConfig:
     ema_decay: float = 0.0  # weight EMA of the autoencoder; 0: off
     bf16: bool = False  # bf16 autocast (the codebook search stays fp32)
     seed: int = 0
+    dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
     num_workers: int = 2
     log_every: int = 10
     ckpt_every: int = 500
@@ -143,6 +144,7 @@ class ARModelConfig:
 
     width: int = 256
     heads: int = 8
+    depth_heads: int = 0  # heads of the depth transformer; 0: the same as `heads`
     spatial_layers: int = 8
     depth_layers: int = 4  # 0 with a 16×16×1 VQ: the flat VQ-GAN-style baseline
     position_layers: int = 2  # DQ-Transformer (with a DQ-VAE): position transformer
@@ -176,6 +178,7 @@ class ARTrainConfig:
     ema_decay: float = 0.0
     bf16: bool = False
     seed: int = 0
+    dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
     num_workers: int = 0
     log_every: int = 10
     ckpt_every: int = 500

@@ -149,7 +149,8 @@ class ARTrainer(Trainer):
         else:
             self.model = RQTransformer.for_vae(
                 self.vae,
-                width=m.width, heads=m.heads, spatial_layers=m.spatial_layers,
+                width=m.width, heads=m.heads, depth_heads=m.depth_heads,
+                spatial_layers=m.spatial_layers,
                 depth_layers=m.depth_layers, dropout=m.dropout,
                 num_classes=n_classes if m.conditioning == "class" else 0,
                 text_vocab_size=self.tokenizer.vocab_size if m.conditioning == "text" else 0,
@@ -404,5 +405,5 @@ def train_ar(
     device: str | None = None,
     quiet: bool = False,
 ) -> Path:
-    rt = init_runtime(device)
+    rt = init_runtime(device, exp.train.dist_timeout)
     return ARTrainer(exp, vae, data, out, rt, captions=captions, quiet=quiet).fit()

@@ -11,6 +11,7 @@ import random
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
 from rqgen.errors import CheckpointError, ConfigError, TrainingError
+from rqgen.utils.device import resolve_device, use_device
 
 # ------------------------------------------------------------------ process group
 
@@ -36,21 +38,18 @@ class Runtime:
         return self.rank == 0
 
 
-def init_runtime(device: str | None = None) -> Runtime:
-    """Single process, or the process group torchrun describes in the environment."""
+def init_runtime(device: str | None = None, timeout_s: float = 1800.0) -> Runtime:
+    """Single process, or the process group torchrun describes in the environment: NCCL
+    when this rank computes on a GPU, gloo on CPU. A collective that waits longer than
+    `timeout_s` (a dead or stuck rank) fails instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device, world)  # before the process group: a bad name fails fast
+    use_device(dev)
     if world > 1 and not torch_dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-        torch_dist.init_process_group(backend)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kw = {"device_id": dev} if dev.type == "cuda" else {}
+        torch_dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
     rank = torch_dist.get_rank() if world > 1 else 0
-    if device is None:
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        else:
-            device = "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     return Runtime(rank, world, dev)
 
 

@@ -340,5 +340,5 @@ def train_vae(
     quiet: bool = False,
 ) -> Path:
     """Train (or resume) an RQ-VAE or DQ-VAE; returns the `save_pretrained` directory."""
-    rt = init_runtime(device)
+    rt = init_runtime(device, exp.train.dist_timeout)
     return VAETrainer(exp, data, out, rt, val_data=val_data, quiet=quiet).fit()

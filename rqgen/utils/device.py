@@ -1,0 +1,64 @@
+"""Which device a command computes on: `--device auto|cpu|cuda|cuda:N`.
+
+Under torchrun every rank must own one GPU, `cuda:LOCAL_RANK`; an explicit index would put
+all ranks on the same GPU, so it is refused there. Every mistake is a one-line `DeviceError`
+raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rqgen.errors import DeviceError
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str | None = "auto", world_size: int | None = None) -> torch.device:
+    """The torch.device for `name` (None = auto) in this process.
+
+    auto: `cuda:LOCAL_RANK` when CUDA is available, else cpu. cuda: `cuda:LOCAL_RANK`
+    (LOCAL_RANK is 0 outside torchrun). cuda:N: that GPU, in a single process only.
+    """
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = (name or "auto").strip().lower()
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise DeviceError(f"--device {name!r} is not one of {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"--device {name} was asked for but this machine has no CUDA device usable by "
+            f"torch {torch.__version__}: use --device cpu (or install a CUDA build of torch)"
+        )
+    if index and world_size > 1:
+        raise DeviceError(
+            f"--device {name} names one GPU for all {world_size} processes: use --device cuda "
+            "(each torchrun process then takes cuda:LOCAL_RANK)"
+        )
+    gpu = int(index) if index else local_rank
+    count = torch.cuda.device_count()
+    if gpu >= count:
+        what = f"--device {name}" if index else f"LOCAL_RANK {local_rank}"
+        raise DeviceError(f"{what} needs GPU {gpu} but only {count} GPU(s) are visible")
+    return torch.device("cuda", gpu)
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` the current CUDA device (so NCCL and stray allocations land on it) and
+    allow TF32 matmuls there: 8-10× the fp32 throughput on Ampere+ at ~1e-3 relative error,
+    which training and sampling tolerate (the codebook search runs in fp32 regardless)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
