@@ -35,9 +35,9 @@ def run_photos_demo(out: Path, steps: int | None = None, device: str | None = "a
     val = build_dataset("bundled:photos:val", vae.config.resolution, split="val")
     n = 12
     images = torch.stack([val[i][0] for i in range(n)])
-    write_reconstructions(vae, images, [f"val{i:02d}" for i in range(n)], out / "reconstructions",
-                          device=dev)  # fmt: skip
     dev = resolve_device(device)
+    names = [f"val{i:02d}" for i in range(n)]
+    write_reconstructions(vae, images, names, out / "reconstructions", device=dev)
     result = evaluate_vae(vae, val, progress=False, device=dev)
     result["train_seconds_total"] = round(time.time() - start, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

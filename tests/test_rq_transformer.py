@@ -54,7 +54,7 @@ def test_cached_and_uncached_sampling_give_identical_codes(cfg_scale):
 # Every configuration the trainer and the official importer produce: shared or per-depth
 # codebooks, class / unconditional / text conditions, depths 1-8, non-square code maps.
 SAMPLER_CASES = [
-    pytest.param(dict(shared_codebook=shared, shape=(2, 3, D)), id=f"D{D}-{'shared' if shared else 'separate'}")
+    pytest.param(dict(shared_codebook=shared, shape=(2, 3, D)), id=f"D{D}-shared={shared}")
     for D in (1, 2, 4, 8)
     for shared in (True, False)
 ] + [
