@@ -79,6 +79,14 @@ def _add_device(p) -> None:
     )  # fmt: skip
 
 
+def _add_dtype(p) -> None:
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+        help="the transformer's precision while sampling; auto: bf16 on CUDA, fp32 on CPU "
+        "(whose bf16 is emulated and slower) (default: auto)",
+    )  # fmt: skip
+
+
 def _device(name: str | None):
     from rqgen.utils.device import resolve_device
 
@@ -213,6 +221,7 @@ def _add_sample(sub) -> None:
     )  # fmt: skip
     p.add_argument("--clip", help="local CLIP directory (default: $RQGEN_CLIP, then hub cache)")
     _add_device(p)
+    _add_dtype(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -257,7 +266,7 @@ def cmd_sample(args) -> int:
     from rqgen.utils.images import save_grid, save_image
 
     device = _device(args.device)
-    model, vae, meta, tokenizer = load_for_sampling(args.model, args.vae, device)
+    model, vae, meta, tokenizer = load_for_sampling(args.model, args.vae, device, args.dtype)
     cond, names = sample_conditions(model, meta, tokenizer, args.n, args.cls, args.prompt)
     cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -403,6 +412,7 @@ def _add_eval_gen(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true")
     _add_device(p)
+    _add_dtype(p)
     p.set_defaults(func=cmd_eval_gen)
 
 
@@ -489,7 +499,7 @@ def cmd_eval_gen(args) -> int:
     if args.model:
         from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, stream_samples
 
-        model, vae, meta, tokenizer = load_for_sampling(args.model, None, device)
+        model, vae, meta, tokenizer = load_for_sampling(args.model, None, device, args.dtype)
         k = model.config.num_classes
         if model.config.text_vocab_size:
             if not args.prompts:

@@ -34,14 +34,54 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
 
 
-def rqgen(*args, check=True, env_extra=None, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "rqgen", *map(str, args)],
-        capture_output=True, text=True, env={**ENV, **(env_extra or {})}, timeout=300, **kw,
-    )  # fmt: skip
+def rqgen(*args, check=True, env_extra=None, isolated=False) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would and return its exit code, stdout and stderr. In this
+    process by default (a new interpreter would only pay ~2 s to import torch again), with
+    one torch thread, the subprocess's environment and warnings printed to stderr, an
+    unexpected exception becoming a traceback on stderr and exit code 1; `isolated` runs
+    `python -m rqgen` in a fresh process instead."""
+    argv = [str(a) for a in args]
+    if isolated:
+        proc = subprocess.run([sys.executable, "-m", "rqgen", *argv], capture_output=True,
+                              text=True, env={**ENV, **(env_extra or {})}, timeout=300)  # fmt: skip
+    else:
+        proc = _in_process(argv, env_extra or {})
     if check and proc.returncode != 0:
-        raise AssertionError(f"rqgen {args} failed:\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"rqgen {argv} failed:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _in_process(argv: list[str], env_extra: dict) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import traceback
+    import warnings
+
+    from rqgen.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    os.environ.update(env_extra)
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():  # fmt: skip
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: err.write(
+                warnings.formatwarning(m, c, f, n, line)
+            )
+            try:
+                rc = main(argv)
+            except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(argv, rc or 0, out.getvalue(), err.getvalue())
 
 
 def train_args(out, steps, *extra, data="bundled:digits"):
@@ -205,7 +245,7 @@ def test_resuming_with_another_model_config_is_refused(tmp_path):
 
 def test_bf16_weight_ema_and_grad_accumulation(tmp_path):
     out = tmp_path / "opts"
-    rqgen(*train_args(out, 3, "train.bf16=true", "train.ema_decay=0.5", "train.grad_accum=2"))
+    rqgen(*train_args(out, 3, "train.precision=bf16", "train.ema_decay=0.5", "train.grad_accum=2"))
     exported = weights(out)  # the public checkpoint holds the EMA weights
     raw = load_file(str(out / "train_state" / "model.safetensors"))
     k = "decoder.conv_out.weight"
@@ -214,6 +254,25 @@ def test_bf16_weight_ema_and_grad_accumulation(tmp_path):
     rows = [r for r in metrics(out) if "loss" in r]
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite under bf16
     RQVAE.from_pretrained(out)
+
+
+def test_fp16_with_gradient_scalers_resumes_exactly(tmp_path):
+    """fp16 autocast with the GAN and clipping: both gradient scalers are saved, and a run
+    resumed from step 2 ends where an unbroken one does."""
+    fp16 = ["train.precision=fp16", "train.disc_start=0", "train.disc_ndf=8", "train.grad_clip=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    rqgen(*train_args(straight, 4, *fp16))
+    rqgen(*train_args(resumed, 2, *fp16))
+    state = torch.load(resumed / "train_state" / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0 and state["scaler_d"]["scale"] > 0
+    rqgen(*train_args(resumed, 4, *fp16))
+    rows = [r for r in metrics(resumed) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("d_loss" in r for r in rows)
+    a, b = weights(straight), weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    bad = rqgen(*train_args(tmp_path / "bad", 1, "train.precision=fp8"), check=False)
+    assert bad.returncode == 2 and "precision 'fp8' is not one of" in bad.stderr
 
 
 def test_resume_check_treats_fields_added_later_as_defaults(tmp_path):

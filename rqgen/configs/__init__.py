@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rqgen.errors import ConfigError
 from rqgen.stage1.dqvae import DQVAEConfig
 from rqgen.stage1.rqvae import RQVAEConfig
+from rqgen.stage2.rq_transformer import RQTransformerConfig
 
 
 @dataclass
@@ -36,7 +37,9 @@ class VAETrainConfig:
     disc_ndf: int = 64
     disc_layers: int = 2
     ema_decay: float = 0.0  # weight EMA of the autoencoder; 0: off
-    bf16: bool = False  # bf16 autocast (the codebook search stays fp32)
+    # auto: bf16 on CUDA, fp32 on CPU; fp16 adds a gradient scaler. The codebook search
+    # and its EMA statistics run in fp32 whatever this says.
+    precision: str = "auto"
     seed: int = 0
     dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
     num_workers: int = 2
@@ -176,7 +179,7 @@ class ARTrainConfig:
     eval_every: int = 200
     patience: int = 0  # early stopping after this many evals without improvement; 0: off
     ema_decay: float = 0.0
-    bf16: bool = False
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or fp32, bf16, fp16
     seed: int = 0
     dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
     num_workers: int = 0
@@ -214,24 +217,96 @@ def _dq_ar_tiny() -> ARExperiment:
     return exp
 
 
+@dataclass(frozen=True)
+class PaperModel:
+    """A stage-2 model of the paper's Table 5: its layers, and the RQ-VAE (8×8×4 codes of
+    dimension 256, K codes) and conditions it was trained with, which fix its size."""
+
+    params: float  # as Table 5 reports it
+    width: int
+    heads: int
+    spatial_layers: int
+    depth_layers: int
+    codebook_size: int = 16384
+    conditioning: str = "none"
+    num_classes: int = 0
+    tau: float = 0.5
+    dropout: float = 0.1
+    batch_size: int = 2048  # A.3: 2048, 16 for FFHQ
+
+    def experiment(self) -> ARExperiment:
+        # A.3: AdamW(0.9, 0.95), lr 5e-4 cosine, wd 1e-4, clip 1.0 (ARTrainConfig defaults)
+        text = self.conditioning == "text"
+        return ARExperiment(
+            ARModelConfig(width=self.width, heads=self.heads, spatial_layers=self.spatial_layers,
+                          depth_layers=self.depth_layers, dropout=self.dropout,
+                          conditioning=self.conditioning, text_vocab_size=16384 if text else 4096,
+                          text_length=32),
+            ARTrainConfig(batch_size=self.batch_size, tau=self.tau,
+                          patience=5 if self.batch_size == 16 else 0),
+        )  # fmt: skip
+
+    def transformer_config(self) -> RQTransformerConfig:
+        """The full model config, as `train-ar` would build it from the paper's RQ-VAE."""
+        m = self.experiment().model
+        return ar_transformer_config(
+            m,
+            self.codebook_size,
+            [8, 8, 4],
+            256,
+            self.num_classes,
+            m.text_vocab_size if self.conditioning == "text" else 0,
+        )
+
+
+# Table 5 of the paper; layer splits and heads agree with the released configs (CC-3M: 26+4,
+# where the table's text extraction reads 24). FFHQ: Table 5 prints 370M, but its K = 2048
+# gives 354M, the size of the released FFHQ model (355M).
+PAPER_MODELS = {
+    "ar-lsun-cat-612m": PaperModel(612e6, 1280, 20, 26, 4),
+    "ar-lsun-bedroom-612m": PaperModel(612e6, 1280, 20, 26, 4),
+    "ar-lsun-church-370m": PaperModel(370e6, 1024, 16, 24, 4),
+    "ar-ffhq-370m": PaperModel(
+        355e6, 1024, 16, 24, 4, codebook_size=2048, tau=1.0, batch_size=16
+    ),  # fmt: skip
+    "ar-imagenet-480m": PaperModel(480e6, 1536, 24, 12, 4, conditioning="class", num_classes=1000),
+    "ar-imagenet-821m": PaperModel(821e6, 1536, 24, 24, 4, conditioning="class", num_classes=1000),
+    "ar-imagenet-1.4b": PaperModel(
+        1388e6, 1536, 24, 42, 6, conditioning="class", num_classes=1000
+    ),  # fmt: skip
+    # A.3: dropout 0.3 for the 3.8B model only
+    "ar-imagenet-3.8b": PaperModel(
+        3822e6, 2560, 40, 42, 6, conditioning="class", num_classes=1000, dropout=0.3
+    ),  # fmt: skip
+    "ar-cc3m-654m": PaperModel(654e6, 1280, 20, 26, 4, conditioning="text"),
+}
+
 AR_PRESETS = {
     "ar-tiny": _ar_tiny,
     "dq-ar-tiny": _dq_ar_tiny,
     "ar-flat-tiny": _ar_flat_tiny,
-    # Table 5 sizes (ImageNet 480M, FFHQ 370M)
-    "ar-imagenet-480m": lambda: ARExperiment(
-        ARModelConfig(width=1536, heads=24, spatial_layers=12, depth_layers=4)
-    ),
-    "ar-ffhq-370m": lambda: ARExperiment(
-        ARModelConfig(width=1024, heads=16, spatial_layers=24, depth_layers=4, conditioning="none"),
-        ARTrainConfig(batch_size=16, tau=1.0, patience=5),
-    ),
+    **{name: paper.experiment for name, paper in PAPER_MODELS.items()},
     # the reference ImageNet DQ-Transformer: 6 + 18 layers, width 1024, 8 heads (~309M)
     "dq-ar-imagenet": lambda: ARExperiment(
         ARModelConfig(width=1024, heads=8, position_layers=6, content_layers=18),
         ARTrainConfig(weight_decay=0.01, soft_labels=False, stochastic_codes=False),
     ),
 }
+
+
+def ar_transformer_config(
+    m: ARModelConfig, codebook_size: int, code_shape: list[int], embed_dim: int,
+    num_classes: int = 0, text_vocab_size: int = 0, **extra,
+) -> RQTransformerConfig:  # fmt: skip
+    """The RQ-Transformer config for the user's choices `m` and an RQ-VAE's codes."""
+    return RQTransformerConfig(
+        codebook_size=codebook_size, code_shape=list(code_shape), embed_dim=embed_dim,
+        width=m.width, heads=m.heads, depth_heads=m.depth_heads, spatial_layers=m.spatial_layers,
+        depth_layers=m.depth_layers, dropout=m.dropout,
+        num_classes=num_classes if m.conditioning == "class" else 0,
+        text_vocab_size=text_vocab_size if m.conditioning == "text" else 0,
+        text_length=m.text_length, text_loss_weight=m.text_loss_weight, **extra,
+    )  # fmt: skip
 
 
 def load_vae_experiment(

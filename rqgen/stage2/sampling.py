@@ -18,6 +18,7 @@ from torch import Tensor
 
 from rqgen.errors import CheckpointError, ConfigError
 from rqgen.stage2.rq_transformer import RQTransformer
+from rqgen.utils.device import PRECISIONS, resolve_precision
 
 
 @dataclass
@@ -248,9 +249,13 @@ def clip_rerank(
     return best_of(vae, model, cond, score, 1 / candidates, cfg, generator, batch_size)
 
 
-def load_for_sampling(model_dir: str | Path, vae_dir: str | Path | None = None, device="cpu"):
+def load_for_sampling(
+    model_dir: str | Path, vae_dir: str | Path | None = None, device="cpu", dtype: str = "fp32"
+):
     """The transformer (RQ or DQ), the VAE it records (or `vae_dir`), its metadata and
-    tokenizer."""
+    tokenizer. `dtype` (fp32, bf16, fp16, or auto: bf16 on CUDA, fp32 on CPU) is the
+    transformer's: its weights and KV caches are cast, logits are sampled in fp32, and the
+    VAE decodes in fp32."""
     from rqgen.checkpoint import read_config
     from rqgen.stage1 import load_vae
     from rqgen.stage2.dq_transformer import DQTransformer
@@ -269,7 +274,8 @@ def load_for_sampling(model_dir: str | Path, vae_dir: str | Path | None = None, 
             raise CheckpointError(f"'{model_dir}' does not record its VAE: pass --vae DIR")
         vae_dir = Path(model_dir) / meta["vae"]
     vae = load_vae(vae_dir, map_location=device)
-    model.check_vae(vae)
+    model.check_vae(vae)  # before the cast: the fingerprint is of the fp32 codebook
+    model.to(PRECISIONS[resolve_precision(dtype, torch.device(device))])
     tokenizer = None
     if getattr(model.config, "text_vocab_size", 0):
         tokenizer = TextTokenizer.load(model_dir, model.config.text_length)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rqgen.checkpoint import save_state_dict
-from rqgen.configs import ARExperiment
+from rqgen.configs import ARExperiment, ar_transformer_config
 from rqgen.data import build_dataset, describe
 from rqgen.data.captions import captions_for
 from rqgen.errors import ConfigError
@@ -97,7 +97,7 @@ class ARTrainer(Trainer):
                  rt: Runtime, captions: str | None = None, quiet: bool = False):  # fmt: skip
         self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
         m, t = exp.model, exp.train
-        self.bf16 = t.bf16
+        self._set_precision(t.precision)
         if m.conditioning not in ("class", "none", "text"):
             raise ConfigError(f"model.conditioning={m.conditioning!r}: use class, none or text")
         if t.batch_size % (rt.world_size * t.grad_accum):
@@ -147,16 +147,14 @@ class ARTrainer(Trainer):
                 num_classes=n_classes if m.conditioning == "class" else 0,
             ).to(rt.device)  # fmt: skip
         else:
-            self.model = RQTransformer.for_vae(
-                self.vae,
-                width=m.width, heads=m.heads, depth_heads=m.depth_heads,
-                spatial_layers=m.spatial_layers,
-                depth_layers=m.depth_layers, dropout=m.dropout,
-                num_classes=n_classes if m.conditioning == "class" else 0,
-                text_vocab_size=self.tokenizer.vocab_size if m.conditioning == "text" else 0,
-                text_length=m.text_length, text_loss_weight=m.text_loss_weight,
-                text_pad_id=self.tokenizer.pad_id if m.conditioning == "text" else 0,
-            ).to(rt.device)  # fmt: skip
+            q, text = self.vae.quantizer, m.conditioning == "text"
+            cfg = ar_transformer_config(
+                m, q.codebook_size, self.vae.config.code_shape, q.dim, n_classes,
+                self.tokenizer.vocab_size if text else 0, shared_codebook=q.shared_codebook,
+                vae_fingerprint=codebook_fingerprint(q.codebook),
+                text_pad_id=self.tokenizer.pad_id if text else 0,
+            )  # fmt: skip
+            self.model = RQTransformer(cfg, q.codebook).to(rt.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
         self.opt = torch.optim.AdamW(
@@ -215,6 +213,7 @@ class ARTrainer(Trainer):
     def _resume(self) -> None:
         s = self.state.load({"model": self.model}, map_location=self.rt.device)
         self.opt.load_state_dict(s["opt"])
+        self._load_scaler(self.scaler, s.get("scaler"))
         if self.ema is not None and "ema" in s:
             self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
         self.step, self.best, self.bad_evals = int(s["step"]), float(s["best"]), int(s["bad"])
@@ -231,6 +230,7 @@ class ARTrainer(Trainer):
 
     def save_state(self) -> None:
         state = {"opt": self.opt.state_dict(), "step": self.step, "rng": rng_state(),
+                 "scaler": self.scaler.state_dict(),
                  "best": self.best, "bad": self.bad_evals}  # fmt: skip
         if self.ema is not None:
             state["ema"] = self.ema.shadow
@@ -280,15 +280,17 @@ class ARTrainer(Trainer):
             codes, soft = self._codes_and_targets(z, gen)
             with self._no_sync(self.model_ddp, i == len(batches) - 1), self._autocast():
                 loss, parts = self._loss(self.model_ddp, codes, self._drop_cond(cond, gen), soft)
-                (loss / len(batches)).backward()
+                self.scaler.scale(loss / len(batches)).backward()
             for k, v in {**parts, "loss": float(loss.detach())}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batches)
         self._stop_if_nonfinite(not math.isfinite(totals["loss"]), totals["loss"])
         if t.grad_clip > 0:
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
             totals["grad_norm"] = float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             )
-        self.opt.step()
+        self.scaler.step(self.opt)  # fp16: skipped when a gradient overflowed
+        self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
         return totals

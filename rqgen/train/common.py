@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
 from rqgen.errors import CheckpointError, ConfigError, TrainingError
-from rqgen.utils.device import resolve_device, use_device
+from rqgen.utils.device import PRECISIONS, resolve_device, resolve_precision, use_device
 
 # ------------------------------------------------------------------ process group
 
@@ -277,9 +277,19 @@ class Trainer:
     rt: Runtime
     out: Path
     step: int
-    bf16: bool
     model: nn.Module
     ema: WeightEMA | None
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler
+
+    def _set_precision(self, name: str) -> None:
+        """Autocast dtype for forward passes, and a gradient scaler for fp16 (whose 5-bit
+        exponent underflows small gradients without it; bf16 and fp32 need none)."""
+        self.precision = resolve_precision(name, self.rt.device)
+        self.scaler = self._new_scaler()
+
+    def _new_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.rt.device.type, enabled=self.precision == "fp16")
 
     def public_model(self) -> nn.Module:
         """The model to save and score: a copy holding the EMA weights when EMA is on."""
@@ -290,9 +300,15 @@ class Trainer:
         return m
 
     def _autocast(self):
-        if not self.bf16:
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.rt.device.type, dtype=PRECISIONS[self.precision])
+
+    @staticmethod
+    def _load_scaler(scaler: torch.amp.GradScaler, state: dict | None) -> None:
+        """A scaler state is only written by an fp16 run (a disabled scaler's is empty)."""
+        if scaler.is_enabled() and state:
+            scaler.load_state_dict(state)
 
     def _no_sync(self, module, last_micro_batch: bool):
         """Gradient accumulation under DDP: all-reduce only on the last micro-batch."""

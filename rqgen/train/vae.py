@@ -65,7 +65,8 @@ class VAETrainer(Trainer):
     ):
         self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
         t, m = exp.train, exp.model
-        self.bf16 = t.bf16
+        self._set_precision(t.precision)
+        self.scaler_d = self._new_scaler()  # the discriminator's losses have their own scale
         if t.batch_size % (rt.world_size * t.grad_accum):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum "
@@ -139,6 +140,8 @@ class VAETrainer(Trainer):
         self.opt.load_state_dict(s["opt"])
         if self.opt_d is not None and "opt_d" in s:
             self.opt_d.load_state_dict(s["opt_d"])
+        self._load_scaler(self.scaler, s.get("scaler"))
+        self._load_scaler(self.scaler_d, s.get("scaler_d"))
         if self.ema is not None and "ema" in s:
             self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
         self.step = int(s["step"])
@@ -150,7 +153,13 @@ class VAETrainer(Trainer):
         modules = {"model": self.model}
         if self.disc is not None:
             modules["disc"] = self.disc
-        state = {"opt": self.opt.state_dict(), "step": self.step, "rng": rng_state()}
+        state = {
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "rng": rng_state(),
+            "scaler": self.scaler.state_dict(),
+            "scaler_d": self.scaler_d.state_dict(),
+        }
         if self.opt_d is not None:
             state["opt_d"] = self.opt_d.state_dict()
         if self.ema is not None:
@@ -198,15 +207,17 @@ class VAETrainer(Trainer):
                     loss = loss + w * g_loss
                     parts |= {"g_loss": g_loss.detach(), "adaptive_w": torch.as_tensor(w)}
                 parts |= {"commit": out.commitment_loss.detach(), "loss": loss.detach()}
-                (loss / len(batches)).backward()
+                self.scaler.scale(loss / len(batches)).backward()
             nonfinite = nonfinite or not bool(torch.isfinite(loss))
             recons.append((x, xr.detach()))
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
         self._stop_if_nonfinite(nonfinite, totals.get("loss", math.nan))
         if t.grad_clip > 0:
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)  # fp16: skipped when a gradient overflowed
+        self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
 
@@ -217,9 +228,10 @@ class VAETrainer(Trainer):
                 last = i == len(recons) - 1
                 with self._no_sync(self.disc_ddp, last), self._autocast():
                     d_loss = hinge_d_loss(self.disc_ddp(x), self.disc_ddp(xr))
-                    (d_loss / len(recons)).backward()
+                    self.scaler_d.scale(d_loss / len(recons)).backward()
                 totals["d_loss"] = totals.get("d_loss", 0.0) + float(d_loss) / len(recons)
-            self.opt_d.step()
+            self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
         return totals
 
     # ------------------------------------------------------------------ evaluation

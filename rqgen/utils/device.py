@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from rqgen.errors import DeviceError
+from rqgen.errors import ConfigError, DeviceError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
@@ -62,3 +62,21 @@ def use_device(device: torch.device) -> None:
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str | None, device: torch.device) -> str:
+    """fp32, bf16 or fp16 for `name` (auto / None: bf16 on CUDA, fp32 on CPU, whose bf16 is
+    emulated and slower than fp32 on CPUs without bf16 units)."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda" and name == "fp32":
+            name = "fp16"  # pre-Ampere GPUs: fp16 (training adds a gradient scaler)
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision {name!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16 support: use fp16 (or fp32)")
+    return name
