@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean suite-time
 
 # The CPU wheel of torch is installed first and pinned, so that no later requirement can pull
 # a multi-GB CUDA build. GPU users: install your CUDA torch into .venv first, then `make`.
@@ -38,6 +38,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/rate_distortion.py
 	$(PY) benchmarks/sampling_speed.py
 	$(PY) benchmarks/digits_quality.py
+
+# Both README commands on fresh clones of HEAD, set-up included (benchmarks/results/suite_time.md)
+suite-time:
+	python3 benchmarks/suite_time.py
 
 clean:
 	rm -rf demo_out .pytest_cache
