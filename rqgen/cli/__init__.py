@@ -1,0 +1,46 @@
+"""The `rqgen` command (also `python -m rqgen`). Each subcommand is a thin shell over a
+library function, so everything here can also be done from Python; one module per command
+group (train, sample, evaluate, convert), sharing the arguments in `common`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rqgen.cli import convert, evaluate, sample, train
+from rqgen.errors import RqgenError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rqgen", description="Residual-quantized autoregressive image generation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        train.add_train_vae,
+        evaluate.add_eval_vae,
+        evaluate.add_reconstruct,
+        train.add_train_ar,
+        train.add_plan,
+        sample.add_sample,
+        sample.add_demo,
+        convert.add_convert_official,
+        evaluate.add_eval_gen,
+        evaluate.add_fid_stats,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    try:
+        return args.func(args)
+    except RqgenError as e:
+        print(f"rqgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rqgen: interrupted after {time.time() - start:.0f}s", file=sys.stderr)
+        return 130

@@ -1,0 +1,253 @@
+"""`eval-vae`, `reconstruct`, `eval-gen` and `fid-stats`: scoring both stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rqgen.cli.common import add_device, add_dtype, device_for, per_depth
+
+
+def add_eval_vae(sub) -> None:
+    p = sub.add_parser("eval-vae", help="PSNR, SSIM, per-depth PSNR, codebook usage, rFID")
+    p.add_argument("--vae", required=True, help="directory written by train-vae / save_pretrained")
+    p.add_argument("--data", required=True, help="image folder or bundled:NAME[:val]")
+    p.add_argument("--limit", type=int, help="score at most N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    add_device(p)
+    p.add_argument("--no-rfid", action="store_true", help="skip rFID even if Inception is present")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.set_defaults(func=cmd_eval_vae)
+
+
+def cmd_eval_vae(args) -> int:
+    from rqgen.data import build_dataset
+    from rqgen.evaluate.vae import evaluate_vae
+    from rqgen.stage1 import load_vae
+
+    vae = load_vae(args.vae)
+    data = build_dataset(args.data, vae.config.resolution, split="val")
+    result = evaluate_vae(
+        vae,
+        data,
+        args.limit,
+        args.batch_size,
+        device_for(args.device),
+        rfid=not args.no_rfid,
+        progress=not args.json,
+    )
+    result = {"vae": str(args.vae), "data": args.data, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="original/reconstruction pairs + coarse-to-fine strips")
+    p.add_argument("--vae", required=True)
+    p.add_argument("--input", required=True, help="an image file, a folder, or bundled:NAME[:val]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=16, help="at most N images from a folder/dataset")
+    add_device(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def load_inputs(src: str, resolution: int, limit: int):
+    """An image file, a folder or a bundled set -> (images (N,3,R,R), names)."""
+    import torch
+
+    from rqgen.data import build_dataset, load_image
+    from rqgen.errors import DataError
+
+    path = Path(src)
+    if path.is_file():
+        try:
+            return load_image(path, resolution)[None], [path.stem]
+        except OSError as e:
+            raise DataError(f"cannot read image '{src}': {e}") from e
+    data = build_dataset(src, resolution, split="val")
+    n = min(limit, len(data))
+    images = torch.stack([data[i][0] for i in range(n)])
+    paths = getattr(data, "paths", None)
+    names = [Path(paths[i]).stem if paths else f"{i:04d}" for i in range(n)]
+    return images, names
+
+
+def cmd_reconstruct(args) -> int:
+    from rqgen.evaluate.vae import write_reconstructions
+    from rqgen.stage1 import load_vae
+
+    vae = load_vae(args.vae)
+    images, names = load_inputs(args.input, vae.config.resolution, args.limit)
+    files = write_reconstructions(vae, images, names, args.out, device=device_for(args.device))
+    print(f"rqgen: wrote {len(files)} images for {len(names)} input(s) to {args.out}")
+    return 0
+
+
+def add_eval_gen(sub) -> None:
+    p = sub.add_parser("eval-gen", help="FID / KID / IS of samples against a reference")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", help="folder of generated images")
+    src.add_argument("--model", help="RQ-Transformer directory: sample, stream to --out, score")
+    p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
+    p.add_argument("--n", type=int, default=1000, help="samples to draw with --model")
+    p.add_argument("--per-class", type=int, help="class-balanced: this many samples per class")
+    p.add_argument("--prompts", help="text models: a file of captions, one per line (cycled)")
+    p.add_argument("--clip", help="local CLIP directory for the CLIP score of text models")
+    p.add_argument("--out", help="where --model writes its PNGs (default: MODEL/samples_eval)")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception",
+                   help="evaluator network (inception: local torch-fidelity weights)")  # fmt: skip
+    p.add_argument("--resolution", type=int, help="image size for --ref/--samples folders")
+    p.add_argument("--top-k", type=per_depth(int))
+    p.add_argument("--top-p", type=per_depth(float))
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    add_device(p)
+    add_dtype(p)
+    p.set_defaults(func=cmd_eval_gen)
+
+
+def add_fid_stats(sub) -> None:
+    p = sub.add_parser("fid-stats", help="reference feature statistics for eval-gen (.npz)")
+    p.add_argument("data", help="folder or bundled:NAME[:SPLIT]")
+    p.add_argument("--out", required=True, help="STATS.npz")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--split", default="val", help="bundled split, or 'train' for random crops")
+    p.add_argument("--batch-size", type=int, default=64)
+    add_device(p)
+    p.set_defaults(func=cmd_fid_stats)
+
+
+def _batches(dataset, batch_size: int):
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, _ in tqdm(loader, desc="features", leave=False):
+        yield x
+
+
+def _with_clip_score(images, texts: list[str], clip: str | None, device, result: dict):
+    """Pass image batches through, collecting CLIP similarity to their captions in `result`;
+    without local CLIP weights, `clip_score` is null with the reason."""
+    from rqgen.errors import CheckpointError
+    from rqgen.evaluate.clip import CLIPScorer
+
+    try:
+        scorer = CLIPScorer.load(clip, device)
+        result["clip_evaluator"] = f"CLIP {clip or 'default'} (mean cosine, not x100)"
+        result["clip_similarities"] = []
+    except CheckpointError as e:
+        scorer, result["clip_score"], result["clip_score_note"] = None, None, str(e)
+    start = 0
+    for batch in images:
+        if scorer is not None:
+            sims = scorer.similarity(batch, texts[start : start + len(batch)])
+            result["clip_similarities"].append(sims.cpu())
+        start += len(batch)
+        yield batch
+
+
+def cmd_fid_stats(args) -> int:
+    from rqgen.data import build_dataset
+    from rqgen.evaluate.generation import build_evaluator, stats_of
+
+    device = device_for(args.device)
+    evaluator = build_evaluator(args.features, device)
+    data = build_dataset(args.data, args.resolution, split=args.split, labels=False)
+    stats, _ = stats_of(_batches(data, args.batch_size), evaluator, source=args.data)
+    stats.save(args.out)
+    print(f"rqgen: wrote {args.out} ({stats.n} images of {args.data}, {evaluator.name})")
+    return 0
+
+
+def cmd_eval_gen(args) -> int:
+    import torch
+
+    from rqgen.data import build_dataset
+    from rqgen.errors import ConfigError, DataError
+    from rqgen.evaluate.generation import (
+        FeatureStats,
+        build_evaluator,
+        frechet_distance,
+        inception_score,
+        kernel_distance,
+        stats_of,
+    )
+
+    device = device_for(args.device)
+    evaluator = build_evaluator(args.features, device)
+    result: dict = {"evaluator": evaluator.name}
+    ref = None
+    if str(args.ref).endswith(".npz"):  # checked before any sampling: fail fast
+        ref = FeatureStats.load(args.ref)
+        if ref.evaluator != evaluator.name:
+            raise DataError(
+                f"'{args.ref}' was computed with {ref.evaluator!r}, not {evaluator.name!r}: "
+                "recompute it with rqgen fid-stats --features " + args.features
+            )
+    if args.model:
+        from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, stream_samples
+
+        model, vae, meta, tokenizer = load_for_sampling(args.model, None, device, args.dtype)
+        k = model.config.num_classes
+        if model.config.text_vocab_size:
+            if not args.prompts:
+                raise ConfigError("text-conditional model: pass --prompts FILE (one per line)")
+            lines = [t.strip() for t in Path(args.prompts).read_text().splitlines() if t.strip()]
+            if not lines:
+                raise DataError(f"no captions in '{args.prompts}'")
+            texts = [lines[i % len(lines)] for i in range(args.n)]
+            cond = tokenizer.encode(texts)
+        elif args.per_class is not None:
+            if not k:
+                raise ConfigError("--per-class needs a class-conditional model")
+            cond = torch.arange(k).repeat_interleave(args.per_class)
+        elif k:
+            cond = torch.arange(args.n) % k  # every class in turn: balanced up to one
+        else:
+            cond = torch.full((args.n,), model.null_class)
+        out = Path(args.out) if args.out else Path(args.model) / "samples_eval"
+        cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
+        gen = torch.Generator(device).manual_seed(args.seed)
+        classes = meta.get("classes") or []
+        images = stream_samples(vae, model, cond.to(device), cfg, gen, args.batch_size, out,
+                                classes)  # fmt: skip
+        if model.config.text_vocab_size:
+            images = _with_clip_score(images, texts, args.clip, device, result)
+        resolution = vae.config.resolution
+        result.update(samples=str(out), sampling=dict(vars(cfg)), model=str(args.model))
+        if cond.dim() == 1:
+            result["per_class"] = {str(c): int((cond == c).sum()) for c in cond.unique().tolist()}
+    else:
+        resolution = args.resolution or 256
+        data = build_dataset(args.samples, resolution, split="val", labels=False)
+        images = _batches(data, args.batch_size)
+        result["samples"] = str(args.samples)
+    fake, logits = stats_of(images, evaluator, source="samples", with_logits=True)
+    if ref is None:
+        data = build_dataset(args.ref, args.resolution or resolution, split="val", labels=False)
+        ref, _ = stats_of(_batches(data, args.batch_size), evaluator, source=args.ref)
+    kid, kid_std = kernel_distance(ref, fake)
+    result.update(
+        reference=ref.source or str(args.ref), n_reference=ref.n, n_samples=fake.n,
+        fid=frechet_distance(ref, fake), kid=kid, kid_std=kid_std,
+    )  # fmt: skip
+    if logits is not None:
+        result["inception_score"], result["inception_score_std"] = inception_score(logits)
+    if "clip_similarities" in result:
+        sims = result.pop("clip_similarities")
+        result["clip_score"] = float(torch.cat(sims).mean())  # mean cosine, as Table 3
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"FID {result['fid']:.3f}  KID {kid:.5f} ± {kid_std:.5f}  ({fake.n} samples vs "
+              f"{ref.n} reference images of {result['reference']}; {evaluator.name})")  # fmt: skip
+    return 0

@@ -1,0 +1,152 @@
+"""`sample` and `demo`: drawing images from a trained pair, and the main job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rqgen.cli.common import add_device, add_dtype, device_for, per_depth
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from an RQ-Transformer")
+    p.add_argument("--model", required=True, help="directory written by train-ar")
+    p.add_argument("--vae", help="RQ-VAE directory (default: the one the model records)")
+    p.add_argument("--n", type=int, default=16, help="number of images")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--class", dest="cls", help="class id or name (default: all classes in turn)")
+    g.add_argument("--prompt", help="caption, for text-conditional models")
+    p.add_argument("--top-k", type=per_depth(int), help="K, or one per depth: 64,32,16,16")
+    p.add_argument("--top-p", type=per_depth(float), help="P, or one per depth")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="FILE.png: a grid; otherwise a directory")
+    p.add_argument("--save-codes", help="also write the sampled codes (.npy, (N, H, W, D))")
+    p.add_argument("--accept", type=float, help="rejection sampling: keep this fraction (0-1]")
+    p.add_argument(
+        "--classifier",
+        choices=["digits"],
+        default="digits",
+        help="classifier for --accept (digits: trained once on the bundled digits, cached)",
+    )
+    p.add_argument(
+        "--clip-rerank", type=int, metavar="N",
+        help="CLIP re-ranking: best of N candidates per image, scored against the prompt "
+        "(or 'a photo of a CLASS'); needs local CLIP weights",
+    )  # fmt: skip
+    p.add_argument("--clip", help="local CLIP directory (default: $RQGEN_CLIP, then hub cache)")
+    add_device(p)
+    add_dtype(p)
+    p.set_defaults(func=cmd_sample)
+
+
+def sample_conditions(model, meta, tokenizer, n: int, cls: str | None, prompt: str | None):
+    """Condition tensor for n samples, and a name per sample for file names."""
+    import torch
+
+    from rqgen.errors import ConfigError
+
+    classes = meta.get("classes") or []
+    if getattr(model.config, "text_vocab_size", 0):
+        if prompt is None:
+            raise ConfigError("this model is text-conditional: pass --prompt TEXT")
+        return tokenizer.encode([prompt] * n), ["prompt"] * n
+    if prompt is not None:
+        raise ConfigError("this model is not text-conditional: drop --prompt")
+    if model.config.num_classes == 0:
+        if cls is not None:
+            raise ConfigError("this model is unconditional: drop --class")
+        return torch.full((n,), model.null_class, dtype=torch.long), ["sample"] * n
+    if cls is None:  # every class in turn: a balanced grid
+        ids = [i % model.config.num_classes for i in range(n)]
+    else:
+        if cls in classes:
+            ids = [classes.index(cls)] * n
+        elif cls.lstrip("-").isdigit():
+            ids = [int(cls)] * n
+        else:
+            raise ConfigError(f"unknown class {cls!r}: use an id 0..{model.config.num_classes - 1}")
+    cond = torch.tensor(ids, dtype=torch.long)
+    model.check_cond(cond)  # one-line error when an id is out of range
+    names = [classes[i] if i < len(classes) else str(i) for i in ids]
+    return cond, names
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from rqgen.errors import ConfigError
+    from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling, rejection_sample
+    from rqgen.utils.images import save_grid, save_image
+
+    device = device_for(args.device)
+    model, vae, meta, tokenizer = load_for_sampling(args.model, args.vae, device, args.dtype)
+    cond, names = sample_conditions(model, meta, tokenizer, args.n, args.cls, args.prompt)
+    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    cond = cond.to(device)
+    if args.accept is not None and args.clip_rerank is not None:
+        raise ConfigError("choose one of --accept and --clip-rerank")
+    if args.clip_rerank is not None:
+        from rqgen.evaluate.clip import CLIPScorer
+        from rqgen.stage2.sampling import clip_rerank
+
+        if model.config.num_classes == 0 and not getattr(model.config, "text_vocab_size", 0):
+            raise ConfigError("--clip-rerank needs a text or class-conditional model")
+        scorer = CLIPScorer.load(args.clip, device)  # before sampling: fail fast
+        texts = [args.prompt or f"a photo of a {name}" for name in names]
+        codes, images = clip_rerank(
+            vae, model, cond, texts, scorer, args.clip_rerank, cfg, gen, args.batch_size
+        )
+    elif args.accept is not None:
+        from rqgen.evaluate.digits import load_or_train
+        from rqgen.utils.paths import cache_dir
+
+        classifier = load_or_train(cache_dir() / "classifiers", device)
+        codes, images = rejection_sample(
+            vae, model, cond, classifier, args.accept, cfg, gen, args.batch_size
+        )
+    else:
+        codes, images = generate(vae, model, cond, cfg, gen, args.batch_size)
+    images = images.cpu()
+    out = Path(args.out)
+    upscale = max(1, 128 // vae.config.resolution)
+    nrow = min(args.n, model.config.num_classes or 8) if args.cls is None else 8
+    if out.suffix.lower() == ".png":
+        save_grid(images, out, nrow=nrow, upscale=upscale)
+    else:
+        for i, (img, name) in enumerate(zip(images, names)):
+            save_image(img, out / f"{i:05d}_{name}.png", upscale=upscale)
+        save_grid(images, out / "grid.png", nrow=nrow, upscale=upscale)
+    if args.save_codes:
+        np.save(args.save_codes, codes.cpu().numpy())
+    print(f"rqgen: wrote {args.n} samples to {out}")
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on bundled data (what `make demo` runs)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--steps", type=int, default=None, help="RQ-VAE steps (default: the demo's)")
+    p.add_argument("--ar-steps", type=int, default=None, help="RQ-Transformer steps (digits)")
+    p.add_argument(
+        "--task", choices=["digits", "photos"], default="digits",
+        help="digits: RQ-VAE + RQ-Transformer on bundled digits; photos: the RQ-VAE on photos",
+    )  # fmt: skip
+    p.add_argument(
+        "--dq", action="store_true", help="digits with DQ-VAE + DQ-Transformer (same budget)"
+    )
+    add_device(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from rqgen.demo import run_demo, run_photos_demo
+
+    if args.task == "digits":
+        run_demo(Path(args.out), args.steps, args.ar_steps, dq=args.dq, device=args.device)
+    else:
+        run_photos_demo(Path(args.out), steps=args.steps, device=args.device)
+    return 0

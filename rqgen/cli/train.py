@@ -1,0 +1,141 @@
+"""`train-vae`, `train-ar` and `plan`: training both stages and sizing it for GPUs."""
+
+from __future__ import annotations
+
+from rqgen.cli.common import add_device
+
+
+def add_train_vae(sub) -> None:
+    p = sub.add_parser("train-vae", help="train (or resume) an RQ-VAE or a DQ-VAE")
+    _training_args(p, "tiny32", "tiny32, imagenet256, ffhq256, dq-tiny32, dq-imagenet256",
+                   "model.code_depth=8 train.lr=1e-4")  # fmt: skip
+    p.add_argument("--val-data", help="held-out images scored during training")
+    p.set_defaults(func=cmd_train_vae)
+
+
+def _training_args(p, default: str, presets: str, example: str) -> None:
+    """Arguments every trainer takes (the same under torchrun)."""
+    p.add_argument("--data", required=True, help="image folder, bundled:photos or bundled:digits")
+    p.add_argument("--out", required=True, help="output directory; rerun to resume")
+    p.add_argument("--config", default=default, help=f"preset ({presets}) or a JSON/YAML file")
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    add_device(p)
+    p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
+
+
+def _run_training(args, load_experiment, train):
+    """Config from preset/file + overrides, then train(exp); the process group is always
+    torn down so torchrun workers exit cleanly on errors too."""
+    from rqgen.train.common import shutdown_runtime
+
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    exp = load_experiment(args.config, overrides)
+    try:
+        return train(exp)
+    finally:
+        shutdown_runtime()
+
+
+def cmd_train_vae(args) -> int:
+    from rqgen.configs import DQVAEExperiment, load_vae_experiment
+    from rqgen.train.vae import train_vae
+
+    kind = []
+
+    def train(exp):
+        kind.append("DQVAE" if isinstance(exp, DQVAEExperiment) else "RQVAE")
+        return train_vae(exp, args.data, args.out, args.val_data, args.device)
+
+    out = _run_training(args, load_vae_experiment, train)
+    name = kind[0]
+    print(f"rqgen: {name[:2]}-VAE saved to {out} (load with {name}.from_pretrained('{out}'))")
+    return 0
+
+
+def add_train_ar(sub) -> None:
+    p = sub.add_parser("train-ar", help="train (or resume) an RQ-Transformer on a VAE's codes")
+    p.add_argument("--vae", required=True, help="the RQ-VAE directory (frozen)")
+    _training_args(p, "ar-tiny", "ar-tiny, ar-flat-tiny, ...", "model.width=512 train.tau=1.0")
+    p.add_argument("--captions", help="JSONL/CSV manifest of captions (text conditioning)")
+    p.set_defaults(func=cmd_train_ar)
+
+
+def cmd_train_ar(args) -> int:
+    from rqgen.configs import load_ar_experiment
+    from rqgen.train.ar import train_ar
+
+    out = _run_training(
+        args,
+        load_ar_experiment,
+        lambda exp: train_ar(exp, args.vae, args.data, args.out, args.captions, args.device),
+    )
+    print(f"rqgen: transformer saved to {out} (sample with: rqgen sample --model {out})")
+    return 0
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="how many GPUs a stage-2 model needs: memory per GPU, DDP or FSDP, batch"
+    )
+    p.add_argument("--config", required=True, help="stage-2 preset (e.g. ar-imagenet-1.4b) or file")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (all nodes)")
+    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU, GiB (e.g. 80)")
+    p.add_argument(
+        "--batch", type=int, help="global batch (default: the config's train.batch_size)"
+    )
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16",
+                   help="training precision (default: bf16, as on GPUs)")  # fmt: skip
+    p.add_argument("--vae", help="size the model for this RQ-VAE's codes (default: the paper's "
+                   "RQ-VAE for a paper preset, else 8x8x4 codes, K 16384, 256 dims)")  # fmt: skip
+    p.add_argument("--classes", type=int, default=1000, help="classes of a class-conditional "
+                   "model without a paper preset (default: 1000)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.spatial_layers=30")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from rqgen.configs import PAPER_MODELS, ar_transformer_config, load_ar_experiment
+    from rqgen.errors import ConfigError
+    from rqgen.train.plan import GiB, plan, recommend
+
+    if args.gpus < 1 or args.gpu_mem <= 0:
+        raise ConfigError(f"--gpus must be ≥ 1 and --gpu-mem > 0 (got {args.gpus}, {args.gpu_mem})")
+    exp = load_ar_experiment(args.config, list(args.overrides))
+    paper = PAPER_MODELS.get(args.config)
+    if args.vae:
+        from rqgen.checkpoint import read_config
+
+        v = read_config(args.vae)
+        K, shape, dim = v["codebook_size"], v["code_shape"], v["embed_dim"]
+        source = f"the RQ-VAE in {args.vae}"
+    else:
+        K = paper.codebook_size if paper else 16384
+        shape, dim = [8, 8, 4], 256
+        source = "the paper's RQ-VAE" if paper else "an assumed 8x8x4 RQ-VAE"
+    classes = paper.num_classes if paper else args.classes
+    cfg = ar_transformer_config(exp.model, K, shape, dim, classes, exp.model.text_vocab_size)
+    batch = args.batch or exp.train.batch_size
+    result = plan(cfg, args.gpus, args.gpu_mem, args.precision, exp.train.soft_labels)
+    result["recommendation"] = recommend(result, args.gpus, batch)
+    if args.json:
+        head = {"config": args.config, "gpus": args.gpus, "gpu_mem_gib": args.gpu_mem,
+                "global_batch": batch, "precision": args.precision}  # fmt: skip
+        print(json.dumps({**head, **result}, indent=2))
+        return 0
+    m = exp.model
+    print(f"{args.config}: {result['params'] / 1e6:,.0f}M parameters ({m.spatial_layers}+"
+          f"{m.depth_layers} layers, width {m.width}), codes {tuple(shape)}, K {K} ({source}); "
+          f"{args.precision}, global batch {batch} on {args.gpus} × {args.gpu_mem:g} GiB"
+          )  # fmt: skip
+    gb = lambda b: f"{b / GiB:,.1f} GiB"  # noqa: E731
+    print(f"  fp32 weights {gb(result['weights_bytes'])}, gradients {gb(result['grads_bytes'])}, "
+          f"AdamW state {gb(result['optimizer_bytes'])}")  # fmt: skip
+    print(f"  {'strategy':<22}{'states/GPU':>14}{'act./sample':>14}{'max batch/GPU':>15}")
+    for s in result["strategies"]:
+        print(f"  {s['name']:<22}{gb(s['state_bytes_per_gpu']):>14}"
+              f"{gb(s['activation_bytes_per_sample']):>14}{s['max_micro_batch']:>15}")  # fmt: skip
+    print(f"  use: {result['recommendation']}")
+    return 0
