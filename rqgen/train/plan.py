@@ -92,8 +92,9 @@ def plan(cfg: RQTransformerConfig, gpus: int, gpu_mem_gb: float, precision: str 
     # gradient before the reduce-scatter
     gathered = 2 * block * (act_dtype + 4)
     strategies = []
-    for name, sharded, ckpt in (("DDP", False, False), ("DDP + checkpointing", False, True),
-                                ("FSDP", True, False), ("FSDP + checkpointing", True, True)):  # fmt: skip
+    options = (("DDP", False, False), ("DDP + checkpointing", False, True),
+               ("FSDP", True, False), ("FSDP + checkpointing", True, True))  # fmt: skip
+    for name, sharded, ckpt in options:
         per_sample, fixed = activation_bytes(cfg, precision, soft_labels, ckpt)
         st = state / gpus + gathered if sharded else state
         strategies.append(Strategy(name, st, per_sample, fixed))
@@ -104,9 +105,12 @@ def plan(cfg: RQTransformerConfig, gpus: int, gpu_mem_gb: float, precision: str 
         "grads_bytes": 4 * params,
         "optimizer_bytes": 8 * params,
         "strategies": [
-            {"name": s.name, "state_bytes_per_gpu": s.state_bytes,
-             "activation_bytes_per_sample": s.activation_bytes,
-             "max_micro_batch": s.max_micro_batch(gpu_bytes)}
+            {
+                "name": s.name,
+                "state_bytes_per_gpu": s.state_bytes,
+                "activation_bytes_per_sample": s.activation_bytes,
+                "max_micro_batch": s.max_micro_batch(gpu_bytes),
+            }
             for s in strategies
         ],  # fmt: skip
     }
