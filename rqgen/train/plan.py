@@ -51,17 +51,15 @@ class Strategy:
     name: str
     state_bytes: float  # weights + gradients + optimizer (+ gathered blocks) per GPU
     activation_bytes: float  # per sample
-    fixed_bytes: float  # per micro-batch, independent of its size (recompute buffers)
 
     def max_micro_batch(self, gpu_bytes: float) -> int:
-        free = gpu_bytes * USABLE_FRACTION - RESERVE_BYTES - self.state_bytes - self.fixed_bytes
+        free = gpu_bytes * USABLE_FRACTION - RESERVE_BYTES - self.state_bytes
         return max(0, int(free // self.activation_bytes))
 
 
 def activation_bytes(cfg: RQTransformerConfig, precision: str, soft_labels: bool,
-                     checkpointing: bool) -> tuple[float, float]:  # fmt: skip
-    """(bytes per sample, bytes per micro-batch that do not scale with it) of one training
-    step's saved activations."""
+                     checkpointing: bool) -> float:  # fmt: skip
+    """Bytes per sample of one training step's saved activations."""
     act = 4 if precision == "fp32" else 2
     C = cfg.width
     masks = 2 * C if cfg.dropout > 0 else 0
@@ -74,11 +72,11 @@ def activation_bytes(cfg: RQTransformerConfig, precision: str, soft_labels: bool
         logits += (cfg.text_length - 1) * cfg.text_vocab_size * (act + 12)
     embed = (spatial + depth) * C * (4 + act)  # embedding sums and depth inputs
     if not checkpointing:
-        return tokens_x_layers * per_token_block + logits + embed, 0.0
+        return tokens_x_layers * per_token_block + logits + embed
     # block inputs only, then one block recomputed at a time (its full activations again)
     kept = tokens_x_layers * C * 4
     recompute = max(spatial, depth) * per_token_block
-    return kept + logits + embed + recompute, 0.0
+    return kept + logits + embed + recompute
 
 
 def plan(cfg: RQTransformerConfig, gpus: int, gpu_mem_gb: float, precision: str = "bf16",
@@ -95,9 +93,9 @@ def plan(cfg: RQTransformerConfig, gpus: int, gpu_mem_gb: float, precision: str 
     options = (("DDP", False, False), ("DDP + checkpointing", False, True),
                ("FSDP", True, False), ("FSDP + checkpointing", True, True))  # fmt: skip
     for name, sharded, ckpt in options:
-        per_sample, fixed = activation_bytes(cfg, precision, soft_labels, ckpt)
+        per_sample = activation_bytes(cfg, precision, soft_labels, ckpt)
         st = state / gpus + gathered if sharded else state
-        strategies.append(Strategy(name, st, per_sample, fixed))
+        strategies.append(Strategy(name, st, per_sample))
     gpu_bytes = gpu_mem_gb * GiB
     return {
         "params": params,
