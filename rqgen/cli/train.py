@@ -23,6 +23,12 @@ def _training_args(p, default: str, presets: str, example: str) -> None:
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
 
 
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _run_training(args, load_experiment, train):
     """Config from preset/file + overrides, then train(exp); the process group is always
     torn down so torchrun workers exit cleanly on errors too."""
@@ -48,7 +54,8 @@ def cmd_train_vae(args) -> int:
 
     out = _run_training(args, load_vae_experiment, train)
     name = kind[0]
-    print(f"rqgen: {name[:2]}-VAE saved to {out} (load with {name}.from_pretrained('{out}'))")
+    if _is_rank0():
+        print(f"rqgen: {name[:2]}-VAE saved to {out} (load with {name}.from_pretrained('{out}'))")
     return 0
 
 
@@ -69,7 +76,8 @@ def cmd_train_ar(args) -> int:
         load_ar_experiment,
         lambda exp: train_ar(exp, args.vae, args.data, args.out, args.captions, args.device),
     )
-    print(f"rqgen: transformer saved to {out} (sample with: rqgen sample --model {out})")
+    if _is_rank0():
+        print(f"rqgen: transformer saved to {out} (sample with: rqgen sample --model {out})")
     return 0
 
 

@@ -180,6 +180,8 @@ class ARTrainConfig:
     patience: int = 0  # early stopping after this many evals without improvement; 0: off
     ema_decay: float = 0.0
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or fp32, bf16, fp16
+    fsdp: bool = False  # FSDP2: weights, gradients and AdamW state sharded over the GPUs
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
     seed: int = 0
     dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
     num_workers: int = 0

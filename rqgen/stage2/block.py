@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class KVCache:
@@ -113,12 +114,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A causal stack of `Block`s, with or without a KV cache per layer."""
+    """A causal stack of `Block`s, with or without a KV cache per layer.
+
+    With `checkpointing` on, training keeps only each block's input and recomputes the block
+    in the backward pass (its dropout masks too: the RNG state is replayed), trading ~30%
+    more compute for activations that no longer grow with the number of layers."""
 
     def __init__(self, width: int, layers: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.width, self.heads = width, heads
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
+        self.checkpointing = False
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
         if len(self.blocks) == 0:  # e.g. the flat baseline's empty depth transformer
@@ -129,8 +135,12 @@ class Transformer(nn.Module):
         return [KVCache(batch, self.heads, max_len, hd, device, dtype) for _ in self.blocks]
 
     def forward(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i])
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if cache is None else cache[i])
         return x
 
 

@@ -49,6 +49,16 @@ from rqgen.train.common import (
     seed_everything,
     set_rng_state,
 )
+from rqgen.train.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+    is_sharded,
+    load_full_optimizer_state,
+    local_value,
+    no_sync,
+    wrap,
+)
 
 
 class Features(Dataset):
@@ -104,6 +114,9 @@ class ARTrainer(Trainer):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum"
             )
+        if t.fsdp and t.ema_decay > 0:
+            raise ConfigError("train.ema_decay is not supported with train.fsdp yet: set "
+                              "train.ema_decay=0, or train without FSDP")  # fmt: skip
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.vae_dir = Path(vae_dir)
         self.vae = load_vae(vae_dir).to(rt.device).eval()
@@ -155,6 +168,16 @@ class ARTrainer(Trainer):
                 text_pad_id=self.tokenizer.pad_id if text else 0,
             )  # fmt: skip
             self.model = RQTransformer(cfg, q.codebook).to(rt.device)
+        self.model_class = type(self.model)  # FSDP swaps the class for a sharded subclass
+        self.state = TrainState(self.out)
+        self.step, self.best, self.bad_evals = 0, math.inf, 0
+        saved = None
+        if self.state.exists():  # weights before sharding: every rank loads the full tensors
+            self.state.check_same_model(m)
+            saved = self.state.load({"model": self.model}, map_location=self.rt.device)
+        self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.model_ddp = wrap(self.model, rt, t.fsdp, t.activation_checkpointing)
+        # after wrapping: FSDP replaces the parameters by their shards
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
         self.opt = torch.optim.AdamW(
@@ -162,16 +185,10 @@ class ARTrainer(Trainer):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=(t.beta1, t.beta2),
         )  # fmt: skip
-        self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.state = TrainState(self.out)
-        self.step, self.best, self.bad_evals = 0, math.inf, 0
-        if self.state.exists():
-            self.state.check_same_model(m)
-            self._resume()
+        if saved is not None:
+            self._resume(saved)
         else:
             seed_everything(t.seed + rt.rank)
-        dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        self.model_ddp = DDP(self.model, dev_ids) if rt.world_size > 1 else self.model
         self.log = MetricsLog(self.out, rt.is_main)
 
     # ------------------------------------------------------------------ features
@@ -210,32 +227,64 @@ class ARTrainer(Trainer):
             torch_dist.barrier()
 
     # ------------------------------------------------------------------ resume
-    def _resume(self) -> None:
-        s = self.state.load({"model": self.model}, map_location=self.rt.device)
-        self.opt.load_state_dict(s["opt"])
+    def _resume(self, s: dict) -> None:
+        """Optimizer, scaler, EMA, counters and RNG from a loaded training state (the weights
+        are already in place)."""
+        sharded = is_sharded(self.model)
+        if ("opt_full" in s) != sharded:  # the two layouts of the optimizer state
+            was = "sharded (FSDP)" if "opt_full" in s else "unsharded (one process or DDP)"
+            raise ConfigError(f"{self.out} holds a run whose optimizer state is {was}: resume "
+                              f"it {'with' if 'opt_full' in s else 'without'} train.fsdp=true "
+                              "under torchrun, or choose a new --out")  # fmt: skip
+        if sharded:
+            load_full_optimizer_state(self.model, self.opt, s["opt_full"])
+        else:
+            self.opt.load_state_dict(s["opt"])
         self._load_scaler(self.scaler, s.get("scaler"))
         if self.ema is not None and "ema" in s:
             self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
         self.step, self.best, self.bad_evals = int(s["step"]), float(s["best"]), int(s["bad"])
-        set_rng_state(s["rng"])
+        # each rank's own stream (dropout), when the run had as many ranks as this one
+        per_rank = s.get("rng_ranks")
+        set_rng_state(per_rank[self.rt.rank] if per_rank and len(per_rank) == self.rt.world_size
+                      else s["rng"])  # fmt: skip
 
     def save_public(self) -> None:
-        """The best model so far, with what `rqgen sample` needs to find the VAE."""
+        """The best model so far, with what `rqgen sample` needs to find the VAE (collective
+        under FSDP: every rank calls it, rank 0 writes)."""
+        if is_sharded(self.model):
+            full = full_model_state(self.model)
+            if not self.rt.is_main:
+                return
+            model = self.model_class(self.model.config)
+            model.load_state_dict(full)
+        elif self.rt.is_main:
+            model = self.public_model()
+        else:
+            return
         vae = os.path.relpath(self.vae_dir.resolve(), self.out.resolve())
-        self.public_model().save_pretrained(
+        model.save_pretrained(
             self.out, vae=vae, classes=self.classes, conditioning=self.exp.model.conditioning,
             train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step,
             val_loss=self.best,
         )  # fmt: skip
 
     def save_state(self) -> None:
-        state = {"opt": self.opt.state_dict(), "step": self.step, "rng": rng_state(),
-                 "scaler": self.scaler.state_dict(),
+        """Called on every rank: FSDP gathers weights and optimizer state to rank 0, and
+        every rank's RNG state is kept so that a resumed run redraws the same dropout."""
+        sharded = is_sharded(self.model)
+        weights = full_model_state(self.model) if sharded else self.model
+        opt = {"opt_full": full_optimizer_state(self.model, self.opt)} if sharded else None
+        rngs = gather_objects(self._rng, self.rt)
+        if not self.rt.is_main:
+            return
+        state = {**(opt or {"opt": self.opt.state_dict()}), "step": self.step,
+                 "rng": rngs[0], "rng_ranks": rngs, "scaler": self.scaler.state_dict(),
                  "best": self.best, "bad": self.bad_evals}  # fmt: skip
         if self.ema is not None:
             state["ema"] = self.ema.shadow
         meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step}
-        self.state.save({"model": self.model}, state, meta)
+        self.state.save({"model": weights}, state, meta)
 
     # ------------------------------------------------------------------ step
     def _codes_and_targets(self, z: torch.Tensor, generator) -> tuple:
@@ -278,7 +327,7 @@ class ARTrainer(Trainer):
         for i, (z, cond) in enumerate(batches):
             z, cond = z.to(self.rt.device), cond.to(self.rt.device)
             codes, soft = self._codes_and_targets(z, gen)
-            with self._no_sync(self.model_ddp, i == len(batches) - 1), self._autocast():
+            with no_sync(self.model_ddp, i == len(batches) - 1), self._autocast():
                 loss, parts = self._loss(self.model_ddp, codes, self._drop_cond(cond, gen), soft)
                 self.scaler.scale(loss / len(batches)).backward()
             for k, v in {**parts, "loss": float(loss.detach())}.items():
@@ -286,9 +335,8 @@ class ARTrainer(Trainer):
         self._stop_if_nonfinite(not math.isfinite(totals["loss"]), totals["loss"])
         if t.grad_clip > 0:
             self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
-            totals["grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            )
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            totals["grad_norm"] = float(local_value(norm))
         self.scaler.step(self.opt)  # fp16: skipped when a gradient overflowed
         self.scaler.update()
         if self.ema is not None:
@@ -303,24 +351,34 @@ class ARTrainer(Trainer):
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Hard-label NLL of the argmin codes of the held-out features."""
-        if len(self.val_set) == 0:
+        """Hard-label NLL of the argmin codes of the held-out features, the batches split over
+        the ranks (every rank returns the same number). Under FSDP each forward is a
+        collective, so a rank without a batch left scores one with weight 0."""
+        rt, n = self.rt, len(self.val_set)
+        if n == 0:
             return math.nan
-        model = self.public_model().eval()
-        total, n = 0.0, 0
-        for s in range(0, len(self.val_set), self.micro_batch):
-            z = self.val_set.z[s : s + self.micro_batch].to(self.rt.device)
-            cond = self.val_set.cond[s : s + self.micro_batch].to(self.rt.device)
+        model = (self.model if is_sharded(self.model) else self.public_model()).eval()
+        starts = list(range(0, n, self.micro_batch))
+        sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # Σ loss·n, Σ n
+        for i in range(math.ceil(len(starts) / rt.world_size)):
+            j = i * rt.world_size + rt.rank
+            s = starts[min(j, len(starts) - 1)]
+            z = self.val_set.z[s : s + self.micro_batch].to(rt.device)
+            cond = self.val_set.cond[s : s + self.micro_batch].to(rt.device)
             codes = (
                 self._codes_and_targets(z, None)[0]
                 if self.is_dq
                 else self.vae.quantizer.quantize(z)[0]
             )
             loss, _ = model.loss(codes, cond)
-            total += float(loss) * len(z)
-            n += len(z)
+            if j < len(starts):
+                sums += torch.tensor([float(loss) * len(z), len(z)], dtype=torch.float64,
+                                     device=rt.device)  # fmt: skip
+        if rt.world_size > 1:
+            torch_dist.all_reduce(sums)
+            torch_dist.broadcast(sums, 0)  # bit-identical on every rank: same decisions
         self.model.train()
-        return total / n
+        return float(sums[0] / sums[1])
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Path:
@@ -367,12 +425,16 @@ class ARTrainer(Trainer):
                 t0 = time.time()
                 self.log.log(self.step, **metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            # The training stream's RNG as the step left it: evaluation and checkpointing
+            # (FSDP's state gathering draws from it) must not change what training draws next.
+            self._rng = rng_state()
             stop = False
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 stop = self._evaluate(bar)
             at_ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps or stop
-            if at_ckpt and rt.is_main:
-                self.save_state()
+            if at_ckpt:
+                self.save_state()  # every rank: gathers, then rank 0 writes
+            set_rng_state(self._rng)
             if stop:
                 if rt.is_main and not self.quiet:
                     print(f"rqgen: early stop at step {self.step}: no better val loss in "
@@ -380,22 +442,19 @@ class ARTrainer(Trainer):
                 break
 
     def _evaluate(self, bar) -> bool:
-        """Validate on rank 0, keep the best model public; returns True to stop early."""
+        """Validate on every rank, keep the best model public; returns True to stop early.
+        Every rank sees the same loss, so all take the same decisions without a broadcast."""
         t = self.exp.train
-        flag = torch.zeros(1, device=self.rt.device)
+        val = self.validate()
         if self.rt.is_main:
-            val = self.validate()
             self.log.log(self.step, val_loss=val)
             bar.set_postfix(val=f"{val:.3f}")
-            if not val < self.best and math.isfinite(val):
-                self.bad_evals += 1
-            else:
-                self.best, self.bad_evals = (val if math.isfinite(val) else self.best), 0
-                self.save_public()
-            flag[0] = float(t.patience > 0 and self.bad_evals >= t.patience)
-        if self.rt.world_size > 1:
-            torch_dist.broadcast(flag, 0)
-        return bool(flag.item())
+        if not val < self.best and math.isfinite(val):
+            self.bad_evals += 1
+        else:
+            self.best, self.bad_evals = (val if math.isfinite(val) else self.best), 0
+            self.save_public()
+        return t.patience > 0 and self.bad_evals >= t.patience
 
 
 def train_ar(

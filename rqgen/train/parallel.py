@@ -1,0 +1,109 @@
+"""Data parallelism for the stage-2 transformers: DDP, or FSDP2 (`fully_shard`) with every
+transformer block its own shard unit, optionally with activation checkpointing per block.
+
+Under FSDP each rank holds 1/N of the weights, gradients and AdamW state; a block's weights
+are gathered just before its forward / backward and freed after. Checkpoints are written as
+full (unsharded) tensors gathered to rank 0, so an FSDP run leaves the same loadable model
+directory as any other and can resume on another number of GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from rqgen.stage2.block import Transformer
+
+try:  # FSDP2 is public from torch 2.6
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+except ImportError:  # pragma: no cover - older torch
+    FSDPModule = fully_shard = None
+
+
+def transformers(model: nn.Module) -> list[Transformer]:
+    return [m for m in model.modules() if isinstance(m, Transformer)]
+
+
+def wrap(model: nn.Module, rt, fsdp: bool, checkpointing: bool) -> nn.Module:
+    """The module to train: `model` itself (one process, or FSDP, which shards in place) or
+    its DDP wrapper. Call before creating the optimizer: FSDP replaces the parameters."""
+    for t in transformers(model):
+        t.checkpointing = checkpointing
+    if fsdp:
+        if fully_shard is None:
+            from rqgen.errors import ConfigError
+
+            raise ConfigError(f"train.fsdp needs torch >= 2.6 (this is {torch.__version__})")
+        if rt.world_size > 1:
+            for t in transformers(model):
+                for block in t.blocks:
+                    fully_shard(block)
+            fully_shard(model)  # the embeddings and heads: one more unit
+        return model
+    if rt.world_size > 1:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        # gradients as views of DDP's buckets: no second copy of every gradient
+        return DDP(model, ids, gradient_as_bucket_view=True)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return FSDPModule is not None and isinstance(model, FSDPModule)
+
+
+def no_sync(module: nn.Module, last_micro_batch: bool):
+    """Gradient accumulation: reduce gradients only on the last micro-batch."""
+    if is_sharded(module):
+        module.set_requires_gradient_sync(last_micro_batch)
+        return contextlib.nullcontext()
+    if last_micro_batch or not isinstance(module, DDP):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def local_value(x) -> torch.Tensor:
+    """A plain tensor from a DTensor (e.g. the gradient norm of sharded parameters)."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**{"full_state_dict": True, "cpu_offload": True, **kw})
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's tensors on the CPU of rank 0 (a collective under FSDP: every rank
+    must call it; ranks other than 0 get an empty dict)."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
+
+
+def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """AdamW state keyed by parameter name, unsharded, on rank 0 (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=_options())
+
+
+def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """The inverse of `full_optimizer_state`: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state, options=_options(cpu_offload=False))
+
+
+def gather_objects(obj, rt) -> list:
+    """Every rank's `obj`, on every rank."""
+    if rt.world_size == 1:
+        return [obj]
+    out = [None] * rt.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
