@@ -5,7 +5,13 @@ import torch
 
 from rqgen.errors import ConfigError
 from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig
-from rqgen.stage2.sampling import SamplingConfig, filter_logits, sample_codes
+from rqgen.stage2.sampling import (
+    SamplingConfig,
+    _guided_cond,
+    _sample_static,
+    filter_logits,
+    sample_codes,
+)
 
 
 def make(num_classes=3, text_vocab_size=0, K=16, shape=(3, 3, 3), depth_layers=2, **kw):
@@ -78,6 +84,31 @@ def test_cached_sampler_equals_uncached_reference(kw):
         b = sample_codes(m, cond, cfg, torch.Generator().manual_seed(3), use_cache=False)
         assert a.shape == (3, *c.code_shape)
         assert torch.equal(a, b), f"cached and uncached samplers differ ({kw}, {cfg})"
+        # the fixed-shape steps over static caches that --compile compiles, run eagerly
+        static = torch.zeros(3, c.T, c.D, dtype=torch.long)
+        with torch.no_grad():
+            _sample_static(m, _guided_cond(m, cond, cfg), static, cfg,
+                           torch.Generator().manual_seed(3), compiled=False)  # fmt: skip
+        assert torch.equal(static.view_as(a), a), f"static-cache sampler differs ({kw}, {cfg})"
+
+
+COMPILED_CASES = [dict(shared_codebook=False, shape=(2, 3, 4)),
+                  dict(num_classes=0, text_vocab_size=20, shape=(2, 2, 2))]  # fmt: skip
+
+
+@pytest.mark.parametrize("kw", COMPILED_CASES)
+def test_compiled_sampler_equals_uncached_reference(kw):
+    m = make(**kw)
+    if m.config.text_vocab_size:
+        cond = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    else:
+        cond = torch.tensor([0, 1, 2])
+    cfg = SamplingConfig(temperature=1.5, cfg_scale=2.0)
+    ref = sample_codes(m, cond, cfg, torch.Generator().manual_seed(3), use_cache=False)
+    compiled = SamplingConfig(temperature=1.5, cfg_scale=2.0, compile=True)
+    for _ in range(2):  # the second call reuses the compiled steps and their caches
+        out = sample_codes(m, cond, compiled, torch.Generator().manual_seed(3))
+        assert torch.equal(out, ref)
 
 
 def test_separate_codebooks_feed_each_depth_its_own_code_vectors():

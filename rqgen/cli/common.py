@@ -11,6 +11,14 @@ def add_device(p) -> None:
     )  # fmt: skip
 
 
+def add_compile(p) -> None:
+    p.add_argument(
+        "--compile", action="store_true",
+        help="compile the sampler's per-step networks (fixed shapes over static KV caches; "
+        "CUDA graphs on GPU). The first batch pays the compilation (~30 s on CPU)",
+    )  # fmt: skip
+
+
 def add_dtype(p) -> None:
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rqgen.cli.common import add_device, add_dtype, device_for, per_depth
+from rqgen.cli.common import add_compile, add_device, add_dtype, device_for, per_depth
 
 
 def add_eval_vae(sub) -> None:
@@ -110,6 +110,7 @@ def add_eval_gen(sub) -> None:
     p.add_argument("--json", action="store_true")
     add_device(p)
     add_dtype(p)
+    add_compile(p)
     p.set_defaults(func=cmd_eval_gen)
 
 
@@ -215,7 +216,7 @@ def cmd_eval_gen(args) -> int:
         else:
             cond = torch.full((args.n,), model.null_class)
         out = Path(args.out) if args.out else Path(args.model) / "samples_eval"
-        cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
+        cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg, args.compile)
         gen = torch.Generator(device).manual_seed(args.seed)
         classes = meta.get("classes") or []
         images = stream_samples(vae, model, cond.to(device), cfg, gen, args.batch_size, out,

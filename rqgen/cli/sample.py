@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rqgen.cli.common import add_device, add_dtype, device_for, per_depth
+from rqgen.cli.common import add_compile, add_device, add_dtype, device_for, per_depth
 
 
 def add_sample(sub) -> None:
@@ -38,6 +38,7 @@ def add_sample(sub) -> None:
     p.add_argument("--clip", help="local CLIP directory (default: $RQGEN_CLIP, then hub cache)")
     add_device(p)
     add_dtype(p)
+    add_compile(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -84,7 +85,7 @@ def cmd_sample(args) -> int:
     device = device_for(args.device)
     model, vae, meta, tokenizer = load_for_sampling(args.model, args.vae, device, args.dtype)
     cond, names = sample_conditions(model, meta, tokenizer, args.n, args.cls, args.prompt)
-    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg)
+    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg, args.compile)
     gen = torch.Generator(device).manual_seed(args.seed)
     cond = cond.to(device)
     if args.accept is not None and args.clip_rerank is not None:

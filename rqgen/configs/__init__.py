@@ -182,6 +182,7 @@ class ARTrainConfig:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or fp32, bf16, fp16
     fsdp: bool = False  # FSDP2: weights, gradients and AdamW state sharded over the GPUs
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    compile: bool = False  # torch.compile the transformer's forward (and so its backward)
     seed: int = 0
     dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
     num_workers: int = 0

@@ -39,6 +39,28 @@ class KVCache:
         self.pos = 0
 
 
+class StaticKVCache(nn.Module):
+    """Keys and values of every layer of a `Transformer` in one fixed-size buffer, written at
+    positions given as a tensor, attended to in full under a mask.
+
+    Every decoding step then has the same shapes and no Python-side position, so one
+    compiled step (and, on GPU, one CUDA graph of it) serves the whole sequence. The buffer
+    is a module buffer: compiled graphs may mutate it in place. Zero-filled, not empty:
+    masked positions get weight 0, and 0 × NaN would still be NaN.
+    """
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 device, dtype):  # fmt: skip
+        super().__init__()
+        shape = (layers, 2, batch, heads, max_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, device=device, dtype=dtype), False)
+
+    def layer(self, i: int, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """What layer i's attention receives: its (2, B, H, L, Dh) buffer and the position
+        (0-dim long tensor) of the first new token."""
+        return self.kv[i], pos
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -69,9 +91,11 @@ class CausalSelfAttention(nn.Module):
         y = F.linear(x, self._fused[1], self._fused[2])  # (B, T, 3C)
         return y.view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | tuple[Tensor, Tensor] | None = None) -> Tensor:
         b, t, c = x.shape
-        if torch.is_grad_enabled():
+        # compiled code: the three projections as they are (the compiler fuses them; the
+        # weight cache below would be a graph break)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             q, k, v = (self._split(lin(x)) for lin in (self.query, self.key, self.value))
             kv = None
         else:
@@ -81,6 +105,12 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        elif isinstance(cache, tuple):  # StaticKVCache: fixed shapes, position as a tensor
+            buf, pos = cache
+            idx = pos + torch.arange(t, device=x.device)  # positions of the new tokens
+            buf.index_copy_(3, idx, torch.stack([k, v]) if kv is None else kv)
+            visible = torch.arange(buf.shape[3], device=x.device)[None, :] <= idx[:, None]
+            y = F.scaled_dot_product_attention(q, buf[0], buf[1], attn_mask=visible, dropout_p=p)
         else:
             start = cache.pos
             k, v = cache.append(torch.stack([k, v]) if kv is None else kv)
@@ -108,7 +138,7 @@ class Block(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | tuple[Tensor, Tensor] | None = None) -> Tensor:
         x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 
@@ -134,11 +164,22 @@ class Transformer(nn.Module):
         hd = self.width // self.heads
         return [KVCache(batch, self.heads, max_len, hd, device, dtype) for _ in self.blocks]
 
-    def forward(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+    def new_static_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        p = next(self.parameters(), None)
+        device, dtype = (p.device, p.dtype) if p is not None else ("cpu", torch.float32)
+        return StaticKVCache(len(self.blocks), batch, self.heads, max_len,
+                             self.width // self.heads, device, dtype)  # fmt: skip
+
+    def forward(self, x: Tensor, cache: list[KVCache] | StaticKVCache | None = None,
+                pos: Tensor | None = None) -> Tensor:  # fmt: skip
+        """x (B, t, C); with a list of `KVCache`s the t tokens follow those cached, with a
+        `StaticKVCache` they sit at positions pos.. (pos: 0-dim long tensor)."""
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:
                 x = checkpoint(block, x, use_reentrant=False)
+            elif isinstance(cache, StaticKVCache):
+                x = block(x, cache.layer(i, pos))
             else:
                 x = block(x, None if cache is None else cache[i])
         return x

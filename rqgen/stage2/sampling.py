@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rqgen.errors import CheckpointError, ConfigError
 from rqgen.stage2.rq_transformer import RQTransformer
@@ -27,6 +27,8 @@ class SamplingConfig:
     top_k: int | Sequence[int] | None = None  # one value, or one per depth
     top_p: float | Sequence[float] | None = None
     cfg_scale: float = 1.0  # classifier-free guidance; 1.0 = off
+    # fixed-shape steps over static KV caches, torch.compile'd (CUDA graphs on GPU)
+    compile: bool = False
 
     def at_depth(self, value, d: int):
         if value is None or isinstance(value, (int, float)):
@@ -88,14 +90,23 @@ def sample_codes(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Tensor:
-    """Codes (B, H, W, D) for conditions `cond` ((B,) class ids / null, or (B, L) text)."""
+    """Codes (B, H, W, D) for conditions `cond` ((B,) class ids / null, or (B, L) text).
+
+    With `cfg.compile` the per-step networks run with fixed shapes over static KV caches,
+    compiled with torch.compile (CUDA graphs on GPU): the same codes as the eager sampler
+    up to floating-point reassociation."""
     cfg = cfg or SamplingConfig()
     model.eval()
     c = model.config
     n = cond.shape[0]
     codes = torch.zeros(n, c.T, c.D, dtype=torch.long, device=cond.device)
-    sample = _sample_cached if use_cache else _sample_uncached
-    sample(model, _guided_cond(model, cond, cfg), codes, cfg, generator)
+    guided = _guided_cond(model, cond, cfg)
+    if cfg.compile and use_cache:
+        _sample_static(model, guided, codes, cfg, generator, compiled=True)
+    elif use_cache:
+        _sample_cached(model, guided, codes, cfg, generator)
+    else:
+        _sample_uncached(model, guided, codes, cfg, generator)
     return codes.view(n, *c.code_shape)
 
 
@@ -126,6 +137,69 @@ def _sample_cached(model, cond, codes, cfg, generator) -> None:
             codes[:, t, d] = _next_code(model.classifier(out), d, cfg, n, generator)
 
 
+class StaticDecoder(nn.Module):
+    """One spatial step and one depth step of the cached sampler with fixed shapes: a batch
+    of one token, static KV caches, positions as tensors. Compiled once per model and batch
+    size (`torch.compile`, mode reduce-overhead on CUDA: each step replays a CUDA graph)."""
+
+    def __init__(self, model: RQTransformer, batch: int, compiled: bool):
+        super().__init__()
+        c = model.config
+        self.model = model
+        self.spatial_cache = model.body_transformer.new_static_cache(batch, c.cond_length + c.T - 1)
+        self.depth_cache = model.head_transformer.new_static_cache(batch, c.D)
+        self.spatial_step, self.depth_step = self._spatial, self._depth
+        if compiled:
+            mode = "reduce-overhead" if self.spatial_cache.kv.is_cuda else None
+            self.spatial_step = torch.compile(self._spatial, mode=mode, fullgraph=True,
+                                              dynamic=False)  # fmt: skip
+            self.depth_step = torch.compile(self._depth, mode=mode, fullgraph=True, dynamic=False)
+
+    def prefill(self, x: Tensor) -> Tensor:
+        """The condition tokens (B, L, C) at positions 0..L-1 -> h of the last (B, C)."""
+        pos = torch.zeros((), dtype=torch.long, device=x.device)
+        return self.model.body_transformer(x, self.spatial_cache, pos)[:, -1]
+
+    def _spatial(self, x: Tensor, pos: Tensor) -> Tensor:
+        return self.model.body_transformer(x, self.spatial_cache, pos)[:, -1]
+
+    def _depth(self, v: Tensor, pos: Tensor) -> Tensor:
+        return self.model.classifier(self.model.head_transformer(v, self.depth_cache, pos)[:, -1])
+
+    @staticmethod
+    def for_model(model: RQTransformer, batch: int, compiled: bool) -> StaticDecoder:
+        """Reused across calls: a new decoder (new cache buffers) would be compiled again."""
+        p = next(model.parameters())
+        key = (batch, compiled, p.device, p.dtype)
+        cache = model.__dict__.setdefault("_static_decoders", {})
+        if key not in cache:
+            cache[key] = StaticDecoder(model, batch, compiled)
+        return cache[key]
+
+
+def _sample_static(model, cond, codes, cfg, generator, compiled: bool) -> None:
+    """The cached sampler over static caches: the same arithmetic, fixed shapes."""
+    c = model.config
+    n, B = codes.shape[0], cond.shape[0]
+    dec = StaticDecoder.for_model(model, B, compiled)
+    positions = torch.arange(max(c.cond_length + c.T, c.D), device=cond.device)
+    h = dec.prefill(model.cond_tokens(cond))
+    for t in range(c.T):
+        if t > 0:  # feed position t-1's codes: one token at spatial position L-1+t
+            prev = codes[:, t - 1 : t].repeat(B // n, 1, 1)
+            x = model.input_mlp(model.code_vectors(prev)).sum(-2) + model.pos_emb_hw[:, t - 1]
+            h = dec.spatial_step(x, positions[c.cond_length + t - 1])
+        partial = None
+        for d in range(c.D):
+            if d == 0:
+                v = (h + model.pos_emb_d[:, 0])[:, None]
+            else:
+                e = model.code_vector(codes[:, t, d - 1].repeat(B // n), d - 1)
+                partial = e if partial is None else partial + e  # Ẑ(d), Eq. 12
+                v = (model.head_mlp(partial) + model.pos_emb_d[:, d])[:, None]
+            codes[:, t, d] = _next_code(dec.depth_step(v, positions[d]), d, cfg, n, generator)
+
+
 def _sample_uncached(model, cond, codes, cfg, generator) -> None:
     """Reference sampler: a full teacher-forced forward for every code (O(T·D) forwards)."""
     c = model.config
@@ -151,6 +225,8 @@ def generate(
     from rqgen.stage2.dq_transformer import DQTransformer
 
     model.check_vae(vae)
+    if cfg is not None and cfg.compile and isinstance(model, DQTransformer):
+        raise ConfigError("--compile is for RQ-Transformers: sample a DQ-Transformer without it")
     sample = sample_dq_codes if isinstance(model, DQTransformer) else sample_codes
     codes, images = [], []
     for s in range(0, cond.shape[0], batch_size):

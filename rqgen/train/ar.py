@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 from safetensors.torch import load_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -177,6 +176,8 @@ class ARTrainer(Trainer):
             saved = self.state.load({"model": self.model}, map_location=self.rt.device)
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.model_ddp = wrap(self.model, rt, t.fsdp, t.activation_checkpointing)
+        # train.compile: the forward compiled (the backward follows through AOTAutograd)
+        self.forward = torch.compile(self.model_ddp) if t.compile else self.model_ddp
         # after wrapping: FSDP replaces the parameters by their shards
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
@@ -328,7 +329,7 @@ class ARTrainer(Trainer):
             z, cond = z.to(self.rt.device), cond.to(self.rt.device)
             codes, soft = self._codes_and_targets(z, gen)
             with no_sync(self.model_ddp, i == len(batches) - 1), self._autocast():
-                loss, parts = self._loss(self.model_ddp, codes, self._drop_cond(cond, gen), soft)
+                loss, parts = self._loss(codes, self._drop_cond(cond, gen), soft)
                 self.scaler.scale(loss / len(batches)).backward()
             for k, v in {**parts, "loss": float(loss.detach())}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(batches)
@@ -343,11 +344,10 @@ class ARTrainer(Trainer):
             self.ema.update(self.model)
         return totals
 
-    def _loss(self, model, codes, cond, soft):
-        # DDP needs the call to go through forward(); both models' loss() call self(...)
-        if isinstance(model, DDP):
-            return self.model.loss_from_logits(*model(codes, cond), codes, cond, soft)
-        return model.loss(codes, cond, soft)
+    def _loss(self, codes, cond, soft):
+        # the forward through the wrapper (DDP, FSDP, compiled) that owns the gradients; the
+        # loss itself on the plain model (both models split forward and loss this way)
+        return self.model.loss_from_logits(*self.forward(codes, cond), codes, cond, soft)
 
     @torch.no_grad()
     def validate(self) -> float:
