@@ -80,3 +80,24 @@ def test_fsdp_matches_ddp_resumes_exactly_and_samples(vae, tmp_path):
               "--steps", 4, "--device", "cpu", *AR_TINY, check=False)  # fmt: skip
     assert r.returncode == 2 and "optimizer state is sharded (FSDP)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fsdp_trains_a_dq_transformer(tmp_path):
+    from test_dqvae import TINY
+
+    vae = tmp_path / "vae"
+    small = [f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY.items()]
+    rqgen("train-vae", "--data", "bundled:digits", "--out", vae, "--config", "dq-tiny32",
+          "--steps", 2, "--device", "cpu", *small, "train.batch_size=8",
+          "train.num_workers=0")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rqgen", "train-ar", "--vae", str(vae), "--data", "bundled:digits", "--out",
+           str(tmp_path / "ar"), "--config", "dq-ar-tiny", "--steps", "2", "--device", "cpu",
+           "model.width=32", "model.heads=2", "train.batch_size=8", "train.eval_every=2",
+           "train.fsdp=true", "train.activation_checkpointing=true"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "ar" / "config.json").read_text())
+    assert meta["model_type"] == "dq_transformer" and meta["step"] == 2
+    rqgen("sample", "--model", tmp_path / "ar", "--n", 2, "--cfg", 2, "--out", tmp_path / "s.png")
+    assert (tmp_path / "s.png").is_file()

@@ -39,26 +39,34 @@ class KVCache:
         self.pos = 0
 
 
+class _LayerKV(nn.Module):
+    def __init__(self, shape: tuple[int, ...], device, dtype):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), False)
+
+
 class StaticKVCache(nn.Module):
-    """Keys and values of every layer of a `Transformer` in one fixed-size buffer, written at
+    """Keys and values of every layer of a `Transformer` in fixed-size buffers, written at
     positions given as a tensor, attended to in full under a mask.
 
     Every decoding step then has the same shapes and no Python-side position, so one
-    compiled step (and, on GPU, one CUDA graph of it) serves the whole sequence. The buffer
-    is a module buffer: compiled graphs may mutate it in place. Zero-filled, not empty:
-    masked positions get weight 0, and 0 × NaN would still be NaN.
+    compiled step (and, on GPU, one CUDA graph of it) serves the whole sequence. Each layer's
+    keys and values are buffers of their own: a compiled step writes the new rows in place
+    (an indexed store into a view of one shared buffer was compiled into a copy of all of it,
+    5x slower). Zero-filled, not empty: masked positions get weight 0, and 0 × NaN is NaN.
     """
 
     def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device, dtype):  # fmt: skip
         super().__init__()
-        shape = (layers, 2, batch, heads, max_len, head_dim)
-        self.register_buffer("kv", torch.zeros(shape, device=device, dtype=dtype), False)
+        shape = (batch, heads, max_len, head_dim)
+        self.layers = nn.ModuleList(_LayerKV(shape, device, dtype) for _ in range(layers))
 
-    def layer(self, i: int, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """What layer i's attention receives: its (2, B, H, L, Dh) buffer and the position
-        (0-dim long tensor) of the first new token."""
-        return self.kv[i], pos
+    def layer(self, i: int, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What layer i's attention receives: its key and value buffers (B, H, L, Dh) and the
+        position (0-dim long tensor) of the first new token."""
+        return self.layers[i].k, self.layers[i].v, pos
 
 
 class CausalSelfAttention(nn.Module):
@@ -91,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         y = F.linear(x, self._fused[1], self._fused[2])  # (B, T, 3C)
         return y.view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
 
-    def forward(self, x: Tensor, cache: KVCache | tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | tuple[Tensor, ...] | None = None) -> Tensor:
         b, t, c = x.shape
         # compiled code: the three projections as they are (the compiler fuses them; the
         # weight cache below would be a graph break)
@@ -106,11 +114,12 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         elif isinstance(cache, tuple):  # StaticKVCache: fixed shapes, position as a tensor
-            buf, pos = cache
+            k_buf, v_buf, pos = cache
             idx = pos + torch.arange(t, device=x.device)  # positions of the new tokens
-            buf.index_copy_(3, idx, torch.stack([k, v]) if kv is None else kv)
-            visible = torch.arange(buf.shape[3], device=x.device)[None, :] <= idx[:, None]
-            y = F.scaled_dot_product_attention(q, buf[0], buf[1], attn_mask=visible, dropout_p=p)
+            k_buf[:, :, idx] = k  # indexed stores: in place under torch.compile
+            v_buf[:, :, idx] = v
+            visible = torch.arange(k_buf.shape[2], device=x.device)[None, :] <= idx[:, None]
+            y = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=visible, dropout_p=p)
         else:
             start = cache.pos
             k, v = cache.append(torch.stack([k, v]) if kv is None else kv)
@@ -138,7 +147,7 @@ class Block(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: Tensor, cache: KVCache | tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | tuple[Tensor, ...] | None = None) -> Tensor:
         x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 

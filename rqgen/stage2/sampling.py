@@ -150,7 +150,7 @@ class StaticDecoder(nn.Module):
         self.depth_cache = model.head_transformer.new_static_cache(batch, c.D)
         self.spatial_step, self.depth_step = self._spatial, self._depth
         if compiled:
-            mode = "reduce-overhead" if self.spatial_cache.kv.is_cuda else None
+            mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
             self.spatial_step = torch.compile(self._spatial, mode=mode, fullgraph=True,
                                               dynamic=False)  # fmt: skip
             self.depth_step = torch.compile(self._depth, mode=mode, fullgraph=True, dynamic=False)
@@ -182,7 +182,9 @@ def _sample_static(model, cond, codes, cfg, generator, compiled: bool) -> None:
     c = model.config
     n, B = codes.shape[0], cond.shape[0]
     dec = StaticDecoder.for_model(model, B, compiled)
-    positions = torch.arange(max(c.cond_length + c.T, c.D), device=cond.device)
+    # one 0-dim tensor per position, each its own storage: views of one arange would differ
+    # in storage offset, which compiled code guards on (a recompile per position)
+    positions = [torch.tensor(i, device=cond.device) for i in range(max(c.cond_length + c.T, c.D))]
     h = dec.prefill(model.cond_tokens(cond))
     for t in range(c.T):
         if t > 0:  # feed position t-1's codes: one token at spatial position L-1+t
