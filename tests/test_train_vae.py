@@ -272,7 +272,7 @@ def test_fp16_with_gradient_scalers_resumes_exactly(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     bad = rqgen(*train_args(tmp_path / "bad", 1, "train.precision=fp8"), check=False)
-    assert bad.returncode == 2 and "precision 'fp8' is not one of" in bad.stderr
+    assert bad.returncode == 2 and "train.precision=fp8: must be one of" in bad.stderr
 
 
 def test_resume_check_treats_fields_added_later_as_defaults(tmp_path):

@@ -12,8 +12,15 @@ from rqgen.cli import convert, evaluate, sample, train
 from rqgen.errors import RqgenError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error (subcommands inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rqgen", description="Residual-quantized autoregressive image generation."
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,6 +1,33 @@
-"""Arguments several commands share: device, precision, per-depth values."""
+"""Arguments several commands share: device, precision, per-depth values, and the range
+checks of every numeric argument (the same wording as the config checks)."""
 
 from __future__ import annotations
+
+import argparse
+import math
+
+
+def number(kind=int, low: float | None = None, high: float | None = None,
+           open_low: bool = False, open_high: bool = False):  # fmt: skip
+    """An argparse type: `kind` within [low, high] (open ends where asked), else one line
+    naming the range."""
+    from rqgen.configs.validate import Rule
+
+    rule = Rule("int" if kind is int else "float", low, high, open_low, open_high)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {rule.describe()}") from None
+        if not rule.accepts(value) or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text}: must be {rule.describe()}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = number(int, 1)
 
 
 def add_device(p) -> None:
@@ -34,10 +61,12 @@ def device_for(name: str | None):
 
 
 def per_depth(kind):
-    """'16' -> 16; '16,8,4,4' -> [16, 8, 4, 4] (one value per depth)."""
+    """'16' -> 16; '16,8,4,4' -> [16, 8, 4, 4] (one value per depth): top-k values ≥ 1,
+    top-p values in (0, 1]."""
+    one = number(int, 1) if kind is int else number(float, 0, 1, open_low=True)
 
     def parse(text: str):
-        values = [kind(v) for v in text.split(",")]
+        values = [one(v) for v in text.split(",")]
         return values[0] if len(values) == 1 else values
 
     return parse

@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rqgen.cli.common import add_compile, add_device, add_dtype, device_for, per_depth
+from rqgen.cli.common import (
+    POSITIVE_INT,
+    add_compile,
+    add_device,
+    add_dtype,
+    device_for,
+    number,
+    per_depth,
+)
 
 
 def add_eval_vae(sub) -> None:
     p = sub.add_parser("eval-vae", help="PSNR, SSIM, per-depth PSNR, codebook usage, rFID")
     p.add_argument("--vae", required=True, help="directory written by train-vae / save_pretrained")
     p.add_argument("--data", required=True, help="image folder or bundled:NAME[:val]")
-    p.add_argument("--limit", type=int, help="score at most N images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=POSITIVE_INT, help="score at most N images")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     add_device(p)
     p.add_argument("--no-rfid", action="store_true", help="skip rFID even if Inception is present")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -50,7 +58,9 @@ def add_reconstruct(sub) -> None:
     p.add_argument("--vae", required=True)
     p.add_argument("--input", required=True, help="an image file, a folder, or bundled:NAME[:val]")
     p.add_argument("--out", required=True)
-    p.add_argument("--limit", type=int, default=16, help="at most N images from a folder/dataset")
+    p.add_argument(
+        "--limit", type=POSITIVE_INT, default=16, help="at most N images from a folder/dataset"
+    )
     add_device(p)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -93,20 +103,24 @@ def add_eval_gen(sub) -> None:
     src.add_argument("--samples", help="folder of generated images")
     src.add_argument("--model", help="RQ-Transformer directory: sample, stream to --out, score")
     p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
-    p.add_argument("--n", type=int, default=1000, help="samples to draw with --model")
-    p.add_argument("--per-class", type=int, help="class-balanced: this many samples per class")
+    p.add_argument("--n", type=POSITIVE_INT, default=1000, help="samples to draw with --model")
+    p.add_argument(
+        "--per-class", type=POSITIVE_INT, help="class-balanced: this many samples per class"
+    )
     p.add_argument("--prompts", help="text models: a file of captions, one per line (cycled)")
     p.add_argument("--clip", help="local CLIP directory for the CLIP score of text models")
     p.add_argument("--out", help="where --model writes its PNGs (default: MODEL/samples_eval)")
     p.add_argument("--features", choices=["inception", "digits"], default="inception",
                    help="evaluator network (inception: local torch-fidelity weights)")  # fmt: skip
-    p.add_argument("--resolution", type=int, help="image size for --ref/--samples folders")
+    p.add_argument(
+        "--resolution", type=number(int, 8), help="image size for --ref/--samples folders"
+    )
     p.add_argument("--top-k", type=per_depth(int))
     p.add_argument("--top-p", type=per_depth(float))
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cfg", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0)
+    p.add_argument("--cfg", type=number(float, 0), default=1.0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--json", action="store_true")
     add_device(p)
     add_dtype(p)
@@ -119,9 +133,9 @@ def add_fid_stats(sub) -> None:
     p.add_argument("data", help="folder or bundled:NAME[:SPLIT]")
     p.add_argument("--out", required=True, help="STATS.npz")
     p.add_argument("--features", choices=["inception", "digits"], default="inception")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=number(int, 8), default=256)
     p.add_argument("--split", default="val", help="bundled split, or 'train' for random crops")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     add_device(p)
     p.set_defaults(func=cmd_fid_stats)
 

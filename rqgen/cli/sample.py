@@ -4,26 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rqgen.cli.common import add_compile, add_device, add_dtype, device_for, per_depth
+from rqgen.cli.common import (
+    POSITIVE_INT,
+    add_compile,
+    add_device,
+    add_dtype,
+    device_for,
+    number,
+    per_depth,
+)
 
 
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images from an RQ-Transformer")
     p.add_argument("--model", required=True, help="directory written by train-ar")
     p.add_argument("--vae", help="RQ-VAE directory (default: the one the model records)")
-    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--n", type=POSITIVE_INT, default=16, help="number of images")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--class", dest="cls", help="class id or name (default: all classes in turn)")
     g.add_argument("--prompt", help="caption, for text-conditional models")
     p.add_argument("--top-k", type=per_depth(int), help="K, or one per depth: 64,32,16,16")
     p.add_argument("--top-p", type=per_depth(float), help="P, or one per depth")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0)
+    p.add_argument(
+        "--cfg", type=number(float, 0), default=1.0, help="classifier-free guidance scale"
+    )
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--out", required=True, help="FILE.png: a grid; otherwise a directory")
     p.add_argument("--save-codes", help="also write the sampled codes (.npy, (N, H, W, D))")
-    p.add_argument("--accept", type=float, help="rejection sampling: keep this fraction (0-1]")
+    p.add_argument(
+        "--accept",
+        type=number(float, 0, 1, open_low=True),
+        help="rejection sampling: keep this fraction (0-1]",
+    )
     p.add_argument(
         "--classifier",
         choices=["digits"],
@@ -31,7 +45,7 @@ def add_sample(sub) -> None:
         help="classifier for --accept (digits: trained once on the bundled digits, cached)",
     )
     p.add_argument(
-        "--clip-rerank", type=int, metavar="N",
+        "--clip-rerank", type=POSITIVE_INT, metavar="N",
         help="CLIP re-ranking: best of N candidates per image, scored against the prompt "
         "(or 'a photo of a CLASS'); needs local CLIP weights",
     )  # fmt: skip
@@ -130,8 +144,12 @@ def cmd_sample(args) -> int:
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on bundled data (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--steps", type=int, default=None, help="RQ-VAE steps (default: the demo's)")
-    p.add_argument("--ar-steps", type=int, default=None, help="RQ-Transformer steps (digits)")
+    p.add_argument(
+        "--steps", type=POSITIVE_INT, default=None, help="RQ-VAE steps (default: the demo's)"
+    )
+    p.add_argument(
+        "--ar-steps", type=POSITIVE_INT, default=None, help="RQ-Transformer steps (digits)"
+    )
     p.add_argument(
         "--task", choices=["digits", "photos"], default="digits",
         help="digits: RQ-VAE + RQ-Transformer on bundled digits; photos: the RQ-VAE on photos",

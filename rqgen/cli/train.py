@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rqgen.cli.common import add_device
+from rqgen.cli.common import POSITIVE_INT, add_device, number
 
 
 def add_train_vae(sub) -> None:
@@ -18,7 +18,9 @@ def _training_args(p, default: str, presets: str, example: str) -> None:
     p.add_argument("--data", required=True, help="image folder, bundled:photos or bundled:digits")
     p.add_argument("--out", required=True, help="output directory; rerun to resume")
     p.add_argument("--config", default=default, help=f"preset ({presets}) or a JSON/YAML file")
-    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    p.add_argument(
+        "--steps", type=POSITIVE_INT, help="total optimizer steps (overrides train.steps)"
+    )
     add_device(p)
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
 
@@ -34,7 +36,9 @@ def _run_training(args, load_experiment, train):
     torn down so torchrun workers exit cleanly on errors too."""
     from rqgen.train.common import shutdown_runtime
 
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    overrides = list(args.overrides) + (
+        [f"train.steps={args.steps}"] if args.steps is not None else []
+    )
     exp = load_experiment(args.config, overrides)
     try:
         return train(exp)
@@ -86,17 +90,22 @@ def add_plan(sub) -> None:
         "plan", help="how many GPUs a stage-2 model needs: memory per GPU, DDP or FSDP, batch"
     )
     p.add_argument("--config", required=True, help="stage-2 preset (e.g. ar-imagenet-1.4b) or file")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (all nodes)")
-    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU, GiB (e.g. 80)")
+    p.add_argument("--gpus", type=POSITIVE_INT, required=True, help="number of GPUs (all nodes)")
     p.add_argument(
-        "--batch", type=int, help="global batch (default: the config's train.batch_size)"
+        "--gpu-mem",
+        type=number(float, 0, open_low=True),
+        required=True,
+        help="memory per GPU, GiB (e.g. 80)",
+    )
+    p.add_argument(
+        "--batch", type=POSITIVE_INT, help="global batch (default: the config's train.batch_size)"
     )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16",
                    help="training precision (default: bf16, as on GPUs)")  # fmt: skip
     p.add_argument("--vae", help="size the model for this RQ-VAE's codes (default: the paper's "
                    "RQ-VAE for a paper preset, else 8x8x4 codes, K 16384, 256 dims)")  # fmt: skip
-    p.add_argument("--classes", type=int, default=1000, help="classes of a class-conditional "
-                   "model without a paper preset (default: 1000)")  # fmt: skip
+    p.add_argument("--classes", type=POSITIVE_INT, default=1000,
+                   help="classes of a class-conditional model without a paper preset")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model.spatial_layers=30")
     p.set_defaults(func=cmd_plan)

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rqgen.configs.validate import check_experiment
 from rqgen.errors import ConfigError
 from rqgen.stage1.dqvae import DQVAEConfig
 from rqgen.stage1.rqvae import RQVAEConfig
@@ -351,10 +352,13 @@ def _load(config: str, presets: dict, default, overrides: list[str] | None):
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.lr=1e-4)")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(cfg)
+        exp = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
-        raise ConfigError(f"bad config value: {msg}") from e
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"bad config value{f' for {key}' if key else ''}: {msg}") from e
+    check_experiment(exp)  # ranges and relations of every field, before any work
+    return exp
 
 
 def to_dict(obj) -> dict:
