@@ -49,7 +49,7 @@ def run_fresh(target: str, workdir: Path) -> dict:
     text = log.read_text(errors="replace")
     result = {"setup_s": round(t1 - t0, 1), "run_s": round(t2 - t1, 1),
               "total_s": round(t2 - t0, 1), "returncode": proc.returncode}  # fmt: skip
-    summary = re.findall(r"^=+ (.*(?:passed|failed).*) =+$", text, re.M)
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).* in [\d.]+s\b.*?)\s*=*$", text, re.M)
     if summary:
         result["pytest"] = summary[-1]
     if proc.returncode:
