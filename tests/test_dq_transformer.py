@@ -171,15 +171,22 @@ def test_save_load_and_vae_pairing(tmp_path):
         m.check_vae(vae)
 
 
-def test_cli_trains_and_samples_a_dq_transformer(tmp_path):
+def train_tiny_dq_vae(out):
+    """A tiny DQ-VAE trained 2 steps on the digits, through the CLI."""
     from test_dqvae import TINY
     from test_train_vae import rqgen
 
-    vae = tmp_path / "vae"
     small = [f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY.items()]
-    rqgen("train-vae", "--data", "bundled:digits", "--out", vae, "--config", "dq-tiny32",
+    rqgen("train-vae", "--data", "bundled:digits", "--out", out, "--config", "dq-tiny32",
           "--steps", 2, "--device", "cpu", *small, "train.batch_size=8",
           "train.num_workers=0")  # fmt: skip
+    return out
+
+
+def test_cli_trains_and_samples_a_dq_transformer(tmp_path):
+    from test_train_vae import rqgen
+
+    vae = train_tiny_dq_vae(tmp_path / "vae")
     ar = tmp_path / "ar"
     rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", ar, "--config",
           "dq-ar-tiny", "--steps", 4, "--device", "cpu", "model.width=32", "model.heads=2",

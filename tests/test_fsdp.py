@@ -83,13 +83,9 @@ def test_fsdp_matches_ddp_resumes_exactly_and_samples(vae, tmp_path):
 
 
 def test_fsdp_trains_a_dq_transformer(tmp_path):
-    from test_dqvae import TINY
+    from test_dq_transformer import train_tiny_dq_vae
 
-    vae = tmp_path / "vae"
-    small = [f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY.items()]
-    rqgen("train-vae", "--data", "bundled:digits", "--out", vae, "--config", "dq-tiny32",
-          "--steps", 2, "--device", "cpu", *small, "train.batch_size=8",
-          "train.num_workers=0")  # fmt: skip
+    vae = train_tiny_dq_vae(tmp_path / "vae")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rqgen", "train-ar", "--vae", str(vae), "--data", "bundled:digits", "--out",
            str(tmp_path / "ar"), "--config", "dq-ar-tiny", "--steps", "2", "--device", "cpu",

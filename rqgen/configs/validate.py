@@ -115,92 +115,42 @@ _AUTOENCODER = {
     "restart_unused_codes": FLAG,
 }  # fmt: skip
 
+_TRAINING = {  # what both stages' training configs share
+    "steps": count(), "batch_size": count(), "grad_accum": count(), "lr": positive(),
+    "beta1": unit(), "beta2": unit(), "warmup_steps": count(0), "grad_clip": non_negative(),
+    "ema_decay": unit(), "precision": PRECISION, "seed": count(0), "dist_timeout": positive(),
+    "num_workers": count(0), "log_every": count(), "ckpt_every": count(),
+}  # fmt: skip
+
 RULES: dict[str, dict[str, Rule]] = {
-    "RQVAEConfig": {
-        **_AUTOENCODER,
-        "code_depth": count(),
-        "shared_codebook": FLAG,
-        "norm_groups": count(0),
-    },  # fmt: skip
-    "DQVAEConfig": {
-        **_AUTOENCODER,
-        "ch_mult": Rule("ints", low=1, min_items=2),
-        "decoder_ch_mult": LEVELS,
+    "RQVAEConfig": _AUTOENCODER | {
+        "code_depth": count(), "shared_codebook": FLAG, "norm_groups": count(0),
+    },
+    "DQVAEConfig": _AUTOENCODER | {
+        "ch_mult": Rule("ints", low=1, min_items=2), "decoder_ch_mult": LEVELS,
         "decoder_attn_resolutions": RESOLUTIONS,
         "router": Rule("choice", choices=("entropy", "learned")),
-        "fine_fraction": unit(open_low=True),
-        "budget_weight": non_negative(),
+        "fine_fraction": unit(open_low=True), "budget_weight": non_negative(),
         "entropy_bins": count(2),
-    },  # fmt: skip
-    "VAETrainConfig": {
-        "steps": count(),
-        "batch_size": count(),
-        "grad_accum": count(),
-        "lr": positive(),
-        "beta1": unit(),
-        "beta2": unit(),
-        "adam_eps": positive(),
-        "warmup_steps": count(0),
-        "grad_clip": non_negative(),
-        "perceptual_weight": non_negative(),
-        "adversarial_weight": non_negative(),
-        "disc_start": count(0),
-        "disc_ndf": count(),
-        "disc_layers": count(),
-        "ema_decay": unit(),
-        "precision": PRECISION,
-        "seed": count(0),
-        "dist_timeout": positive(),
-        "num_workers": count(0),
-        "log_every": count(),
-        "ckpt_every": count(),
-        "sample_every": count(),
-        "val_batches": count(0),
-    },  # fmt: skip
+    },
+    "VAETrainConfig": _TRAINING | {
+        "adam_eps": positive(), "perceptual_weight": non_negative(),
+        "adversarial_weight": non_negative(), "disc_start": count(0), "disc_ndf": count(),
+        "disc_layers": count(), "sample_every": count(), "val_batches": count(0),
+    },
     "ARModelConfig": {
-        "width": count(),
-        "heads": count(),
-        "depth_heads": count(0),
-        "spatial_layers": count(),
-        "depth_layers": count(0),
-        "position_layers": count(),
-        "content_layers": count(),
-        "dropout": unit(),
-        "conditioning": Rule("choice", choices=("class", "none", "text")),
-        "text_length": count(2),
-        "text_vocab_size": count(8),
-        "text_loss_weight": unit(),
-    },  # fmt: skip
-    "ARTrainConfig": {
-        "steps": count(),
-        "batch_size": count(),
-        "grad_accum": count(),
-        "lr": positive(),
-        "beta1": unit(),
-        "beta2": unit(),
-        "weight_decay": non_negative(),
-        "warmup_steps": count(0),
-        "min_lr_ratio": unit(open_high=False),
-        "grad_clip": non_negative(),
-        "soft_labels": FLAG,
-        "stochastic_codes": FLAG,
-        "tau": positive(),
-        "cond_dropout": unit(),
-        "val_fraction": unit(),
-        "eval_every": count(),
-        "patience": count(0),
-        "ema_decay": unit(),
-        "precision": PRECISION,
-        "seed": count(0),
-        "dist_timeout": positive(),
-        "fsdp": FLAG,
-        "activation_checkpointing": FLAG,
-        "compile": FLAG,
-        "num_workers": count(0),
-        "log_every": count(),
-        "ckpt_every": count(),
-    },  # fmt: skip
-}
+        "width": count(), "heads": count(), "depth_heads": count(0), "spatial_layers": count(),
+        "depth_layers": count(0), "position_layers": count(), "content_layers": count(),
+        "dropout": unit(), "conditioning": Rule("choice", choices=("class", "none", "text")),
+        "text_length": count(2), "text_vocab_size": count(8), "text_loss_weight": unit(),
+    },
+    "ARTrainConfig": _TRAINING | {
+        "weight_decay": non_negative(), "min_lr_ratio": unit(open_high=False),
+        "soft_labels": FLAG, "stochastic_codes": FLAG, "tau": positive(), "cond_dropout": unit(),
+        "val_fraction": unit(), "eval_every": count(), "patience": count(0), "fsdp": FLAG,
+        "activation_checkpointing": FLAG, "compile": FLAG,
+    },
+}  # fmt: skip
 
 
 def check_fields(obj, section: str) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from rqgen.stage1.dqvae import pack_codes
 from rqgen.stage2.dq_sequence import DQSequence, from_sequence
 from rqgen.stage2.dq_transformer import DQTransformer
-from rqgen.stage2.sampling import SamplingConfig, _next_code, draw, guide
+from rqgen.stage2.guidance import SamplingConfig, draw, guide, next_code
 
 COARSE, COARSE_END, FINE, DONE = 0, 1, 2, 3
 
@@ -105,7 +105,7 @@ def sample_dq_codes(
             nxt = _rows(seq, 1, t + 2, reps)
             y = h_all + model.position_embedding(nxt.position, nxt.segment)
             g = model.content_transformer(y)[:, -1]
-        code = _next_code(model.content_head(g)[:, : c.codebook_size], 0, cfg, n, generator)
+        code = next_code(model.content_head(g)[:, : c.codebook_size], 0, cfg, n, generator)
         is_eos = (p_next == v.position_eos(False)) & (phase == COARSE)
         is_eos |= (p_next == v.position_eos(True)) & (phase == FINE)
         c_next = torch.where(is_eos, v.content_eos, code)

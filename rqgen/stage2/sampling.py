@@ -10,66 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rqgen.errors import CheckpointError, ConfigError
+from rqgen.stage2.decoders import EagerDecoder, StaticDecoder
+from rqgen.stage2.dq_sampling import sample_dq_codes
+from rqgen.stage2.dq_transformer import DQTransformer
+from rqgen.stage2.guidance import SamplingConfig, next_code
 from rqgen.stage2.rq_transformer import RQTransformer
 from rqgen.utils.device import PRECISIONS, resolve_precision
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_k: int | Sequence[int] | None = None  # one value, or one per depth
-    top_p: float | Sequence[float] | None = None
-    cfg_scale: float = 1.0  # classifier-free guidance; 1.0 = off
-    # fixed-shape steps over static KV caches, torch.compile'd (CUDA graphs on GPU)
-    compile: bool = False
-
-    def at_depth(self, value, d: int):
-        if value is None or isinstance(value, (int, float)):
-            return value
-        return value[d]
-
-
-def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Keep the top-k logits, then the smallest set whose probability reaches top_p."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One sample per row by inverse CDF with one uniform per row: tiny float differences
-    between equivalent computations (cached vs not) cannot change the outcome."""
-    cdf = logits.float().softmax(-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
-    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
-
-
-def guide(logits: Tensor, n: int, scale: float) -> Tensor:
-    """Classifier-free guidance: rows n.. are the unconditional twins of rows ..n."""
-    if scale == 1.0:
-        return logits
-    cond, uncond = logits[:n], logits[n:]
-    return uncond + scale * (cond - uncond)
-
-
-def _next_code(logits: Tensor, d: int, cfg: SamplingConfig, n: int, generator) -> Tensor:
-    logits = guide(logits, n, cfg.cfg_scale)
-    logits = logits.float() / max(cfg.temperature, 1e-5)
-    logits = filter_logits(logits, cfg.at_depth(cfg.top_k, d), cfg.at_depth(cfg.top_p, d))
-    return draw(logits, generator)
 
 
 def _guided_cond(model: RQTransformer, cond: Tensor, cfg: SamplingConfig) -> Tensor:
@@ -101,28 +53,27 @@ def sample_codes(
     n = cond.shape[0]
     codes = torch.zeros(n, c.T, c.D, dtype=torch.long, device=cond.device)
     guided = _guided_cond(model, cond, cfg)
-    if cfg.compile and use_cache:
-        _sample_static(model, guided, codes, cfg, generator, compiled=True)
-    elif use_cache:
-        _sample_cached(model, guided, codes, cfg, generator)
+    if use_cache:
+        B = guided.shape[0]
+        decoder = StaticDecoder.for_model(model, B, True) if cfg.compile else EagerDecoder(model, B)
+        _sample_cached(model, guided, codes, cfg, generator, decoder)
     else:
         _sample_uncached(model, guided, codes, cfg, generator)
     return codes.view(n, *c.code_shape)
 
 
-def _sample_cached(model, cond, codes, cfg, generator) -> None:
+def _sample_cached(model, cond, codes, cfg, generator, decoder) -> None:
+    """The KV-cached sampler: the spatial transformer once per position, the depth
+    transformer once per code, each through `decoder` (eager with growing caches, or fixed
+    shapes over static caches, possibly compiled: the same arithmetic)."""
     c = model.config
     n, B = codes.shape[0], cond.shape[0]
-    spatial_cache = model.body_transformer.new_cache(B, c.cond_length + c.T - 1)
-    depth_cache = model.head_transformer.new_cache(B, c.D)
-    h = model.body_transformer(model.cond_tokens(cond), spatial_cache)[:, -1]
+    h = decoder.prefill(model.cond_tokens(cond))
     for t in range(c.T):
-        if t > 0:  # feed position t-1's codes: one token through the spatial cache
+        if t > 0:  # feed position t-1's codes: one token at spatial position L-1+t
             prev = codes[:, t - 1 : t].repeat(B // n, 1, 1)
             x = model.input_mlp(model.code_vectors(prev)).sum(-2) + model.pos_emb_hw[:, t - 1]
-            h = model.body_transformer(x, spatial_cache)[:, -1]
-        for layer_cache in depth_cache:
-            layer_cache.reset()
+            h = decoder.spatial_step(x, c.cond_length + t - 1)
         partial = None
         for d in range(c.D):
             if d == 0:
@@ -133,73 +84,7 @@ def _sample_cached(model, cond, codes, cfg, generator) -> None:
                 e = model.code_vector(codes[:, t, d - 1].repeat(B // n), d - 1)
                 partial = e if partial is None else partial + e  # Ẑ(d), Eq. 12
                 v = (model.head_mlp(partial) + model.pos_emb_d[:, d])[:, None]
-            out = model.head_transformer(v, depth_cache)[:, -1]
-            codes[:, t, d] = _next_code(model.classifier(out), d, cfg, n, generator)
-
-
-class StaticDecoder(nn.Module):
-    """One spatial step and one depth step of the cached sampler with fixed shapes: a batch
-    of one token, static KV caches, positions as tensors. Compiled once per model and batch
-    size (`torch.compile`, mode reduce-overhead on CUDA: each step replays a CUDA graph)."""
-
-    def __init__(self, model: RQTransformer, batch: int, compiled: bool):
-        super().__init__()
-        c = model.config
-        self.model = model
-        self.spatial_cache = model.body_transformer.new_static_cache(batch, c.cond_length + c.T - 1)
-        self.depth_cache = model.head_transformer.new_static_cache(batch, c.D)
-        self.spatial_step, self.depth_step = self._spatial, self._depth
-        if compiled:
-            mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-            self.spatial_step = torch.compile(self._spatial, mode=mode, fullgraph=True,
-                                              dynamic=False)  # fmt: skip
-            self.depth_step = torch.compile(self._depth, mode=mode, fullgraph=True, dynamic=False)
-
-    def prefill(self, x: Tensor) -> Tensor:
-        """The condition tokens (B, L, C) at positions 0..L-1 -> h of the last (B, C)."""
-        pos = torch.zeros((), dtype=torch.long, device=x.device)
-        return self.model.body_transformer(x, self.spatial_cache, pos)[:, -1]
-
-    def _spatial(self, x: Tensor, pos: Tensor) -> Tensor:
-        return self.model.body_transformer(x, self.spatial_cache, pos)[:, -1]
-
-    def _depth(self, v: Tensor, pos: Tensor) -> Tensor:
-        return self.model.classifier(self.model.head_transformer(v, self.depth_cache, pos)[:, -1])
-
-    @staticmethod
-    def for_model(model: RQTransformer, batch: int, compiled: bool) -> StaticDecoder:
-        """Reused across calls: a new decoder (new cache buffers) would be compiled again."""
-        p = next(model.parameters())
-        key = (batch, compiled, p.device, p.dtype)
-        cache = model.__dict__.setdefault("_static_decoders", {})
-        if key not in cache:
-            cache[key] = StaticDecoder(model, batch, compiled)
-        return cache[key]
-
-
-def _sample_static(model, cond, codes, cfg, generator, compiled: bool) -> None:
-    """The cached sampler over static caches: the same arithmetic, fixed shapes."""
-    c = model.config
-    n, B = codes.shape[0], cond.shape[0]
-    dec = StaticDecoder.for_model(model, B, compiled)
-    # one 0-dim tensor per position, each its own storage: views of one arange would differ
-    # in storage offset, which compiled code guards on (a recompile per position)
-    positions = [torch.tensor(i, device=cond.device) for i in range(max(c.cond_length + c.T, c.D))]
-    h = dec.prefill(model.cond_tokens(cond))
-    for t in range(c.T):
-        if t > 0:  # feed position t-1's codes: one token at spatial position L-1+t
-            prev = codes[:, t - 1 : t].repeat(B // n, 1, 1)
-            x = model.input_mlp(model.code_vectors(prev)).sum(-2) + model.pos_emb_hw[:, t - 1]
-            h = dec.spatial_step(x, positions[c.cond_length + t - 1])
-        partial = None
-        for d in range(c.D):
-            if d == 0:
-                v = (h + model.pos_emb_d[:, 0])[:, None]
-            else:
-                e = model.code_vector(codes[:, t, d - 1].repeat(B // n), d - 1)
-                partial = e if partial is None else partial + e  # Ẑ(d), Eq. 12
-                v = (model.head_mlp(partial) + model.pos_emb_d[:, d])[:, None]
-            codes[:, t, d] = _next_code(dec.depth_step(v, positions[d]), d, cfg, n, generator)
+            codes[:, t, d] = next_code(decoder.depth_step(v, d), d, cfg, n, generator)
 
 
 def _sample_uncached(model, cond, codes, cfg, generator) -> None:
@@ -209,7 +94,7 @@ def _sample_uncached(model, cond, codes, cfg, generator) -> None:
     for t in range(c.T):
         for d in range(c.D):
             logits, _ = model(codes.repeat(B // n, 1, 1), cond)
-            codes[:, t, d] = _next_code(logits[:, t, d], d, cfg, n, generator)
+            codes[:, t, d] = next_code(logits[:, t, d], d, cfg, n, generator)
 
 
 @torch.no_grad()
@@ -223,9 +108,6 @@ def generate(
 ) -> tuple[Tensor, Tensor]:
     """Codes sampled and decoded batch by batch: codes (B, H, W, D) (a DQ-Transformer gives
     packed DQ-VAE code maps, (B, 2Hc, 2Hc, 2)), images (B, 3, R, R)."""
-    from rqgen.stage2.dq_sampling import sample_dq_codes
-    from rqgen.stage2.dq_transformer import DQTransformer
-
     model.check_vae(vae)
     if cfg is not None and cfg.compile and isinstance(model, DQTransformer):
         raise ConfigError("--compile is for RQ-Transformers: sample a DQ-Transformer without it")
@@ -336,7 +218,6 @@ def load_for_sampling(
     VAE decodes in fp32."""
     from rqgen.checkpoint import read_config
     from rqgen.stage1 import load_vae
-    from rqgen.stage2.dq_transformer import DQTransformer
     from rqgen.stage2.text import TextTokenizer
 
     meta = read_config(model_dir)

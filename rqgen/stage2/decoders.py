@@ -1,0 +1,86 @@
+"""The two ways the cached sampler runs the RQ-Transformer one token at a time, behind one
+interface: `prefill(cond_tokens)`, `spatial_step(x, position)`, `depth_step(v, depth)`.
+
+`EagerDecoder` grows per-layer KV caches and attends to what is filled. `StaticDecoder`
+keeps every shape fixed (static caches written at tensor positions, attention under a mask)
+so that its steps compile once, and on GPU replay as CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rqgen.stage2.rq_transformer import RQTransformer
+
+
+class EagerDecoder:
+    def __init__(self, model: RQTransformer, batch: int):
+        c = model.config
+        self.model = model
+        self.spatial_cache = model.body_transformer.new_cache(batch, c.cond_length + c.T - 1)
+        self.depth_cache = model.head_transformer.new_cache(batch, c.D)
+
+    def prefill(self, x: Tensor) -> Tensor:
+        """The condition tokens (B, L, C) -> h of the last one (B, C)."""
+        return self.model.body_transformer(x, self.spatial_cache)[:, -1]
+
+    def spatial_step(self, x: Tensor, position: int) -> Tensor:
+        return self.model.body_transformer(x, self.spatial_cache)[:, -1]
+
+    def depth_step(self, v: Tensor, depth: int) -> Tensor:
+        """Logits of code `depth` at the current position (a new position at depth 0)."""
+        if depth == 0:
+            for layer_cache in self.depth_cache:
+                layer_cache.reset()
+        return self.model.classifier(self.model.head_transformer(v, self.depth_cache)[:, -1])
+
+
+class StaticDecoder(nn.Module):
+    """One spatial step and one depth step with fixed shapes: a batch of one token, static KV
+    caches, positions as tensors. With `compiled`, both steps go through `torch.compile`
+    (mode reduce-overhead on CUDA: each step replays a CUDA graph), once per model and batch
+    size: `for_model` keeps the decoder, whose cache buffers the compiled code is tied to."""
+
+    def __init__(self, model: RQTransformer, batch: int, compiled: bool):
+        super().__init__()
+        c = model.config
+        self.model = model
+        self.spatial_cache = model.body_transformer.new_static_cache(batch, c.cond_length + c.T - 1)
+        self.depth_cache = model.head_transformer.new_static_cache(batch, c.D)
+        device = next(model.parameters()).device
+        # one 0-dim tensor per position, each its own storage: views of one arange would
+        # differ in storage offset, which compiled code guards on (a recompile per position)
+        self.positions = [torch.tensor(i, device=device)
+                          for i in range(max(c.cond_length + c.T, c.D))]  # fmt: skip
+        self._spatial_fn, self._depth_fn = self._spatial, self._depth
+        if compiled:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            compile = lambda f: torch.compile(f, mode=mode, fullgraph=True, dynamic=False)  # noqa: E731
+            self._spatial_fn, self._depth_fn = compile(self._spatial), compile(self._depth)
+
+    def prefill(self, x: Tensor) -> Tensor:
+        """The condition tokens (B, L, C) at positions 0..L-1 -> h of the last (B, C)."""
+        return self.model.body_transformer(x, self.spatial_cache, self.positions[0])[:, -1]
+
+    def spatial_step(self, x: Tensor, position: int) -> Tensor:
+        return self._spatial_fn(x, self.positions[position])
+
+    def depth_step(self, v: Tensor, depth: int) -> Tensor:
+        return self._depth_fn(v, self.positions[depth])
+
+    def _spatial(self, x: Tensor, pos: Tensor) -> Tensor:
+        return self.model.body_transformer(x, self.spatial_cache, pos)[:, -1]
+
+    def _depth(self, v: Tensor, pos: Tensor) -> Tensor:
+        return self.model.classifier(self.model.head_transformer(v, self.depth_cache, pos)[:, -1])
+
+    @staticmethod
+    def for_model(model: RQTransformer, batch: int, compiled: bool) -> StaticDecoder:
+        """Reused across calls: a new decoder (new cache buffers) would be compiled again."""
+        p = next(model.parameters())
+        key = (batch, compiled, p.device, p.dtype)
+        cache = model.__dict__.setdefault("_static_decoders", {})
+        if key not in cache:
+            cache[key] = StaticDecoder(model, batch, compiled)
+        return cache[key]

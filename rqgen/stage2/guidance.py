@@ -1,0 +1,63 @@
+"""From logits to a code, shared by every sampler (RQ and DQ): classifier-free guidance,
+temperature, top-k / top-p filtering and an inverse-CDF draw."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int | Sequence[int] | None = None  # one value, or one per depth
+    top_p: float | Sequence[float] | None = None
+    cfg_scale: float = 1.0  # classifier-free guidance; 1.0 = off
+    # fixed-shape steps over static KV caches, torch.compile'd (CUDA graphs on GPU)
+    compile: bool = False
+
+    def at_depth(self, value, d: int):
+        if value is None or isinstance(value, (int, float)):
+            return value
+        return value[d]
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Keep the top-k logits, then the smallest set whose probability reaches top_p."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One sample per row by inverse CDF with one uniform per row: tiny float differences
+    between equivalent computations (cached vs not) cannot change the outcome."""
+    cdf = logits.float().softmax(-1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+
+
+def guide(logits: Tensor, n: int, scale: float) -> Tensor:
+    """Classifier-free guidance: rows n.. are the unconditional twins of rows ..n."""
+    if scale == 1.0:
+        return logits
+    cond, uncond = logits[:n], logits[n:]
+    return uncond + scale * (cond - uncond)
+
+
+def next_code(logits: Tensor, d: int, cfg: SamplingConfig, n: int, generator) -> Tensor:
+    """One code per condition from the logits of depth (or step) d: guidance, temperature,
+    top-k / top-p, then one draw."""
+    logits = guide(logits, n, cfg.cfg_scale)
+    logits = logits.float() / max(cfg.temperature, 1e-5)
+    logits = filter_logits(logits, cfg.at_depth(cfg.top_k, d), cfg.at_depth(cfg.top_p, d))
+    return draw(logits, generator)
