@@ -77,7 +77,7 @@ def test_folder_corrupt_file_is_skipped_with_one_warning(tree):
     with pytest.warns(UnreadableImageWarning, match=r"skipped 1 unreadable image\(s\)") as rec:
         ds = ImageFolder(tree, 16)
     assert len(rec) == 1 and "broken.jpg" in str(rec[0].message)
-    assert ds.skipped == [bad] and "\n" not in ds.warning
+    assert [p for p, _ in ds.skipped] == [bad] and "\n" not in ds.warning
     assert len(ds) == 6
     _check_image(ds[0][0], 16)
 
@@ -194,3 +194,98 @@ def test_build_dataset_unknown_bundled_name():
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="unknown split"):
         build_dataset("bundled:digits:test", 16)
+
+
+# ------------------------------------------------------------------ image modes and sizes
+
+
+def _load_png(img, tmp_path, name="x.png"):
+    from rqgen.data import load_image
+
+    path = tmp_path / name
+    img.save(path)
+    return load_image(path, 8)
+
+
+def _pixels(x: torch.Tensor) -> np.ndarray:
+    """(3, R, R) in [-1, 1] -> uint8 (R, R, 3) as saved."""
+    return np.rint((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode):
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)  # a full-range gradient
+    if mode == "F":
+        img = Image.fromarray(ramp.astype(np.float32), "F")
+        name = "x.tiff"
+    else:
+        img = Image.fromarray((ramp * 65535).astype(np.uint16 if mode == "I;16" else np.int32))
+        name = "x.png" if mode == "I;16" else "x.tiff"
+    x = _load_png(img, tmp_path, name)
+    got = _pixels(x)[..., 0].astype(int)
+    expected = np.rint(ramp * 255).astype(int)
+    assert np.abs(got - expected).max() <= 1  # 16-bit PIL would clip 97% of this to 255
+    assert (got == 255).mean() < 0.05
+
+
+@pytest.mark.parametrize("mode,colour,expected", [
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),  # no cyan, full magenta + yellow: red
+    ("LA", (0, 0), (255, 255, 255)),  # fully transparent: white, not black
+    ("LA", (100, 255), (100, 100, 100)),
+    ("1", 1, (255, 255, 255)),
+    ("L", 77, (77, 77, 77)),
+])  # fmt: skip
+def test_other_modes_convert_to_the_expected_rgb(tmp_path, mode, colour, expected):
+    name = "x.jpg" if mode == "CMYK" else "x.png"
+    got = _pixels(_load_png(Image.new(mode, (8, 8), colour), tmp_path, name))
+    tol = 3 if mode == "CMYK" else 0  # JPEG rounding
+    assert np.abs(got.reshape(-1, 3) - np.array(expected)).max() <= tol
+
+
+def test_a_palette_image_with_transparency_gets_a_white_background(tmp_path):
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    img.paste(1, (0, 0, 4, 8))
+    img.info["transparency"] = 0
+    got = _pixels(_load_png(img, tmp_path))
+    assert (got[:, :4] == [200, 30, 30]).all() and (got[:, 4:] == 255).all()
+
+
+def _png_header_claiming(tmp_path, width: int, height: int):
+    """A small valid PNG whose header claims width × height pixels (no pixels stored for
+    them): what a decompression bomb looks like before decoding."""
+    import struct
+    import zlib
+
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (4, 4)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_images_above_the_pixel_cap_are_skipped_before_decoding(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(root / "good.png")
+    bomb = _png_header_claiming(tmp_path, 12000, 10000)
+    bomb.rename(root / "bomb.png")
+    with pytest.warns(UnreadableImageWarning, match=r"120 MP is above the 64 MP cap"):
+        ds = ImageFolder(root, 16)
+    assert [p.name for p in ds.paths] == ["good.png"]
+    monkeypatch.setenv("RQGEN_MAX_PIXELS", "1000")  # configurable: now good.png is too big
+    with pytest.raises(DataError, match="no readable images"):
+        ImageFolder(root, 16)
+
+
+def test_reconstruct_on_a_bomb_header_is_one_line(vae, tmp_path):
+    from test_train_vae import rqgen
+
+    bomb = _png_header_claiming(tmp_path, 30000, 30000)  # PIL itself raises above 179 MP
+    r = rqgen("reconstruct", "--vae", vae, "--input", bomb, "--out", tmp_path / "o", check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr
+    assert "cannot read image" in lines[0] and "above the 64 MP cap" in lines[0]

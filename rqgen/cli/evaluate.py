@@ -70,13 +70,14 @@ def load_inputs(src: str, resolution: int, limit: int):
     import torch
 
     from rqgen.data import build_dataset, load_image
+    from rqgen.data.folder import DECODE_ERRORS
     from rqgen.errors import DataError
 
     path = Path(src)
     if path.is_file():
         try:
             return load_image(path, resolution)[None], [path.stem]
-        except OSError as e:
+        except DECODE_ERRORS as e:
             raise DataError(f"cannot read image '{src}': {e}") from e
     data = build_dataset(src, resolution, split="val")
     n = min(limit, len(data))

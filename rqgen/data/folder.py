@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -14,12 +15,45 @@ from rqgen.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-# Everything PIL raises for a bad file; other exceptions are bugs and should surface.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Everything PIL raises for a bad file (its plugins raise these, and Image.open the bomb
+# error); other exceptions are bugs and should surface.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError,
+                  TypeError, KeyError, Image.DecompressionBombError)  # fmt: skip
+
+# Larger images are skipped before they are decoded (a 12000×10000 PNG would take a minute
+# per load and gigabytes of memory): RQGEN_MAX_PIXELS raises or lowers the cap.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def max_pixels() -> int:
+    value = os.environ.get("RQGEN_MAX_PIXELS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_PIXELS
 
 
 class UnreadableImageWarning(UserWarning):
     """Some image files could not be read and were skipped."""
+
+
+class TooLargeImage(ValueError):
+    """An image above the pixel cap, refused from its header alone."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Image.open with the pixel cap checked from the header, before any decoding; PIL's own
+    bomb warning is ours to report."""
+    cap = f"the {max_pixels() / 1e6:.0f} MP cap (resize it, or raise RQGEN_MAX_PIXELS)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:  # PIL's own limit, far above ours
+            pil_limit = 2 * Image.MAX_IMAGE_PIXELS / 1e6
+            raise TooLargeImage(f"its header claims over {pil_limit:.0f} MP, above {cap}") from None
+    w, h = img.size
+    if w * h > max_pixels():
+        img.close()
+        raise TooLargeImage(f"{w}×{h} = {w * h / 1e6:.0f} MP is above {cap}")
+    return img
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -28,9 +62,25 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey (I;16*, I) and float (F) images -> 8-bit L, scaled: PIL's own
+    conversion clips every value above 255 to white."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0  # [0, 1] or [0, 255] data
+    elif img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+        top = 65535.0  # 16-bit samples (PNG stores grey 16-bit, opened as I;16 or I)
+    else:
+        top = 255.0
+    arr = np.nan_to_num(arr / top * 255.0, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels become white rather than their
-    hidden (often black) colour."""
+    """Convert any PIL mode to RGB: high bit depths scaled to 8 bits, CMYK / palette / 1-bit
+    through PIL, and transparent pixels white rather than their hidden (often black) colour."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _high_bit_depth_to_l(img).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -38,13 +88,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _is_readable(path: Path) -> bool:
+def why_unreadable(path: Path) -> str | None:
+    """None when the header and the file structure check out, else the reason."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.verify()
-        return True
-    except _DECODE_ERRORS:
-        return False
+        return None
+    except DECODE_ERRORS as err:
+        return str(err) or type(err).__name__
 
 
 def _scan(root: Path) -> list[Path]:
@@ -81,9 +132,13 @@ class ImageFolder(Dataset):
             raise DataError(f"'{self.root}' is a file, not a folder: point --data at a folder")
 
         self.paths: list[Path] = []
-        self.skipped: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []  # (file, why)
         for path in _scan(self.root):
-            (self.paths if _is_readable(path) else self.skipped).append(path)
+            why = why_unreadable(path)
+            if why is None:
+                self.paths.append(path)
+            else:
+                self.skipped.append((path, why))
         if not self.paths:
             exts = ", ".join(IMAGE_EXTENSIONS)
             raise DataError(
@@ -105,9 +160,10 @@ class ImageFolder(Dataset):
         # One line that callers can also write to their own log (see `warning`).
         self.warning: str | None = None
         if self.skipped:
+            path, why = self.skipped[0]
             self.warning = (
                 f"skipped {len(self.skipped)} unreadable image(s) under {self.root} "
-                f"(e.g. {self.skipped[0]})"
+                f"(e.g. {path}: {why})"
             )
             warnings.warn(self.warning, UnreadableImageWarning, stacklevel=2)
         self._warned_decode = False
@@ -129,7 +185,7 @@ class ImageFolder(Dataset):
             i = (index + offset) % n
             try:
                 return self._load(self.paths[i]), self.labels[i]
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 if not self._warned_decode:
                     self._warned_decode = True
                     warnings.warn(
@@ -148,7 +204,7 @@ def load_image(path: str | Path, resolution: int, random_crop: bool = False) -> 
     """One image file -> (3, R, R) in [-1, 1]: short side resized to R, then cropped
     (centred, or random with a random flip)."""
     r = resolution
-    with Image.open(path) as img:
+    with open_image(path) as img:
         # Let the JPEG decoder downscale by 2/4/8 when that still leaves >= r pixels:
         # it makes big photos several times cheaper to load.
         short = min(img.size)
