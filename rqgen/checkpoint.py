@@ -18,20 +18,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rqgen.errors import CheckpointError
+from rqgen.utils.files import umask_mode, write_failed
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path), then rename tmp_path onto path (atomic on POSIX)."""
+def atomic_write(path: str | os.PathLike, write, needed_bytes: int | None = None) -> None:
+    """Call write(tmp_path), then rename tmp_path onto path (atomic on POSIX). The file gets
+    the permissions of the user's umask (mkstemp's 0o600 would hide a shared model), and a
+    failed write (a full disk) leaves no temporary file and the old `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e, needed_bytes) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -62,7 +68,8 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, tmp), needed_bytes=size)
 
 
 def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -90,7 +90,9 @@ def load_inputs(src: str, resolution: int, limit: int):
 def cmd_reconstruct(args) -> int:
     from rqgen.evaluate.vae import write_reconstructions
     from rqgen.stage1 import load_vae
+    from rqgen.utils.files import check_writable_dir
 
+    check_writable_dir(Path(args.out))
     vae = load_vae(args.vae)
     images, names = load_inputs(args.input, vae.config.resolution, args.limit)
     files = write_reconstructions(vae, images, names, args.out, device=device_for(args.device))
@@ -231,6 +233,9 @@ def cmd_eval_gen(args) -> int:
         else:
             cond = torch.full((args.n,), model.null_class)
         out = Path(args.out) if args.out else Path(args.model) / "samples_eval"
+        from rqgen.utils.files import check_writable_dir
+
+        check_writable_dir(out)  # before sampling, not after it
         cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg, args.compile)
         gen = torch.Generator(device).manual_seed(args.seed)
         classes = meta.get("classes") or []

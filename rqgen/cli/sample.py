@@ -97,6 +97,15 @@ def cmd_sample(args) -> int:
     from rqgen.utils.images import save_grid, save_image
 
     device = device_for(args.device)
+    from rqgen.utils.files import check_output_file, check_writable_dir
+
+    out = Path(args.out)  # checked before any sampling, not found unwritable after it
+    if out.suffix.lower() == ".png":
+        check_output_file(out)
+    else:
+        check_writable_dir(out)
+    if args.save_codes:
+        check_output_file(Path(args.save_codes))
     model, vae, meta, tokenizer = load_for_sampling(args.model, args.vae, device, args.dtype)
     cond, names = sample_conditions(model, meta, tokenizer, args.n, args.cls, args.prompt)
     cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg, args.compile)
@@ -126,7 +135,6 @@ def cmd_sample(args) -> int:
     else:
         codes, images = generate(vae, model, cond, cfg, gen, args.batch_size)
     images = images.cpu()
-    out = Path(args.out)
     upscale = max(1, 128 // vae.config.resolution)
     nrow = min(args.n, model.config.num_classes or 8) if args.cls is None else 8
     if out.suffix.lower() == ".png":

@@ -19,6 +19,7 @@ from rqgen.errors import ConfigError
 from rqgen.stage1.dqvae import DQVAEConfig
 from rqgen.stage1.rqvae import RQVAEConfig
 from rqgen.stage2.rq_transformer import RQTransformerConfig
+from rqgen.utils.files import read_yaml
 
 
 @dataclass
@@ -320,10 +321,8 @@ def load_vae_experiment(
     A file with `model_type: dqvae` describes a DQ-VAE."""
     default = VAEExperiment
     if config and config not in PRESETS and Path(config).is_file():
-        try:
-            kind = OmegaConf.load(config).get("model_type", "rqvae")
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot read {config}: {str(e).splitlines()[0]}") from e
+        raw = read_yaml(config)
+        kind = raw.get("model_type", "rqvae") if isinstance(raw, dict) else None
         if kind not in ("rqvae", "dqvae"):
             raise ConfigError(f"{config}: model_type {kind!r} is not rqvae or dqvae")
         default = DQVAEExperiment if kind == "dqvae" else VAEExperiment
@@ -346,7 +345,11 @@ def _load(config: str, presets: dict, default, overrides: list[str] | None):
     try:
         cfg = OmegaConf.structured(base)
         if config not in presets:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(config))
+            raw = read_yaml(config)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{config} must hold model: and train: sections, not "
+                                  f"{type(raw).__name__}")  # fmt: skip
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:

@@ -22,12 +22,12 @@ import pickle
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from rqgen.errors import CheckpointError
 from rqgen.stage1.rqvae import RQVAE, RQVAEConfig
 from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig, codebook_fingerprint
+from rqgen.utils.files import read_yaml
 
 # the only stage-2 architecture the official configs publish (every released model)
 OFFICIAL_STAGE2_FLAGS = {
@@ -73,7 +73,7 @@ def load_official_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"no config.yaml in '{directory}' (official checkpoints ship one)")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return read_yaml(path, "official config")
 
 
 def _check_keys(mapped: dict[str, Tensor], model: torch.nn.Module, source: str) -> None:

@@ -43,6 +43,7 @@ from rqgen.train.common import (
     TrainState,
     WeightEMA,
     batch_stream,
+    claim_output,
     init_runtime,
     rng_state,
     seed_everything,
@@ -467,4 +468,5 @@ def train_ar(
     quiet: bool = False,
 ) -> Path:
     rt = init_runtime(device, exp.train.dist_timeout)
-    return ARTrainer(exp, vae, data, out, rt, captions=captions, quiet=quiet).fit()
+    with claim_output(Path(out), rt, ("rq_transformer", "dq_transformer"), "transformer"):
+        return ARTrainer(exp, vae, data, out, rt, captions=captions, quiet=quiet).fit()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
-from rqgen.errors import CheckpointError, ConfigError, TrainingError
+from rqgen.errors import CheckpointError, ConfigError, RqgenError, TrainingError
 from rqgen.utils.device import PRECISIONS, resolve_device, resolve_precision, use_device
+from rqgen.utils.files import DiskFullError, RunLock, check_output_dir, write_failed
 
 # ------------------------------------------------------------------ process group
 
@@ -211,14 +215,26 @@ class TrainState:
         return (self._live_dir() / "state.pt").is_file()
 
     def save(self, modules: dict[str, nn.Module | dict], state: dict, meta: dict) -> None:
+        """Everything into train_state.tmp, then swapped in. A failed write (a full disk)
+        removes the partial copy, leaves the previous state as it was, and says so in one
+        line with the bytes the state needs."""
         tmp = self.dir.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, m in modules.items():
-            sd = m if isinstance(m, dict) else m.state_dict()
-            save_state_dict(sd, tmp / f"{name}.safetensors")
-        torch.save(state, tmp / "state.pt")
-        write_json(tmp / "meta.json", meta)
+        tensors = {n: (m if isinstance(m, dict) else m.state_dict()) for n, m in modules.items()}
+        try:
+            tmp.mkdir(parents=True)
+            for name, sd in tensors.items():
+                save_state_dict(sd, tmp / f"{name}.safetensors")
+            torch.save(state, tmp / "state.pt")
+            write_json(tmp / "meta.json", meta)
+        except (OSError, RuntimeError, DiskFullError) as e:  # torch.save: ENOSPC as RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+                raise
+            need = sum(_nbytes(sd) for sd in tensors.values()) + _nbytes(state)
+            cause = e.__cause__ if isinstance(e, DiskFullError) else e
+            err = cause if isinstance(cause, OSError) else OSError(errno.ENOSPC, str(e))
+            raise write_failed(self.dir, err, need) from e
         old = self.dir.with_suffix(".old")
         shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
@@ -231,7 +247,12 @@ class TrainState:
         return self.dir if (self.dir / "state.pt").is_file() else self.dir.with_suffix(".old")
 
     def meta(self) -> dict:
-        return json.loads((self._live_dir() / "meta.json").read_text())
+        path = self._live_dir() / "meta.json"
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{path} is unreadable ({e}); remove {path.parent} to start "
+                                  "the run over") from e  # fmt: skip
 
     def check_same_model(self, model_config) -> None:
         """Refuse to resume a run whose model config (a dataclass) differs from the one asked
@@ -252,7 +273,65 @@ class TrainState:
             if not path.is_file():
                 raise CheckpointError(f"training state in {d} has no {name}.safetensors")
             load_state_dict_into(m, path)
-        return torch.load(d / "state.pt", map_location=map_location, weights_only=True)
+        try:
+            with warnings.catch_warnings():  # torch warns about the protocol of any pickle
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.load(d / "state.pt", map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+            refused = "weights only" in str(e).lower()
+            why = (
+                "refused: it holds objects other than tensors and plain containers, which "
+                "could run code"
+                if refused
+                else f"corrupt: {e}"
+            )
+            raise CheckpointError(
+                f"{d / 'state.pt'} is not a training state rqgen can read ({why.splitlines()[0]})"
+                f"; remove {d} to start the run over"
+            ) from e
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+@contextlib.contextmanager
+def claim_output(out: Path, rt: Runtime, model_types: tuple[str, ...], what: str):
+    """Before a run writes anything: `out` is a writable directory not holding another kind
+    of model, and no other run trains into it (an advisory lock, held until the block ends).
+    Rank 0 checks; every rank learns the outcome, so none is left waiting at a collective."""
+    error, lock, created = None, None, not out.exists()
+    if rt.is_main:
+        try:
+            check_output_dir(out, model_types, what)
+            lock = RunLock(out)
+        except RqgenError as e:
+            error = e
+    if rt.world_size > 1:
+        flag = torch.tensor([float(error is not None)], device=rt.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        if flag.item() > 0 and error is None:
+            error = ConfigError(f"--out {out} was refused by rank 0 (see its message)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    except BaseException:
+        if lock is not None and created:  # a run that failed at once leaves no empty --out
+            lock.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if nothing else was written
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def rng_state() -> dict:

@@ -39,6 +39,7 @@ from rqgen.train.common import (
     TrainState,
     WeightEMA,
     batch_stream,
+    claim_output,
     init_runtime,
     rng_state,
     seed_everything,
@@ -353,4 +354,5 @@ def train_vae(
 ) -> Path:
     """Train (or resume) an RQ-VAE or DQ-VAE; returns the `save_pretrained` directory."""
     rt = init_runtime(device, exp.train.dist_timeout)
-    return VAETrainer(exp, data, out, rt, val_data=val_data, quiet=quiet).fit()
+    with claim_output(Path(out), rt, ("rqvae", "dqvae"), "VAE"):
+        return VAETrainer(exp, data, out, rt, val_data=val_data, quiet=quiet).fit()

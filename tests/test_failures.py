@@ -1,0 +1,141 @@
+"""Failure behaviour: one run per output directory, permissions, a full disk, unreadable or
+refused files, and output paths checked before any work."""
+
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+from test_train_vae import metrics, rqgen, train_args, weights
+
+from rqgen.utils.files import RunLock
+
+
+def one_line_error(r, *expected):
+    """Exit 2, no traceback, and the error in one line (after any progress bar output)."""
+    lines = r.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line and "it/s" not in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    lock = RunLock(out)  # as a running training would hold it
+    try:
+        r = rqgen(*train_args(out, 2), check=False)
+        one_line_error(r, f"another rqgen run (PID {os.getpid()}) is training into {out}")
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        lock.release()
+    rqgen(*train_args(out, 2))  # released: the directory is usable again
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_model_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        rqgen(*train_args(out, 1))
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "train_state/model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_full_disk_is_one_line_leaves_no_temporary_files_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    rqgen(*train_args(out, 5))  # a checkpoint at step 5
+    before = weights(out)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")  # a half-written file, as a full disk leaves it
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64: "
+                           "file write failed")  # fmt: skip
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    r = rqgen(*train_args(out, 10), check=False)
+    one_line_error(r, "no space left while writing", "MiB needed", "previous checkpoint is intact")
+    leftovers = [p.name for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
+    assert leftovers == [] and not (out / "train_state.tmp").exists()
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the old model intact
+    monkeypatch.setattr(torch, "save", real_save)
+    rqgen(*train_args(out, 10))  # space again: the rerun resumes and finishes
+    assert max(r["step"] for r in metrics(out) if "loss" in r) == 10
+
+
+def test_an_os_error_writing_safetensors_is_one_line(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+
+    def no_space(tensors, filename, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    monkeypatch.setattr("rqgen.checkpoint.save_file", no_space)
+    r = rqgen(*train_args(out, 1), check=False)
+    one_line_error(r, "no space left while writing")
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_a_refused_pickle_in_the_training_state_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    rqgen(*train_args(out, 2))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with open(out / "train_state" / "state.pt", "wb") as f:
+        pickle.dump({"step": Evil()}, f)
+    r = rqgen(*train_args(out, 4), check=False)
+    one_line_error(r, "state.pt is not a training state rqgen can read", "remove")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_yaml_files_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  ch: [1, 2\ntrain: {")
+    r = rqgen("train-vae", "--data", "bundled:digits", "--out", tmp_path / "o", "--config", bad,
+              check=False)  # fmt: skip
+    one_line_error(r, f"cannot read the config file {bad}")
+    tagged = tmp_path / "stage1"
+    tagged.mkdir()
+    (tagged / "config.yaml").write_text("arch: !!python/object/apply:os.system ['echo hi']\n")
+    (tagged / "model.pt").write_bytes(b"")
+    r = rqgen("convert-official", "--stage1", tagged, "--out", tmp_path / "c", check=False)
+    one_line_error(r, "cannot read the official config file")
+
+
+@pytest.mark.parametrize("case", ["file", "other_model"])
+def test_out_is_checked_before_training(tmp_path, case, vae):
+    out = tmp_path / "out"
+    if case == "file":
+        out.write_text("not a directory")
+        r = rqgen(*train_args(out, 1), check=False)
+        one_line_error(r, "is a file, not a directory")
+    else:  # a transformer run pointed at a VAE directory must not overwrite it
+        r = rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", vae,
+                  "--steps", 1, check=False)  # fmt: skip
+        one_line_error(r, "holds a 'rqvae' model, not a transformer")
+
+
+def test_sample_checks_its_output_paths_before_sampling(class_ar, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    r = rqgen("sample", "--model", class_ar, "--n", 2, "--out", blocker / "sub" / "x.png",
+              check=False)  # fmt: skip
+    one_line_error(r, "cannot write to")
+    r = rqgen("sample", "--model", class_ar, "--n", 2, "--out", tmp_path, check=False)
+    assert r.returncode == 0  # a directory: one PNG per sample
+    (tmp_path / "grid_dir.png").mkdir()
+    r = rqgen("sample", "--model", class_ar, "--n", 2, "--out", tmp_path / "grid_dir.png",
+              check=False)  # fmt: skip
+    one_line_error(r, "is a directory: give a file name")
