@@ -139,3 +139,30 @@ def test_sample_checks_its_output_paths_before_sampling(class_ar, tmp_path):
     r = rqgen("sample", "--model", class_ar, "--n", 2, "--out", tmp_path / "grid_dir.png",
               check=False)  # fmt: skip
     one_line_error(r, "is a directory: give a file name")
+
+
+def test_resume_refuses_what_would_make_it_another_run_and_applies_the_rest(tmp_path):
+    out = tmp_path / "run"
+    rqgen(*train_args(out, 2, "train.batch_size=4"))
+    # a forgotten override: the preset's batch would silently make it another run
+    r = rqgen(*train_args(out, 4), check=False)
+    one_line_error(r, "was trained with train.batch_size=4", "add train.batch_size=4")
+    r = rqgen(*train_args(out, 4, "train.batch_size=4", data="bundled:photos"), check=False)
+    one_line_error(r, "was trained on --data bundled:digits, not bundled:photos")
+    # more steps and another logging interval: applied, said and logged
+    r = rqgen(*train_args(out, 4, "train.batch_size=4", "train.log_every=2"))
+    assert "resuming at step 2 with train.steps: 2 -> 4; train.log_every: 1 -> 2" in r.stdout
+    rows = metrics(out)
+    assert any(row.get("resumed_with") for row in rows)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 4]
+
+
+def test_train_ar_resumed_with_another_vae_is_refused(vae, tmp_path):
+    from test_train_ar import train_ar
+
+    ar = tmp_path / "ar"
+    train_ar(vae, ar, 2)
+    other = tmp_path / "other_vae"
+    rqgen(*train_args(other, 1, "train.seed=5"))
+    r = train_ar(other, ar, 4, check=False)
+    one_line_error(r, "was trained with another vae fingerprint")

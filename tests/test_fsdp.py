@@ -75,11 +75,15 @@ def test_fsdp_matches_ddp_resumes_exactly_and_samples(vae, tmp_path):
     rqgen("sample", "--model", tmp_path / "fsdp", "--n", 2, "--class", "3",
           "--out", tmp_path / "s.png")  # fmt: skip
     assert (tmp_path / "s.png").is_file()
-    # a sharded optimizer state cannot be resumed by one process: said in one line
-    r = rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", tmp_path / "fsdp",
-              "--steps", 4, "--device", "cpu", *AR_TINY, check=False)  # fmt: skip
-    assert r.returncode == 2 and "optimizer state is sharded (FSDP)" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    # a sharded optimizer state cannot be resumed by one process, nor the run without FSDP:
+    # each said in one line
+    args = ["train-ar", "--vae", vae, "--data", "bundled:digits", "--out", tmp_path / "fsdp",
+            "--steps", 4, "--device", "cpu", *AR_TINY, "train.eval_every=2"]  # fmt: skip
+    for extra, expected in ((fsdp, "optimizer state is sharded (FSDP)"),
+                            ([], "was trained with train.fsdp=True")):  # fmt: skip
+        r = rqgen(*args, *extra, check=False)
+        assert r.returncode == 2 and expected in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_fsdp_trains_a_dq_transformer(tmp_path):

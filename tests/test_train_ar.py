@@ -17,9 +17,9 @@ AR_TINY = [
 ]  # fmt: skip
 
 
-def train_ar(vae, out, steps, *extra):
+def train_ar(vae, out, steps, *extra, check=True):
     return rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", out, "--steps",
-                 steps, "--device", "cpu", *AR_TINY, *extra)  # fmt: skip
+                 steps, "--device", "cpu", *AR_TINY, *extra, check=check)  # fmt: skip
 
 
 @pytest.mark.parametrize("conditioning", ["class", "none", "text"])

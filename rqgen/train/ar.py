@@ -120,6 +120,12 @@ class ARTrainer(Trainer):
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.vae_dir = Path(vae_dir)
         self.vae = load_vae(vae_dir).to(rt.device).eval()
+        self.vae_fingerprint = codebook_fingerprint(self.vae.quantizer.codebook)
+        self.state = TrainState(self.out)
+        self.resume_changes = []
+        if self.state.exists():  # before any feature is extracted for the wrong run
+            ident = {"vae_fingerprint": self.vae_fingerprint}
+            self.resume_changes = self.state.check_resume(exp, data, ident)
         self.is_dq = isinstance(self.vae, DQVAE)
         if self.is_dq and m.conditioning == "text":
             raise ConfigError("DQ-Transformer is class-conditional or unconditional: "
@@ -169,11 +175,9 @@ class ARTrainer(Trainer):
             )  # fmt: skip
             self.model = RQTransformer(cfg, q.codebook).to(rt.device)
         self.model_class = type(self.model)  # FSDP swaps the class for a sharded subclass
-        self.state = TrainState(self.out)
         self.step, self.best, self.bad_evals = 0, math.inf, 0
         saved = None
         if self.state.exists():  # weights before sharding: every rank loads the full tensors
-            self.state.check_same_model(m)
             saved = self.state.load({"model": self.model}, map_location=self.rt.device)
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.model_ddp = wrap(self.model, rt, t.fsdp, t.activation_checkpointing)
@@ -285,7 +289,8 @@ class ARTrainer(Trainer):
                  "best": self.best, "bad": self.bad_evals}  # fmt: skip
         if self.ema is not None:
             state["ema"] = self.ema.shadow
-        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step}
+        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step,
+                "vae_fingerprint": self.vae_fingerprint}  # fmt: skip
         self.state.save({"model": weights}, state, meta)
 
     # ------------------------------------------------------------------ step
@@ -400,6 +405,7 @@ class ARTrainer(Trainer):
                 f"(step {self.step} to {t.steps}, {len(self.train_set)} train / "
                 f"{len(self.val_set)} val)"
             )
+        self.announce_resume()
         stream = batch_stream(self.train_set, self.micro_batch * rt.world_size, rt, t.seed,
                               self.step * t.grad_accum, t.num_workers)  # fmt: skip
         self.model.train()

@@ -201,6 +201,14 @@ class WeightEMA:
 # ------------------------------------------------------------------ training state
 
 
+# Training settings a resumed run may change: how long and how it reports and checkpoints,
+# not what it optimises (batch, learning rate, losses, precision... define the run).
+RESUMABLE = frozenset({
+    "steps", "log_every", "ckpt_every", "eval_every", "sample_every", "val_batches",
+    "patience", "num_workers", "dist_timeout", "compile", "activation_checkpointing",
+})  # fmt: skip
+
+
 class TrainState:
     """`DIR/train_state/`: every tensor needed to resume, swapped in atomically.
 
@@ -265,6 +273,35 @@ class TrainState:
                 f"{self.dir.parent} holds a run with a different model config "
                 f"({', '.join(diff)}): resume with the same config or choose a new --out"
             )
+
+    def check_resume(self, exp, data: str, identity: dict | None = None) -> list[str]:
+        """Everything that defines the run must match the saved one: the model config, the
+        data source, `identity` (e.g. the VAE's fingerprint) and the training settings that
+        shape the optimisation. Settings that may change mid-run (RESUMABLE) are returned
+        as 'train.x: old -> new' lines for the caller to show and log."""
+        self.check_same_model(exp.model)
+        meta = self.meta()
+        run = self.dir.parent
+        if meta.get("data", data) != data:
+            raise ConfigError(f"{run} was trained on --data {meta['data']}, not {data}: resume "
+                              "with the same --data or choose a new --out")  # fmt: skip
+        for key, value in (identity or {}).items():
+            if key in meta and meta[key] != value:
+                raise ConfigError(f"{run} was trained with another {key.replace('_', ' ')} "
+                                  f"({meta[key]}, now {value}): resume with the same one or "
+                                  "choose a new --out")  # fmt: skip
+        wanted = dataclasses.asdict(exp.train)
+        saved = {**dataclasses.asdict(type(exp.train)()), **meta["experiment"].get("train", {})}
+        changed = [k for k in wanted if saved.get(k) != wanted[k]]
+        fixed = [k for k in changed if k not in RESUMABLE]
+        if fixed:
+            was = " ".join(f"train.{k}={saved.get(k)}" for k in fixed)
+            raise ConfigError(
+                f"{run} was trained with {was} (this run asks for "
+                + ", ".join(f"{wanted[k]}" for k in fixed)
+                + f"): resume with those settings (add {was}) or choose a new --out"
+            )
+        return [f"train.{k}: {saved.get(k)} -> {wanted[k]}" for k in changed]
 
     def load(self, modules: dict[str, nn.Module], map_location) -> dict:
         d = self._live_dir()
@@ -377,6 +414,14 @@ class Trainer:
         m = type(self.model)(self.model.config).to(self.rt.device)
         m.load_state_dict(self.ema.shadow)
         return m
+
+    def announce_resume(self) -> None:
+        """Settings a resumed run changed (e.g. more steps): said once and logged."""
+        changes = getattr(self, "resume_changes", [])
+        if changes and self.rt.is_main:
+            if not getattr(self, "quiet", False):
+                print(f"rqgen: resuming at step {self.step} with " + "; ".join(changes))
+            self.log.log(self.step, resumed_with=changes)
 
     def _autocast(self):
         if self.precision == "fp32":

@@ -75,8 +75,7 @@ class VAETrainer(Trainer):
             )
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.state = TrainState(self.out)
-        if self.state.exists():
-            self.state.check_same_model(exp.model)
+        self.resume_changes = self.state.check_resume(exp, data) if self.state.exists() else []
 
         seed_everything(t.seed)  # identical init on every rank, and across reruns
         self.is_dq = isinstance(m, DQVAEConfig)
@@ -292,6 +291,7 @@ class VAETrainer(Trainer):
                 f"on {describe(self.data)} -> {self.out} (from step {self.step} to {t.steps}, "
                 f"{rt.world_size} process(es), micro-batch {self.micro_batch})"
             )
+        self.announce_resume()
         stream = batch_stream(
             self.train_set,
             self.micro_batch * rt.world_size,
