@@ -21,5 +21,11 @@ class TrainingError(RqgenError):
     """Training cannot continue (e.g. the loss became NaN)."""
 
 
+class Interrupted(RqgenError):
+    """SIGINT / SIGTERM: training saved a checkpoint at a step boundary and stopped."""
+
+    exit_code = 130
+
+
 class DeviceError(RqgenError):
     """The requested device does not exist here or cannot be used this way."""

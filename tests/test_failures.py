@@ -166,3 +166,37 @@ def test_train_ar_resumed_with_another_vae_is_refused(vae, tmp_path):
     rqgen(*train_args(other, 1, "train.seed=5"))
     r = train_ar(other, ar, 4, check=False)
     one_line_error(r, "was trained with another vae fingerprint")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_at_the_next_step_and_resume_continues(tmp_path, sig):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train_vae import ENV
+
+    out = tmp_path / "run"
+    args = train_args(out, 500, "train.ckpt_every=1000", "train.sample_every=1000")
+    proc = subprocess.Popen([sys.executable, "-m", "rqgen", *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:  # well into training, long before any checkpoint
+        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
+            break
+        time.sleep(0.05)
+    sent = time.time()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 10  # one step and one checkpoint, not the remaining 490
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert lines[-1].startswith(f"rqgen: interrupted ({sig}) at step ")
+    step = int(lines[-1].split(" at step ")[1].split(":")[0])
+    meta = json.loads((out / "train_state" / "meta.json").read_text())
+    assert meta["step"] == step and 3 <= step < 500
+    rqgen(*train_args(out, step + 2, "train.ckpt_every=1000", "train.sample_every=1000"))
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps == list(range(1, step + 3))  # nothing lost, nothing repeated

@@ -9,7 +9,7 @@ import sys
 import time
 
 from rqgen.cli import convert, evaluate, sample, train
-from rqgen.errors import RqgenError
+from rqgen.errors import Interrupted, RqgenError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"rqgen: {e}", file=sys.stderr)
+        return e.exit_code
     except RqgenError as e:
         print(f"rqgen: error: {e}", file=sys.stderr)
         return 2

@@ -412,7 +412,8 @@ class ARTrainer(Trainer):
         bar = tqdm(total=t.steps, initial=self.step, desc="train-ar", dynamic_ncols=True,
                    disable=not rt.is_main or self.quiet)  # fmt: skip
         try:
-            self._loop(stream, bar)
+            with self.stop_signals():
+                self._loop(stream, bar)
         finally:
             bar.close()
             self.log.close()
@@ -439,9 +440,11 @@ class ARTrainer(Trainer):
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 stop = self._evaluate(bar)
             at_ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps or stop
-            if at_ckpt:
+            if at_ckpt or self.stop_agreed:
                 self.save_state()  # every rank: gathers, then rank 0 writes
             set_rng_state(self._rng)
+            if self.stop_agreed:
+                raise self.stopped()
             if stop:
                 if rt.is_main and not self.quiet:
                     print(f"rqgen: early stop at step {self.step}: no better val loss in "

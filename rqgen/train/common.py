@@ -11,6 +11,8 @@ import os
 import pickle
 import random
 import shutil
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
-from rqgen.errors import CheckpointError, ConfigError, RqgenError, TrainingError
+from rqgen.errors import CheckpointError, ConfigError, Interrupted, RqgenError, TrainingError
 from rqgen.utils.device import PRECISIONS, resolve_device, resolve_precision, use_device
 from rqgen.utils.files import DiskFullError, RunLock, check_output_dir, write_failed
 
@@ -124,6 +126,12 @@ class _TaggedSampler(Sampler):
             yield [(i, step) for i in batch]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which saves and stops cleanly (a
+    worker killed by it would only turn the interrupt into a data-loading error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batch_stream(
     dataset: Dataset, global_batch: int, rt: Runtime, seed: int, start_step: int, workers: int
 ) -> Iterator:
@@ -133,6 +141,7 @@ def batch_stream(
     )
     loader = DataLoader(
         _EpochedDataset(dataset, sampler.per_epoch),
+        worker_init_fn=_ignore_stop_signals,
         batch_sampler=_TaggedSampler(sampler),
         num_workers=workers,
         pin_memory=rt.device.type == "cuda",
@@ -440,12 +449,44 @@ class Trainer:
             return contextlib.nullcontext()
         return module.no_sync()
 
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """SIGINT (Ctrl-C) and SIGTERM ask the loop to save a checkpoint at the end of the
+        current step and stop (`stop_agreed`); a second signal stops at once. Outside the
+        main thread (where signals cannot be caught) nothing changes."""
+        self.stop_requested, self.stop_agreed = None, False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_requested is not None:
+                raise KeyboardInterrupt  # the second signal: no checkpoint, stop now
+            self.stop_requested = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def stopped(self) -> Interrupted:
+        return Interrupted(
+            f"interrupted ({self.stop_requested or 'signal on another rank'}) at step "
+            f"{self.step}: checkpoint saved in {self.out}; rerun the same command to resume"
+        )
+
     def _stop_if_nonfinite(self, nonfinite: bool, loss: float) -> None:
-        """Stop before the optimizer step, on every rank at once (no rank left waiting)."""
-        flag = torch.tensor([float(nonfinite)], device=self.rt.device)  # NCCL: on the GPU
+        """Stop before the optimizer step, on every rank at once (no rank left waiting).
+        The same collective carries a pending stop signal, so every rank stops after the
+        same step even when the signal reached them at different moments."""
+        stop = float(getattr(self, "stop_requested", None) is not None)
+        flag = torch.tensor([float(nonfinite), stop], device=self.rt.device)  # NCCL: on GPU
         if self.rt.world_size > 1:
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        self.stop_agreed = bool(flag[1].item() > 0)
+        if flag[0].item() > 0:
             raise TrainingError(
                 f"loss became {loss} at step {self.step + 1}; the last checkpoint in "
                 f"{self.out} is intact: lower train.lr, set train.grad_clip, or check the data"

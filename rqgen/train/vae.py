@@ -309,7 +309,8 @@ class VAETrainer(Trainer):
             dynamic_ncols=True,
         )
         try:
-            self._loop(stream, bar)
+            with self.stop_signals():
+                self._loop(stream, bar)
         finally:  # also on errors, so the bar does not swallow the error line
             bar.close()
             self.log.close()
@@ -340,8 +341,10 @@ class VAETrainer(Trainer):
                         loss=f"{last_metrics.get('loss', math.nan):.4f}",
                         **{k: f"{v:.2f}" for k, v in val.items()},
                     )
-            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+            if self.step % t.ckpt_every == 0 or self.step == t.steps or self.stop_agreed:
                 self.save()
+            if self.stop_agreed:
+                raise self.stopped()
 
 
 def train_vae(
