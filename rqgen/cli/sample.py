@@ -58,34 +58,10 @@ def add_sample(sub) -> None:
 
 def sample_conditions(model, meta, tokenizer, n: int, cls: str | None, prompt: str | None):
     """Condition tensor for n samples, and a name per sample for file names."""
-    import torch
+    from rqgen.pipeline import conditions
 
-    from rqgen.errors import ConfigError
-
-    classes = meta.get("classes") or []
-    if getattr(model.config, "text_vocab_size", 0):
-        if prompt is None:
-            raise ConfigError("this model is text-conditional: pass --prompt TEXT")
-        return tokenizer.encode([prompt] * n), ["prompt"] * n
-    if prompt is not None:
-        raise ConfigError("this model is not text-conditional: drop --prompt")
-    if model.config.num_classes == 0:
-        if cls is not None:
-            raise ConfigError("this model is unconditional: drop --class")
-        return torch.full((n,), model.null_class, dtype=torch.long), ["sample"] * n
-    if cls is None:  # every class in turn: a balanced grid
-        ids = [i % model.config.num_classes for i in range(n)]
-    else:
-        if cls in classes:
-            ids = [classes.index(cls)] * n
-        elif cls.lstrip("-").isdigit():
-            ids = [int(cls)] * n
-        else:
-            raise ConfigError(f"unknown class {cls!r}: use an id 0..{model.config.num_classes - 1}")
-    cond = torch.tensor(ids, dtype=torch.long)
-    model.check_cond(cond)  # one-line error when an id is out of range
-    names = [classes[i] if i < len(classes) else str(i) for i in ids]
-    return cond, names
+    return conditions(model, meta.get("classes") or [], tokenizer, n,
+                      None if cls is None else [cls], prompt)  # fmt: skip
 
 
 def cmd_sample(args) -> int:

@@ -1,0 +1,43 @@
+"""The Python pipeline: the README snippet runs as written, and requests map to the right
+conditions."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rqgen import DQPipeline, RQPipeline
+from rqgen.errors import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_snippet_runs(class_ar, tmp_path, monkeypatch):
+    text = README.read_text()
+    snippet = re.search(r"<!-- pipeline-snippet.*?-->\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(snippet.replace('"demo_out/ar"', repr(str(class_ar))), scope)  # noqa: S102
+    out, more = scope["out"], scope["more"]
+    assert (tmp_path / "three.png").is_file()
+    assert len(out.images) == 3 and out.images[0].size == (32, 32)
+    assert out.names == ["3", "7", "5"] and len(more.images) == 8 and set(more.names) == {"7"}
+    assert out.codes.shape == (3, 8, 8, 4) and out.pixels.shape == (3, 3, 32, 32)
+
+
+def test_same_seed_same_images_and_bad_requests_are_one_line(class_ar):
+    pipe = DQPipeline.from_pretrained(class_ar, device="cpu")  # loads either kind
+    assert isinstance(pipe, RQPipeline) and pipe.classes[:3] == ["0", "1", "2"]
+    a, b = pipe(class_labels=3, seed=4), pipe(class_labels="3", seed=4)
+    assert torch.equal(a.pixels, b.pixels)
+    balanced = pipe(num_images=20, seed=0)
+    assert balanced.names == [str(i % 10) for i in range(20)]
+    with pytest.raises(ConfigError, match=r"unknown class 'cat'.*0=0, 1=1"):
+        pipe(class_labels=["cat"])
+    with pytest.raises(ConfigError, match="not text-conditional"):
+        pipe(prompt="a digit")
+    with pytest.raises(ConfigError, match="num_images=0"):
+        pipe(num_images=0)
+    with pytest.raises(ConfigError, match="class id 12 is out of range"):
+        pipe(class_labels=[12])
