@@ -101,3 +101,11 @@ def test_cli_numbers_are_refused_in_one_line_before_any_work(tmp_path, args, exp
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_version_and_defaults_in_help():
+    from rqgen import __version__
+
+    assert rqgen("--version").stdout.strip() == f"rqgen {__version__}"
+    text = rqgen("sample", "--help").stdout
+    assert "(default: 16)" in text and "(default: auto)" in text and "(default: 0)" in text

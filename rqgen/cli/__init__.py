@@ -12,8 +12,22 @@ from rqgen.cli import convert, evaluate, sample, train
 from rqgen.errors import Interrupted, RqgenError
 
 
+class _Help(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help already explains it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        return text if quiet or "default" in text else f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other error (subcommands inherit the class)."""
+    """Usage errors in one line, like every other error (subcommands inherit the class),
+    and defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -23,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rqgen", description="Residual-quantized autoregressive image generation."
     )
+    from rqgen import __version__
+
+    parser.add_argument("--version", action="version", version=f"rqgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         train.add_train_vae,

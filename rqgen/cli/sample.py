@@ -25,12 +25,13 @@ def add_sample(sub) -> None:
     g.add_argument("--prompt", help="caption, for text-conditional models")
     p.add_argument("--top-k", type=per_depth(int), help="K, or one per depth: 64,32,16,16")
     p.add_argument("--top-p", type=per_depth(float), help="P, or one per depth")
-    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0)
+    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0,
+                   help="softmax temperature of every depth")  # fmt: skip
     p.add_argument(
         "--cfg", type=number(float, 0), default=1.0, help="classifier-free guidance scale"
     )
-    p.add_argument("--seed", type=number(int, 0), default=0)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    p.add_argument("--seed", type=number(int, 0), default=0, help="the same seed, the same images")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images sampled at once")
     p.add_argument("--out", required=True, help="FILE.png: a grid; otherwise a directory")
     p.add_argument("--save-codes", help="also write the sampled codes (.npy, (N, H, W, D))")
     p.add_argument(
