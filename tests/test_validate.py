@@ -107,5 +107,5 @@ def test_version_and_defaults_in_help():
     from rqgen import __version__
 
     assert rqgen("--version").stdout.strip() == f"rqgen {__version__}"
-    text = rqgen("sample", "--help").stdout
+    text = " ".join(rqgen("sample", "--help").stdout.split())  # unwrapped
     assert "(default: 16)" in text and "(default: auto)" in text and "(default: 0)" in text
