@@ -17,7 +17,8 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        quiet = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        d = action.default  # `is`, not `in`: 0 == False would hide a default of 0
+        quiet = d is None or d is False or d == argparse.SUPPRESS or not action.option_strings
         return text if quiet or "default" in text else f"{text} (default: %(default)s)"
 
 
