@@ -40,10 +40,13 @@ def _run_training(args, load_experiment, train):
         [f"train.steps={args.steps}"] if args.steps is not None else []
     )
     exp = load_experiment(args.config, overrides)
+    finished = False
     try:
-        return train(exp)
+        out = train(exp)
+        finished = True
+        return out
     finally:
-        shutdown_runtime()
+        shutdown_runtime(finished)
 
 
 def cmd_train_vae(args) -> int:

@@ -59,9 +59,17 @@ def init_runtime(device: str | None = None, timeout_s: float = 1800.0) -> Runtim
     return Runtime(rank, world, dev)
 
 
-def shutdown_runtime() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+def shutdown_runtime(finished: bool = False) -> None:
+    """Tear the process group down. After a finished run the ranks first meet at a barrier:
+    a rank that closes its gloo connections while another still tears down its own can make
+    the other abort (SIGABRT) on the way out. After an error there is no barrier (another
+    rank may be stuck in a collective); the process group just goes."""
+    if not torch_dist.is_initialized():
+        return
+    if finished:
+        with contextlib.suppress(RuntimeError):
+            torch_dist.barrier()
+    torch_dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
