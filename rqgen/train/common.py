@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import math
 import os
@@ -60,16 +61,20 @@ def init_runtime(device: str | None = None, timeout_s: float = 1800.0) -> Runtim
 
 
 def shutdown_runtime(finished: bool = False) -> None:
-    """Tear the process group down. After a finished run the ranks first meet at a barrier:
-    a rank that closes its gloo connections while another still tears down its own can make
-    the other abort (SIGABRT) on the way out. After an error there is no barrier (another
-    rank may be stuck in a collective); the process group just goes."""
+    """Tear the process group down while the interpreter is fully alive. Garbage that still
+    holds collective work (DDP / FSDP wrappers in reference cycles) is collected first:
+    freed later, during interpreter shutdown, gloo's worker threads can abort the process
+    (SIGABRT) after a successful run. After a finished run the ranks also meet at a barrier,
+    so none closes its connections while another still uses them; after an error there is
+    no barrier (another rank may be stuck in a collective)."""
     if not torch_dist.is_initialized():
         return
+    gc.collect()
     if finished:
         with contextlib.suppress(RuntimeError):
             torch_dist.barrier()
     torch_dist.destroy_process_group()
+    gc.collect()
 
 
 def seed_everything(seed: int) -> None:
