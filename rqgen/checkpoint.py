@@ -96,6 +96,13 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> No
             + "; ".join(parts)
             + ": the directory mixes files from different models"
         )
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()),
+               None)  # fmt: skip
+    if bad is not None:
+        raise CheckpointError(
+            f"weights in {path} hold NaN or infinite values (e.g. {bad}): the run diverged "
+            "or the file is corrupt; use an earlier checkpoint"
+        )
     module.load_state_dict(state)
 
 

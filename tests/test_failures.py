@@ -200,3 +200,23 @@ def test_a_signal_saves_at_the_next_step_and_resume_continues(tmp_path, sig):
     rqgen(*train_args(out, step + 2, "train.ckpt_every=1000", "train.sample_every=1000"))
     steps = [r["step"] for r in metrics(out) if "loss" in r]
     assert steps == list(range(1, step + 3))  # nothing lost, nothing repeated
+
+
+def test_non_finite_weights_and_bad_stats_files_are_one_line(vae, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "vae"
+    shutil.copytree(vae, broken)
+    w = load_file(str(broken / "model.safetensors"))
+    w["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
+    save_file(w, str(broken / "model.safetensors"))
+    r = rqgen("eval-vae", "--vae", broken, "--data", "bundled:digits:val", "--limit", 4,
+              check=False)  # fmt: skip
+    one_line_error(r, "hold NaN or infinite values (e.g. decoder.conv_out.weight)")
+    stats = tmp_path / "stats.npz"
+    stats.write_bytes(b"PK\x03\x04 not really a zip")
+    r = rqgen("eval-gen", "--samples", tmp_path, "--ref", stats, "--features", "digits",
+              check=False)  # fmt: skip
+    one_line_error(r, "is not a statistics file written by rqgen fid-stats")

@@ -28,6 +28,23 @@ def add_eval_vae(sub) -> None:
     p.set_defaults(func=cmd_eval_vae)
 
 
+def check_finite(result: dict, what: str) -> None:
+    """A score that is NaN or infinite is an error, not a number printed with exit 0. A
+    spread (`*_std`) undefined for too few samples becomes null instead."""
+    import math
+
+    from rqgen.errors import RqgenError
+
+    for key, value in result.items():
+        if key.endswith("_std") and isinstance(value, float) and not math.isfinite(value):
+            result[key] = None
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise RqgenError(f"{what}: {key} is {value}, not a finite number: the model or the "
+                             "data gives non-finite outputs")  # fmt: skip
+
+
 def cmd_eval_vae(args) -> int:
     from rqgen.data import build_dataset
     from rqgen.evaluate.vae import evaluate_vae
@@ -45,6 +62,7 @@ def cmd_eval_vae(args) -> int:
         progress=not args.json,
     )
     result = {"vae": str(args.vae), "data": args.data, **result}
+    check_finite(result, f"eval-vae of {args.vae}")
     if args.json:
         print(json.dumps(result))
     else:
@@ -266,9 +284,12 @@ def cmd_eval_gen(args) -> int:
     if "clip_similarities" in result:
         sims = result.pop("clip_similarities")
         result["clip_score"] = float(torch.cat(sims).mean())  # mean cosine, as Table 3
+    check_finite(result, "eval-gen")
+    kid_std = result["kid_std"]
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"FID {result['fid']:.3f}  KID {kid:.5f} ± {kid_std:.5f}  ({fake.n} samples vs "
+        spread = f" ± {kid_std:.5f}" if kid_std is not None else ""
+        print(f"FID {result['fid']:.3f}  KID {kid:.5f}{spread}  ({fake.n} samples vs "
               f"{ref.n} reference images of {result['reference']}; {evaluator.name})")  # fmt: skip
     return 0

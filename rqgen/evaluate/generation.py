@@ -13,6 +13,7 @@ comparison between different evaluators is refused.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,10 +117,11 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
         try:
-            with np.load(path, allow_pickle=False) as z:
+            # our own handle: numpy leaves its file open when the zip is corrupt
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
                 return cls(str(z["evaluator"]), int(z["n"]), z["mu"], z["sigma"],
                            z["subset"].astype(np.float64), str(z["source"]))  # fmt: skip
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:
             raise DataError(f"'{path}' is not a statistics file written by rqgen fid-stats") from e
 
 
