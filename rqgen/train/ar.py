@@ -122,7 +122,6 @@ class ARTrainer(Trainer):
         self.vae = load_vae(vae_dir).to(rt.device).eval()
         self.vae_fingerprint = codebook_fingerprint(self.vae.quantizer.codebook)
         self.state = TrainState(self.out)
-        self.resume_changes = []
         if self.state.exists():  # before any feature is extracted for the wrong run
             ident = {"vae_fingerprint": self.vae_fingerprint}
             self.resume_changes = self.state.check_resume(exp, data, ident)
@@ -170,7 +169,7 @@ class ARTrainer(Trainer):
             cfg = ar_transformer_config(
                 m, q.codebook_size, self.vae.config.code_shape, q.dim, n_classes,
                 self.tokenizer.vocab_size if text else 0, shared_codebook=q.shared_codebook,
-                vae_fingerprint=codebook_fingerprint(q.codebook),
+                vae_fingerprint=self.vae_fingerprint,
                 text_pad_id=self.tokenizer.pad_id if text else 0,
             )  # fmt: skip
             self.model = RQTransformer(cfg, q.codebook).to(rt.device)
@@ -203,7 +202,7 @@ class ARTrainer(Trainer):
         path = self.out / "features.safetensors"
         # the cache is valid for this VAE codebook and this data source only (for a DQ-VAE
         # also its router, which decides the granularity of each region)
-        key = codebook_fingerprint(self.vae.quantizer.codebook) + "_" + self.data
+        key = self.vae_fingerprint + "_" + self.data
         if self.is_dq:
             router = self.vae.router.state_dict().values()
             key += "_" + codebook_fingerprint(torch.cat([p.flatten() for p in router]))
@@ -433,16 +432,18 @@ class ARTrainer(Trainer):
                 t0 = time.time()
                 self.log.log(self.step, **metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            # The training stream's RNG as the step left it: evaluation and checkpointing
-            # (FSDP's state gathering draws from it) must not change what training draws next.
-            self._rng = rng_state()
+            evaluate = self.step % t.eval_every == 0 or self.step == t.steps
+            at_ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps or self.stop_agreed
             stop = False
-            if self.step % t.eval_every == 0 or self.step == t.steps:
-                stop = self._evaluate(bar)
-            at_ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps or stop
-            if at_ckpt or self.stop_agreed:
-                self.save_state()  # every rank: gathers, then rank 0 writes
-            set_rng_state(self._rng)
+            if evaluate or at_ckpt:
+                # The training stream's RNG as the step left it: evaluation and checkpoints
+                # (FSDP's state gathering draws from it) must not change what training draws.
+                self._rng = rng_state()
+                if evaluate:
+                    stop = self._evaluate(bar)
+                if at_ckpt or stop:
+                    self.save_state()  # every rank: gathers, then rank 0 writes
+                set_rng_state(self._rng)
             if self.stop_agreed:
                 raise self.stopped()
             if stop:

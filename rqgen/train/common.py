@@ -419,6 +419,10 @@ class Trainer:
     ema: WeightEMA | None
     precision: str = "fp32"
     scaler: torch.amp.GradScaler
+    quiet: bool = False
+    resume_changes: tuple[str, ...] | list[str] = ()  # train.x: old -> new, when resumed
+    stop_requested: str | None = None  # the stop signal received, if any
+    stop_agreed: bool = False  # every rank saves and stops after this step
 
     def _set_precision(self, name: str) -> None:
         """Autocast dtype for forward passes, and a gradient scaler for fp16 (whose 5-bit
@@ -439,11 +443,10 @@ class Trainer:
 
     def announce_resume(self) -> None:
         """Settings a resumed run changed (e.g. more steps): said once and logged."""
-        changes = getattr(self, "resume_changes", [])
-        if changes and self.rt.is_main:
-            if not getattr(self, "quiet", False):
-                print(f"rqgen: resuming at step {self.step} with " + "; ".join(changes))
-            self.log.log(self.step, resumed_with=changes)
+        if self.resume_changes and self.rt.is_main:
+            if not self.quiet:
+                print(f"rqgen: resuming at step {self.step} with " + "; ".join(self.resume_changes))
+            self.log.log(self.step, resumed_with=self.resume_changes)
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -455,12 +458,6 @@ class Trainer:
         """A scaler state is only written by an fp16 run (a disabled scaler's is empty)."""
         if scaler.is_enabled() and state:
             scaler.load_state_dict(state)
-
-    def _no_sync(self, module, last_micro_batch: bool):
-        """Gradient accumulation under DDP: all-reduce only on the last micro-batch."""
-        if last_micro_batch or self.rt.world_size == 1:
-            return contextlib.nullcontext()
-        return module.no_sync()
 
     @contextlib.contextmanager
     def stop_signals(self):
@@ -494,12 +491,13 @@ class Trainer:
         """Stop before the optimizer step, on every rank at once (no rank left waiting).
         The same collective carries a pending stop signal, so every rank stops after the
         same step even when the signal reached them at different moments."""
-        stop = float(getattr(self, "stop_requested", None) is not None)
+        stop = float(self.stop_requested is not None)
         flag = torch.tensor([float(nonfinite), stop], device=self.rt.device)  # NCCL: on GPU
         if self.rt.world_size > 1:
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        self.stop_agreed = bool(flag[1].item() > 0)
-        if flag[0].item() > 0:
+        diverged, stop_agreed = flag.tolist()  # one host synchronisation per step
+        self.stop_agreed = stop_agreed > 0
+        if diverged > 0:
             raise TrainingError(
                 f"loss became {loss} at step {self.step + 1}; the last checkpoint in "
                 f"{self.out} is intact: lower train.lr, set train.grad_clip, or check the data"

@@ -46,6 +46,7 @@ from rqgen.train.common import (
     set_rng_state,
     warmup_lr,
 )
+from rqgen.train.parallel import no_sync
 from rqgen.utils.images import save_grid
 
 
@@ -183,7 +184,7 @@ class VAETrainer(Trainer):
         for i, (x, _) in enumerate(batches):
             x = x.to(self.rt.device, non_blocking=True)
             last = i == len(batches) - 1
-            with self._no_sync(self.model_ddp, last), self._autocast():
+            with no_sync(self.model_ddp, last), self._autocast():
                 out = self.model_ddp(x)
                 xr = out.reconstruction.float()
                 rec = F.mse_loss(xr, x)  # Eq. 6, ||X - X̂||²
@@ -226,7 +227,7 @@ class VAETrainer(Trainer):
             self.opt_d.zero_grad(set_to_none=True)
             for i, (x, xr) in enumerate(recons):
                 last = i == len(recons) - 1
-                with self._no_sync(self.disc_ddp, last), self._autocast():
+                with no_sync(self.disc_ddp, last), self._autocast():
                     d_loss = hinge_d_loss(self.disc_ddp(x), self.disc_ddp(xr))
                     self.scaler_d.scale(d_loss / len(recons)).backward()
                 totals["d_loss"] = totals.get("d_loss", 0.0) + float(d_loss) / len(recons)

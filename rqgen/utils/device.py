@@ -71,10 +71,9 @@ def resolve_precision(name: str | None, device: torch.device) -> str:
     """fp32, bf16 or fp16 for `name` (auto / None: bf16 on CUDA, fp32 on CPU, whose bf16 is
     emulated and slower than fp32 on CPUs without bf16 units)."""
     name = (name or "auto").lower()
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        if device.type == "cuda" and name == "fp32":
-            name = "fp16"  # pre-Ampere GPUs: fp16 (training adds a gradient scaler)
+    if name == "auto":  # pre-Ampere GPUs: fp16 (training adds a gradient scaler)
+        cuda = device.type == "cuda"
+        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if name not in PRECISIONS:
         raise ConfigError(f"precision {name!r} is not one of auto, {', '.join(PRECISIONS)}")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
