@@ -41,7 +41,8 @@ class TooLargeImage(ValueError):
 def open_image(path: str | Path) -> Image.Image:
     """Image.open with the pixel cap checked from the header, before any decoding; PIL's own
     bomb warning is ours to report."""
-    cap = f"the {max_pixels() / 1e6:.0f} MP cap (resize it, or raise RQGEN_MAX_PIXELS)"
+    limit = max_pixels()
+    cap = f"the {limit / 1e6:.0f} MP cap (resize it, or raise RQGEN_MAX_PIXELS)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -50,7 +51,7 @@ def open_image(path: str | Path) -> Image.Image:
             pil_limit = 2 * Image.MAX_IMAGE_PIXELS / 1e6
             raise TooLargeImage(f"its header claims over {pil_limit:.0f} MP, above {cap}") from None
     w, h = img.size
-    if w * h > max_pixels():
+    if w * h > limit:
         img.close()
         raise TooLargeImage(f"{w}×{h} = {w * h / 1e6:.0f} MP is above {cap}")
     return img
