@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,29 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rqgen.errors import CheckpointError
-from rqgen.utils.files import umask_mode, write_failed
+from rqgen.utils.files import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_write(path: str | os.PathLike, write, needed_bytes: int | None = None) -> None:
-    """Call write(tmp_path), then rename tmp_path onto path (atomic on POSIX). The file gets
-    the permissions of the user's umask (mkstemp's 0o600 would hide a shared model), and a
-    failed write (a full disk) leaves no temporary file and the old `path` untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise write_failed(path, e, needed_bytes) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -53,6 +34,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_config(directory: str | os.PathLike) -> dict:
+    """`config.json` of a model directory: a JSON object with a `model_type` and a `config`
+    mapping, else one line naming the file."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
@@ -61,9 +44,40 @@ def read_config(directory: str | os.PathLike) -> dict:
             "pass a directory written by save_pretrained or by rqgen training"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(
+            f"{path} is not an rqgen model config (no 'config' mapping); the checkpoint is "
+            "corrupt or was written by another program"
+        )
+    return raw
+
+
+_KINDS = {  # an annotation -> what a value read from JSON must be
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+}
+
+
+def _check_types(config, source: Path) -> None:
+    """Each field of a config read from JSON has the type its annotation names (a NaN, a
+    string or a list where a number belongs would fail deep inside the model, or not at all)."""
+    for f in dataclasses.fields(config):
+        kind, value = str(f.type).split(" |")[0], getattr(config, f.name)
+        if value is None and "None" in str(f.type):
+            continue
+        ok = _KINDS.get(kind, lambda v: True)
+        if kind.startswith(("list", "tuple")):
+            ok = lambda v: isinstance(v, (list, tuple))  # noqa: E731
+        if not ok(value):
+            raise CheckpointError(f"{source}: {f.name}={value!r} is not a valid {kind}; the "
+                                  "checkpoint is corrupt or was edited by hand")  # fmt: skip
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -81,13 +95,17 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> No
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
+    common = set(own) & set(state)
+    wrong = sorted(k for k in common if own[k].shape != state[k].shape)
+    # load_state_dict would cast an integer tensor into a float parameter without a word
+    kind = sorted(k for k in common if own[k].is_floating_point() != state[k].is_floating_point())
+    if missing or unexpected or wrong or kind:
         parts = []
         for name, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
             ("with another shape", wrong),
+            ("of another dtype kind (integer vs float)", kind),
         ):
             if keys:
                 parts.append(f"{len(keys)} {name} (e.g. {keys[0]})")
@@ -122,15 +140,27 @@ class Pretrained:
         return directory
 
     @classmethod
-    def config_from_dict(cls, raw: dict) -> Any:
+    def config_from_dict(cls, raw: dict, source: Path | str = "config") -> Any:
+        """The config dataclass from its JSON form, with every field's type checked and,
+        where the field has a validation rule, its range (`source` names the file)."""
+        from rqgen.configs.validate import RULES, check_fields
+        from rqgen.errors import ConfigError
+
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = sorted(set(raw) - fields)
         if unknown:
             raise CheckpointError(
-                f"{cls.__name__} config has unknown keys {unknown}: "
+                f"{source}: {cls.__name__} config has unknown keys {unknown}: "
                 "the checkpoint was written by a newer or different rqgen"
             )
-        return cls.config_class(**raw)
+        config = cls.config_class(**raw)
+        _check_types(config, source)
+        if type(config).__name__ in RULES:
+            try:
+                check_fields(config, "config")
+            except ConfigError as e:
+                raise CheckpointError(f"{source}: {e}") from e
+        return config
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu"):
@@ -141,7 +171,12 @@ class Pretrained:
                 f"'{directory}' holds a {raw.get('model_type')!r} model, not {cls.model_type!r}: "
                 "check which directory you passed"
             )
-        model = cls(cls.config_from_dict(raw["config"]))
+        source = directory / CONFIG_NAME
+        config = cls.config_from_dict(raw["config"], source)
+        try:
+            model = cls(config)
+        except (ValueError, TypeError, RuntimeError) as e:  # a combination no model allows
+            raise CheckpointError(f"{source} does not describe a valid model: {e}") from e
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise CheckpointError(f"'{directory}' has {CONFIG_NAME} but no {WEIGHTS_NAME}")

@@ -60,7 +60,9 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_files_and_resumes(tmp_path,
 
     monkeypatch.setattr(torch, "save", full_disk)
     r = rqgen(*train_args(out, 10), check=False)
-    one_line_error(r, "no space left while writing", "MiB needed", "previous checkpoint is intact")
+    one_line_error(
+        r, "no space left while writing", "MiB needed", "the previous checkpoint) is intact"
+    )
     leftovers = [p.name for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert leftovers == [] and not (out / "train_state.tmp").exists()
     after = weights(out)

@@ -27,7 +27,9 @@ for _ in range(2):  # the second step holds the optimizer state as well
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large pytest
+# process would report its parent's size
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 r = plan(cfg, 1, 1000, "fp32", soft_labels=False)
 s = r["strategies"][0]
 # the weights were resident before the step: compare what the step added

@@ -71,6 +71,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _out_of_memory(e: BaseException) -> int:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f"rqgen: error: out of memory ({first[:160]}): lower train.batch_size (or raise "
+          "train.grad_accum) for training, --batch-size for sampling and evaluation; the last "
+          "checkpoint is intact", file=sys.stderr)  # fmt: skip
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.time()
@@ -82,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except RqgenError as e:
         print(f"rqgen: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # host memory; torch.OutOfMemoryError (a RuntimeError) below
+        return _out_of_memory(e)
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        return _out_of_memory(e)
     except KeyboardInterrupt:
         print(f"rqgen: interrupted after {time.time() - start:.0f}s", file=sys.stderr)
         return 130

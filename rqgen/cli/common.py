@@ -24,6 +24,7 @@ def number(kind=int, low: float | None = None, high: float | None = None,
             raise argparse.ArgumentTypeError(f"{text}: must be {rule.describe()}")
         return value
 
+    parse.rule = rule  # what the fuzz tests read to build out-of-range values
     return parse
 
 
@@ -69,4 +70,5 @@ def per_depth(kind):
         values = [one(v) for v in text.split(",")]
         return values[0] if len(values) == 1 else values
 
+    parse.rule = one.rule
     return parse

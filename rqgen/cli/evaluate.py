@@ -124,7 +124,7 @@ def add_eval_gen(sub) -> None:
     src.add_argument("--samples", help="folder of generated images")
     src.add_argument("--model", help="RQ-Transformer directory: sample, stream to --out, score")
     p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
-    p.add_argument("--n", type=POSITIVE_INT, default=1000, help="samples to draw with --model")
+    p.add_argument("--n", type=POSITIVE_INT, help="samples to draw with --model (default: 1000)")
     p.add_argument(
         "--per-class", type=POSITIVE_INT, help="class-balanced: this many samples per class"
     )
@@ -194,7 +194,9 @@ def _with_clip_score(images, texts: list[str], clip: str | None, device, result:
 def cmd_fid_stats(args) -> int:
     from rqgen.data import build_dataset
     from rqgen.evaluate.generation import build_evaluator, stats_of
+    from rqgen.utils.files import check_output_file
 
+    check_output_file(Path(args.out))  # before the features are computed, not after
     device = device_for(args.device)
     evaluator = build_evaluator(args.features, device)
     data = build_dataset(args.data, args.resolution, split=args.split, labels=False)
@@ -234,10 +236,18 @@ def cmd_eval_gen(args) -> int:
 
         model, vae, meta, tokenizer = load_for_sampling(args.model, None, device, args.dtype)
         k = model.config.num_classes
+        if args.prompts and not model.config.text_vocab_size:
+            raise ConfigError("--prompts is for text-conditional models; this one is not")
+        if args.per_class is not None and args.n is not None:
+            raise ConfigError("give --n or --per-class (N per class), not both")
+        args.n = args.n or 1000
         if model.config.text_vocab_size:
             if not args.prompts:
                 raise ConfigError("text-conditional model: pass --prompts FILE (one per line)")
-            lines = [t.strip() for t in Path(args.prompts).read_text().splitlines() if t.strip()]
+            from rqgen.utils.files import read_text
+
+            lines = [t.strip() for t in read_text(args.prompts, "--prompts").splitlines()
+                     if t.strip()]  # fmt: skip
             if not lines:
                 raise DataError(f"no captions in '{args.prompts}'")
             texts = [lines[i % len(lines)] for i in range(args.n)]

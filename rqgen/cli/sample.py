@@ -121,7 +121,15 @@ def cmd_sample(args) -> int:
             save_image(img, out / f"{i:05d}_{name}.png", upscale=upscale)
         save_grid(images, out / "grid.png", nrow=nrow, upscale=upscale)
     if args.save_codes:
-        np.save(args.save_codes, codes.cpu().numpy())
+        from rqgen.utils.files import atomic_write
+
+        array = codes.cpu().numpy()
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a handle: numpy would append .npy to a name
+                np.save(f, array)
+
+        atomic_write(args.save_codes, write, array.nbytes)
     print(f"rqgen: wrote {args.n} samples to {out}")
     return 0
 

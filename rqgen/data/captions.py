@@ -4,6 +4,7 @@ CSV manifest mapping file names to captions. The bundled digits caption themselv
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from rqgen.data.bundled import BundledDigits
 from rqgen.errors import DataError
+from rqgen.utils.files import read_text
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -19,25 +21,26 @@ def read_manifest(path: str | Path) -> dict[str, str]:
     """{file name or relative path: caption} from JSONL ({"file": ..., "caption": ...}) or
     CSV with `file,caption` columns."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"caption manifest '{path}' does not exist")
-    rows = []
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
+    if path.suffix not in (".jsonl", ".csv"):
         raise DataError(f"caption manifest '{path}' must be .jsonl or .csv")
+    text = read_text(path, "caption manifest")
     try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
         return {str(r["file"]): str(r["caption"]) for r in rows}
-    except KeyError as e:
-        raise DataError(f"caption manifest '{path}' rows need 'file' and 'caption' ({e})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"caption manifest '{path}' line {e.lineno}: not JSON ({e.msg})") from e
+    except (KeyError, TypeError) as e:
+        raise DataError(f"caption manifest '{path}': every row needs 'file' and 'caption'") from e
 
 
 def captions_for(dataset: Dataset, manifest: str | Path | None = None) -> list[str]:
     """One caption per dataset item, or a one-line DataError naming the first image without."""
     if isinstance(dataset, BundledDigits):
+        if manifest:
+            raise DataError("the bundled digits caption themselves: drop --captions")
         return [
             f"a handwritten digit {DIGIT_NAMES[int(dataset[i][1])]}" for i in range(len(dataset))
         ]

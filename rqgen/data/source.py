@@ -31,6 +31,8 @@ def build_dataset(
     src: str, resolution: int, split: str = "train", seed: int = 0, labels: bool = True
 ) -> Dataset:
     """Dataset of `(image, label)` for `src`; images are float32 (3, R, R) in [-1, 1]."""
+    if not str(src).strip():  # Path("") is the working directory: never train on that by accident
+        raise DataError("the data source is empty: give a folder of images or bundled:NAME")
     if src.startswith(_PREFIX):
         name, split = _parse_bundled(src, split)
         if name == "photos":

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rqgen.errors import ConfigError, DataError
 from rqgen.evaluate.fid import _Precomputed as _Identity  # features already computed
+from rqgen.utils.files import atomic_write
 
 
 class Evaluator(nn.Module):
@@ -107,11 +108,13 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, subset=self.subset.astype(np.float32),
-                 n=self.n, evaluator=self.evaluator, source=self.source)  # fmt: skip
-        tmp.replace(path)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a handle: numpy would append .npz to a name
+                np.savez(f, mu=self.mu, sigma=self.sigma, subset=self.subset.astype(np.float32),
+                         n=self.n, evaluator=self.evaluator, source=self.source)  # fmt: skip
+
+        atomic_write(path, write, needed_bytes=self.sigma.nbytes + self.subset.nbytes)
         return path
 
     @classmethod

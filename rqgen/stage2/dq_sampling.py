@@ -37,6 +37,7 @@ def sample_dq_codes(
     """Packed code maps (B, 2Hc, 2Hc, 2) for class ids `cond` (B,) (the null class for an
     unconditional model); with `return_sequence`, also the sampled token streams."""
     cfg = cfg or SamplingConfig()
+    cfg.check(1)  # one code per step, whatever its granularity
     model.eval()
     model.check_cond(cond)
     c, v = model.config, model.config.vocab

@@ -19,6 +19,18 @@ class SamplingConfig:
     # fixed-shape steps over static KV caches, torch.compile'd (CUDA graphs on GPU)
     compile: bool = False
 
+    def check(self, depth: int) -> None:
+        """Per-depth values must give one value per depth: a list of another length would be
+        cut short or fail mid-sampling."""
+        from rqgen.errors import ConfigError
+
+        for name, value in (("top_k", self.top_k), ("top_p", self.top_p)):
+            if isinstance(value, Sequence) and len(value) != depth:
+                raise ConfigError(
+                    f"{name} has {len(value)} values but the model draws {depth} code(s) per "
+                    f"position: give one value, or {depth} comma-separated"
+                )
+
     def at_depth(self, value, d: int):
         if value is None or isinstance(value, (int, float)):
             return value

@@ -50,6 +50,7 @@ def sample_codes(
     cfg = cfg or SamplingConfig()
     model.eval()
     c = model.config
+    cfg.check(c.D)
     n = cond.shape[0]
     codes = torch.zeros(n, c.T, c.D, dtype=torch.long, device=cond.device)
     guided = _guided_cond(model, cond, cfg)

@@ -91,4 +91,10 @@ class TextTokenizer:
         path = Path(directory) / FILE
         if not path.is_file():
             raise CheckpointError(f"text model in '{directory}' has no {FILE}")
-        return cls(Tokenizer.from_file(str(path)), length)
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path} is not a tokenizer file rqgen can read ({first}); "
+                                  "the checkpoint is corrupt") from e  # fmt: skip
+        return cls(tok, length)

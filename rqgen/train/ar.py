@@ -110,6 +110,10 @@ class ARTrainer(Trainer):
         self._set_precision(t.precision)
         if m.conditioning not in ("class", "none", "text"):
             raise ConfigError(f"model.conditioning={m.conditioning!r}: use class, none or text")
+        if captions and m.conditioning != "text":
+            raise ConfigError(f"--captions is for text-conditional models, and this one is "
+                              f"model.conditioning={m.conditioning}: add model.conditioning=text "
+                              "or drop --captions")  # fmt: skip
         if t.batch_size % (rt.world_size * t.grad_accum):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 from rqgen.errors import CheckpointError, ConfigError, RqgenError
@@ -29,9 +30,42 @@ def write_failed(path: Path | str, err: OSError, needed_bytes: int | None = None
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(
             f"no space left while writing {path}{need}: free some space and rerun; nothing was "
-            "half-written and the previous checkpoint is intact"
+            "half-written, and what was written before (the previous checkpoint) is intact"
         )
     return DiskFullError(f"cannot write {path}: {err.strerror or err}{need}")
+
+
+def atomic_write(path: str | os.PathLike, write, needed_bytes: int | None = None) -> None:
+    """Call write(tmp_path), then rename tmp_path onto path (atomic on POSIX). The file gets
+    the permissions of the user's umask (mkstemp's 0o600 would hide a shared model), and a
+    failed write (a full disk) leaves no temporary file and the old `path` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e, needed_bytes) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_text(path: Path | str, what: str) -> str:
+    """A user's text file (captions, prompts), or one line saying why it cannot be read."""
+    from rqgen.errors import DataError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{what} '{path}' does not exist") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise DataError(f"cannot read {what} '{path}': {e.strerror or e}") from e
 
 
 def read_yaml(path: Path | str, what: str = "config") -> dict:
@@ -79,8 +113,11 @@ def check_writable_dir(directory: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"cannot write to {directory}: {e.strerror or e}: choose another "
-                          "output path") from e  # fmt: skip
+        blocker = next((p for p in [directory, *directory.parents] if p.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+               else e.strerror or str(e))  # fmt: skip
+        raise ConfigError(f"cannot write to {directory}: {why}: choose another output "
+                          "path") from e  # fmt: skip
 
 
 def check_output_file(path: Path) -> None:

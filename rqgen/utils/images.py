@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rqgen.utils.files import atomic_write
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (B, 3, H, W) in [-1, 1] -> uint8 HWC (or BHWC) array."""
@@ -34,13 +36,14 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> to
 
 
 def save_image(x: torch.Tensor, path: str | Path, upscale: int = 1) -> Path:
-    """Write one (3, H, W) image; `upscale` enlarges tiny images (nearest) for viewing."""
+    """Write one (3, H, W) image, atomically (a full disk leaves no torn PNG); `upscale`
+    enlarges tiny images (nearest) for viewing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = to_pil(x)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda tmp: img.save(tmp, format=fmt), needed_bytes=len(img.tobytes()))
     return path
 
 
