@@ -574,6 +574,8 @@ def _output_cases() -> list[Case]:
         cases.append(Case(f"{command}/--out a file", with_out(command, a_file)))
     for command in ("sample", "fid-stats"):
         cases.append(Case(f"{command}/--out a directory", with_out(command, a_dir)))
+    cases.append(Case("fid-stats/--out not .npz", lambda w: [
+        *BASE["fid-stats"](w), "--out", w.tmp / "stats.txt"]))  # fmt: skip
     cases.append(Case("train-vae/--out a transformer", with_out("train-vae", lambda w: w.ar)))
     cases.append(Case("train-ar/--out a vae", with_out("train-ar", lambda w: w.vae)))
     cases.append(Case("eval-gen/--out a file", lambda w: [*BASE["eval-gen"](w), "--out",
@@ -623,6 +625,19 @@ def _same_as_no_top_k(w: World, r) -> None:
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def _same_as_greedy(w: World, r) -> None:
+    """A guidance scale that overflows the logits draws what top-k 1 draws (the limit it
+    tends to), not garbage from a NaN softmax."""
+    a = np.load(w.tmp / "codes.npy")
+    greedy = rqgen(*BASE["sample"](w), "--top-k", 1, "--cfg", "1e30", "--out", w.tmp / "g.png",
+                   "--save-codes", w.tmp / "greedy.npy")  # fmt: skip
+    assert greedy.returncode == 0 and np.array_equal(a, np.load(w.tmp / "greedy.npy"))
+
+
+def _a_jpeg_grid(w: World, r) -> None:
+    assert (w.tmp / "s.jpg").is_file() and Image.open(w.tmp / "s.jpg").format == "JPEG"
+
+
 def _warned_cases() -> list[Case]:
     """Odd but usable input: a warning and a correct result."""
     return [
@@ -634,6 +649,12 @@ def _warned_cases() -> list[Case]:
              lambda w: ["eval-vae", "--vae", w.vae, "--data", w.bad("mixed"), "--json",
                         "--no-rfid"],
              check=_scored_the_good_images),
+        Case("sample/--cfg 1e30 overflows the logits",
+             lambda w: [*BASE["sample"](w), "--cfg", "1e30", "--save-codes", w.tmp / "codes.npy"],
+             check=_same_as_greedy),
+        Case("sample/--out x.jpg is a grid",
+             lambda w: ["sample", "--model", w.ar, "--n", 2, "--out", w.tmp / "s.jpg"],
+             check=_a_jpeg_grid),
         Case("sample/--top-k above the codebook",
              lambda w: [*BASE["sample"](w), "--top-k", 100000],
              check=_same_as_no_top_k),

@@ -193,9 +193,12 @@ def _with_clip_score(images, texts: list[str], clip: str | None, device, result:
 
 def cmd_fid_stats(args) -> int:
     from rqgen.data import build_dataset
+    from rqgen.errors import ConfigError
     from rqgen.evaluate.generation import build_evaluator, stats_of
     from rqgen.utils.files import check_output_file
 
+    if Path(args.out).suffix != ".npz":  # eval-gen --ref tells statistics from data by it
+        raise ConfigError(f"--out {args.out}: statistics files end in .npz (e.g. ref.npz)")
     check_output_file(Path(args.out))  # before the features are computed, not after
     device = device_for(args.device)
     evaluator = build_evaluator(args.features, device)

@@ -32,7 +32,9 @@ def add_sample(sub) -> None:
     )
     p.add_argument("--seed", type=number(int, 0), default=0, help="the same seed, the same images")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images sampled at once")
-    p.add_argument("--out", required=True, help="FILE.png: a grid; otherwise a directory")
+    p.add_argument(
+        "--out", required=True, help="FILE.png (or .jpg, .webp): one grid; else a folder of PNGs"
+    )
     p.add_argument("--save-codes", help="also write the sampled codes (.npy, (N, H, W, D))")
     p.add_argument(
         "--accept",
@@ -68,6 +70,7 @@ def sample_conditions(model, meta, tokenizer, n: int, cls: str | None, prompt: s
 def cmd_sample(args) -> int:
     import numpy as np
     import torch
+    from PIL import Image
 
     from rqgen.errors import ConfigError
     from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling, rejection_sample
@@ -77,7 +80,8 @@ def cmd_sample(args) -> int:
     from rqgen.utils.files import check_output_file, check_writable_dir
 
     out = Path(args.out)  # checked before any sampling, not found unwritable after it
-    if out.suffix.lower() == ".png":
+    grid = out.suffix.lower() in Image.registered_extensions()  # x.png, x.jpg, x.webp: a grid
+    if grid:
         check_output_file(out)
     else:
         check_writable_dir(out)
@@ -114,7 +118,7 @@ def cmd_sample(args) -> int:
     images = images.cpu()
     upscale = max(1, 128 // vae.config.resolution)
     nrow = min(args.n, model.config.num_classes or 8) if args.cls is None else 8
-    if out.suffix.lower() == ".png":
+    if grid:
         save_grid(images, out, nrow=nrow, upscale=upscale)
     else:
         for i, (img, name) in enumerate(zip(images, names)):

@@ -69,7 +69,11 @@ def guide(logits: Tensor, n: int, scale: float) -> Tensor:
 def next_code(logits: Tensor, d: int, cfg: SamplingConfig, n: int, generator) -> Tensor:
     """One code per condition from the logits of depth (or step) d: guidance, temperature,
     top-k / top-p, then one draw."""
-    logits = guide(logits, n, cfg.cfg_scale)
-    logits = logits.float() / max(cfg.temperature, 1e-5)
+    logits = guide(logits.float(), n, cfg.cfg_scale)
+    # a huge guidance scale or a tiny temperature overflows to +inf, and several +inf make
+    # softmax NaN (garbage codes without a word): saturate at the largest float instead, so
+    # the draw becomes the greedy choice it tends to
+    big = torch.finfo(torch.float32).max
+    logits = (logits / max(cfg.temperature, 1e-5)).clamp_(-big, big)
     logits = filter_logits(logits, cfg.at_depth(cfg.top_k, d), cfg.at_depth(cfg.top_p, d))
     return draw(logits, generator)
