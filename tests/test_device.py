@@ -110,3 +110,28 @@ def test_the_cli_refuses_cuda_here_in_one_line(gpus, torchrun, tmp_path, capsys)
     rc = main(["sample", "--model", str(tmp_path), "--out", str(tmp_path / "s.png"),
                "--device", "cuda:1"])  # fmt: skip
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "cores, ranks, asked, omp, expected",
+    [
+        (2, 1, -1, None, (0, 2)),  # a laptop: no workers, both cores compute
+        (16, 1, -1, None, (4, 12)),  # a GPU box: a quarter of the cores decode
+        (128, 8, -1, None, (4, 12)),  # 8 ranks share 128 cores: 16 each
+        (64, 1, -1, None, (8, 56)),  # at most 8 workers
+        (2, 2, -1, None, (0, 1)),  # 2 ranks on 2 cores: one thread each
+        (2, 1, 2, None, (2, 1)),  # workers asked for: the threads make room
+        (8, 1, -1, "3", (2, 3)),  # OMP_NUM_THREADS fixes the threads
+    ],
+)
+def test_cpu_budget_never_oversubscribes(monkeypatch, cores, ranks, asked, omp, expected):
+    import rqgen.utils.device as device
+
+    monkeypatch.setattr(device, "available_cores", lambda: cores)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    workers, threads = device.cpu_budget(asked, ranks)
+    assert (workers, threads) == expected
+    if omp is None and asked < 0:
+        assert workers + threads <= max(cores // ranks, 1)

@@ -112,7 +112,8 @@ def test_eval_gen_cli_balanced_streamed_and_self_consistent(tmp_path, rqgen_cach
               "digits", "--out", out, "--json", "--batch-size", 7, env_extra=env)  # fmt: skip
     res = json.loads(r.stdout)
     assert res["per_class"] == {str(c): 3 for c in range(10)} and res["n_samples"] == 30
-    assert res["fid"] > 0 and "digits-cnn" in res["evaluator"] and "inception_score" in res
+    assert res["fd_digits"] > 0 and "digits-cnn" in res["evaluator"] and "is_digits" in res
+    assert "fid" not in res and "inception_score" not in res  # not Inception: not called FID
     files = sorted(p.name for p in out.iterdir())
     assert len(files) == 30 and files[0] == "000000_0.png" and files[-1] == "000029_9.png"
     # the held-out digits scored against their own statistics: FID ~ 0
@@ -124,9 +125,23 @@ def test_eval_gen_cli_balanced_streamed_and_self_consistent(tmp_path, rqgen_cach
         save_image(val[i][0], real / f"{i:04d}.png")
     r = rqgen("eval-gen", "--samples", real, "--ref", stats, "--features", "digits",
               "--resolution", 32, "--json", env_extra=env)  # fmt: skip
-    assert abs(json.loads(r.stdout)["fid"]) < 0.05
+    assert abs(json.loads(r.stdout)["fd_digits"]) < 0.05
     # statistics from another evaluator are refused
     FeatureStats("other", 2, np.zeros(2), np.eye(2), np.zeros((2, 2))).save(tmp_path / "o.npz")
     r = rqgen("eval-gen", "--samples", real, "--ref", tmp_path / "o.npz", "--features",
               "digits", "--resolution", 32, env_extra=env, check=False)  # fmt: skip
     assert r.returncode == 2 and "recompute it with rqgen fid-stats" in r.stderr
+
+
+def test_the_digits_evaluator_refuses_pictures_that_are_not_digits(tmp_path, rqgen_cache):
+    from test_failures import one_line_error
+    from test_train_vae import rqgen
+
+    from rqgen.evaluate.generation import digits_like
+
+    assert digits_like(torch.stack([BundledDigits(32, "val")[i][0] for i in range(64)])) > 0.9
+    r = rqgen("fid-stats", "bundled:photos:val", "--out", tmp_path / "p.npz", "--features",
+              "digits", check=False, env_extra=rqgen_cache)  # fmt: skip
+    one_line_error(r, "only 0% of the first images of bundled:photos:val look like that",
+                   "use --features inception")  # fmt: skip
+    assert not (tmp_path / "p.npz").exists()

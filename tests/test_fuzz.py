@@ -402,6 +402,15 @@ BASE = {  # a valid command line per command, to which one bad option is added
         1,
         *AR_TINY,
     ],  # fmt: skip
+    "prepare": lambda w: [
+        "prepare",
+        "--data",
+        w.bad("mixed"),
+        "--out",
+        w.tmp / "p",
+        "--resolution",
+        32,
+    ],  # fmt: skip
     "plan": lambda w: ["plan", "--config", "ar-tiny", "--gpus", 1, "--gpu-mem", 16],
     "sample": lambda w: ["sample", "--model", w.ar, "--n", 2, "--out", w.tmp / "s.png"],
     "demo": lambda w: ["demo", "--out", w.tmp / "demo"],

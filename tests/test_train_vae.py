@@ -61,7 +61,7 @@ def _in_process(argv: list[str], env_extra: dict) -> subprocess.CompletedProcess
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, threads = dict(os.environ), torch.get_num_threads()
-    os.environ.update(env_extra)
+    os.environ.update({"OMP_NUM_THREADS": "1", **env_extra})  # as ENV: one thread per run
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \

@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from rqgen.cli import convert, evaluate, sample, train
+from rqgen.cli import convert, data, evaluate, sample, train
 from rqgen.errors import Interrupted, RqgenError
 
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rqgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
+        data.add_prepare,
         train.add_train_vae,
         evaluate.add_eval_vae,
         evaluate.add_reconstruct,
@@ -71,7 +72,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _close_progress_bars() -> None:
+    """A bar left open by the failure would share its line with the error message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _out_of_memory(e: BaseException) -> int:
+    _close_progress_bars()
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f"rqgen: error: out of memory ({first[:160]}): lower train.batch_size (or raise "
           "train.grad_accum) for training, --batch-size for sampling and evaluation; the last "
@@ -85,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Interrupted as e:
+        _close_progress_bars()
         print(f"rqgen: {e}", file=sys.stderr)
         return e.exit_code
     except RqgenError as e:
+        _close_progress_bars()
         print(f"rqgen: error: {e}", file=sys.stderr)
         return 2
     except MemoryError as e:  # host memory; torch.OutOfMemoryError (a RuntimeError) below

@@ -194,7 +194,7 @@ def _with_clip_score(images, texts: list[str], clip: str | None, device, result:
 def cmd_fid_stats(args) -> int:
     from rqgen.data import build_dataset
     from rqgen.errors import ConfigError
-    from rqgen.evaluate.generation import build_evaluator, stats_of
+    from rqgen.evaluate.generation import build_evaluator, check_digits_like, stats_of
     from rqgen.utils.files import check_output_file
 
     if Path(args.out).suffix != ".npz":  # eval-gen --ref tells statistics from data by it
@@ -203,7 +203,10 @@ def cmd_fid_stats(args) -> int:
     device = device_for(args.device)
     evaluator = build_evaluator(args.features, device)
     data = build_dataset(args.data, args.resolution, split=args.split, labels=False)
-    stats, _ = stats_of(_batches(data, args.batch_size), evaluator, source=args.data)
+    batches = _batches(data, args.batch_size)
+    if args.features == "digits":
+        batches = check_digits_like(batches, args.data)
+    stats, _ = stats_of(batches, evaluator, source=args.data)
     stats.save(args.out)
     print(f"rqgen: wrote {args.out} ({stats.n} images of {args.data}, {evaluator.name})")
     return 0
@@ -217,6 +220,7 @@ def cmd_eval_gen(args) -> int:
     from rqgen.evaluate.generation import (
         FeatureStats,
         build_evaluator,
+        check_digits_like,
         frechet_distance,
         inception_score,
         kernel_distance,
@@ -286,23 +290,29 @@ def cmd_eval_gen(args) -> int:
     fake, logits = stats_of(images, evaluator, source="samples", with_logits=True)
     if ref is None:
         data = build_dataset(args.ref, args.resolution or resolution, split="val", labels=False)
-        ref, _ = stats_of(_batches(data, args.batch_size), evaluator, source=args.ref)
+        batches = _batches(data, args.batch_size)
+        if args.features == "digits":
+            batches = check_digits_like(batches, args.ref)
+        ref, _ = stats_of(batches, evaluator, source=args.ref)
     kid, kid_std = kernel_distance(ref, fake)
-    result.update(
-        reference=ref.source or str(args.ref), n_reference=ref.n, n_samples=fake.n,
-        fid=frechet_distance(ref, fake), kid=kid, kid_std=kid_std,
-    )  # fmt: skip
+    name = evaluator.score_names()
+    result.update({
+        "reference": ref.source or str(args.ref), "n_reference": ref.n, "n_samples": fake.n,
+        name["fd"]: frechet_distance(ref, fake), name["kd"]: kid, name["kd"] + "_std": kid_std,
+    })  # fmt: skip
     if logits is not None:
-        result["inception_score"], result["inception_score_std"] = inception_score(logits)
+        result[name["is"]], result[name["is"] + "_std"] = inception_score(logits)
     if "clip_similarities" in result:
         sims = result.pop("clip_similarities")
         result["clip_score"] = float(torch.cat(sims).mean())  # mean cosine, as Table 3
     check_finite(result, "eval-gen")
-    kid_std = result["kid_std"]
+    kid_std = result[name["kd"] + "_std"]
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         spread = f" ± {kid_std:.5f}" if kid_std is not None else ""
-        print(f"FID {result['fid']:.3f}  KID {kid:.5f}{spread}  ({fake.n} samples vs "
-              f"{ref.n} reference images of {result['reference']}; {evaluator.name})")  # fmt: skip
+        kd = "KID" if name["kd"] == "kid" else f"KD({evaluator.short})"
+        print(f"{name['label']} {result[name['fd']]:.3f}  {kd} {kid:.5f}{spread}  ({fake.n} "
+              f"samples vs {ref.n} reference images of {result['reference']}; "
+              f"{evaluator.name})")  # fmt: skip
     return 0

@@ -44,7 +44,7 @@ class VAETrainConfig:
     precision: str = "auto"
     seed: int = 0
     dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
-    num_workers: int = 2
+    num_workers: int = -1  # data-loader workers; -1: from the cores available (cpu_budget)
     log_every: int = 10
     ckpt_every: int = 500
     sample_every: int = 500
@@ -187,7 +187,7 @@ class ARTrainConfig:
     compile: bool = False  # torch.compile the transformer's forward (and so its backward)
     seed: int = 0
     dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
-    num_workers: int = 0
+    num_workers: int = 0  # features sit in memory: workers would only copy them
     log_every: int = 10
     ckpt_every: int = 500
 

@@ -119,7 +119,7 @@ _TRAINING = {  # what both stages' training configs share
     "steps": count(), "batch_size": count(), "grad_accum": count(), "lr": positive(),
     "beta1": unit(), "beta2": unit(), "warmup_steps": count(0), "grad_clip": non_negative(),
     "ema_decay": unit(), "precision": PRECISION, "seed": count(0), "dist_timeout": positive(),
-    "num_workers": count(0), "log_every": count(), "ckpt_every": count(),
+    "num_workers": count(-1), "log_every": count(), "ckpt_every": count(),
 }  # fmt: skip
 
 RULES: dict[str, dict[str, Rule]] = {

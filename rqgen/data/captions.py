@@ -48,12 +48,15 @@ def captions_for(dataset: Dataset, manifest: str | Path | None = None) -> list[s
     if paths is None:
         raise DataError("this dataset has no captions: text conditioning needs an image folder")
     table = read_manifest(manifest) if manifest else {}
-    root = Path(getattr(dataset, "root", "."))
+    root = Path(getattr(dataset, "source_root", getattr(dataset, "root", ".")))
+    sidecars = getattr(dataset, "sidecar_captions", None)  # prepared data kept them
     out = []
-    for p in map(Path, paths):
+    for i, p in enumerate(map(Path, paths)):
         rel = str(p.relative_to(root)) if p.is_relative_to(root) else p.name
         caption = table.get(rel) or table.get(p.name)
-        if caption is None and p.with_suffix(".txt").is_file():
+        if caption is None and sidecars is not None:
+            caption = sidecars[i]
+        elif caption is None and p.with_suffix(".txt").is_file():
             caption = p.with_suffix(".txt").read_text().strip()
         if not caption:
             raise DataError(

@@ -204,7 +204,13 @@ class ImageFolder(Dataset):
 def load_image(path: str | Path, resolution: int, random_crop: bool = False) -> torch.Tensor:
     """One image file -> (3, R, R) in [-1, 1]: short side resized to R, then cropped
     (centred, or random with a random flip)."""
-    r = resolution
+    return crop(decode_resized(path, resolution), resolution, random_crop)
+
+
+def decode_resized(path: str | Path, short_side: int) -> Image.Image:
+    """Decode an image file to RGB with its short side resized to `short_side` (bicubic),
+    its aspect kept: what `rqgen prepare` stores and every crop starts from."""
+    r = short_side
     with open_image(path) as img:
         # Let the JPEG decoder downscale by 2/4/8 when that still leaves >= r pixels:
         # it makes big photos several times cheaper to load.
@@ -215,13 +221,19 @@ def load_image(path: str | Path, resolution: int, random_crop: bool = False) -> 
     w, h = img.size
     scale = r / min(w, h)
     size = (max(r, round(w * scale)), max(r, round(h * scale)))
-    img = img.resize(size, Image.Resampling.BICUBIC)
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def crop(img: Image.Image, resolution: int, random_crop: bool = False) -> torch.Tensor:
+    """An RGB image whose short side is `resolution` -> (3, R, R) in [-1, 1]: the centre
+    square, or a random one with a random horizontal flip."""
+    r, (w, h) = resolution, img.size
     # torch's global RNG (not numpy's): DataLoader seeds it differently in every worker.
     if random_crop:
-        x = int(torch.randint(0, size[0] - r + 1, ()).item())
-        y = int(torch.randint(0, size[1] - r + 1, ()).item())
+        x = int(torch.randint(0, w - r + 1, ()).item())
+        y = int(torch.randint(0, h - r + 1, ()).item())
     else:
-        x, y = (size[0] - r) // 2, (size[1] - r) // 2
+        x, y = (w - r) // 2, (h - r) // 2
     img = img.crop((x, y, x + r, y + r))
     if random_crop and torch.rand(()).item() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

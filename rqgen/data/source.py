@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from torch.utils.data import Dataset
 
 from rqgen.data.bundled import (
@@ -12,6 +15,7 @@ from rqgen.data.bundled import (
     BundledPhotos,
 )
 from rqgen.data.folder import ImageFolder
+from rqgen.data.prepared import PreparedImages, cached_preparation, is_prepared, large_images
 from rqgen.errors import DataError
 
 BUNDLED_NAMES = ("photos", "digits")
@@ -39,7 +43,14 @@ def build_dataset(
             return BundledPhotos(resolution, split=split, seed=seed)
         return BundledDigits(resolution, split=split, seed=seed, labels=labels)
     # Any split other than "train" is evaluation: centre crops, no flips.
-    return ImageFolder(src, resolution, train=(split == "train"), labels=labels)
+    train = split == "train"
+    if is_prepared(src):
+        return PreparedImages(src, resolution, train=train, labels=labels)
+    root = Path(src).expanduser()
+    auto = os.environ.get("RQGEN_AUTO_PREPARE", "1") != "0"
+    if auto and root.is_dir() and large_images(root, resolution):  # decode once, not per step
+        return PreparedImages(cached_preparation(root, resolution), resolution, train, labels)
+    return ImageFolder(src, resolution, train=train, labels=labels)
 
 
 def describe(src: str, split: str = "train") -> str:
@@ -52,4 +63,6 @@ def describe(src: str, split: str = "train") -> str:
             n_c, n_g = len(TRAIN_COLOUR_PHOTOS), len(TRAIN_GRAY_PHOTOS)
             return f"bundled photos (train: random crops of {n_c} colour + {n_g} gray photos)"
         return f"bundled photos (val: fixed crops of held-out {', '.join(VAL_PHOTOS)})"
+    if is_prepared(src):
+        return f"prepared data '{src}'"
     return f"image folder '{src}'"

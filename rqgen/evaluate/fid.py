@@ -46,7 +46,7 @@ def inception_fid_available() -> tuple[bool, str]:
         )
     if not missing:
         return True, ""
-    return False, "Inception rFID needs " + " and ".join(missing)
+    return False, "Inception features (FID, rFID, IS) need " + " and ".join(missing)
 
 
 class _Precomputed(nn.Module):
@@ -94,7 +94,7 @@ class FIDMeter:
                 f"Inception weights {weights_path} not found; get {INCEPTION_URL}"
             )
         elif importlib.util.find_spec("torch_fidelity") is None:
-            raise RqgenError("Inception rFID needs torch-fidelity (pip install torch-fidelity)")
+            raise RqgenError("Inception features need torch-fidelity (pip install torch-fidelity)")
         # An explicit path makes torch-fidelity torch.load it instead of downloading.
         self._metric = FrechetInceptionDistance(
             feature=2048,

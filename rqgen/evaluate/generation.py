@@ -13,6 +13,7 @@ comparison between different evaluators is refused.
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,10 +33,20 @@ class Evaluator(nn.Module):
     """features(images) -> (B, F) and, if `has_logits`, logits(images) -> (B, classes)."""
 
     def __init__(self, name: str, features: nn.Module, logits: nn.Module | None = None,
-                 input_size: int | None = None) -> None:  # fmt: skip
+                 input_size: int | None = None, short: str = "") -> None:  # fmt: skip
         super().__init__()
         self.name, self.feature_net, self.logit_net = name, features.eval(), logits
         self.input_size = input_size  # resize to this many pixels first (None: as given)
+        self.short = short  # inception, digits: names the scores
+
+    def score_names(self) -> dict[str, str]:
+        """Result keys: the standard FID / KID / IS only for Inception features; in another
+        network's feature space the same formulas get that network's name (fd_digits ...),
+        so that no one quotes a digit-classifier distance as an FID."""
+        if self.short == "inception":
+            return {"fd": "fid", "kd": "kid", "is": "inception_score", "label": "FID"}
+        s = self.short or "features"
+        return {"fd": f"fd_{s}", "kd": f"kd_{s}", "is": f"is_{s}", "label": f"FD({s})"}
 
     @property
     def has_logits(self) -> bool:
@@ -76,8 +87,8 @@ def build_evaluator(name: str, device="cpu", cache: str | Path | None = None) ->
         from rqgen.utils.paths import cache_dir
 
         clf = load_or_train(Path(cache or cache_dir()) / "classifiers", device)
-        return Evaluator("digits-cnn (rqgen bundled-digits classifier, 128-d)",
-                         DigitFeatures(clf), clf, input_size=32).to(device)  # fmt: skip
+        name = "digits-cnn (rqgen bundled-digits classifier, 128-d)"
+        return Evaluator(name, DigitFeatures(clf), clf, input_size=32, short="digits").to(device)
     if name == "inception":
         from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -91,8 +102,40 @@ def build_evaluator(name: str, device="cpu", cache: str | Path | None = None) ->
         feats = NoTrainInceptionV3("inception-v3-compat", ["2048"], path)
         logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], path)
         return Evaluator("torch-fidelity InceptionV3 2015-12-05 (pool3 2048-d)",
-                         _Uint8Inception(feats), _Uint8Inception(logits)).to(device)  # fmt: skip
+                         _Uint8Inception(feats), _Uint8Inception(logits),
+                         short="inception").to(device)  # fmt: skip
     raise ConfigError(f"unknown evaluator {name!r}: use inception or digits")
+
+
+def digits_like(images: Tensor) -> float:
+    """Fraction of images (B, 3, H, W) in [-1, 1] that look like the bundled digits: grey
+    (channels within 0.1 of each other on average) and mostly dark (median below 0.35 of full
+    brightness), as white strokes on black are."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    grey = (x - x.mean(1, keepdim=True)).abs().mean((1, 2, 3)) < 0.05
+    dark = x.flatten(1).median(1).values < 0.35
+    return float((grey & dark).float().mean())
+
+
+def check_digits_like(batches: Iterable[Tensor], what: str, look: int = 64):
+    """Pass batches through; refuse in one line when the first `look` images are mostly not
+    digit-like, since a digit classifier's features say nothing about other pictures."""
+    batches = iter(batches)
+    head, n = [], 0
+    for batch in batches:
+        head.append(batch)
+        n += len(batch)
+        if n >= look:
+            break
+    frac = digits_like(torch.cat(head)[:look]) if head else 1.0
+    if frac < 0.5:
+        raise DataError(
+            f"--features digits scores pictures with a classifier of white-on-black digits, but "
+            f"only {frac:.0%} of the first images of {what} look like that: its distances would "
+            "mean nothing there; use --features inception"
+        )
+    yield from head
+    yield from batches
 
 
 @dataclass
@@ -167,10 +210,14 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     from scipy import linalg
 
     diff = a.mu - b.mu
-    covmean = linalg.sqrtm(a.sigma @ b.sigma)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid
+    with warnings.catch_warnings(record=True) as caught:  # scipy warns on a singular product
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    if caught or not np.isfinite(covmean).all():  # near-singular: regularise as pytorch-fid
         eps = np.eye(a.sigma.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((a.sigma + eps) @ (b.sigma + eps))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((a.sigma + eps) @ (b.sigma + eps))
     covmean = covmean.real
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 

@@ -59,6 +59,7 @@ from rqgen.train.parallel import (
     no_sync,
     wrap,
 )
+from rqgen.utils.device import use_cpu_budget
 
 
 class Features(Dataset):
@@ -409,8 +410,9 @@ class ARTrainer(Trainer):
                 f"{len(self.val_set)} val)"
             )
         self.announce_resume()
+        workers, _ = use_cpu_budget(t.num_workers)
         stream = batch_stream(self.train_set, self.micro_batch * rt.world_size, rt, t.seed,
-                              self.step * t.grad_accum, t.num_workers)  # fmt: skip
+                              self.step * t.grad_accum, workers)  # fmt: skip
         self.model.train()
         bar = tqdm(total=t.steps, initial=self.step, desc="train-ar", dynamic_ncols=True,
                    disable=not rt.is_main or self.quiet)  # fmt: skip

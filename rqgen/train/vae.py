@@ -47,6 +47,7 @@ from rqgen.train.common import (
     warmup_lr,
 )
 from rqgen.train.parallel import no_sync
+from rqgen.utils.device import use_cpu_budget
 from rqgen.utils.images import save_grid
 
 
@@ -280,6 +281,7 @@ class VAETrainer(Trainer):
     # ------------------------------------------------------------------ loop
     def fit(self) -> Path:
         t, rt = self.exp.train, self.rt
+        workers, threads = use_cpu_budget(t.num_workers)
         if rt.is_main and not self.quiet:
             what = (
                 f"DQ-VAE coarse {self.exp.model.coarse_size}² / fine {self.exp.model.fine_size}² "
@@ -290,7 +292,8 @@ class VAETrainer(Trainer):
             print(
                 f"rqgen: training {what} K={self.exp.model.codebook_size} "
                 f"on {describe(self.data)} -> {self.out} (from step {self.step} to {t.steps}, "
-                f"{rt.world_size} process(es), micro-batch {self.micro_batch})"
+                f"{rt.world_size} process(es), micro-batch {self.micro_batch}, {workers} loader "
+                f"worker(s), {threads} thread(s))"
             )
         self.announce_resume()
         stream = batch_stream(
@@ -299,7 +302,7 @@ class VAETrainer(Trainer):
             rt,
             t.seed,
             self.step * t.grad_accum,
-            t.num_workers,
+            workers,
         )
         self.model.train()
         bar = tqdm(

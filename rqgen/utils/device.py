@@ -79,3 +79,47 @@ def resolve_precision(name: str | None, device: torch.device) -> str:
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bf16 support: use fp16 (or fp32)")
     return name
+
+
+def available_cores() -> int:
+    """Cores this process may use: its affinity mask, capped by a container's CPU quota
+    (cgroup v2 `cpu.max`), which os.cpu_count() ignores."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def cpu_budget(workers: int, local_world_size: int | None = None) -> tuple[int, int]:
+    """(data-loader workers, torch threads) for one training process, never more busy
+    threads than cores: the cores are shared by the ranks on this machine, then split
+    between loader workers and torch's compute threads.
+
+    `workers` < 0 is auto: none on 1-3 cores per process (each worker would take a core
+    from the model; prepared or small images decode in microseconds), else a quarter of the
+    cores (at most 8) to decode full-size images while the GPU or the other cores compute.
+    OMP_NUM_THREADS, when set, fixes the thread count."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = max(1, available_cores() // max(1, local_world_size))
+    if workers < 0:
+        workers = 0 if cores < 4 else min(8, cores // 4)
+    threads = max(1, cores - workers)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return workers, threads
+
+
+def use_cpu_budget(workers: int) -> tuple[int, int]:
+    """Apply cpu_budget: set torch's thread count; return (workers, threads)."""
+    workers, threads = cpu_budget(workers)
+    torch.set_num_threads(threads)
+    return workers, threads
