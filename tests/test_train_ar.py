@@ -135,3 +135,15 @@ def test_compiled_training_step_matches_eager(vae, tmp_path):
     losses = {d: [r["loss"] for r in rs if "loss" in r] for d, rs in rows.items()}
     assert len(losses["compiled"]) == 2
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+def test_grids_put_one_class_per_row():
+    import torch
+
+    from rqgen.utils.images import class_rows
+
+    images = torch.arange(10, 17, dtype=torch.float).view(7, 1, 1, 1).expand(7, 3, 2, 2)
+    shown, width = class_rows(images, [0, 1, 2, 0, 1, 2, 0])  # 7 samples cycling 3 classes
+    assert width == 3 and len(shown) == 9
+    rows = shown[:, 0, 0, 0].view(3, 3).tolist()
+    assert rows == [[10, 13, 16], [11, 14, 1], [12, 15, 1]]  # class c in row c; white pads

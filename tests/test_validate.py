@@ -109,3 +109,25 @@ def test_version_and_defaults_in_help():
     assert rqgen("--version").stdout.strip() == f"rqgen {__version__}"
     text = " ".join(rqgen("sample", "--help").stdout.split())  # unwrapped
     assert "(default: 16)" in text and "(default: auto)" in text and "(default: 0)" in text
+
+
+@pytest.mark.parametrize("vae, ar, vae_m, ar_m", [("rq64", "ar-64", 6.6, 51.8),
+                                                  ("rq128", "ar-128", 71.9, 143.8)])  # fmt: skip
+def test_consumer_gpu_presets_give_8x8x4_codes_at_their_documented_sizes(vae, ar, vae_m, ar_m):
+    import torch
+
+    from rqgen.configs import ar_transformer_config
+    from rqgen.stage1.rqvae import RQVAE
+    from rqgen.train.plan import count_params
+
+    exp = load_vae_experiment(vae)
+    model = RQVAE(exp.model).eval()
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(vae_m, abs=0.05)
+    r = exp.model.resolution
+    with torch.no_grad():
+        codes = model.encode_to_codes(torch.zeros(1, 3, r, r))
+    assert tuple(codes.shape[1:]) == (8, 8, 4)
+    a = load_ar_experiment(ar)
+    cfg = ar_transformer_config(a.model, exp.model.codebook_size, [8, 8, 4],
+                                exp.model.embed_dim, num_classes=10)  # fmt: skip
+    assert count_params(cfg)[0] / 1e6 == pytest.approx(ar_m, abs=0.05)

@@ -74,7 +74,7 @@ def cmd_sample(args) -> int:
 
     from rqgen.errors import ConfigError
     from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling, rejection_sample
-    from rqgen.utils.images import save_grid, save_image
+    from rqgen.utils.images import class_rows, save_grid, save_image
 
     device = device_for(args.device)
     from rqgen.utils.files import check_output_file, check_writable_dir
@@ -117,13 +117,15 @@ def cmd_sample(args) -> int:
         codes, images = generate(vae, model, cond, cfg, gen, args.batch_size)
     images = images.cpu()
     upscale = max(1, 128 // vae.config.resolution)
-    nrow = min(args.n, model.config.num_classes or 8) if args.cls is None else 8
+    shown, nrow = images, 8
+    if model.config.num_classes and cond.dim() == 1:  # one row per class, as everywhere
+        shown, nrow = class_rows(images, cond.tolist())
     if grid:
-        save_grid(images, out, nrow=nrow, upscale=upscale)
+        save_grid(shown, out, nrow=nrow, upscale=upscale)
     else:
         for i, (img, name) in enumerate(zip(images, names)):
             save_image(img, out / f"{i:05d}_{name}.png", upscale=upscale)
-        save_grid(images, out / "grid.png", nrow=nrow, upscale=upscale)
+        save_grid(shown, out / "grid.png", nrow=nrow, upscale=upscale)
     if args.save_codes:
         from rqgen.utils.files import atomic_write
 

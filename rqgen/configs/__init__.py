@@ -97,6 +97,21 @@ def _tiny32() -> VAEExperiment:
     return VAEExperiment(model, train)
 
 
+def _rq_consumer(resolution: int) -> VAEExperiment:
+    # One consumer GPU (e.g. 24 GB): the paper's 8×8×4 codes at 64 px (f = 8) or 128 px
+    # (f = 16), at a quarter (64 px, 6.6M params) or a half (128 px, 72M) of the paper's
+    # channel width, attention at the 8×8 latent. LPIPS and the PatchGAN are on as in the
+    # paper (LPIPS needs the VGG16 files, see the README; or train.perceptual_weight=0).
+    levels = {64: [1, 1, 2, 2], 128: [1, 1, 2, 2, 4]}[resolution]
+    model = RQVAEConfig(resolution=resolution, ch=64 if resolution == 64 else 128,
+                        ch_mult=levels, num_res_blocks=2, attn_resolutions=[8], z_channels=256,
+                        embed_dim=256, codebook_size=2048, code_depth=4)  # fmt: skip
+    train = VAETrainConfig(steps=100_000, batch_size=64 if resolution == 64 else 32, lr=1e-4,
+                           warmup_steps=500, perceptual_weight=1.0, disc_start=20_000,
+                           ckpt_every=2000, sample_every=2000)  # fmt: skip
+    return VAEExperiment(model, train)
+
+
 def _imagenet256() -> VAEExperiment:
     # The paper's ImageNet RQ-VAE; layer shapes as the official model (f = 32, 8×8×4).
     return VAEExperiment(RQVAEConfig(), VAETrainConfig())
@@ -133,6 +148,8 @@ def _dq_imagenet256() -> DQVAEExperiment:
 
 PRESETS = {
     "tiny32": _tiny32,
+    "rq64": lambda: _rq_consumer(64),
+    "rq128": lambda: _rq_consumer(128),
     "imagenet256": _imagenet256,
     "ffhq256": _ffhq256,
     "dq-tiny32": _dq_tiny32,
@@ -179,6 +196,7 @@ class ARTrainConfig:
     cond_dropout: float = 0.1  # condition replaced by the null one: enables CFG
     val_fraction: float = 0.05
     eval_every: int = 200
+    sample_every: int = 500  # a grid of samples (row = class) in OUT/samples and TensorBoard
     patience: int = 0  # early stopping after this many evals without improvement; 0: off
     ema_decay: float = 0.0
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or fp32, bf16, fp16
@@ -211,6 +229,16 @@ def _ar_flat_tiny() -> ARExperiment:
         ARModelConfig(width=128, heads=4, spatial_layers=6, depth_layers=0, dropout=0.1),
         _ar_tiny().train,
     )
+
+
+def _ar_consumer(width: int, heads: int, spatial_layers: int) -> ARExperiment:
+    # Stage 2 for rq64 / rq128 codes on one consumer GPU: the paper's recipe (soft labels,
+    # stochastic codes, AdamW 5e-4 cosine) at a width that trains in a day.
+    return ARExperiment(
+        ARModelConfig(width=width, heads=heads, spatial_layers=spatial_layers, depth_layers=4),
+        ARTrainConfig(steps=100_000, batch_size=128, warmup_steps=2000, eval_every=2000,
+                      ckpt_every=2000, sample_every=2000, precision="auto"),
+    )  # fmt: skip
 
 
 def _dq_ar_tiny() -> ARExperiment:
@@ -288,6 +316,8 @@ PAPER_MODELS = {
 
 AR_PRESETS = {
     "ar-tiny": _ar_tiny,
+    "ar-64": lambda: _ar_consumer(512, 8, 12),
+    "ar-128": lambda: _ar_consumer(768, 12, 16),
     "dq-ar-tiny": _dq_ar_tiny,
     "ar-flat-tiny": _ar_flat_tiny,
     **{name: paper.experiment for name, paper in PAPER_MODELS.items()},

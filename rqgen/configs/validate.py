@@ -148,6 +148,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "weight_decay": non_negative(), "min_lr_ratio": unit(open_high=False),
         "soft_labels": FLAG, "stochastic_codes": FLAG, "tau": positive(), "cond_dropout": unit(),
         "val_fraction": unit(), "eval_every": count(), "patience": count(0), "fsdp": FLAG,
+        "sample_every": count(),
         "activation_checkpointing": FLAG, "compile": FLAG,
     },
 }  # fmt: skip

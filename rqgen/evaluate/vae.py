@@ -16,7 +16,7 @@ from rqgen.evaluate.fid import FIDMeter, inception_fid_available
 from rqgen.evaluate.recon import CodeStats, psnr, ssim
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage1.rqvae import RQVAE
-from rqgen.utils.images import save_grid
+from rqgen.utils.images import save_grid, save_labelled_grid
 
 
 def sequence_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,9 @@ def sequence_codes(packed: torch.Tensor) -> torch.Tensor:
     codes, fine = unpack_codes(packed)
     fine_cells = fine.repeat_interleave(2, 1).repeat_interleave(2, 2)
     return torch.cat([codes[:, ::2, ::2][~fine], codes[fine_cells]])[:, None]
+
+
+GRANULARITY_LEGEND = "red tint, 4 boxes: fine region (4 codes); plain box: coarse (1 code)"
 
 
 def granularity_overlay(x: torch.Tensor, fine_mask: torch.Tensor, scale: int) -> torch.Tensor:
@@ -156,13 +159,13 @@ def write_reconstructions(
                 pair_file = out_dir / f"{name}_pair.png"
                 written.append(save_grid(pair, pair_file, nrow=2, upscale=upscale))
                 both = torch.stack([shown[i], shown[len(x) + i]])
-                written.append(save_grid(both, out_dir / f"{name}_granularity.png", nrow=2))
+                written.append(save_labelled_grid(
+                    both, out_dir / f"{name}_granularity.png", ["input", "reconstruction"],
+                    legend=GRANULARITY_LEGEND))  # fmt: skip
                 continue
             strip = torch.stack([x[i]] + [st[i] for st in steps])
             written.append(save_grid(pair, out_dir / f"{name}_pair.png", nrow=2, upscale=upscale))
-            written.append(
-                save_grid(
-                    strip, out_dir / f"{name}_coarse_to_fine.png", nrow=D + 1, upscale=upscale
-                )
-            )
+            depths = ["input"] + [f"depth 1-{d}" if d > 1 else "depth 1" for d in range(1, D + 1)]
+            written.append(save_labelled_grid(strip, out_dir / f"{name}_coarse_to_fine.png",
+                                              depths, upscale=upscale))  # fmt: skip
     return written

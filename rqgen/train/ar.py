@@ -60,6 +60,7 @@ from rqgen.train.parallel import (
     wrap,
 )
 from rqgen.utils.device import use_cpu_budget
+from rqgen.utils.images import make_grid, save_image
 
 
 class Features(Dataset):
@@ -440,13 +441,16 @@ class ARTrainer(Trainer):
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             evaluate = self.step % t.eval_every == 0 or self.step == t.steps
             at_ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps or self.stop_agreed
+            samples = self.step % t.sample_every == 0 or self.step == t.steps
             stop = False
-            if evaluate or at_ckpt:
+            if evaluate or at_ckpt or samples:
                 # The training stream's RNG as the step left it: evaluation and checkpoints
                 # (FSDP's state gathering draws from it) must not change what training draws.
                 self._rng = rng_state()
                 if evaluate:
                     stop = self._evaluate(bar)
+                if samples:
+                    self.write_samples()
                 if at_ckpt or stop:
                     self.save_state()  # every rank: gathers, then rank 0 writes
                 set_rng_state(self._rng)
@@ -457,6 +461,31 @@ class ARTrainer(Trainer):
                     print(f"rqgen: early stop at step {self.step}: no better val loss in "
                           f"{t.patience} evaluations (best {self.best:.4f})")  # fmt: skip
                 break
+
+    @torch.no_grad()
+    def write_samples(self, per_row: int = 8) -> None:
+        """A grid sampled from the current weights, one row per class (the first 8; one row
+        per caption of the first training images for text models), to OUT/samples and
+        TensorBoard. Main process only; skipped under FSDP, whose weights are sharded."""
+        if not self.rt.is_main or is_sharded(self.model):
+            return
+        from rqgen.stage2.sampling import SamplingConfig, generate
+
+        model, m = self.public_model(), self.model.config
+        if self.exp.model.conditioning == "text":  # captions of held-out images
+            cond = self.val_set.cond[:4].repeat_interleave(per_row, 0)
+        elif m.num_classes:
+            cond = torch.arange(min(m.num_classes, 8)).repeat_interleave(per_row)
+        else:
+            cond = torch.full((2 * per_row,), model.null_class)
+        gen = torch.Generator(self.rt.device).manual_seed(0)  # the same noise at every step
+        _, images = generate(self.vae, model.eval(), cond.to(self.rt.device), SamplingConfig(),
+                             gen, batch_size=64)  # fmt: skip
+        self.model.train()
+        grid = make_grid(images.cpu(), nrow=per_row)
+        save_image(grid, self.out / "samples" / f"samples_{self.step:07d}.png",
+                   upscale=max(1, 128 // self.vae.config.resolution))  # fmt: skip
+        self.log.image("samples", grid, self.step)
 
     def _evaluate(self, bar) -> bool:
         """Validate on every rank, keep the best model public; returns True to stop early.

@@ -170,7 +170,8 @@ def batch_stream(
 
 
 class MetricsLog:
-    """JSONL metrics (always) and TensorBoard (when installed), on the main process only."""
+    """JSONL metrics and TensorBoard scalars and images (OUT/tensorboard), on the main
+    process only."""
 
     def __init__(self, directory: Path, enabled: bool):
         self.enabled = enabled
@@ -182,7 +183,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(directory / "tensorboard"))
-            except ImportError:  # tensorboard is optional
+            except ImportError:  # a dependency, but a hand-made environment may lack it
                 self.tb = None
 
     def log(self, step: int, **metrics: float) -> None:
@@ -194,6 +195,11 @@ class MetricsLog:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """One (3, H, W) image in [-1, 1] (e.g. a sample grid) for TensorBoard."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, (image.float().clamp(-1, 1) + 1) / 2, step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -48,7 +48,7 @@ from rqgen.train.common import (
 )
 from rqgen.train.parallel import no_sync
 from rqgen.utils.device import use_cpu_budget
-from rqgen.utils.images import save_grid
+from rqgen.utils.images import make_grid, save_image
 
 
 def default_val_source(data: str) -> str | None:
@@ -257,11 +257,9 @@ class VAETrainer(Trainer):
                 first = (x[:16], xr[:16])
         self.model.train()
         if first is not None:
-            save_grid(
-                torch.cat(first),
-                self.out / "samples" / f"recon_{self.step:07d}.png",
-                nrow=len(first[0]),
-            )
+            grid = make_grid(torch.cat(first), nrow=len(first[0]))  # row 1 real, row 2 decoded
+            save_image(grid, self.out / "samples" / f"recon_{self.step:07d}.png")
+            self.log.image("reconstructions", grid, self.step)
         result = {"val_psnr": float(torch.cat(scores).mean())}
         if fine:
             result["val_fine_fraction"] = float(torch.cat(fine).mean())

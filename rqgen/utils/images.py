@@ -35,16 +35,61 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> to
     return grid
 
 
+def class_rows(images: torch.Tensor, labels: list[int]) -> tuple[torch.Tensor, int]:
+    """Images reordered for a grid with one row per class (in label order), rows padded
+    with white where a class has fewer samples; returns (images, images per row)."""
+    classes = sorted(set(labels))
+    per_class = [[i for i, c in enumerate(labels) if c == k] for k in classes]
+    width = max(map(len, per_class))
+    blank = torch.ones_like(images[0])
+    rows: list[torch.Tensor] = []
+    for idx in per_class:
+        rows += [images[i] for i in idx] + [blank] * (width - len(idx))
+    return torch.stack(rows), width
+
+
 def save_image(x: torch.Tensor, path: str | Path, upscale: int = 1) -> Path:
     """Write one (3, H, W) image, atomically (a full disk leaves no torn PNG); `upscale`
     enlarges tiny images (nearest) for viewing."""
-    path = Path(path)
     img = to_pil(x)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    return save_pil(img, path)
+
+
+def save_pil(img: Image.Image, path: str | Path) -> Path:
+    """A PIL image to `path` atomically, in the format its suffix names (PNG otherwise)."""
+    path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     atomic_write(path, lambda tmp: img.save(tmp, format=fmt), needed_bytes=len(img.tobytes()))
     return path
+
+
+def save_labelled_grid(
+    images: torch.Tensor, path: str | Path, labels: list[str], upscale: int = 1,
+    legend: str | None = None, pad: int = 2,
+) -> Path:  # fmt: skip
+    """One row of images with a caption over each (e.g. "input", "depth 1" ...) and an
+    optional legend line under them."""
+    from PIL import ImageDraw, ImageFont
+
+    grid = to_pil(make_grid(images, nrow=len(images), pad=pad))
+    grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
+    font = ImageFont.load_default()
+    band = 14
+    probe = ImageDraw.Draw(grid)
+    width = max(grid.width, int(probe.textlength(legend or "", font=font)) + 8)
+    canvas = Image.new("RGB", (width, grid.height + band * (2 if legend else 1)), "white")
+    canvas.paste(grid, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    w = images.shape[-1]
+    for i, text in enumerate(labels):
+        centre = (pad + i * (w + pad) + w / 2) * upscale
+        draw.text((centre - draw.textlength(text, font=font) / 2, 1), text, fill="black",
+                  font=font)  # fmt: skip
+    if legend:
+        draw.text((4, grid.height + band + 1), legend, fill="black", font=font)
+    return save_pil(canvas, path)
 
 
 def save_grid(
