@@ -138,4 +138,6 @@ def run_demo(
     for name, r in results.items():
         print(f"  {name}: classifier accuracy {r['accuracy']:.1%}, "
               f"Fréchet distance {r['frechet_distance']:.2f}")  # fmt: skip
+    print(f"  in a browser     .venv/bin/rqgen serve --model {out / 'ar'}   "
+          "(then open http://127.0.0.1:7860)")  # fmt: skip
     return metrics

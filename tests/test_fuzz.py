@@ -414,6 +414,7 @@ BASE = {  # a valid command line per command, to which one bad option is added
     "plan": lambda w: ["plan", "--config", "ar-tiny", "--gpus", 1, "--gpu-mem", 16],
     "sample": lambda w: ["sample", "--model", w.ar, "--n", 2, "--out", w.tmp / "s.png"],
     "demo": lambda w: ["demo", "--out", w.tmp / "demo"],
+    "serve": lambda w: ["serve", "--model", w.bad("missing")],
     "convert-official": lambda w: [
         "convert-official",
         "--stage1",
@@ -529,6 +530,8 @@ def _data_cases() -> list[Case]:
     cases.append(Case("eval-gen/--samples empty", lambda w: [
         "eval-gen", "--samples", w.bad("empty"), "--ref", "bundled:digits:val", "--features",
         "digits"]))  # fmt: skip
+    cases.append(Case("serve/--model not_a_model", lambda w: [
+        "serve", "--model", w.bad("not_a_model"), "--port", 1]))  # fmt: skip
     cases.append(Case("convert-official/--stage1 not_a_model", lambda w: [
         "convert-official", "--stage1", w.bad("not_a_model"), "--out", w.tmp / "c"]))  # fmt: skip
     cases.append(Case("convert-official/--stage1 a rqgen model", lambda w: [

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_train_ar,
         train.add_plan,
         sample.add_sample,
+        sample.add_serve,
         sample.add_demo,
         convert.add_convert_official,
         evaluate.add_eval_gen,

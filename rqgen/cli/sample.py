@@ -140,6 +140,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a browser demo of a trained transformer (Gradio)")
+    p.add_argument("--model", required=True, help="directory written by train-ar")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 exposes it to the network)")  # fmt: skip
+    p.add_argument("--port", type=number(int, 1, 65535), default=7860)
+    add_device(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from rqgen.serve import serve
+
+    serve(args.model, args.host, args.port, args.device)
+    return 0
+
+
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on bundled data (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")

@@ -67,8 +67,14 @@ def save_pil(img: Image.Image, path: str | Path) -> Path:
 
 def save_labelled_grid(
     images: torch.Tensor, path: str | Path, labels: list[str], upscale: int = 1,
-    legend: str | None = None, pad: int = 2,
+    legend: str | None = None,
 ) -> Path:  # fmt: skip
+    """`labelled_row` written to `path`."""
+    return save_pil(labelled_row(images, labels, upscale, legend), path)
+
+
+def labelled_row(images: torch.Tensor, labels: list[str], upscale: int = 1,
+                 legend: str | None = None, pad: int = 2) -> Image.Image:  # fmt: skip
     """One row of images with a caption over each (e.g. "input", "depth 1" ...) and an
     optional legend line under them."""
     from PIL import ImageDraw, ImageFont
@@ -89,7 +95,7 @@ def save_labelled_grid(
                   font=font)  # fmt: skip
     if legend:
         draw.text((4, grid.height + band + 1), legend, fill="black", font=font)
-    return save_pil(canvas, path)
+    return canvas
 
 
 def save_grid(
