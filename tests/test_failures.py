@@ -222,3 +222,47 @@ def test_non_finite_weights_and_bad_stats_files_are_one_line(vae, tmp_path):
     r = rqgen("eval-gen", "--samples", tmp_path, "--ref", stats, "--features", "digits",
               check=False)  # fmt: skip
     one_line_error(r, "is not a statistics file written by rqgen fid-stats")
+
+
+def test_a_signal_while_loading_stops_at_once_and_the_resume_is_exact(tmp_path, monkeypatch):
+    """Loading a step's images can take seconds: Ctrl-C then stops within 2 s, saving the
+    last finished step, and the resumed run equals one never interrupted (random crops
+    included: the RNG is put back as the abandoned step found it)."""
+    import signal
+    import threading
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    import rqgen.data.folder as folder
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    extra = ("train.ckpt_every=1000", "train.sample_every=1000")
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    real_load = folder.ImageFolder._load
+    monkeypatch.setattr(folder.ImageFolder, "_load",
+                        lambda self, p: time.sleep(0.5) or real_load(self, p))  # fmt: skip
+    sent = []
+
+    def interrupt():
+        while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 2:
+            time.sleep(0.02)
+        time.sleep(0.3)  # early in the next step: its 4 s of loading would miss 2 s
+        sent.append(time.time())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    r = rqgen(*train_args(out, 40, *extra, data=data), check=False)
+    assert time.time() - sent[0] < 2.0 and r.returncode == 130, r.stderr
+    step = int(r.stderr.strip().splitlines()[-1].split(" at step ")[1].split(":")[0])
+    assert 2 <= step < 40
+    monkeypatch.setattr(folder.ImageFolder, "_load", real_load)
+    rqgen(*train_args(out, step + 2, *extra, data=data))
+    rqgen(*train_args(ref, step + 2, *extra, data=data))  # never interrupted
+    a, b = weights(out), weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -39,6 +39,7 @@ from rqgen.stage2.text import TextTokenizer
 from rqgen.train.common import (
     MetricsLog,
     Runtime,
+    StopWhileLoading,
     Trainer,
     TrainState,
     WeightEMA,
@@ -429,7 +430,13 @@ class ARTrainer(Trainer):
         t, rt = self.exp.train, self.rt
         t0 = time.time()
         while self.step < t.steps:
-            metrics = self.train_step([next(stream) for _ in range(t.grad_accum)])
+            try:
+                batches = self.fetch(stream, t.grad_accum)
+            except StopWhileLoading:  # nothing of this step happened: save the last one's
+                self._rng = rng_state()
+                self.save_state()
+                raise self.stopped() from None
+            metrics = self.train_step(batches)
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0:

@@ -399,6 +399,10 @@ def claim_output(out: Path, rt: Runtime, model_types: tuple[str, ...], what: str
             lock.release()
 
 
+class StopWhileLoading(Exception):
+    """A stop signal arrived while a single-process run was loading its next batches."""
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
@@ -429,6 +433,7 @@ class Trainer:
     resume_changes: tuple[str, ...] | list[str] = ()  # train.x: old -> new, when resumed
     stop_requested: str | None = None  # the stop signal received, if any
     stop_agreed: bool = False  # every rank saves and stops after this step
+    _loading: bool = False  # fetching the next batches (see fetch)
 
     def _set_precision(self, name: str) -> None:
         """Autocast dtype for forward passes, and a gradient scaler for fp16 (whose 5-bit
@@ -479,6 +484,8 @@ class Trainer:
             if self.stop_requested is not None:
                 raise KeyboardInterrupt  # the second signal: no checkpoint, stop now
             self.stop_requested = signal.Signals(signum).name
+            if self._loading:
+                raise StopWhileLoading
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -486,6 +493,24 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def fetch(self, stream: Iterator, n: int) -> list:
+        """The step's n micro-batches. Loading can take seconds (large files, a slow disk):
+        in a single-process run a stop signal meanwhile abandons the half-loaded step at once
+        (StopWhileLoading) instead of waiting for it, with the RNG put back as the step found
+        it, so that the checkpoint saved then equals one saved at the step boundary. Several
+        ranks must agree on the step they stop after, so they stop at its end."""
+        if self.rt.world_size > 1:
+            return [next(stream) for _ in range(n)]
+        before = rng_state()
+        self._loading = True
+        try:
+            return [next(stream) for _ in range(n)]
+        except StopWhileLoading:
+            set_rng_state(before)
+            raise
+        finally:
+            self._loading = False
 
     def stopped(self) -> Interrupted:
         return Interrupted(

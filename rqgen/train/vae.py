@@ -35,6 +35,7 @@ from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.common import (
     MetricsLog,
     Runtime,
+    StopWhileLoading,
     Trainer,
     TrainState,
     WeightEMA,
@@ -322,7 +323,11 @@ class VAETrainer(Trainer):
         t, rt = self.exp.train, self.rt
         t0, last_metrics = time.time(), {}
         while self.step < t.steps:
-            batches = [next(stream) for _ in range(t.grad_accum)]
+            try:
+                batches = self.fetch(stream, t.grad_accum)
+            except StopWhileLoading:  # nothing of this step happened: save the last one's
+                self.save()
+                raise self.stopped() from None
             metrics = self.train_step(batches)
             self.step += 1
             bar.update(1)
