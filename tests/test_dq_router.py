@@ -61,3 +61,61 @@ def test_budget_loss_pulls_the_learned_router_to_the_target():
     assert start > 0.9 and abs(end - 0.3) < 0.1
     gate, budget = router(hc, hf)
     assert torch.equal(gate, router(hc, hf)[0])  # evaluation is deterministic
+
+
+class _RandomCrops(torch.utils.data.Dataset):
+    """Crops of one textured image at offsets drawn from torch's global RNG, as training
+    datasets draw them."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.image = torch.rand(3, 64, 64, generator=g) * 2 - 1
+        self.image[:, :32] = self.image[:, :32].sign()  # flat and busy halves
+
+    def __len__(self):
+        return 300
+
+    def __getitem__(self, i):
+        y, x = torch.randint(0, 33, (2,)).tolist()
+        return self.image[:, y : y + 32, x : x + 32], 0
+
+
+def _fit_on_rank(rank: int, store: str, results) -> None:
+    import torch.distributed as dist
+
+    from rqgen.train.common import Runtime
+    from rqgen.train.vae import fit_entropy_router
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model = _Routed()
+    torch.manual_seed(1000 + rank)  # each rank's RNG differs, as training seeds it
+    before = torch.get_rng_state()
+    th, _ = fit_entropy_router(model, _RandomCrops(), Runtime(rank, 2, torch.device("cpu")), 7)
+    results[rank] = (th, torch.equal(before, torch.get_rng_state()))
+    dist.destroy_process_group()
+
+
+class _Routed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = EntropyRouter(coarse_size=4, fine_fraction=0.5)
+
+    def fit_router(self, batches):
+        return self.router.fit(batches)
+
+
+def test_the_entropy_router_is_fitted_on_rank_0_and_broadcast(tmp_path):
+    import torch.multiprocessing as mp
+
+    from rqgen.train.common import Runtime
+    from rqgen.train.vae import fit_entropy_router
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_fit_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+        results = dict(results)
+    (th0, kept0), (th1, kept1) = results[0], results[1]
+    assert th0 == th1 and kept0 and kept1  # one threshold everywhere; the run's RNG untouched
+    # the same threshold a single process fits: the crops depend on the seed, not the rank
+    single, _ = fit_entropy_router(_Routed(), _RandomCrops(), Runtime(0, 1, torch.device("cpu")), 7)
+    assert single == th0

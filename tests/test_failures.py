@@ -266,3 +266,36 @@ def test_a_signal_while_loading_stops_at_once_and_the_resume_is_exact(tmp_path, 
     rqgen(*train_args(ref, step + 2, *extra, data=data))  # never interrupted
     a, b = weights(out), weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _shared_output_rank(rank: int, store: str, outs: list, results) -> None:
+    import torch.distributed as dist
+
+    from rqgen.errors import ConfigError
+    from rqgen.train.common import Runtime, check_shared_output
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        check_shared_output(outs[rank], Runtime(rank, 2, torch.device("cpu")))
+        results[rank] = "ok"
+    except ConfigError as e:
+        results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_ranks_that_do_not_see_rank_0s_out_are_refused_in_one_line(tmp_path, shared):
+    import torch.multiprocessing as mp
+
+    a, b = tmp_path / "node0", tmp_path / "node1"  # node-local disks: two different folders
+    a.mkdir(), b.mkdir()
+    outs = [a, a if shared else b]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_shared_output_rank, args=(str(tmp_path / "store"), outs, results), nprocs=2)
+        results = dict(results)
+    if shared:
+        assert results == {0: "ok", 1: "ok"} and not list(a.iterdir())  # the token is removed
+    else:
+        assert all("rank(s) [1] do not see what rank 0 writes" in r for r in results.values())

@@ -293,3 +293,22 @@ def test_resume_check_treats_fields_added_later_as_defaults(tmp_path):
         state.check_same_model(RQVAEConfig(ch=32, norm_groups=32))
     with pytest.raises(ConfigError, match=r"\(ch\)"):
         state.check_same_model(RQVAEConfig(ch=64))
+
+
+def test_the_batch_sampler_draws_one_permutation_per_epoch_and_resumes_anywhere(monkeypatch):
+    from rqgen.train.common import ShardedBatchSampler
+
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    s = ShardedBatchSampler(100, 10, 0, 1, seed=3, start=0)
+    it = iter(s)
+    batches = [next(it) for _ in range(25)]  # 2.5 epochs of 10 batches
+    assert len(calls) == 3  # one permutation per epoch, not one per step
+    assert sorted(sum(batches[:10], [])) == list(range(100))  # an epoch sees every item once
+    for start in (0, 7, 10, 23):  # a resumed stream continues exactly
+        resumed = iter(ShardedBatchSampler(100, 10, 0, 1, seed=3, start=start))
+        assert [next(resumed) for _ in range(25 - start)] == batches[start:]
+    # two ranks share each global batch between them
+    r0, r1 = (iter(ShardedBatchSampler(100, 10, r, 2, seed=3, start=0)) for r in (0, 1))
+    assert [next(r0) + next(r1) for _ in range(25)] == batches

@@ -52,6 +52,23 @@ from rqgen.utils.device import use_cpu_budget
 from rqgen.utils.images import make_grid, save_image
 
 
+def fit_entropy_router(model, dataset, rt: Runtime, seed: int,
+                       max_images: int = 50_000) -> tuple[float, int]:  # fmt: skip
+    """Fit the entropy router's threshold once, on rank 0, over a fixed-seed pass of the
+    training images (its crops depend neither on the rank nor on the run's RNG, which is
+    left as it was), then broadcast it: every rank routes every region alike."""
+    n = min(len(dataset), max_images)
+    if rt.is_main:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            batches = (torch.stack([dataset[i][0] for i in range(s, min(n, s + 256))])
+                       for s in range(0, n, 256))  # fmt: skip
+            model.fit_router(batches)
+    if rt.world_size > 1:
+        torch.distributed.broadcast(model.router.threshold, 0)
+    return float(model.router.threshold), n
+
+
 def default_val_source(data: str) -> str | None:
     """Bundled sets have held-out splits; folders are scored only when --val-data is given."""
     return f"{data}:val" if data in ("bundled:photos", "bundled:digits") else None
@@ -122,14 +139,9 @@ class VAETrainer(Trainer):
             self._fit_entropy_router()
 
     def _fit_entropy_router(self, max_images: int = 50_000) -> None:
-        """DQ-VAE's entropy thresholds come from the training images (the same on every
-        rank: the dataset and its order are deterministic)."""
-        n = min(len(self.train_set), max_images)
-        batches = (
-            torch.stack([self.train_set[i][0] for i in range(s, min(n, s + 256))])
-            for s in range(0, n, 256)
-        )
-        th = self.model.fit_router(batches)
+        """DQ-VAE's entropy threshold, from the training images: see fit_entropy_router."""
+        th, n = fit_entropy_router(self.model, self.train_set, self.rt, self.exp.train.seed,
+                                   max_images)  # fmt: skip
         if self.rt.is_main and not self.quiet:
             print(f"rqgen: entropy router threshold {th:.4f} nats (fine fraction "
                   f"{self.exp.model.fine_fraction} on {n} training images)")  # fmt: skip
