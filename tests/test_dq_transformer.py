@@ -204,3 +204,14 @@ def test_cli_trains_and_samples_a_dq_transformer(tmp_path):
     bad = rqgen("train-ar", "--vae", vae, "--data", "bundled:digits", "--out", tmp_path / "x",
                 "--config", "ar-tiny", "--steps", 1, "--device", "cpu", check=False)  # fmt: skip
     assert bad.returncode != 0 and "soft_labels=false" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_per_sample_seeds_make_each_dq_sample_independent_of_its_batch():
+    from rqgen.stage2.guidance import PerSampleSeeds
+
+    m, cond = model(), torch.tensor([0, 1, 2, 1])
+    cfg = SamplingConfig(cfg_scale=2.0)
+    seeds = PerSampleSeeds([5, 6, 7, 8])
+    whole = sample_dq_codes(m, cond, cfg, seeds)
+    assert torch.equal(sample_dq_codes(m, cond[1:3], cfg, seeds[1:3]), whole[1:3])
+    assert torch.equal(sample_dq_codes(m, cond, cfg, seeds, use_cache=False), whole)

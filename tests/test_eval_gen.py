@@ -145,3 +145,33 @@ def test_the_digits_evaluator_refuses_pictures_that_are_not_digits(tmp_path, rqg
     one_line_error(r, "only 0% of the first images of bundled:photos:val look like that",
                    "use --features inception")  # fmt: skip
     assert not (tmp_path / "p.npz").exists()
+
+
+def test_eval_gen_on_two_ranks_gives_the_images_and_scores_of_one_process(
+    tmp_path, rqgen_cache, class_ar
+):
+    import subprocess
+    import sys
+
+    from test_train_vae import ENV, rqgen
+
+    common = ["eval-gen", "--model", class_ar, "--num-samples", 13, "--ref", "bundled:digits:val",
+              "--features", "digits", "--json", "--device", "cpu"]  # fmt: skip
+    one = json.loads(rqgen(*common, "--out", tmp_path / "one", "--batch-size", 5,
+                           env_extra=rqgen_cache).stdout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "rqgen", *map(str, common), "--out", str(tmp_path / "two"), "--batch-size", "3"],
+        capture_output=True, text=True, env={**ENV, **rqgen_cache}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout[proc.stdout.index("{") :])  # rank 0 alone prints
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    # the same images, scored in batches of other sizes (the evaluator's float32 rounding
+    # depends on the batch) and summed in another order
+    for key in ("fd_digits", "kd_digits", "is_digits", "n_samples", "n_reference"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(files) == 13
+    for name in files:  # each sample drawn with its own seed: the same image on any rank
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

@@ -269,3 +269,21 @@ def test_paper_presets_have_the_papers_parameter_counts(name):
     t = exp.train
     assert (t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip) == (5e-4, 0.9, 0.95, 1e-4, 1.0)
     assert t.batch_size == (16 if "ffhq" in name else 2048)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_per_sample_seeds_make_each_sample_independent_of_its_batch(cfg_scale):
+    from rqgen.stage2.guidance import PerSampleSeeds
+
+    m = make(shape=(2, 2, 3))
+    cond = torch.tensor([0, 1, 2, 0, 1])
+    cfg = SamplingConfig(cfg_scale=cfg_scale, top_k=8)
+    seeds = PerSampleSeeds([10, 11, 12, 13, 14])
+    whole = sample_codes(m, cond, cfg, seeds)
+    # any part of the batch, in any batch: the same codes for the same seeds
+    assert torch.equal(sample_codes(m, cond[2:4], cfg, seeds[2:4]), whole[2:4])
+    assert torch.equal(sample_codes(m, cond[[4]], cfg, PerSampleSeeds([14])), whole[[4]])
+    uncached = sample_codes(m, cond, cfg, seeds, use_cache=False)
+    assert torch.equal(uncached, whole)
+    # another seed, another sample
+    assert not torch.equal(sample_codes(m, cond, cfg, PerSampleSeeds([20, 21, 22, 23, 24])), whole)

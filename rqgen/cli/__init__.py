@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from rqgen.cli import convert, data, evaluate, sample, train
+from rqgen.cli import convert, data, eval_gen, evaluate, sample, train
 from rqgen.errors import Interrupted, RqgenError
 
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         sample.add_serve,
         sample.add_demo,
         convert.add_convert_official,
-        evaluate.add_eval_gen,
+        eval_gen.add_eval_gen,
         evaluate.add_fid_stats,
     ):
         add(sub)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,21 +172,33 @@ class FeatureStats:
 
 
 class StatsAccumulator:
-    """Streams feature batches: float64 sums for mean/covariance, reservoir subset for KID."""
+    """Streams feature batches: float64 sums for mean/covariance, and a subset of rows for
+    KID. Without `total` the subset is a reservoir sample; with `total` (the number of images,
+    known up front, numbered 0..total-1) it is a seeded choice of indices, so that processes
+    sharing the images keep the very rows one process would (see `merge`)."""
 
-    def __init__(self, keep: int = 10_000, seed: int = 0) -> None:
+    def __init__(self, keep: int = 10_000, seed: int = 0, total: int | None = None) -> None:
         self.keep, self.n = keep, 0
         self.sum = self.outer = None
         self.subset: list[Tensor] = []
         self.gen = torch.Generator().manual_seed(seed)
+        self.chosen: set[int] | None = None
+        self.rows: dict[int, Tensor] = {}
+        if total is not None:
+            pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:keep]
+            self.chosen = set(pick.tolist())
 
-    def update(self, feats: Tensor) -> None:
+    def update(self, feats: Tensor, indices: Sequence[int] | None = None) -> None:
         f = feats.detach().double().cpu()
         if self.sum is None:
             self.sum, self.outer = f.sum(0), f.T @ f
         else:
             self.sum += f.sum(0)
             self.outer += f.T @ f
+        if self.chosen is not None:
+            self.n += len(f)
+            self.rows.update((i, row) for i, row in zip(indices, f) if i in self.chosen)
+            return
         for row in f:  # reservoir sampling: every row kept with equal probability
             self.n += 1
             if len(self.subset) < self.keep:
@@ -196,12 +208,25 @@ class StatsAccumulator:
                 if j < self.keep:
                     self.subset[j] = row
 
+    def shares(self) -> dict:
+        """What another process needs to merge this one's share (picklable)."""
+        return {"n": self.n, "sum": self.sum, "outer": self.outer, "rows": self.rows}
+
+    def merge(self, shares: list[dict]) -> None:
+        """Every process's share (this one's included) -> the statistics of all images; the
+        sums are added in rank order, the KID rows put in index order."""
+        self.n = sum(s["n"] for s in shares)
+        self.sum = sum(s["sum"] for s in shares if s["sum"] is not None)
+        self.outer = sum(s["outer"] for s in shares if s["outer"] is not None)
+        self.rows = {i: r for s in shares for i, r in s["rows"].items()}
+
     def stats(self, evaluator: str, source: str = "") -> FeatureStats:
         if self.n < 2:
             raise DataError(f"need at least 2 images for statistics, got {self.n}")
         mu = self.sum / self.n
         sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
-        subset = torch.stack(self.subset).numpy()
+        rows = [self.rows[i] for i in sorted(self.rows)] if self.chosen is not None else self.subset
+        subset = torch.stack(rows).numpy()
         return FeatureStats(evaluator, self.n, mu.numpy(), sigma.numpy(), subset, source)
 
 
@@ -230,11 +255,15 @@ def kernel_distance(a: FeatureStats, b: FeatureStats, subsets: int = 100,
     size = min(subset_size, len(a.subset), len(b.subset))
     if size < 2:
         raise DataError("KID needs at least 2 images on each side")
+    # sync_on_compute=False: under torchrun the features are merged already (merge_shares);
+    # torchmetrics would gather them from every rank once more
     kid = KernelInceptionDistance(feature=_Identity(a.subset.shape[1]), subsets=subsets,
-                                  subset_size=size)  # fmt: skip
+                                  subset_size=size, sync_on_compute=False)  # fmt: skip
     kid.update(torch.from_numpy(a.subset), real=True)
     kid.update(torch.from_numpy(b.subset), real=False)
-    mean, std = kid.compute()
+    with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG: fix them,
+        torch.manual_seed(0)  # so that the score depends on the features alone
+        mean, std = kid.compute()
     return float(mean), float(std)
 
 
@@ -242,9 +271,13 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
     """IS = exp(E KL(p(y|x) || p(y))) over `splits` chunks, as torchmetrics / the paper."""
     from torchmetrics.image.inception import InceptionScore
 
-    metric = InceptionScore(feature=_Identity(logits.shape[1]), splits=splits)
+    metric = InceptionScore(
+        feature=_Identity(logits.shape[1]), splits=splits, sync_on_compute=False
+    )  # the logits are every rank's already
     metric.update(logits.float())
-    mean, std = metric.compute()
+    with torch.random.fork_rng(devices=[]):  # it shuffles with the global RNG: fix it
+        torch.manual_seed(0)
+        mean, std = metric.compute()
     return float(mean), float(std)
 
 
@@ -259,3 +292,31 @@ def stats_of(
         if with_logits and evaluator.has_logits:
             logits.append(evaluator.logits(batch).float().cpu())  # 50k × 1008 fp32: 200 MB
     return acc.stats(evaluator.name, source), (torch.cat(logits) if logits else None)
+
+
+def share_stats(
+    images: Iterable[tuple[list[int], Tensor]], evaluator: Evaluator, total: int,
+    keep: int = 10_000, with_logits: bool = False,
+) -> dict:  # fmt: skip
+    """One process's share of `total` numbered images ((indices, batch) pairs, e.g. one
+    torchrun rank's): its sums, KID rows and logits, to be merged by `merge_shares`."""
+    acc, logits, seen = StatsAccumulator(keep, total=total), [], []
+    for indices, batch in images:
+        acc.update(evaluator.features(batch), indices)
+        if with_logits and evaluator.has_logits:
+            logits.append(evaluator.logits(batch).float().cpu())
+            seen.extend(indices)
+    return {"acc": acc.shares(), "seen": seen, "logits": torch.cat(logits) if logits else None}
+
+
+def merge_shares(shares: list[dict], evaluator: Evaluator, total: int, keep: int = 10_000,
+                 source: str = "") -> tuple[FeatureStats, Tensor | None]:  # fmt: skip
+    """Every process's share -> the statistics of all images and their logits in index
+    order: what one process computes over them all, up to the order of float64 sums."""
+    acc = StatsAccumulator(keep, total=total)
+    acc.merge([s["acc"] for s in shares])
+    logits = None
+    if any(s["logits"] is not None for s in shares):
+        order = torch.tensor([i for s in shares for i in s["seen"]]).argsort()
+        logits = torch.cat([s["logits"] for s in shares if s["logits"] is not None])[order]
+    return acc.stats(evaluator.name, source), logits

@@ -20,7 +20,7 @@ from torch import Tensor
 from rqgen.stage1.dqvae import pack_codes
 from rqgen.stage2.dq_sequence import DQSequence, from_sequence
 from rqgen.stage2.dq_transformer import DQTransformer
-from rqgen.stage2.guidance import SamplingConfig, draw, guide, next_code
+from rqgen.stage2.guidance import Draws, SamplingConfig, draw, guide, next_code
 
 COARSE, COARSE_END, FINE, DONE = 0, 1, 2, 3
 
@@ -46,6 +46,7 @@ def sample_dq_codes(
     cond_all = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
     reps = cond_all.shape[0] // n
     L = c.max_length
+    generator = Draws.of(generator, 2 * L, dev)  # a position and a content draw per step
     seq = DQSequence(
         torch.full((n, L), v.content_pad, device=dev),
         torch.full((n, L), v.position_pad(True), device=dev),

@@ -50,11 +50,52 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
     return logits
 
 
-def draw(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+class PerSampleSeeds:
+    """One seed per sample, given where a torch.Generator would be: each sample then draws
+    its uniforms from its own stream, so it comes out the same whatever batch, batch size or
+    process (torchrun rank) draws it. Slicing gives the seeds of a slice of the samples."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = [int(s) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, part: slice) -> PerSampleSeeds:
+        return PerSampleSeeds(self.seeds[part])
+
+
+class Draws:
+    """The uniforms a sampler consumes, in order: from its generator, or (PerSampleSeeds)
+    from a table of `count` uniforms per sample drawn up front from each sample's stream."""
+
+    def __init__(self, seeds: PerSampleSeeds, count: int, device):
+        self.table = torch.stack([torch.rand(count, generator=torch.Generator().manual_seed(s))
+                                  for s in seeds.seeds]).to(device)  # fmt: skip
+        self.k = 0
+
+    @staticmethod
+    def of(generator, count: int, device):
+        """What a sampler draws from: a Draws table for PerSampleSeeds, else the generator."""
+        return (
+            Draws(generator, count, device) if isinstance(generator, PerSampleSeeds) else generator
+        )
+
+    def next(self, rows: int) -> Tensor:
+        if rows != self.table.shape[0] or self.k >= self.table.shape[1]:
+            raise RuntimeError("per-sample draws out of step with the sampler")
+        self.k += 1
+        return self.table[:, self.k - 1 : self.k]
+
+
+def draw(logits: Tensor, generator: torch.Generator | Draws | None) -> Tensor:
     """One sample per row by inverse CDF with one uniform per row: tiny float differences
     between equivalent computations (cached vs not) cannot change the outcome."""
     cdf = logits.float().softmax(-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
+    if isinstance(generator, Draws):
+        u = generator.next(logits.shape[0])
+    else:
+        u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
 
 

@@ -19,7 +19,7 @@ from rqgen.errors import CheckpointError, ConfigError
 from rqgen.stage2.decoders import EagerDecoder, StaticDecoder
 from rqgen.stage2.dq_sampling import sample_dq_codes
 from rqgen.stage2.dq_transformer import DQTransformer
-from rqgen.stage2.guidance import SamplingConfig, next_code
+from rqgen.stage2.guidance import Draws, PerSampleSeeds, SamplingConfig, next_code
 from rqgen.stage2.rq_transformer import RQTransformer
 from rqgen.utils.device import PRECISIONS, resolve_precision
 
@@ -53,6 +53,7 @@ def sample_codes(
     cfg.check(c.D)
     n = cond.shape[0]
     codes = torch.zeros(n, c.T, c.D, dtype=torch.long, device=cond.device)
+    generator = Draws.of(generator, c.T * c.D, cond.device)  # one draw per code
     guided = _guided_cond(model, cond, cfg)
     if use_cache:
         B = guided.shape[0]
@@ -115,7 +116,8 @@ def generate(
     sample = sample_dq_codes if isinstance(model, DQTransformer) else sample_codes
     codes, images = [], []
     for s in range(0, cond.shape[0], batch_size):
-        c = sample(model, cond[s : s + batch_size], cfg, generator)
+        part = generator[s : s + batch_size] if isinstance(generator, PerSampleSeeds) else generator
+        c = sample(model, cond[s : s + batch_size], cfg, part)
         codes.append(c)
         images.append(vae.decode_codes(c).clamp(-1, 1))
     return torch.cat(codes), torch.cat(images)
@@ -124,18 +126,22 @@ def generate(
 def stream_samples(
     vae, model: RQTransformer, cond: Tensor, cfg: SamplingConfig | None, generator,
     batch_size: int, out: str | Path, classes: Sequence[str] = (),
+    indices: Sequence[int] | None = None,
 ) -> Iterator[Tensor]:  # fmt: skip
     """Sample `cond` batch by batch, write each image to OUT/NNNNNN_<class>.png and yield the
-    batch: memory stays at one batch however many samples are drawn."""
+    batch: memory stays at one batch however many samples are drawn. `indices` number the
+    files (default 0, 1, ...): a torchrun rank drawing its share names them globally."""
     from tqdm import tqdm
 
     from rqgen.utils.images import save_image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    indices = list(range(cond.shape[0])) if indices is None else list(indices)
     for s in tqdm(range(0, cond.shape[0], batch_size), desc="sample", leave=False):
         c = cond[s : s + batch_size]
-        images = generate(vae, model, c, cfg, generator, batch_size)[1].cpu()
+        part = generator[s : s + batch_size] if isinstance(generator, PerSampleSeeds) else generator
+        images = generate(vae, model, c, cfg, part, batch_size)[1].cpu()
         for i, (img, k) in enumerate(zip(images, c.tolist())):
             if c.dim() == 2:  # text prompts
                 name = "text"
@@ -143,7 +149,7 @@ def stream_samples(
                 name = "sample"
             else:
                 name = classes[k] if k < len(classes) else str(k)
-            save_image(img, out / f"{s + i:06d}_{name}.png")
+            save_image(img, out / f"{indices[s + i]:06d}_{name}.png")
         yield images
 
 

@@ -1,0 +1,286 @@
+"""`rqgen eval-gen`: FID / KID / IS (or the digits evaluator's analogues) of samples against
+a reference, in one process or split over torchrun ranks.
+
+Every sample i is drawn with its own seed (seed·1000003 + i), so its image does not depend
+on the batch, the batch size or the rank that draws it; rank r draws samples r, r+N, ...,
+and the ranks' feature statistics are merged in index order. One process and N processes
+therefore write the same PNGs and report the same scores (to float rounding: 1e-6 relative),
+with `world_size` in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from rqgen.cli.common import (
+    POSITIVE_INT,
+    add_compile,
+    add_device,
+    add_dtype,
+    number,
+    per_depth,
+)
+
+
+def add_eval_gen(sub) -> None:
+    p = sub.add_parser("eval-gen", help="FID / KID / IS of samples against a reference")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", help="folder of generated images")
+    src.add_argument("--model", help="RQ-Transformer directory: sample, stream to --out, score")
+    p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
+    p.add_argument(
+        "--n", "--num-samples", dest="n", type=POSITIVE_INT,
+        help="samples to draw with --model (default: 1000); under torchrun write "
+        "--num-samples (torchrun's own parser takes --n for one of its options)",
+    )  # fmt: skip
+    p.add_argument(
+        "--per-class", type=POSITIVE_INT, help="class-balanced: this many samples per class"
+    )
+    p.add_argument("--prompts", help="text models: a file of captions, one per line (cycled)")
+    p.add_argument("--clip", help="local CLIP directory for the CLIP score of text models")
+    p.add_argument("--out", help="where --model writes its PNGs (default: MODEL/samples_eval)")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception",
+                   help="evaluator network (inception: local torch-fidelity weights)")  # fmt: skip
+    p.add_argument(
+        "--resolution", type=number(int, 8), help="image size for --ref/--samples folders"
+    )
+    p.add_argument("--top-k", type=per_depth(int))
+    p.add_argument("--top-p", type=per_depth(float))
+    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0)
+    p.add_argument("--cfg", type=number(float, 0), default=1.0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    p.add_argument("--json", action="store_true")
+    add_device(p)
+    add_dtype(p)
+    add_compile(p)
+    p.set_defaults(func=cmd_eval_gen)
+
+
+def _agree(rt, fn):
+    """fn() on every rank; an error on any rank becomes the same error on all, so that no
+    rank is left waiting at the next collective."""
+    from rqgen.errors import RqgenError
+    from rqgen.train.parallel import gather_objects
+
+    try:
+        value, error = fn(), None
+    except RqgenError as e:
+        value, error = None, e
+    errors = gather_objects(None if error is None else str(error), rt)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise error if error is not None else RqgenError(first)
+    return value
+
+
+def _indexed(batches: Iterator, indices: list[int]) -> Iterator[tuple[list[int], object]]:
+    start = 0
+    for batch in batches:
+        yield indices[start : start + len(batch)], batch
+        start += len(batch)
+
+
+def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool):
+    """This rank's share of a data source as (indices, batch) pairs, and its size."""
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    from rqgen.data import build_dataset
+    from rqgen.evaluate.generation import check_digits_like
+
+    data = build_dataset(src, resolution, split="val", labels=False)
+    mine = list(range(rt.rank, len(data), rt.world_size))
+    loader = DataLoader(Subset(data, mine), batch_size=batch_size, shuffle=False)
+    batches = (x for x, _ in tqdm(loader, desc="features", leave=False, disable=rt.rank > 0))
+    if digits:
+        batches = check_digits_like(batches, src)
+    return _indexed(batches, mine), len(data)
+
+
+def _conditions(args, model, tokenizer):
+    """The condition of every sample (all ranks: cheap) and its captions (text models)."""
+    import torch
+
+    from rqgen.errors import ConfigError, DataError
+    from rqgen.utils.files import read_text
+
+    c, k = model.config, model.config.num_classes
+    if args.prompts and not c.text_vocab_size:
+        raise ConfigError("--prompts is for text-conditional models; this one is not")
+    if args.per_class is not None and args.n is not None:
+        raise ConfigError("give --n or --per-class (N per class), not both")
+    n = args.n or 1000
+    if c.text_vocab_size:
+        if not args.prompts:
+            raise ConfigError("text-conditional model: pass --prompts FILE (one per line)")
+        lines = [t.strip() for t in read_text(args.prompts, "--prompts").splitlines() if t.strip()]
+        if not lines:
+            raise DataError(f"no captions in '{args.prompts}'")
+        texts = [lines[i % len(lines)] for i in range(n)]
+        return tokenizer.encode(texts), texts
+    if args.per_class is not None:
+        if not k:
+            raise ConfigError("--per-class needs a class-conditional model")
+        return torch.arange(k).repeat_interleave(args.per_class), None
+    if k:
+        return torch.arange(n) % k, None  # every class in turn: balanced up to one
+    return torch.full((n,), model.null_class), None
+
+
+def _sample_share(args, rt, result: dict):
+    """This rank's samples, drawn with per-index seeds and written as PNGs, as (indices,
+    batch) pairs; the total count; the resolution."""
+    from rqgen.stage2.guidance import PerSampleSeeds
+    from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, stream_samples
+    from rqgen.utils.files import check_writable_dir
+
+    model, vae, meta, tokenizer = load_for_sampling(args.model, None, rt.device, args.dtype)
+    cond, texts = _conditions(args, model, tokenizer)
+    out = Path(args.out) if args.out else Path(args.model) / "samples_eval"
+    check_writable_dir(out)  # before sampling, not after it
+    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg, args.compile)
+    mine = list(range(rt.rank, len(cond), rt.world_size))
+    seeds = PerSampleSeeds([args.seed * 1_000_003 + i for i in mine])
+    images = stream_samples(vae, model, cond[mine].to(rt.device), cfg, seeds, args.batch_size,
+                            out, meta.get("classes") or [], indices=mine)  # fmt: skip
+    if texts is not None:
+        images = _with_clip_score(images, [texts[i] for i in mine], args.clip, rt.device, result)
+    result.update(samples=str(out), sampling=dict(vars(cfg)), model=str(args.model))
+    if cond.dim() == 1:
+        result["per_class"] = {str(c): int((cond == c).sum()) for c in cond.unique().tolist()}
+    return _indexed(images, mine), len(cond), vae.config.resolution
+
+
+def _with_clip_score(images, texts: list[str], clip: str | None, device, result: dict):
+    """Pass image batches through, collecting CLIP similarity to their captions in `result`;
+    without local CLIP weights, `clip_score` is null with the reason."""
+    from rqgen.errors import CheckpointError
+    from rqgen.evaluate.clip import CLIPScorer
+
+    try:
+        scorer = CLIPScorer.load(clip, device)
+        result["clip_evaluator"] = f"CLIP {clip or 'default'} (mean cosine, not x100)"
+        result["clip_similarities"] = []
+    except CheckpointError as e:
+        scorer, result["clip_score"], result["clip_score_note"] = None, None, str(e)
+    start = 0
+    for batch in images:
+        if scorer is not None:
+            sims = scorer.similarity(batch, texts[start : start + len(batch)])
+            result["clip_similarities"].append(sims.cpu())
+        start += len(batch)
+        yield batch
+
+
+def _runtime(device: str):
+    """Under torchrun: the process group (this rank's device); else a single process."""
+    from rqgen.train.common import Runtime, init_runtime
+    from rqgen.utils.device import resolve_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_runtime(device)
+    return Runtime(0, 1, resolve_device(device))
+
+
+def cmd_eval_gen(args) -> int:
+    from rqgen.train.common import shutdown_runtime
+
+    rt = _runtime(args.device)
+    try:
+        result = _eval_gen(args, rt)
+    except BaseException:
+        shutdown_runtime(finished=False)  # no barrier: another rank may be stuck
+        raise
+    shutdown_runtime(finished=True)
+    if rt.is_main:
+        _report(result, args.json)
+    return 0
+
+
+def _eval_gen(args, rt) -> dict:
+    import torch
+
+    from rqgen.cli.evaluate import check_finite
+    from rqgen.errors import DataError
+    from rqgen.evaluate.generation import (
+        FeatureStats,
+        build_evaluator,
+        frechet_distance,
+        inception_score,
+        kernel_distance,
+        merge_shares,
+        share_stats,
+    )
+    from rqgen.train.parallel import gather_objects
+
+    # rank 0 first: it may train the digits classifier and cache it for the others
+    first = _agree(rt, lambda: build_evaluator(args.features, rt.device) if rt.is_main else None)
+    rest = _agree(rt, lambda: None if rt.is_main else build_evaluator(args.features, rt.device))
+    evaluator = first if rt.is_main else rest
+    result: dict = {"evaluator": evaluator.name, "world_size": rt.world_size}
+    ref = None
+    if str(args.ref).endswith(".npz"):  # checked before any sampling: fail fast
+        ref = FeatureStats.load(args.ref)
+        if ref.evaluator != evaluator.name:
+            raise DataError(
+                f"'{args.ref}' was computed with {ref.evaluator!r}, not {evaluator.name!r}: "
+                "recompute it with rqgen fid-stats --features " + args.features
+            )
+
+    def samples():
+        if args.model:
+            return _sample_share(args, rt, result)
+        resolution = args.resolution or 256
+        result["samples"] = str(args.samples)
+        return (*_data_share(args.samples, resolution, rt, args.batch_size, False), resolution)
+
+    def fake_share():
+        images, total, resolution = samples()
+        share = share_stats(images, evaluator, total, with_logits=True)
+        sims = result.pop("clip_similarities", None)
+        share["clip"] = torch.cat(sims) if sims else None
+        return share, total, resolution
+
+    share, total, resolution = _agree(rt, fake_share)
+    shares = gather_objects(share, rt)
+    fake, logits = merge_shares(shares, evaluator, total, source="samples")
+    if ref is None:
+
+        def ref_share():
+            data, n = _data_share(args.ref, args.resolution or resolution, rt, args.batch_size,
+                                  args.features == "digits")  # fmt: skip
+            return share_stats(data, evaluator, n), n
+
+        mine, n_ref = _agree(rt, ref_share)
+        ref, _ = merge_shares(gather_objects(mine, rt), evaluator, n_ref, source=args.ref)
+    kid, kid_std = kernel_distance(ref, fake)
+    name = evaluator.score_names()
+    result.update({
+        "reference": ref.source or str(args.ref), "n_reference": ref.n, "n_samples": fake.n,
+        name["fd"]: frechet_distance(ref, fake), name["kd"]: kid, name["kd"] + "_std": kid_std,
+    })  # fmt: skip
+    if logits is not None:
+        result[name["is"]], result[name["is"] + "_std"] = inception_score(logits)
+    clips = [s["clip"] for s in shares if s.get("clip") is not None]
+    if clips:
+        result["clip_score"] = float(torch.cat(clips).mean())  # mean cosine, as Table 3
+    check_finite(result, "eval-gen")
+    result["_names"] = (name, evaluator.short, evaluator.name)
+    return result
+
+
+def _report(result: dict, as_json: bool) -> None:
+    name, short, full = result.pop("_names")
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    kid_std = result[name["kd"] + "_std"]
+    spread = f" ± {kid_std:.5f}" if kid_std is not None else ""
+    kd = "KID" if name["kd"] == "kid" else f"KD({short})"
+    print(f"{name['label']} {result[name['fd']]:.3f}  {kd} {result[name['kd']]:.5f}{spread}  "
+          f"({result['n_samples']} samples vs {result['n_reference']} reference images of "
+          f"{result['reference']}; {full}; {result['world_size']} process(es))")  # fmt: skip
