@@ -184,6 +184,9 @@ def test_ddp_two_processes_match_one_process_and_share_the_codebook(tmp_path):
     a, b = weights(one), weights(two)
     for k in a:  # same global batch of 8: DDP's 2 × 4 equals one process's 8
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
+    # validation split over the ranks: the same held-out images, the same score
+    val1, val2 = ([r["val_psnr"] for r in metrics(d) if "val_psnr" in r] for d in (one, two))
+    assert len(val1) == 1 and val2 == pytest.approx(val1, abs=1e-3)
 
 
 def test_ddp_with_the_gan_and_a_dq_vae_keeps_codebooks_identical(tmp_path):

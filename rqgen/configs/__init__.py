@@ -48,7 +48,7 @@ class VAETrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     sample_every: int = 500
-    val_batches: int = 4  # held-out batches scored at each sample_every
+    val_batches: int = 4  # held-out global micro-batches scored each sample_every, split over ranks
 
 
 @dataclass

@@ -252,30 +252,38 @@ class VAETrainer(Trainer):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """PSNR of held-out reconstructions (eval mode: the codebook is not touched)."""
+        """PSNR of held-out reconstructions (eval mode: the codebook is not touched), the
+        batches split over the ranks and the sums all-reduced: every rank gets the same
+        numbers, and none idles while another scores the whole split."""
         if self.val_set is None:
             return {}
+        rt, mb = self.rt, self.micro_batch
         model = self.public_model().eval()
-        scores, fine, first = [], [], None
-        n = min(len(self.val_set), self.exp.train.val_batches * self.micro_batch)
-        for s in range(0, n, self.micro_batch):
-            x = torch.stack([self.val_set[i][0] for i in range(s, min(n, s + self.micro_batch))])
-            x = x.to(self.rt.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # Σ PSNR, Σ fine, count
+        first = None
+        # val_batches global micro-batches: the same images whatever the number of ranks
+        n = min(len(self.val_set), self.exp.train.val_batches * mb * rt.world_size)
+        for s in list(range(0, n, mb))[rt.rank :: rt.world_size]:
+            x = torch.stack([self.val_set[i][0] for i in range(s, min(n, s + mb))])
+            x = x.to(rt.device)
             out = model(x)
             xr = out.reconstruction.clamp(-1, 1)
-            scores.append(psnr(xr, x))
+            sums[0] += psnr(xr, x).double().sum()
             if self.is_dq:
-                fine.append(out.fine_mask.flatten(1).mean(1))
+                sums[1] += out.fine_mask.flatten(1).double().mean(1).sum()
+            sums[2] += len(x)
             if first is None:
                 first = (x[:16], xr[:16])
+        if rt.world_size > 1:
+            torch.distributed.all_reduce(sums)
         self.model.train()
-        if first is not None:
+        if first is not None and rt.is_main:  # rank 0's first batch is the split's first
             grid = make_grid(torch.cat(first), nrow=len(first[0]))  # row 1 real, row 2 decoded
             save_image(grid, self.out / "samples" / f"recon_{self.step:07d}.png")
             self.log.image("reconstructions", grid, self.step)
-        result = {"val_psnr": float(torch.cat(scores).mean())}
-        if fine:
-            result["val_fine_fraction"] = float(torch.cat(fine).mean())
+        result = {"val_psnr": float(sums[0] / sums[2])}
+        if self.is_dq:
+            result["val_fine_fraction"] = float(sums[1] / sums[2])
         return result
 
     def codebook_sync_error(self) -> float:
@@ -353,8 +361,8 @@ class VAETrainer(Trainer):
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", rec=f"{metrics['rec']:.4f}")
                 last_metrics = metrics
             if self.step % t.sample_every == 0 or self.step == t.steps:
-                val = self.validate() if rt.is_main else {}
-                if val:
+                val = self.validate()  # every rank scores its share
+                if val and rt.is_main:
                     self.log.log(self.step, **val)
                     bar.set_postfix(
                         loss=f"{last_metrics.get('loss', math.nan):.4f}",
