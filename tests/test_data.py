@@ -85,10 +85,26 @@ def test_folder_corrupt_file_is_skipped_with_one_warning(tree):
 def test_folder_decode_failure_falls_back_to_next_image(tree):
     ds = ImageFolder(tree, 16, train=False)
     ds.paths[0].write_bytes(b"\x89PNG garbage")  # breaks after the scan-time check
-    with pytest.warns(UnreadableImageWarning, match="could not decode"):
+    with pytest.warns(UnreadableImageWarning, match="skipped unreadable image"):
         x, y = ds[0]
     expected, _ = ds[1]
     assert torch.equal(x, expected) and y == ds.labels[1]
+    assert ds.failures.value == 1  # counted, for the training log (skipped_images)
+
+
+def test_a_listing_opens_no_image_and_training_skips_unreadable_ones_when_loaded(tree):
+    from unittest import mock
+
+    from rqgen.data.folder import Listing
+
+    (tree / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
+    with mock.patch("PIL.Image.open", side_effect=AssertionError("opened")):
+        listing = Listing.of(tree)
+        ds = ImageFolder(tree, 16, listing=listing, verify=False)  # nothing opened
+    assert len(ds) == 7 and ds.classes == ["cats", "dogs"]
+    with pytest.warns(UnreadableImageWarning, match="broken.jpg"):
+        images = [ds[i][0] for i in range(len(ds))]  # the broken one replaced by the next
+    assert len(images) == 7 and ds.failures.value == 1
 
 
 @pytest.mark.parametrize("case", ["empty", "missing", "all_bad"])

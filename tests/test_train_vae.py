@@ -216,8 +216,31 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
         Image.new("RGB", (40, 36), (40 * i, 100, 200)).save(data / f"{i}.png")
     (data / "broken.jpg").write_bytes(b"not an image at all")
     proc = rqgen(*train_args(tmp_path / "out", 2, data=tmp_path / "imgs"))
-    assert "skipped 1 unreadable image" in proc.stderr
+    assert "skipped unreadable image" in proc.stderr and "broken.jpg" in proc.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert max(r.get("skipped_images", 0) for r in metrics(tmp_path / "out")) >= 1
+
+
+def test_a_resume_opens_no_image_to_list_the_data(tmp_path, monkeypatch):
+    """The folder is listed once into OUT/data_listing.json (no image opened); a resume
+    reads that list and opens only the images its steps load."""
+    import PIL.Image
+
+    data = tmp_path / "imgs" / "cats"
+    data.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (40, 36), (40 * i, 100, 200)).save(data / f"{i}.png")
+    out = tmp_path / "out"
+    rqgen(*train_args(out, 2, "train.batch_size=4", data=tmp_path / "imgs"))
+    listing = json.loads((out / "data_listing.json").read_text())["listing"]
+    assert listing["files"] == [f"cats/{i}.png" for i in range(6)]
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(
+        PIL.Image, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k)
+    )
+    rqgen(*train_args(out, 3, "train.batch_size=4", data=tmp_path / "imgs"))
+    assert len(opened) == 4  # the one step's batch of 4, nothing to list the folder
 
 
 def test_empty_folder_fails_with_one_line(tmp_path):

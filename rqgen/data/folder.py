@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,51 +114,75 @@ def _scan(root: Path) -> list[Path]:
     return sorted(found)
 
 
+@dataclass
+class Listing:
+    """A folder's image files (paths relative to `root`) and class ids, made without opening
+    any image: what a training run records (OUT/data_listing.json), so that every rank and
+    every resume reads one list instead of walking, or opening, the folder again."""
+
+    root: str
+    files: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    @staticmethod
+    def of(root: Path, labels: bool = True, paths: list[Path] | None = None) -> Listing:
+        """Class ids from the first-level subfolders that hold images (sorted -> 0..C-1);
+        images directly in `root`, or all of them when `labels=False`, get -1."""
+        paths = _scan(root) if paths is None else paths
+        top = [p.relative_to(root).parts[0] if p.parent != root else None for p in paths]
+        classes = sorted({t for t in top if t is not None}) if labels else []
+        ids = {name: i for i, name in enumerate(classes)}
+        return Listing(str(root), [str(p.relative_to(root)) for p in paths],
+                       [ids.get(t, -1) for t in top], classes)  # fmt: skip
+
+
 class ImageFolder(Dataset):
     """Images found recursively under `root`, returned as `(image, label)`.
 
-    Labels come from the first-level subfolder names (sorted -> 0..C-1); images directly in
-    `root`, or every image when `labels=False`, get label -1. Training crops are random with
-    a random horizontal flip, evaluation crops are centred.
+    Labels come from the first-level subfolder names (see `Listing`). Training crops are
+    random with a random horizontal flip, evaluation crops are centred. With `verify` every
+    file is checked first (evaluation: an unreadable file is left out, with one warning);
+    without it (training, or a recorded `listing`) nothing is opened until it is loaded,
+    and an unreadable file is replaced by the next image when it is: warned once, then
+    counted (`failures`).
     """
 
-    def __init__(self, root: str | Path, resolution: int, train: bool = True, labels: bool = True):
+    def __init__(self, root: str | Path, resolution: int, train: bool = True, labels: bool = True,
+                 listing: Listing | None = None, verify: bool = True):  # fmt: skip
         self.root = Path(root).expanduser()
         self.resolution = int(resolution)
         self.train = train
-        if not self.root.exists():
-            raise DataError(
-                f"data folder '{self.root}' does not exist: check the --data path "
-                "(or use bundled:photos / bundled:digits)"
-            )
-        if not self.root.is_dir():
-            raise DataError(f"'{self.root}' is a file, not a folder: point --data at a folder")
+        if listing is None:
+            if not self.root.exists():
+                raise DataError(
+                    f"data folder '{self.root}' does not exist: check the --data path "
+                    "(or use bundled:photos / bundled:digits)"
+                )
+            if not self.root.is_dir():
+                raise DataError(f"'{self.root}' is a file, not a folder: point --data at a folder")
+            listing = Listing.of(self.root, labels)
 
-        self.paths: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []  # (file, why)
-        for path in _scan(self.root):
-            why = why_unreadable(path)
-            if why is None:
-                self.paths.append(path)
-            else:
-                self.skipped.append((path, why))
-        if not self.paths:
+        if verify:
+            kept = []
+            for rel in listing.files:
+                why = why_unreadable(self.root / rel)
+                if why is None:
+                    kept.append(self.root / rel)
+                else:
+                    self.skipped.append((self.root / rel, why))
+            listing = Listing.of(self.root, labels, kept)
+        if not listing.files:
             exts = ", ".join(IMAGE_EXTENSIONS)
             raise DataError(
                 f"no readable images in '{self.root}' (looked for {exts} recursively): "
                 "point --data at a folder of images"
             )
-
-        # Only subfolders that actually hold images become classes, so no id is empty.
-        subdirs = sorted(
-            {p.relative_to(self.root).parts[0] for p in self.paths if p.parent != self.root}
-        )
-        self.classes: list[str] = subdirs if labels else []
-        class_id = {name: i for i, name in enumerate(self.classes)}
-        self.labels: list[int] = [
-            class_id.get(p.relative_to(self.root).parts[0], -1) if p.parent != self.root else -1
-            for p in self.paths
-        ]
+        self.listing = listing
+        self.paths: list[Path] = [self.root / rel for rel in listing.files]
+        self.classes: list[str] = list(listing.classes)
+        self.labels: list[int] = list(listing.labels)
 
         # One line that callers can also write to their own log (see `warning`).
         self.warning: str | None = None
@@ -167,7 +193,13 @@ class ImageFolder(Dataset):
                 f"(e.g. {path}: {why})"
             )
             warnings.warn(self.warning, UnreadableImageWarning, stacklevel=2)
-        self._warned_decode = False
+        # shared with forked DataLoader workers, so the main process can log the count
+        self.failures = multiprocessing.Value("i", 0)
+
+    def __getstate__(self):  # a spawned worker cannot share the counter: it keeps its own
+        state = dict(self.__dict__)
+        state["failures"] = None
+        return state
 
     @property
     def num_classes(self) -> int:
@@ -180,22 +212,29 @@ class ImageFolder(Dataset):
         n = len(self.paths)
         if not -n <= index < n:  # the fallback below wraps around, so check bounds first
             raise IndexError(f"index {index} out of range for {n} images")
-        # A file can pass the header check and still fail to decode (e.g. truncated);
-        # rather than kill a long training run, fall through to the next image.
+        # A file can fail to decode (truncated, not an image); rather than kill a long
+        # training run, fall through to the next image.
         for offset in range(n):
             i = (index + offset) % n
             try:
                 return self._load(self.paths[i]), self.labels[i]
             except DECODE_ERRORS as err:
-                if not self._warned_decode:
-                    self._warned_decode = True
-                    warnings.warn(
-                        f"could not decode {self.paths[i]} ({err}); using the next image "
-                        "instead (further decode errors are not reported)",
-                        UnreadableImageWarning,
-                        stacklevel=2,
-                    )
+                self._count_failure(self.paths[i], err)
         raise DataError(f"none of the images under '{self.root}' could be decoded")
+
+    def _count_failure(self, path: Path, err: Exception) -> None:
+        first = True
+        if self.failures is not None:
+            with self.failures.get_lock():
+                self.failures.value += 1
+                first = self.failures.value == 1
+        if first:
+            warnings.warn(
+                f"skipped unreadable image {path} ({err}); using the next image instead "
+                "(further ones are counted as skipped_images in metrics.jsonl)",
+                UnreadableImageWarning,
+                stacklevel=3,
+            )
 
     def _load(self, path: Path) -> torch.Tensor:
         return load_image(path, self.resolution, random_crop=self.train)

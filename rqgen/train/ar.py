@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rqgen.checkpoint import save_state_dict
 from rqgen.configs import ARExperiment, ar_transformer_config
-from rqgen.data import build_dataset, describe
+from rqgen.data import describe
 from rqgen.data.captions import captions_for
 from rqgen.errors import ConfigError
 from rqgen.stage1 import load_vae
@@ -47,6 +47,7 @@ from rqgen.train.common import (
     claim_output,
     init_runtime,
     rng_state,
+    run_dataset,
     seed_everything,
     set_rng_state,
 )
@@ -143,7 +144,9 @@ class ARTrainer(Trainer):
             )
         self.out.mkdir(parents=True, exist_ok=True)
 
-        dataset = build_dataset(data, self.vae.config.resolution, "train", seed=t.seed)
+        # verified when listed: extraction reads every image once anyway, and a broken one
+        # must be left out, not replaced by its neighbour's features
+        dataset = run_dataset(data, self.vae.config.resolution, t.seed, self.out, rt, True)
         z, labels, text = self._features(dataset, captions)
         n_classes = getattr(dataset, "num_classes", 0)
         if m.conditioning == "class" and n_classes == 0:

@@ -85,6 +85,59 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------ data stream
 
+LISTING_NAME = "data_listing.json"
+
+
+def run_dataset(data: str, resolution: int, seed: int, out: Path, rt: Runtime,
+                verify: bool = False) -> Dataset:  # fmt: skip
+    """The training set of a run. A folder is listed once, by rank 0, into OUT/data_listing
+    .json (file names and classes, no image opened; or the prepared copy of a folder of
+    large images), which every rank reads and every resume reuses: neither walks nor opens
+    the folder to list it again. Unreadable images are skipped when first loaded (`verify`:
+    checked once, when the listing is made, for a run that reads every image then anyway).
+    Bundled and prepared data need no listing."""
+    from rqgen.data import build_dataset
+    from rqgen.data.folder import ImageFolder, Listing
+    from rqgen.data.prepared import PreparedImages, cached_preparation, is_prepared, large_images
+
+    root = Path(data).expanduser()
+    plain = data.strip() and not data.startswith("bundled:") and not is_prepared(root)
+    if not plain or not root.is_dir():  # (an empty --data: build_dataset says so)
+        return build_dataset(data, resolution, "train", seed=seed)
+    path = out / LISTING_NAME
+    if not path.is_file():
+        error = None
+        if rt.is_main:
+            try:
+                auto = os.environ.get("RQGEN_AUTO_PREPARE", "1") != "0"
+                if auto and large_images(root, resolution):
+                    record = {"prepared": str(cached_preparation(root, resolution))}
+                else:
+                    folder = ImageFolder(root, resolution, verify=verify)  # one line if empty
+                    record = {"listing": dataclasses.asdict(folder.listing)}
+                write_json(path, record)
+            except RqgenError as e:
+                error = e
+        _agree_on(error, rt, f"--data {data} was refused by rank 0 (see its message)")
+    record = json.loads(path.read_text())
+    if "prepared" in record and is_prepared(record["prepared"]):
+        return PreparedImages(record["prepared"], resolution, train=True)
+    if "prepared" in record:  # the cache was cleared since: prepare it again
+        return build_dataset(data, resolution, "train", seed=seed)
+    listing = Listing(**record["listing"])
+    return ImageFolder(listing.root, resolution, listing=listing, verify=False)
+
+
+def _agree_on(error: RqgenError | None, rt: Runtime, elsewhere: str) -> None:
+    """Raise on every rank when any rank has an error (none is left at a collective)."""
+    if rt.world_size > 1:
+        flag = torch.tensor([float(error is not None)], device=rt.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        if flag.item() > 0 and error is None:
+            error = ConfigError(elsewhere)
+    if error is not None:
+        raise error
+
 
 class ShardedBatchSampler(Sampler[list[int]]):
     """Global batches of a seeded permutation per epoch; rank r takes the r-th consecutive
@@ -414,13 +467,7 @@ def claim_output(out: Path, rt: Runtime, model_types: tuple[str, ...], what: str
             lock = RunLock(out)
         except RqgenError as e:
             error = e
-    if rt.world_size > 1:
-        flag = torch.tensor([float(error is not None)], device=rt.device)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        if flag.item() > 0 and error is None:
-            error = ConfigError(f"--out {out} was refused by rank 0 (see its message)")
-    if error is not None:
-        raise error
+    _agree_on(error, rt, f"--out {out} was refused by rank 0 (see its message)")
     try:
         check_shared_output(out, rt)
         yield

@@ -43,6 +43,7 @@ from rqgen.train.common import (
     claim_output,
     init_runtime,
     rng_state,
+    run_dataset,
     seed_everything,
     set_rng_state,
     warmup_lr,
@@ -131,7 +132,7 @@ class VAETrainer(Trainer):
         self.disc_ddp = (
             DDP(self.disc, dev_ids, broadcast_buffers=False) if ddp and self.use_gan else self.disc
         )
-        self.train_set = build_dataset(data, m.resolution, "train", seed=t.seed)
+        self.train_set = run_dataset(data, m.resolution, t.seed, self.out, rt)
         val_src = val_data or default_val_source(data)
         self.val_set = build_dataset(val_src, m.resolution, "val") if val_src else None
         self.log = MetricsLog(self.out, rt.is_main)
@@ -356,6 +357,9 @@ class VAETrainer(Trainer):
                 metrics["lr"] = self.opt.param_groups[0]["lr"]
                 metrics = self.mean_over_ranks(metrics)
                 metrics["codebook_sync_err"] = self.codebook_sync_error()
+                failed = getattr(self.train_set, "failures", None)  # unreadable, replaced
+                if failed is not None and failed.value:
+                    metrics["skipped_images"] = failed.value
                 t0 = time.time()
                 self.log.log(self.step, **metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", rec=f"{metrics['rec']:.4f}")
