@@ -326,21 +326,15 @@ def _ar_users(bad: str) -> list[Case]:
         ),  # fmt: skip
         Case(
             f"eval-gen/--model {bad}",
-            lambda w: [
-                "eval-gen",
-                "--model",
-                w.bad(bad),
-                "--n",
-                4,
-                "--ref",
-                "bundled:digits:val",
-                "--features",
-                "digits",
-                "--out",
-                w.tmp / "g",
-            ],
+            lambda w: _set_flag(BASE["eval-gen"](w), "--model", w.bad(bad)),
         ),  # fmt: skip
     ]
+
+
+def _set_flag(argv: list, flag: str, value) -> list:
+    """argv with the value after `flag` replaced."""
+    i = argv.index(flag)
+    return [*argv[: i + 1], value, *argv[i + 2 :]]
 
 
 def _checkpoint_cases() -> list[Case]:
@@ -512,8 +506,7 @@ def _data_cases() -> list[Case]:
                 a = at(w)
                 if a[0] == "fid-stats":
                     return ["fid-stats", src, *a[2:]]
-                i = a.index("--data")
-                return [*a[: i + 1], src, *a[i + 2 :]]
+                return _set_flag(a, "--data", src)
 
             cases.append(Case(f"{command}/--data {s or 'EMPTY'}", argv))
     for s in ("missing", "cut.png", "bomb.png", "empty", "texts", "prompts_empty.txt"):
@@ -571,12 +564,7 @@ def _output_cases() -> list[Case]:
         return w.tmp / "dir.png"
 
     def with_out(command, where):
-        def build(w):
-            a = BASE[command](w)
-            i = a.index("--out")
-            return [*a[: i + 1], where(w), *a[i + 2 :]]
-
-        return build
+        return lambda w: _set_flag(BASE[command](w), "--out", where(w))
 
     cases = []
     for command in ("train-vae", "train-ar", "reconstruct", "sample", "fid-stats", "demo",
