@@ -93,7 +93,8 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> No
     except Exception as e:  # safetensors raises several types for truncated files
         raise CheckpointError(f"cannot read weights {path}: {e}") from e
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    optional = set(getattr(module, "optional_state", ()))  # may be absent from older files
+    missing = sorted(set(own) - set(state) - optional)
     unexpected = sorted(set(state) - set(own))
     common = set(own) & set(state)
     wrong = sorted(k for k in common if own[k].shape != state[k].shape)
@@ -121,7 +122,7 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> No
             f"weights in {path} hold NaN or infinite values (e.g. {bad}): the run diverged "
             "or the file is corrupt; use an earlier checkpoint"
         )
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=not (optional & (set(own) - set(state))))
 
 
 class Pretrained:

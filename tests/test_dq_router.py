@@ -63,6 +63,45 @@ def test_budget_loss_pulls_the_learned_router_to_the_target():
     assert torch.equal(gate, router(hc, hf)[0])  # evaluation is deterministic
 
 
+@pytest.mark.parametrize("r", [0.1, 0.33, 0.6])
+def test_the_learned_routers_held_out_fine_fraction_follows_the_target(r):
+    """Evaluation thresholds the margin at a running quantile of the training margins: the
+    held-out fraction follows r, where an argmax follows only the sign of the margin."""
+    from rqgen.stage1.dq_router import LearnedRouter
+
+    torch.manual_seed(0)
+    router = LearnedRouter(coarse_channels=16, fine_channels=8, fine_fraction=r)
+    with torch.no_grad():
+        router.mlp[-1].bias.copy_(torch.tensor([0.0, -1.5]))  # margins mostly below 0
+    router.train()
+    with torch.no_grad():
+        for _ in range(400):  # training batches: the threshold tracks their margins
+            router(torch.randn(16, 16, 4, 4), torch.randn(16, 8, 8, 8))
+    router.eval()
+    hc, hf = torch.randn(256, 16, 4, 4), torch.randn(256, 8, 8, 8)  # held out
+    fine = float(router(hc, hf)[0].mean())
+    logits = router.logits(hc, hf)
+    argmax = float((logits[..., 1] > logits[..., 0]).float().mean())
+    assert abs(fine - r) < 0.05, (fine, r)
+    assert abs(argmax - r) > 0.05  # what the argmax gave: not the target
+
+
+def test_a_dq_vae_saved_without_the_routers_threshold_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
+
+    cfg = DQVAEConfig(resolution=32, ch=8, ch_mult=[1, 2, 2, 2], decoder_ch_mult=[1, 2, 2],
+                      num_res_blocks=1, attn_resolutions=[], decoder_attn_resolutions=[],
+                      z_channels=8, embed_dim=8, codebook_size=16, router="learned")  # fmt: skip
+    DQVAE(cfg).save_pretrained(tmp_path)
+    w = load_file(str(tmp_path / "model.safetensors"))
+    del w["router.eval_threshold"]  # as an older rqgen wrote it
+    save_file(w, str(tmp_path / "model.safetensors"))
+    model = DQVAE.from_pretrained(tmp_path)
+    assert torch.isnan(model.router.eval_threshold)  # evaluation falls back to the argmax
+
+
 class _RandomCrops(torch.utils.data.Dataset):
     """Crops of one textured image at offsets drawn from torch's global RNG, as training
     datasets draw them."""

@@ -153,6 +153,8 @@ class PositionEncoding2D(nn.Module):
 class DQVAE(nn.Module, Pretrained):
     model_type = "dqvae"
     config_class = DQVAEConfig
+    # written by newer versions; a checkpoint without it loads with the argmax fallback
+    optional_state = ("router.eval_threshold",)
 
     def __init__(self, config: DQVAEConfig):
         super().__init__()
