@@ -62,6 +62,8 @@ _KINDS = {  # an annotation -> what a value read from JSON must be
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     "bool": lambda v: isinstance(v, bool),
     "str": lambda v: isinstance(v, str),
+    "list": lambda v: isinstance(v, (list, tuple)),
+    "tuple": lambda v: isinstance(v, (list, tuple)),
 }
 
 
@@ -69,13 +71,10 @@ def _check_types(config, source: Path) -> None:
     """Each field of a config read from JSON has the type its annotation names (a NaN, a
     string or a list where a number belongs would fail deep inside the model, or not at all)."""
     for f in dataclasses.fields(config):
-        kind, value = str(f.type).split(" |")[0], getattr(config, f.name)
+        kind, value = str(f.type).split(" |")[0].split("[")[0], getattr(config, f.name)
         if value is None and "None" in str(f.type):
             continue
-        ok = _KINDS.get(kind, lambda v: True)
-        if kind.startswith(("list", "tuple")):
-            ok = lambda v: isinstance(v, (list, tuple))  # noqa: E731
-        if not ok(value):
+        if not _KINDS.get(kind, lambda v: True)(value):
             raise CheckpointError(f"{source}: {f.name}={value!r} is not a valid {kind}; the "
                                   "checkpoint is corrupt or was edited by hand")  # fmt: skip
 

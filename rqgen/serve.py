@@ -15,7 +15,7 @@ from PIL import Image
 
 from rqgen.pipeline import RQPipeline
 from rqgen.stage1.dqvae import DQVAE
-from rqgen.utils.images import class_rows, labelled_row, make_grid, to_pil
+from rqgen.utils.images import class_rows, enlarge, labelled_row, make_grid, to_pil
 
 ALL_CLASSES = "all classes"
 
@@ -42,9 +42,7 @@ def sample_grid(out, per_row: int, cell: int = 64) -> Image.Image:
     names = list(dict.fromkeys(out.names))  # row order: first appearance (class-major input)
     ids = [names.index(n) for n in out.names]
     images, nrow = class_rows(out.pixels, ids) if len(names) > 1 else (out.pixels, per_row)
-    grid = to_pil(make_grid(images, nrow=nrow))
-    scale = max(1, cell // out.pixels.shape[-1])
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid = enlarge(to_pil(make_grid(images, nrow=nrow)), cell // out.pixels.shape[-1])
     if len(names) == 1:
         return grid
     font, margin = ImageFont.load_default(), 70

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         sample.add_demo,
         convert.add_convert_official,
         eval_gen.add_eval_gen,
-        evaluate.add_fid_stats,
+        eval_gen.add_fid_stats,
     ):
         add(sub)
     return parser

@@ -60,23 +60,6 @@ def add_eval_gen(sub) -> None:
     p.set_defaults(func=cmd_eval_gen)
 
 
-def _agree(rt, fn):
-    """fn() on every rank; an error on any rank becomes the same error on all, so that no
-    rank is left waiting at the next collective."""
-    from rqgen.errors import RqgenError
-    from rqgen.train.parallel import gather_objects
-
-    try:
-        value, error = fn(), None
-    except RqgenError as e:
-        value, error = None, e
-    errors = gather_objects(None if error is None else str(error), rt)
-    first = next((e for e in errors if e), None)
-    if first is not None:
-        raise error if error is not None else RqgenError(first)
-    return value
-
-
 def _indexed(batches: Iterator, indices: list[int]) -> Iterator[tuple[list[int], object]]:
     start = 0
     for batch in batches:
@@ -84,7 +67,8 @@ def _indexed(batches: Iterator, indices: list[int]) -> Iterator[tuple[list[int],
         start += len(batch)
 
 
-def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool):
+def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool,
+                split: str = "val"):  # fmt: skip
     """This rank's share of a data source as (indices, batch) pairs, and its size."""
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
@@ -92,7 +76,7 @@ def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool):
     from rqgen.data import build_dataset
     from rqgen.evaluate.generation import check_digits_like
 
-    data = build_dataset(src, resolution, split="val", labels=False)
+    data = build_dataset(src, resolution, split=split, labels=False)
     mine = list(range(rt.rank, len(data), rt.world_size))
     loader = DataLoader(Subset(data, mine), batch_size=batch_size, shuffle=False)
     batches = (x for x, _ in tqdm(loader, desc="features", leave=False, disable=rt.rank > 0))
@@ -186,16 +170,48 @@ def _runtime(device: str):
     return Runtime(0, 1, resolve_device(device))
 
 
-def cmd_eval_gen(args) -> int:
+def _on_ranks(device: str, body):
+    """body(rt) in one process, or on every torchrun rank; the process group is closed
+    after it (with no barrier after an error: another rank may be stuck)."""
     from rqgen.train.common import shutdown_runtime
 
-    rt = _runtime(args.device)
+    rt = _runtime(device)
     try:
-        result = _eval_gen(args, rt)
+        result = body(rt)
     except BaseException:
-        shutdown_runtime(finished=False)  # no barrier: another rank may be stuck
+        shutdown_runtime(finished=False)
         raise
     shutdown_runtime(finished=True)
+    return rt, result
+
+
+def _evaluator(args, rt):
+    """The evaluator on every rank; rank 0 builds it first, as it may train the digits
+    classifier and cache it for the others."""
+    from rqgen.evaluate.generation import build_evaluator
+    from rqgen.train.parallel import agree
+
+    first = agree(rt, lambda: build_evaluator(args.features, rt.device) if rt.is_main else None)
+    rest = agree(rt, lambda: None if rt.is_main else build_evaluator(args.features, rt.device))
+    return first if rt.is_main else rest
+
+
+def _data_stats(src: str, resolution: int, evaluator, rt, args, split: str = "val"):
+    """Feature statistics of a data source, each rank scoring its share."""
+    from rqgen.evaluate.generation import merge_shares, share_stats
+    from rqgen.train.parallel import agree, gather_objects
+
+    def share():
+        data, n = _data_share(src, resolution, rt, args.batch_size, args.features == "digits",
+                              split)  # fmt: skip
+        return share_stats(data, evaluator, n), n
+
+    mine, n = agree(rt, share)
+    return merge_shares(gather_objects(mine, rt), evaluator, n, source=src)[0]
+
+
+def cmd_eval_gen(args) -> int:
+    rt, result = _on_ranks(args.device, lambda rt: _eval_gen(args, rt))
     if rt.is_main:
         _report(result, args.json)
     return 0
@@ -208,19 +224,15 @@ def _eval_gen(args, rt) -> dict:
     from rqgen.errors import DataError
     from rqgen.evaluate.generation import (
         FeatureStats,
-        build_evaluator,
         frechet_distance,
         inception_score,
         kernel_distance,
         merge_shares,
         share_stats,
     )
-    from rqgen.train.parallel import gather_objects
+    from rqgen.train.parallel import agree, gather_objects
 
-    # rank 0 first: it may train the digits classifier and cache it for the others
-    first = _agree(rt, lambda: build_evaluator(args.features, rt.device) if rt.is_main else None)
-    rest = _agree(rt, lambda: None if rt.is_main else build_evaluator(args.features, rt.device))
-    evaluator = first if rt.is_main else rest
+    evaluator = _evaluator(args, rt)
     result: dict = {"evaluator": evaluator.name, "world_size": rt.world_size}
     ref = None
     if str(args.ref).endswith(".npz"):  # checked before any sampling: fail fast
@@ -245,18 +257,11 @@ def _eval_gen(args, rt) -> dict:
         share["clip"] = torch.cat(sims) if sims else None
         return share, total, resolution
 
-    share, total, resolution = _agree(rt, fake_share)
+    share, total, resolution = agree(rt, fake_share)
     shares = gather_objects(share, rt)
     fake, logits = merge_shares(shares, evaluator, total, source="samples")
     if ref is None:
-
-        def ref_share():
-            data, n = _data_share(args.ref, args.resolution or resolution, rt, args.batch_size,
-                                  args.features == "digits")  # fmt: skip
-            return share_stats(data, evaluator, n), n
-
-        mine, n_ref = _agree(rt, ref_share)
-        ref, _ = merge_shares(gather_objects(mine, rt), evaluator, n_ref, source=args.ref)
+        ref = _data_stats(args.ref, args.resolution or resolution, evaluator, rt, args)
     kid, kid_std = kernel_distance(ref, fake)
     name = evaluator.score_names()
     result.update({
@@ -284,3 +289,36 @@ def _report(result: dict, as_json: bool) -> None:
     print(f"{name['label']} {result[name['fd']]:.3f}  {kd} {result[name['kd']]:.5f}{spread}  "
           f"({result['n_samples']} samples vs {result['n_reference']} reference images of "
           f"{result['reference']}; {full}; {result['world_size']} process(es))")  # fmt: skip
+
+
+def add_fid_stats(sub) -> None:
+    p = sub.add_parser("fid-stats", help="reference feature statistics for eval-gen (.npz)")
+    p.add_argument("data", help="folder or bundled:NAME[:SPLIT]")
+    p.add_argument("--out", required=True, help="STATS.npz")
+    p.add_argument("--features", choices=["inception", "digits"], default="inception")
+    p.add_argument("--resolution", type=number(int, 8), default=256)
+    p.add_argument("--split", default="val", help="bundled split, or 'train' for random crops")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    add_device(p)
+    p.set_defaults(func=cmd_fid_stats)
+
+
+def cmd_fid_stats(args) -> int:
+    """The statistics eval-gen computes of a reference, once, to a file (the same KID rows,
+    chosen by index; each torchrun rank scores its share)."""
+    from rqgen.errors import ConfigError
+    from rqgen.utils.files import check_output_file
+
+    if Path(args.out).suffix != ".npz":  # eval-gen --ref tells statistics from data by it
+        raise ConfigError(f"--out {args.out}: statistics files end in .npz (e.g. ref.npz)")
+    check_output_file(Path(args.out))  # before the features are computed, not after
+
+    def body(rt):
+        evaluator = _evaluator(args, rt)
+        return _data_stats(args.data, args.resolution, evaluator, rt, args, args.split)
+
+    rt, stats = _on_ranks(args.device, body)
+    if rt.is_main:
+        stats.save(args.out)
+        print(f"rqgen: wrote {args.out} ({stats.n} images of {args.data}, {stats.evaluator})")
+    return 0

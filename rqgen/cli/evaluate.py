@@ -9,7 +9,6 @@ from rqgen.cli.common import (
     POSITIVE_INT,
     add_device,
     device_for,
-    number,
 )
 
 
@@ -112,46 +111,4 @@ def cmd_reconstruct(args) -> int:
     images, names = load_inputs(args.input, vae.config.resolution, args.limit)
     files = write_reconstructions(vae, images, names, args.out, device=device_for(args.device))
     print(f"rqgen: wrote {len(files)} images for {len(names)} input(s) to {args.out}")
-    return 0
-
-
-def add_fid_stats(sub) -> None:
-    p = sub.add_parser("fid-stats", help="reference feature statistics for eval-gen (.npz)")
-    p.add_argument("data", help="folder or bundled:NAME[:SPLIT]")
-    p.add_argument("--out", required=True, help="STATS.npz")
-    p.add_argument("--features", choices=["inception", "digits"], default="inception")
-    p.add_argument("--resolution", type=number(int, 8), default=256)
-    p.add_argument("--split", default="val", help="bundled split, or 'train' for random crops")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
-    add_device(p)
-    p.set_defaults(func=cmd_fid_stats)
-
-
-def _batches(dataset, batch_size: int):
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, _ in tqdm(loader, desc="features", leave=False):
-        yield x
-
-
-def cmd_fid_stats(args) -> int:
-    from rqgen.data import build_dataset
-    from rqgen.errors import ConfigError
-    from rqgen.evaluate.generation import build_evaluator, check_digits_like, stats_of
-    from rqgen.utils.files import check_output_file
-
-    if Path(args.out).suffix != ".npz":  # eval-gen --ref tells statistics from data by it
-        raise ConfigError(f"--out {args.out}: statistics files end in .npz (e.g. ref.npz)")
-    check_output_file(Path(args.out))  # before the features are computed, not after
-    device = device_for(args.device)
-    evaluator = build_evaluator(args.features, device)
-    data = build_dataset(args.data, args.resolution, split=args.split, labels=False)
-    batches = _batches(data, args.batch_size)
-    if args.features == "digits":
-        batches = check_digits_like(batches, args.data)
-    stats, _ = stats_of(batches, evaluator, source=args.data)
-    stats.save(args.out)
-    print(f"rqgen: wrote {args.out} ({stats.n} images of {args.data}, {evaluator.name})")
     return 0

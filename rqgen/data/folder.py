@@ -257,7 +257,12 @@ def decode_resized(path: str | Path, short_side: int) -> Image.Image:
         if short > r:
             img.draft("RGB", (img.size[0] * r // short + 1, img.size[1] * r // short + 1))
         img = to_rgb(ImageOps.exif_transpose(img))
-    w, h = img.size
+    return resize_short_side(img, r)
+
+
+def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """Bicubic resize to the given short side, the aspect kept."""
+    r, (w, h) = short_side, img.size
     scale = r / min(w, h)
     size = (max(r, round(w * scale)), max(r, round(h * scale)))
     return img.resize(size, Image.Resampling.BICUBIC)

@@ -42,6 +42,7 @@ from rqgen.data.folder import (
     crop,
     decode_resized,
     open_image,
+    resize_short_side,
 )
 from rqgen.errors import DataError
 from rqgen.utils.files import umask_mode
@@ -184,9 +185,7 @@ class PreparedImages(Dataset):
             np.asarray(self._pixels[offset : offset + h * w * 3]).reshape(h, w, 3)
         )
         if self.stored != self.resolution:  # prepared larger than needed: resize once more
-            s = self.resolution / min(w, h)
-            size = (max(self.resolution, round(w * s)), max(self.resolution, round(h * s)))
-            img = img.resize(size, Image.Resampling.BICUBIC)
+            img = resize_short_side(img, self.resolution)
         return img
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -211,6 +210,14 @@ def large_images(root: Path, resolution: int, look: int = 16) -> int | None:
         return None
     median = int(np.median(sides))
     return median if median >= LARGE_FACTOR * resolution else None
+
+
+def prepared_copy(root: Path, resolution: int) -> Path | None:
+    """The cached prepared copy of a folder of large images (made on first use), or None:
+    not a folder, images small enough to decode at every step, or RQGEN_AUTO_PREPARE=0."""
+    if os.environ.get("RQGEN_AUTO_PREPARE", "1") == "0" or not root.is_dir():
+        return None
+    return cached_preparation(root, resolution) if large_images(root, resolution) else None
 
 
 def cached_preparation(root: Path, resolution: int, quiet: bool = False) -> Path:

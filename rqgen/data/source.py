@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -15,7 +14,7 @@ from rqgen.data.bundled import (
     BundledPhotos,
 )
 from rqgen.data.folder import ImageFolder
-from rqgen.data.prepared import PreparedImages, cached_preparation, is_prepared, large_images
+from rqgen.data.prepared import PreparedImages, is_prepared, prepared_copy
 from rqgen.errors import DataError
 
 BUNDLED_NAMES = ("photos", "digits")
@@ -46,10 +45,9 @@ def build_dataset(
     train = split == "train"
     if is_prepared(src):
         return PreparedImages(src, resolution, train=train, labels=labels)
-    root = Path(src).expanduser()
-    auto = os.environ.get("RQGEN_AUTO_PREPARE", "1") != "0"
-    if auto and root.is_dir() and large_images(root, resolution):  # decode once, not per step
-        return PreparedImages(cached_preparation(root, resolution), resolution, train, labels)
+    prepared = prepared_copy(Path(src).expanduser(), resolution)  # decoded once, not per step
+    if prepared is not None:
+        return PreparedImages(prepared, resolution, train, labels)
     return ImageFolder(src, resolution, train=train, labels=labels)
 
 

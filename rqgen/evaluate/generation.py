@@ -109,8 +109,8 @@ def build_evaluator(name: str, device="cpu", cache: str | Path | None = None) ->
 
 def digits_like(images: Tensor) -> float:
     """Fraction of images (B, 3, H, W) in [-1, 1] that look like the bundled digits: grey
-    (channels within 0.1 of each other on average) and mostly dark (median below 0.35 of full
-    brightness), as white strokes on black are."""
+    (channels within 0.05 of their mean on average) and mostly dark (median below 0.35 of
+    full brightness), as white strokes on black are."""
     x = (images.float().clamp(-1, 1) + 1) / 2
     grey = (x - x.mean(1, keepdim=True)).abs().mean((1, 2, 3)) < 0.05
     dark = x.flatten(1).median(1).values < 0.35

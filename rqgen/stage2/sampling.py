@@ -100,6 +100,13 @@ def _sample_uncached(model, cond, codes, cfg, generator) -> None:
 
 
 @torch.no_grad()
+def _part(generator, start: int, size: int):
+    """What samples start..start+size draw from: their seeds, or the shared generator."""
+    if isinstance(generator, PerSampleSeeds):
+        return generator[start : start + size]
+    return generator
+
+
 def generate(
     vae,
     model: RQTransformer,
@@ -116,8 +123,7 @@ def generate(
     sample = sample_dq_codes if isinstance(model, DQTransformer) else sample_codes
     codes, images = [], []
     for s in range(0, cond.shape[0], batch_size):
-        part = generator[s : s + batch_size] if isinstance(generator, PerSampleSeeds) else generator
-        c = sample(model, cond[s : s + batch_size], cfg, part)
+        c = sample(model, cond[s : s + batch_size], cfg, _part(generator, s, batch_size))
         codes.append(c)
         images.append(vae.decode_codes(c).clamp(-1, 1))
     return torch.cat(codes), torch.cat(images)
@@ -140,8 +146,7 @@ def stream_samples(
     indices = list(range(cond.shape[0])) if indices is None else list(indices)
     for s in tqdm(range(0, cond.shape[0], batch_size), desc="sample", leave=False):
         c = cond[s : s + batch_size]
-        part = generator[s : s + batch_size] if isinstance(generator, PerSampleSeeds) else generator
-        images = generate(vae, model, c, cfg, part, batch_size)[1].cpu()
+        images = generate(vae, model, c, cfg, _part(generator, s, batch_size), batch_size)[1].cpu()
         for i, (img, k) in enumerate(zip(images, c.tolist())):
             if c.dim() == 2:  # text prompts
                 name = "text"

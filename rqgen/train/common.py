@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rqgen.checkpoint import load_state_dict_into, save_state_dict, write_json
-from rqgen.errors import CheckpointError, ConfigError, Interrupted, RqgenError, TrainingError
+from rqgen.errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from rqgen.train.parallel import agree, gather_objects
 from rqgen.utils.device import PRECISIONS, resolve_device, resolve_precision, use_device
 from rqgen.utils.files import DiskFullError, RunLock, check_output_dir, write_failed
 
@@ -98,27 +99,25 @@ def run_dataset(data: str, resolution: int, seed: int, out: Path, rt: Runtime,
     Bundled and prepared data need no listing."""
     from rqgen.data import build_dataset
     from rqgen.data.folder import ImageFolder, Listing
-    from rqgen.data.prepared import PreparedImages, cached_preparation, is_prepared, large_images
+    from rqgen.data.prepared import PreparedImages, is_prepared, prepared_copy
 
     root = Path(data).expanduser()
     plain = data.strip() and not data.startswith("bundled:") and not is_prepared(root)
     if not plain or not root.is_dir():  # (an empty --data: build_dataset says so)
         return build_dataset(data, resolution, "train", seed=seed)
     path = out / LISTING_NAME
+
+    def list_once() -> None:
+        prepared = prepared_copy(root, resolution)
+        if prepared is not None:
+            record = {"prepared": str(prepared)}
+        else:
+            folder = ImageFolder(root, resolution, verify=verify)  # one line if empty
+            record = {"listing": dataclasses.asdict(folder.listing)}
+        write_json(path, record)
+
     if not path.is_file():
-        error = None
-        if rt.is_main:
-            try:
-                auto = os.environ.get("RQGEN_AUTO_PREPARE", "1") != "0"
-                if auto and large_images(root, resolution):
-                    record = {"prepared": str(cached_preparation(root, resolution))}
-                else:
-                    folder = ImageFolder(root, resolution, verify=verify)  # one line if empty
-                    record = {"listing": dataclasses.asdict(folder.listing)}
-                write_json(path, record)
-            except RqgenError as e:
-                error = e
-        _agree_on(error, rt, f"--data {data} was refused by rank 0 (see its message)")
+        agree(rt, lambda: list_once() if rt.is_main else None)
     record = json.loads(path.read_text())
     if "prepared" in record and is_prepared(record["prepared"]):
         return PreparedImages(record["prepared"], resolution, train=True)
@@ -126,17 +125,6 @@ def run_dataset(data: str, resolution: int, seed: int, out: Path, rt: Runtime,
         return build_dataset(data, resolution, "train", seed=seed)
     listing = Listing(**record["listing"])
     return ImageFolder(listing.root, resolution, listing=listing, verify=False)
-
-
-def _agree_on(error: RqgenError | None, rt: Runtime, elsewhere: str) -> None:
-    """Raise on every rank when any rank has an error (none is left at a collective)."""
-    if rt.world_size > 1:
-        flag = torch.tensor([float(error is not None)], device=rt.device)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        if flag.item() > 0 and error is None:
-            error = ConfigError(elsewhere)
-    if error is not None:
-        raise error
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -443,8 +431,7 @@ def check_shared_output(out: Path, rt: Runtime) -> None:
         seen = path.read_text() == token[0]
     except OSError:
         seen = False
-    flags: list = [None] * rt.world_size
-    torch_dist.all_gather_object(flags, seen)
+    flags = gather_objects(seen, rt)
     if rt.is_main:
         path.unlink(missing_ok=True)
     blind = [r for r, ok in enumerate(flags) if not ok]
@@ -460,14 +447,15 @@ def claim_output(out: Path, rt: Runtime, model_types: tuple[str, ...], what: str
     """Before a run writes anything: `out` is a writable directory not holding another kind
     of model, and no other run trains into it (an advisory lock, held until the block ends).
     Rank 0 checks; every rank learns the outcome, so none is left waiting at a collective."""
-    error, lock, created = None, None, not out.exists()
-    if rt.is_main:
-        try:
-            check_output_dir(out, model_types, what)
-            lock = RunLock(out)
-        except RqgenError as e:
-            error = e
-    _agree_on(error, rt, f"--out {out} was refused by rank 0 (see its message)")
+    created = not out.exists()
+
+    def claim() -> RunLock | None:
+        if not rt.is_main:
+            return None
+        check_output_dir(out, model_types, what)
+        return RunLock(out)
+
+    lock = agree(rt, claim)
     try:
         check_shared_output(out, rt)
         yield

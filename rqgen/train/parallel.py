@@ -107,3 +107,22 @@ def gather_objects(obj, rt) -> list:
     out = [None] * rt.world_size
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+def agree(rt, fn):
+    """fn() on this rank; an error (RqgenError) on any rank is raised on every rank, with its
+    message, so that no rank goes on to a collective the failed one never reaches."""
+    from rqgen.errors import RqgenError
+
+    try:
+        value, error = fn(), None
+    except RqgenError as e:
+        value, error = None, e
+    if rt.world_size > 1:
+        messages = gather_objects(None if error is None else str(error), rt)
+        first = next((m for m in messages if m), None)
+        if first is not None and error is None:
+            error = RqgenError(first)
+    if error is not None:
+        raise error
+    return value

@@ -48,13 +48,15 @@ def class_rows(images: torch.Tensor, labels: list[int]) -> tuple[torch.Tensor, i
     return torch.stack(rows), width
 
 
+def enlarge(img: Image.Image, scale: int) -> Image.Image:
+    """Tiny images made viewable: each pixel a scale×scale block (nearest)."""
+    return img if scale <= 1 else img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
 def save_image(x: torch.Tensor, path: str | Path, upscale: int = 1) -> Path:
     """Write one (3, H, W) image, atomically (a full disk leaves no torn PNG); `upscale`
     enlarges tiny images (nearest) for viewing."""
-    img = to_pil(x)
-    if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    return save_pil(img, path)
+    return save_pil(enlarge(to_pil(x), upscale), path)
 
 
 def save_pil(img: Image.Image, path: str | Path) -> Path:
@@ -79,8 +81,7 @@ def labelled_row(images: torch.Tensor, labels: list[str], upscale: int = 1,
     optional legend line under them."""
     from PIL import ImageDraw, ImageFont
 
-    grid = to_pil(make_grid(images, nrow=len(images), pad=pad))
-    grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
+    grid = enlarge(to_pil(make_grid(images, nrow=len(images), pad=pad)), upscale)
     font = ImageFont.load_default()
     band = 14
     probe = ImageDraw.Draw(grid)
