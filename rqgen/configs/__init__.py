@@ -205,7 +205,12 @@ class ARTrainConfig:
     compile: bool = False  # torch.compile the transformer's forward (and so its backward)
     seed: int = 0
     dist_timeout: float = 1800.0  # seconds a collective may wait for a slow or dead rank
-    num_workers: int = 0  # features sit in memory: workers would only copy them
+    num_workers: int = 0  # training reads stored features (cheap); extraction: see below
+    extract_workers: int = -1  # data-loader workers of feature extraction; -1: from the cores
+    # views stored per image: 1 the centre crop, 2 centre + mirror, 10 ten-crop (4 corners
+    # and centre of the image at 1.125x, each mirrored); training draws one per epoch
+    feature_crops: int = 1
+    features: str = ""  # feature store directory, shared between runs; "": OUT/features
     log_every: int = 10
     ckpt_every: int = 500
 

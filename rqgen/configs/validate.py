@@ -149,7 +149,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "soft_labels": FLAG, "stochastic_codes": FLAG, "tau": positive(), "cond_dropout": unit(),
         "val_fraction": unit(), "eval_every": count(), "patience": count(0), "fsdp": FLAG,
         "sample_every": count(),
-        "activation_checkpointing": FLAG, "compile": FLAG,
+        "activation_checkpointing": FLAG, "compile": FLAG, "extract_workers": count(-1),
+        "feature_crops": Rule("int", low=1, high=10), "features": Rule("str"),
     },
 }  # fmt: skip
 
@@ -178,6 +179,9 @@ def check_experiment(exp) -> None:
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by "
                           f"train.grad_accum={t.grad_accum}")  # fmt: skip
+    if getattr(t, "feature_crops", 1) not in (1, 2, 10):
+        raise ConfigError(f"train.feature_crops={t.feature_crops}: use 1 (centre crop), 2 (centre "
+                          "+ mirror) or 10 (ten-crop)")  # fmt: skip
     if hasattr(m, "resolution"):
         _check_autoencoder(m)
     else:

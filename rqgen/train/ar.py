@@ -3,8 +3,9 @@
     rqgen train-ar --vae runs/vae --data bundled:digits --out runs/ar --config ar-tiny
     torchrun --nproc_per_node 2 -m rqgen train-ar --vae runs/vae --data DIR --out runs/ar
 
-Encoder features Z are extracted once and cached in OUT/features.safetensors; codes are drawn
-from them at every step, so stochastic sampling (Eq. 15) gives fresh codes every epoch.
+Encoder features Z are extracted once, split over the ranks, into a feature store
+(OUT/features, or train.features; see train/features.py); codes are drawn from them at every
+step, so stochastic sampling (Eq. 15) gives fresh codes every epoch.
 OUT ends as a `save_pretrained` directory (the best model on the validation split) that
 `rqgen sample --model OUT` loads together with the VAE it records.
 """
@@ -12,28 +13,23 @@ OUT ends as a `save_pretrained` directory (the best model on the validation spli
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from rqgen.checkpoint import save_state_dict
 from rqgen.configs import ARExperiment, ar_transformer_config
 from rqgen.data import describe
 from rqgen.data.captions import captions_for
-from rqgen.errors import ConfigError
+from rqgen.errors import ConfigError, DataError
 from rqgen.stage1 import load_vae
-from rqgen.stage1.dqvae import DQVAE, unpack_codes
-from rqgen.stage1.rqvae import RQVAE
-from rqgen.stage2.dq_sequence import DQVocab, to_sequence
-from rqgen.stage2.dq_transformer import DQTransformer, stack_sequence
+from rqgen.stage1.dqvae import DQVAE
+from rqgen.stage2.dq_transformer import DQTransformer
 from rqgen.stage2.rq_transformer import RQTransformer, codebook_fingerprint
 from rqgen.stage2.text import TextTokenizer
 from rqgen.train.common import (
@@ -51,7 +47,20 @@ from rqgen.train.common import (
     seed_everything,
     set_rng_state,
 )
+from rqgen.train.features import (
+    FeatureStore,
+    StoreKey,
+    StoreView,
+    build_store,
+    save_npy,
+    source_fingerprint,
+    store_kind,
+    vae_fingerprint,
+    views_dataset,
+)
 from rqgen.train.parallel import (
+    agree,
+    barrier,
     full_model_state,
     full_optimizer_state,
     gather_objects,
@@ -65,45 +74,11 @@ from rqgen.utils.device import use_cpu_budget
 from rqgen.utils.images import make_grid, save_image
 
 
-class Features(Dataset):
-    def __init__(self, z: torch.Tensor, cond: torch.Tensor):
-        self.z, self.cond = z, cond
-
-    def __len__(self) -> int:
-        return len(self.z)
-
-    def __getitem__(self, i):
-        return self.z[i], self.cond[i]
-
-
 def cosine_lr(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@torch.no_grad()
-def extract_features(vae: RQVAE | DQVAE, dataset: Dataset, device, batch_size: int = 128):
-    """Per item, plus the labels (N,) int64: for an RQ-VAE the features Z = E(X), (N, H, W,
-    dim) float32 (codes are drawn from them at each step); for a DQ-VAE the token streams of
-    its code map (N, 3, 4·Nc + 4), padded (the router's choice is fixed per image)."""
-    zs, labels = [], []
-    if isinstance(vae, DQVAE):
-        vocab = DQVocab(vae.config.codebook_size, vae.config.coarse_size)
-        pad = torch.tensor([vocab.content_pad, vocab.position_pad(True), 1])[None, :, None]
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, y in tqdm(loader, desc="extract features", leave=False):
-        x = x.to(device)
-        if isinstance(vae, DQVAE):
-            codes, fine = unpack_codes(vae.encode_to_codes(x).cpu())
-            seq = stack_sequence(to_sequence(codes, fine, vocab))
-            missing = 4 * vocab.n_coarse + 4 - seq.shape[2]  # pad to the longest possible
-            zs.append(torch.cat([seq, pad.expand(len(seq), 3, missing)], 2))
-        else:
-            zs.append(vae.encode(x).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(zs), torch.cat(labels)
 
 
 class ARTrainer(Trainer):
@@ -144,28 +119,36 @@ class ARTrainer(Trainer):
             )
         self.out.mkdir(parents=True, exist_ok=True)
 
-        # verified when listed: extraction reads every image once anyway, and a broken one
-        # must be left out, not replaced by its neighbour's features
-        dataset = run_dataset(data, self.vae.config.resolution, t.seed, self.out, rt, True)
-        z, labels, text = self._features(dataset, captions)
+        # listed once, no image opened: extraction marks unreadable ones (left out, not
+        # replaced by a neighbour), and a resume reads the stored features only
+        dataset = run_dataset(data, self.vae.config.resolution, t.seed, self.out, rt)
         n_classes = getattr(dataset, "num_classes", 0)
         if m.conditioning == "class" and n_classes == 0:
             raise ConfigError(
                 f"{data} has no class labels (no subfolders): use model.conditioning=none"
             )
+        self.store = self._features(dataset)
+        usable = np.flatnonzero(self.store.readable)
+        if len(usable) == 0:
+            raise DataError(f"none of the images of {data} could be read")
+        if len(usable) < len(self.store) and rt.is_main:
+            print(f"rqgen: warning: {len(self.store) - len(usable)} unreadable image(s) of "
+                  f"{data} left out")  # fmt: skip
         if m.conditioning == "class":
-            cond = labels
+            cond = torch.from_numpy(self.store.labels)
         elif m.conditioning == "text":
-            cond = text
+            cond = self._text_tokens(dataset, captions)
         else:
-            cond = torch.zeros(len(z), dtype=torch.long)  # the null/start token
+            cond = torch.zeros(len(self.store), dtype=torch.long)  # the null/start token
         self.classes = list(getattr(dataset, "classes", [])) if m.conditioning == "class" else []
 
         # deterministic validation split (the same on every rank and every resume)
-        perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(t.seed))
-        n_val = max(1, int(len(z) * t.val_fraction)) if t.val_fraction > 0 else 0
+        order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(t.seed))
+        perm = usable[order.numpy()]
+        n_val = max(1, int(len(perm) * t.val_fraction)) if t.val_fraction > 0 else 0
         val, train = perm[:n_val], perm[n_val:]
-        self.train_set, self.val_set = Features(z[train], cond[train]), Features(z[val], cond[val])
+        self.train_set = StoreView(self.store, train, cond[train], t.seed, random_views=True)
+        self.val_set = StoreView(self.store, val, cond[val])
 
         seed_everything(t.seed)
         if self.is_dq:
@@ -207,39 +190,35 @@ class ARTrainer(Trainer):
         self.log = MetricsLog(self.out, rt.is_main)
 
     # ------------------------------------------------------------------ features
-    def _features(self, dataset, captions):
-        """Extract once (rank 0), cache in OUT/features.safetensors, load on every rank."""
-        path = self.out / "features.safetensors"
-        # the cache is valid for this VAE codebook and this data source only (for a DQ-VAE
-        # also its router, which decides the granularity of each region)
-        key = self.vae_fingerprint + "_" + self.data
-        if self.is_dq:
-            router = self.vae.router.state_dict().values()
-            key += "_" + codebook_fingerprint(torch.cat([p.flatten() for p in router]))
-        fp = hashlib.sha256(key.encode()).hexdigest()[:16]
-        m = self.exp.model
-        if m.conditioning == "text":
-            tok_dir = self.out
-            if self.rt.is_main and not (tok_dir / "tokenizer.json").is_file():
-                texts = captions_for(dataset, captions)
-                TextTokenizer.train(texts, m.text_vocab_size, m.text_length).save(tok_dir)
-            self._barrier()
-            self.tokenizer = TextTokenizer.load(tok_dir, m.text_length)
-        if self.rt.is_main:
-            cached = load_file(str(path)) if path.is_file() else None
-            if cached is None or cached.get("fingerprint_" + fp) is None:
-                z, labels = extract_features(self.vae, dataset, self.rt.device)
-                tensors = {"z": z, "labels": labels, "fingerprint_" + fp: torch.ones(1)}
-                if m.conditioning == "text":
-                    tensors["text"] = self.tokenizer.encode(captions_for(dataset, captions))
-                save_state_dict(tensors, path)
-        self._barrier()
-        cached = load_file(str(path))
-        return cached["z"], cached["labels"], cached.get("text")
+    def _features(self, dataset) -> FeatureStore:
+        """The feature store of this data, VAE and crop policy: opened when it exists,
+        else extracted first, each rank encoding its share of the chunks."""
+        t, rt = self.exp.train, self.rt
+        res = self.vae.config.resolution
+        key = StoreKey(
+            source=source_fingerprint(dataset, self.data, t.seed), resolution=res,
+            crops=t.feature_crops, vae=vae_fingerprint(self.vae),
+            kind=store_kind(self.vae, t.soft_labels, t.stochastic_codes),
+        )  # fmt: skip
+        views = agree(rt, lambda: views_dataset(dataset, self.data, res, t.feature_crops, t.seed))
+        root = Path(t.features).expanduser() if t.features else self.out / "features"
+        workers, _ = use_cpu_budget(t.extract_workers)
+        return build_store(root, key, self.vae, views, rt, workers=workers, quiet=self.quiet)
 
-    def _barrier(self) -> None:
-        if self.rt.world_size > 1:
-            torch_dist.barrier()
+    def _text_tokens(self, dataset, captions) -> torch.Tensor:
+        """Captions tokenized by this run's BPE (trained on them by rank 0, once)."""
+        m = self.exp.model
+        path = self.out / "text_tokens.npy"
+        if self.rt.is_main and not (self.out / "tokenizer.json").is_file():
+            TextTokenizer.train(captions_for(dataset, captions), m.text_vocab_size,
+                                m.text_length).save(self.out)  # fmt: skip
+        barrier(self.rt)
+        self.tokenizer = TextTokenizer.load(self.out, m.text_length)
+        if self.rt.is_main and not path.is_file():
+            tokens = self.tokenizer.encode(captions_for(dataset, captions)).numpy()
+            save_npy(path, tokens)
+        barrier(self.rt)
+        return torch.from_numpy(np.load(path))
 
     # ------------------------------------------------------------------ resume
     def _resume(self, s: dict) -> None:
@@ -306,6 +285,8 @@ class ARTrainer(Trainer):
     def _codes_and_targets(self, z: torch.Tensor, generator) -> tuple:
         """Codes for this step (argmin, or drawn from Q_τ) and soft targets (Eq. 15). A DQ
         item already is its token streams: trimmed to the longest sequence of the batch."""
+        if self.store.meta["kind"] == "codes":  # hard labels: the stored argmin codes
+            return z, None
         if self.is_dq:
             pad = self.model.config.vocab.content_pad
             length = int((z[:, 0] != pad).sum(1).max())
@@ -378,12 +359,11 @@ class ARTrainer(Trainer):
         for i in range(math.ceil(len(starts) / rt.world_size)):
             j = i * rt.world_size + rt.rank
             s = starts[min(j, len(starts) - 1)]
-            z = self.val_set.z[s : s + self.micro_batch].to(rt.device)
-            cond = self.val_set.cond[s : s + self.micro_batch].to(rt.device)
+            z, cond = self.val_set.batch(s, s + self.micro_batch)
+            z, cond = z.to(rt.device), cond.to(rt.device)
+            stored = self.is_dq or self.store.meta["kind"] == "codes"
             codes = (
-                self._codes_and_targets(z, None)[0]
-                if self.is_dq
-                else self.vae.quantizer.quantize(z)[0]
+                self._codes_and_targets(z, None)[0] if stored else self.vae.quantizer.quantize(z)[0]
             )
             loss, _ = model.loss(codes, cond)
             if j < len(starts):

@@ -281,6 +281,7 @@ class WeightEMA:
 RESUMABLE = frozenset({
     "steps", "log_every", "ckpt_every", "eval_every", "sample_every", "val_batches",
     "patience", "num_workers", "dist_timeout", "compile", "activation_checkpointing",
+    "extract_workers", "features",
 })  # fmt: skip
 
 

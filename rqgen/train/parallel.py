@@ -100,6 +100,11 @@ def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, stat
     set_optimizer_state_dict(model, opt, state, options=_options(cpu_offload=False))
 
 
+def barrier(rt) -> None:
+    if rt.world_size > 1:
+        torch_dist.barrier()
+
+
 def gather_objects(obj, rt) -> list:
     """Every rank's `obj`, on every rank."""
     if rt.world_size == 1:

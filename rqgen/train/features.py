@@ -1,0 +1,289 @@
+"""Feature store for stage 2: what a frozen VAE makes of every training image, extracted
+once, split over the ranks, in fixed-size chunk files that every rank reads (#12).
+
+    STORE/<key>/store.json      written last: the key, item shape and dtype, chunk layout
+    STORE/<key>/z-00000.npy     (n, crops, *item) fp16 features Z = E(X), int16 codes or
+                                int32 DQ token streams; CHUNK_ITEMS images per file
+    STORE/<key>/y-00000.npy     (n, 2) int64: label, 1 if the image could be read else 0
+
+The key covers the data listing, the resolution, the crop policy, what is stored and every
+weight of the VAE, so a changed folder or VAE gets a new store instead of stale features.
+Chunk c is encoded by rank c % world in batches that start at the chunk's first image, so
+the files are byte-identical whatever the number of ranks; an interrupted extraction keeps
+its finished chunks. Items are read with positioned reads (`os.pread`): they go through the
+kernel's page cache, shared by every rank on a node, while a memory mapping would count
+every page a rank ever touched against its own resident memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from rqgen.checkpoint import write_json
+from rqgen.data.folder import DECODE_ERRORS, ImageFolder, load_image
+from rqgen.errors import DataError
+from rqgen.stage1.dqvae import DQVAE, unpack_codes
+from rqgen.stage2.dq_sequence import DQVocab, to_sequence
+from rqgen.stage2.dq_transformer import stack_sequence
+from rqgen.utils.files import atomic_write
+
+CHUNK_ITEMS = 1024  # images per chunk file: 32 MiB of fp16 8×8×256 features
+STORE_VERSION = 1
+TEN_CROP_SCALE = 1.125  # ten-crop cuts R×R squares out of the image resized to 1.125·R
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """Hash of every weight and buffer of the VAE: features depend on all of them."""
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def source_fingerprint(dataset: Dataset, data: str, seed: int) -> str:
+    """Hash of what the data source lists, opening no image: a folder's file list and labels,
+    a prepared directory's manifest, or the bundled source's name and crop seed."""
+    if isinstance(dataset, ImageFolder):
+        what = json.dumps(asdict(dataset.listing), sort_keys=True)
+    elif hasattr(dataset, "manifest"):  # prepared data
+        what = json.dumps(dataset.manifest, sort_keys=True)
+    else:
+        what = f"{data}|{type(dataset).__name__}|{len(dataset)}|{seed}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    source: str  # source_fingerprint
+    resolution: int
+    crops: int  # crop policy: 1, 2 or 10 views per image
+    vae: str  # vae_fingerprint
+    kind: str  # features | codes | dq
+    version: int = STORE_VERSION
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def store_kind(vae: torch.nn.Module, soft_labels: bool, stochastic_codes: bool) -> str:
+    """fp16 features where codes are drawn or soft targets computed at every step; else the
+    argmin codes themselves (int16), which is all hard-label training reads."""
+    if isinstance(vae, DQVAE):
+        return "dq"
+    return "features" if soft_labels or stochastic_codes else "codes"
+
+
+def crop_views(x: Tensor, resolution: int, crops: int) -> Tensor:
+    """(C, S, S) -> (crops, C, R, R): 1 the centre; 2 the centre and its mirror; 10 the four
+    corners and the centre of the S = 1.125·R image, each also mirrored (ten-crop)."""
+    r, s = resolution, x.shape[-1]
+    if crops in (1, 2):
+        o = (s - r) // 2
+        views = [x[:, o : o + r, o : o + r]]
+    else:
+        o, e = (s - r) // 2, s - r
+        views = [x[:, a : a + r, b : b + r] for a, b in ((0, 0), (0, e), (e, 0), (e, e), (o, o))]
+    if crops > 1:
+        views += [v.flip(-1) for v in views]
+    return torch.stack(views)
+
+
+class _Views(Dataset):
+    """Deterministic views of every image of the run's dataset, and whether it could be read
+    (an unreadable file gets zeros and is left out of training, not replaced)."""
+
+    def __init__(self, dataset: Dataset, resolution: int, crops: int):
+        self.dataset, self.resolution, self.crops = dataset, resolution, crops
+        self.size = round(resolution * TEN_CROP_SCALE) if crops == 10 else resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        ds, ok = self.dataset, 1
+        if isinstance(ds, ImageFolder):  # load the file itself: no fallback to a neighbour
+            try:
+                x = load_image(ds.paths[i], self.size)
+            except DECODE_ERRORS:
+                x, ok = torch.zeros(3, self.size, self.size), 0
+            label = ds.labels[i]
+        else:
+            x, label = ds[i]
+        return crop_views(x, self.resolution, self.crops), int(label), ok
+
+
+def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed: int) -> Dataset:
+    """The run's images as extraction sees them: centred (no random crop or flip), at the
+    size the crop policy cuts its views from."""
+    from rqgen.data import build_dataset
+    from rqgen.data.prepared import PreparedImages
+
+    size = round(resolution * TEN_CROP_SCALE) if crops == 10 else resolution
+    if isinstance(dataset, ImageFolder):
+        base = ImageFolder(dataset.root, size, train=False, listing=dataset.listing, verify=False)
+    elif isinstance(dataset, PreparedImages):
+        base = PreparedImages(dataset.root, size, train=False)
+    elif size != resolution:
+        base = build_dataset(data, size, "train", seed=seed)
+    else:
+        base = dataset
+    return _Views(base, resolution, crops)
+
+
+@torch.no_grad()
+def encode_views(vae: torch.nn.Module, x: Tensor, kind: str) -> np.ndarray:
+    """(B, V, C, R, R) images -> (B, V, *item) array in the store's dtype."""
+    b, v = x.shape[:2]
+    x = x.flatten(0, 1)
+    if kind == "dq":
+        vocab = DQVocab(vae.config.codebook_size, vae.config.coarse_size)
+        codes, fine = unpack_codes(vae.encode_to_codes(x).cpu())
+        seq = stack_sequence(to_sequence(codes, fine, vocab))
+        pad = torch.tensor([vocab.content_pad, vocab.position_pad(True), 1])[None, :, None]
+        missing = 4 * vocab.n_coarse + 4 - seq.shape[2]  # pad to the longest possible
+        out = torch.cat([seq, pad.expand(len(seq), 3, missing)], 2).to(torch.int32)
+    elif kind == "codes":
+        out = vae.quantizer.quantize(vae.encode(x))[0].cpu()
+        out = out.to(torch.int16 if vae.quantizer.codebook_size <= 2**15 else torch.int32)
+    else:
+        out = vae.encode(x).cpu().to(torch.float16)
+    return out.reshape(b, v, *out.shape[1:]).numpy()
+
+
+class FeatureStore:
+    """A finished store, read by positioned reads; private memory is the labels (16 bytes
+    per image) and the batch being read."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            meta = json.loads((self.path / "store.json").read_text())
+            ys = [np.load(self.path / f"y-{c:05d}.npy") for c in range(meta["chunks"])]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"feature store {self.path} is unreadable ({e}): delete it and "
+                            "train again to extract it anew") from e  # fmt: skip
+        self.meta = meta
+        self.crops, self.shape = meta["crops"], tuple(meta["item_shape"])
+        self.dtype = np.dtype(meta["dtype"])
+        y = np.concatenate(ys)
+        self.labels, self.readable = y[:, 0].copy(), y[:, 1].astype(bool)
+        self.item_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self._offsets = [self._data_offset(c) for c in range(meta["chunks"])]
+
+    def _data_offset(self, c: int) -> int:
+        with open(self.path / f"z-{c:05d}.npy", "rb") as f:  # the .npy header's length
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+            return f.tell()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, index: int, view: int = 0) -> Tensor:
+        """One stored item (view `view` of image `index`): float32 features or long codes."""
+        c, i = divmod(int(index), self.meta["chunk_items"])
+        pos = self._offsets[c] + (i * self.crops + view) * self.item_bytes
+        fd = os.open(self.path / f"z-{c:05d}.npy", os.O_RDONLY)
+        try:
+            raw = os.pread(fd, self.item_bytes, pos)
+        finally:
+            os.close(fd)
+        a = np.frombuffer(raw, self.dtype).reshape(self.shape)
+        t = torch.from_numpy(a.copy())
+        return t.float() if self.meta["kind"] == "features" else t.long()
+
+
+def save_npy(path: Path, a: np.ndarray) -> None:
+    """np.save, atomically, with the user's umask."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, a)
+
+    atomic_write(path, write, a.nbytes)
+
+
+def _encode_chunk(vae, views: Dataset, c: int, chunk_items: int, kind: str, path: Path, device,
+                  batch_size: int, workers: int) -> None:  # fmt: skip
+    items = range(c * chunk_items, min(len(views), (c + 1) * chunk_items))
+    loader = DataLoader(Subset(views, items), batch_size=batch_size, num_workers=workers)
+    zs, ys = [], []
+    for x, label, ok in loader:
+        zs.append(encode_views(vae, x.to(device), kind))
+        ys.append(torch.stack([label, ok], 1).numpy().astype(np.int64))
+    z, y = np.concatenate(zs), np.concatenate(ys)
+    save_npy(path / f"z-{c:05d}.npy", z)
+    save_npy(path / f"y-{c:05d}.npy", y)  # y last: it marks the chunk done
+
+
+def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_size: int = 64,
+                workers: int = 0, chunk_items: int = CHUNK_ITEMS,
+                quiet: bool = False) -> FeatureStore:  # fmt: skip
+    """Open the store for `key` under `root`, extracting what is missing first: each rank
+    encodes its chunks (c % world == rank), rank 0 writes store.json once all are there."""
+    from rqgen.train.parallel import agree, barrier
+
+    path = Path(root) / key.digest()
+    if not (path / "store.json").is_file():
+        chunks = -(-len(views) // chunk_items)
+        done = lambda c: (path / f"y-{c:05d}.npy").is_file()  # noqa: E731
+        mine = [c for c in range(rt.rank, chunks, rt.world_size) if not done(c)]
+
+        def extract() -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            for c in tqdm(mine, desc="extract features", unit="chunk", leave=False,
+                          disable=quiet or not rt.is_main):  # fmt: skip
+                _encode_chunk(vae, views, c, chunk_items, key.kind, path, rt.device, batch_size,
+                              workers)  # fmt: skip
+
+        agree(rt, extract)
+        barrier(rt)
+        if rt.is_main:
+            first = np.load(path / "z-00000.npy", mmap_mode="r")
+            meta = {"key": asdict(key), "items": len(views), "crops": key.crops,
+                    "chunks": chunks, "chunk_items": chunk_items,
+                    "item_shape": list(first.shape[2:]), "dtype": first.dtype.str,
+                    "kind": key.kind}  # fmt: skip
+            write_json(path / "store.json", meta)
+        barrier(rt)
+    return FeatureStore(path)
+
+
+class StoreView(Dataset):
+    """Items `indices` of a store with their conditions: training takes one view per image
+    and epoch (drawn from seed, epoch and index, so a resume reads the same ones), evaluation
+    the centre view."""
+
+    def __init__(self, store: FeatureStore, indices: np.ndarray, cond: Tensor, seed: int = 0,
+                 random_views: bool = False):  # fmt: skip
+        self.store, self.indices, self.cond = store, np.asarray(indices), cond
+        self.seed, self.random_views, self.epoch = seed, random_views and store.crops > 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def view(self, i: int) -> int:
+        if not self.random_views:
+            return 0
+        return int(np.random.default_rng([self.seed, self.epoch, i]).integers(self.store.crops))
+
+    def __getitem__(self, i: int):
+        return self.store.read(self.indices[i], self.view(i)), self.cond[i]
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        items = [self[i] for i in range(start, min(stop, len(self)))]
+        return torch.stack([z for z, _ in items]), torch.stack([c for _, c in items])
