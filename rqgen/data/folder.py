@@ -268,17 +268,18 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
     return img.resize(size, Image.Resampling.BICUBIC)
 
 
-def crop(img: Image.Image, resolution: int, random_crop: bool = False) -> torch.Tensor:
+def crop(img: Image.Image, resolution: int, random_crop: bool = False,
+         generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
     """An RGB image whose short side is `resolution` -> (3, R, R) in [-1, 1]: the centre
-    square, or a random one with a random horizontal flip."""
+    square, or a random one with a random horizontal flip (drawn from `generator`)."""
     r, (w, h) = resolution, img.size
-    # torch's global RNG (not numpy's): DataLoader seeds it differently in every worker.
+    # default: torch's global RNG (not numpy's): DataLoader seeds it differently per worker
     if random_crop:
-        x = int(torch.randint(0, w - r + 1, ()).item())
-        y = int(torch.randint(0, h - r + 1, ()).item())
+        x = int(torch.randint(0, w - r + 1, (), generator=generator).item())
+        y = int(torch.randint(0, h - r + 1, (), generator=generator).item())
     else:
         x, y = (w - r) // 2, (h - r) // 2
     img = img.crop((x, y, x + r, y + r))
-    if random_crop and torch.rand(()).item() < 0.5:
+    if random_crop and torch.rand((), generator=generator).item() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(img)

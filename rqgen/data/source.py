@@ -1,4 +1,5 @@
-"""Turn a `--data` string into a dataset: `bundled:NAME[:SPLIT]` or a folder path."""
+"""Turn a `--data` string into a dataset: `bundled:NAME[:SPLIT]`, a folder path, prepared data
+or WebDataset tar shards (`shards/train-{000..009}.tar`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rqgen.data.bundled import (
 )
 from rqgen.data.folder import ImageFolder
 from rqgen.data.prepared import PreparedImages, is_prepared, prepared_copy
+from rqgen.data.shards import Shards, is_shards, shard_urls
 from rqgen.errors import DataError
 
 BUNDLED_NAMES = ("photos", "digits")
@@ -36,6 +38,8 @@ def build_dataset(
     """Dataset of `(image, label)` for `src`; images are float32 (3, R, R) in [-1, 1]."""
     if not str(src).strip():  # Path("") is the working directory: never train on that by accident
         raise DataError("the data source is empty: give a folder of images or bundled:NAME")
+    if is_shards(src):  # evaluation and extraction: every sample once, centre crops
+        return Shards(src, resolution, seed=seed)
     if src.startswith(_PREFIX):
         name, split = _parse_bundled(src, split)
         if name == "photos":
@@ -53,6 +57,8 @@ def build_dataset(
 
 def describe(src: str, split: str = "train") -> str:
     """Short human description of `src` for logs (does not scan or load anything)."""
+    if is_shards(src):
+        return f"{len(shard_urls(src))} WebDataset tar shard(s) {src}"
     if src.startswith(_PREFIX):
         name, split = _parse_bundled(src, split)
         if name == "digits":

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
+from rqgen.errors import DataError
 from rqgen.evaluate.fid import FIDMeter, inception_fid_available
 from rqgen.evaluate.recon import CodeStats, psnr, ssim
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
@@ -67,7 +68,8 @@ def evaluate_vae(
 ) -> dict:
     """Score `vae` on `dataset`; returns the JSON-ready dict `rqgen eval-vae` prints."""
     vae = vae.to(device).eval()
-    if limit is not None and limit < len(dataset):
+    streamed = isinstance(dataset, IterableDataset)  # tar shards: no length, read in order
+    if limit is not None and not streamed and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     D, K = vae.config.code_depth, vae.config.codebook_size
@@ -80,6 +82,10 @@ def evaluate_vae(
     use_fid, fid_note = inception_fid_available() if rfid else (False, "disabled")
     fid = FIDMeter().to(device) if use_fid else None
     for x, _ in tqdm(loader, desc="eval-vae", disable=not progress, leave=False):
+        if limit is not None and streamed:
+            if n >= limit:
+                break
+            x = x[: limit - n]
         x = x.to(device)
         codes = vae.encode_to_codes(x)
         if dq:
@@ -99,6 +105,8 @@ def evaluate_vae(
             fid.update(x, real=True)
             fid.update(xr, real=False)
         n += x.shape[0]
+    if n == 0:
+        raise DataError("the data gave no readable image to evaluate: check --data")
     result = {
         "n_images": n,
         "psnr": sums["psnr"] / n,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from rqgen.configs import ARExperiment, ar_transformer_config
 from rqgen.data import describe
 from rqgen.data.captions import captions_for
+from rqgen.data.shards import Shards
 from rqgen.errors import ConfigError, DataError
 from rqgen.stage1 import load_vae
 from rqgen.stage1.dqvae import DQVAE
@@ -123,11 +124,18 @@ class ARTrainer(Trainer):
         # replaced by a neighbour), and a resume reads the stored features only
         dataset = run_dataset(data, self.vae.config.resolution, t.seed, self.out, rt)
         n_classes = getattr(dataset, "num_classes", 0)
-        if m.conditioning == "class" and n_classes == 0:
+        if m.conditioning == "class" and n_classes == 0 and not isinstance(dataset, Shards):
             raise ConfigError(
                 f"{data} has no class labels (no subfolders): use model.conditioning=none"
             )
         self.store = self._features(dataset)
+        self.classes = list(getattr(dataset, "classes", [])) if m.conditioning == "class" else []
+        if isinstance(dataset, Shards) and m.conditioning == "class":  # ids from KEY.cls
+            n_classes = int(self.store.labels.max()) + 1
+            if n_classes <= 0:
+                raise ConfigError(f"the samples of {data} have no KEY.cls class ids: use "
+                                  "model.conditioning=none")  # fmt: skip
+            self.classes = [str(i) for i in range(n_classes)]
         usable = np.flatnonzero(self.store.readable)
         if len(usable) == 0:
             raise DataError(f"none of the images of {data} could be read")
@@ -140,7 +148,6 @@ class ARTrainer(Trainer):
             cond = self._text_tokens(dataset, captions)
         else:
             cond = torch.zeros(len(self.store), dtype=torch.long)  # the null/start token
-        self.classes = list(getattr(dataset, "classes", [])) if m.conditioning == "class" else []
 
         # deterministic validation split (the same on every rank and every resume)
         order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(t.seed))
@@ -209,16 +216,27 @@ class ARTrainer(Trainer):
         """Captions tokenized by this run's BPE (trained on them by rank 0, once)."""
         m = self.exp.model
         path = self.out / "text_tokens.npy"
+        texts = lambda: self._captions(dataset, captions)  # noqa: E731
         if self.rt.is_main and not (self.out / "tokenizer.json").is_file():
-            TextTokenizer.train(captions_for(dataset, captions), m.text_vocab_size,
-                                m.text_length).save(self.out)  # fmt: skip
+            TextTokenizer.train(texts(), m.text_vocab_size, m.text_length).save(self.out)
         barrier(self.rt)
         self.tokenizer = TextTokenizer.load(self.out, m.text_length)
         if self.rt.is_main and not path.is_file():
-            tokens = self.tokenizer.encode(captions_for(dataset, captions)).numpy()
+            tokens = self.tokenizer.encode(texts()).numpy()
             save_npy(path, tokens)
         barrier(self.rt)
         return torch.from_numpy(np.load(path))
+
+    def _captions(self, dataset, manifest) -> list[str]:
+        if not isinstance(dataset, Shards):
+            return captions_for(dataset, manifest)
+        texts = self.store.captions()  # KEY.txt, kept by the extraction
+        missing = [i for i, t in enumerate(texts) if t is None and self.store.readable[i]]
+        if manifest or missing:
+            raise DataError(f"text conditioning on tar shards reads KEY.txt next to each image"
+                            f"{', not --captions' if manifest else ''}; {len(missing)} sample(s) "
+                            "have none")  # fmt: skip
+        return [t or "" for t in texts]
 
     # ------------------------------------------------------------------ resume
     def _resume(self, s: dict) -> None:

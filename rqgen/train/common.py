@@ -100,7 +100,10 @@ def run_dataset(data: str, resolution: int, seed: int, out: Path, rt: Runtime,
     from rqgen.data import build_dataset
     from rqgen.data.folder import ImageFolder, Listing
     from rqgen.data.prepared import PreparedImages, is_prepared, prepared_copy
+    from rqgen.data.shards import Shards, is_shards
 
+    if is_shards(data):  # nothing to list: the shards are read as a stream
+        return Shards(data, resolution, seed=seed)
     root = Path(data).expanduser()
     plain = data.strip() and not data.startswith("bundled:") and not is_prepared(root)
     if not plain or not root.is_dir():  # (an empty --data: build_dataset says so)
@@ -196,6 +199,14 @@ def batch_stream(
     dataset: Dataset, global_batch: int, rt: Runtime, seed: int, start_step: int, workers: int
 ) -> Iterator:
     """Endless iterator of this rank's micro-batches, starting at global micro-step start_step."""
+    from rqgen.data.shards import Shards
+
+    if isinstance(dataset, Shards):  # tar shards: a stream split by rank and worker
+        loader = DataLoader(dataset.stream(rt.rank, rt.world_size, start_step),
+                            batch_size=global_batch // rt.world_size, num_workers=workers,
+                            worker_init_fn=_ignore_stop_signals,
+                            pin_memory=rt.device.type == "cuda")  # fmt: skip
+        return iter(loader)
     sampler = ShardedBatchSampler(
         len(dataset), global_batch, rt.rank, rt.world_size, seed, start_step
     )

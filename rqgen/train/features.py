@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 from tqdm import tqdm
 
 from rqgen.checkpoint import write_json
 from rqgen.data.folder import DECODE_ERRORS, ImageFolder, load_image
+from rqgen.data.shards import Shards
 from rqgen.errors import DataError
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage2.dq_sequence import DQVocab, to_sequence
@@ -53,8 +54,11 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
 
 def source_fingerprint(dataset: Dataset, data: str, seed: int) -> str:
     """Hash of what the data source lists, opening no image: a folder's file list and labels,
-    a prepared directory's manifest, or the bundled source's name and crop seed."""
-    if isinstance(dataset, ImageFolder):
+    tar shards' names, sizes and times, a prepared directory's manifest, or the bundled
+    source's name and crop seed."""
+    if isinstance(dataset, Shards):
+        what = dataset.fingerprint()
+    elif isinstance(dataset, ImageFolder):
         what = json.dumps(asdict(dataset.listing), sort_keys=True)
     elif hasattr(dataset, "manifest"):  # prepared data
         what = json.dumps(dataset.manifest, sort_keys=True)
@@ -123,6 +127,39 @@ class _Views(Dataset):
         return crop_views(x, self.resolution, self.crops), int(label), ok
 
 
+class _ShardViews(IterableDataset):
+    """Views of the samples of tar shards, in per-shard batches: DataLoader worker w takes
+    every n-th of the shards `chunks`; a batch never spans two shards, and the last batch of
+    each is flagged (possibly empty), so the main process knows when a chunk is complete."""
+
+    def __init__(self, shards: Shards, resolution: int, crops: int):
+        self.shards, self.resolution, self.crops = shards, resolution, crops
+        self.chunks: list[int] = []
+        self.batch_size = 64
+
+    def __len__(self) -> int:
+        return len(self.shards.urls)  # chunks: one per shard
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        for c in self.chunks[w::n]:
+            batch: list = []
+            for _, (x, label, caption) in self.shards.samples([c]):
+                batch.append((crop_views(x, self.resolution, self.crops), label, caption))
+                if len(batch) == self.batch_size:
+                    yield c, _collate(batch), False
+                    batch = []
+            yield c, _collate(batch), True
+
+
+def _collate(batch: list) -> tuple | None:
+    if not batch:
+        return None
+    xs, labels, captions = zip(*batch)
+    return torch.stack(xs), torch.tensor(labels), torch.ones(len(xs), dtype=torch.long), captions
+
+
 def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed: int) -> Dataset:
     """The run's images as extraction sees them: centred (no random crop or flip), at the
     size the crop policy cuts its views from."""
@@ -130,6 +167,8 @@ def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed
     from rqgen.data.prepared import PreparedImages
 
     size = round(resolution * TEN_CROP_SCALE) if crops == 10 else resolution
+    if isinstance(dataset, Shards):
+        return _ShardViews(Shards(dataset.src, size, seed=seed), resolution, crops)
     if isinstance(dataset, ImageFolder):
         base = ImageFolder(dataset.root, size, train=False, listing=dataset.listing, verify=False)
     elif isinstance(dataset, PreparedImages):
@@ -179,6 +218,7 @@ class FeatureStore:
         y = np.concatenate(ys)
         self.labels, self.readable = y[:, 0].copy(), y[:, 1].astype(bool)
         self.item_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self._starts = np.cumsum([0] + [len(c) for c in ys])  # chunks of tar shards vary
         self._offsets = [self._data_offset(c) for c in range(meta["chunks"])]
 
     def _data_offset(self, c: int) -> int:
@@ -190,9 +230,19 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def captions(self) -> list[str | None]:
+        """The captions stored with the images (tar shards' KEY.txt), else Nones."""
+        out: list[str | None] = []
+        for c in range(self.meta["chunks"]):
+            f = self.path / f"t-{c:05d}.json"
+            n = int(self._starts[c + 1] - self._starts[c])
+            out += json.loads(f.read_text()) if f.is_file() else [None] * n
+        return out
+
     def read(self, index: int, view: int = 0) -> Tensor:
         """One stored item (view `view` of image `index`): float32 features or long codes."""
-        c, i = divmod(int(index), self.meta["chunk_items"])
+        c = int(np.searchsorted(self._starts, index, side="right")) - 1
+        i = int(index) - int(self._starts[c])
         pos = self._offsets[c] + (i * self.crops + view) * self.item_bytes
         fd = os.open(self.path / f"z-{c:05d}.npy", os.O_RDONLY)
         try:
@@ -214,17 +264,45 @@ def save_npy(path: Path, a: np.ndarray) -> None:
     atomic_write(path, write, a.nbytes)
 
 
-def _encode_chunk(vae, views: Dataset, c: int, chunk_items: int, kind: str, path: Path, device,
-                  batch_size: int, workers: int) -> None:  # fmt: skip
-    items = range(c * chunk_items, min(len(views), (c + 1) * chunk_items))
-    loader = DataLoader(Subset(views, items), batch_size=batch_size, num_workers=workers)
-    zs, ys = [], []
-    for x, label, ok in loader:
-        zs.append(encode_views(vae, x.to(device), kind))
-        ys.append(torch.stack([label, ok], 1).numpy().astype(np.int64))
-    z, y = np.concatenate(zs), np.concatenate(ys)
+def _write_chunk(path: Path, c: int, z: np.ndarray, y: np.ndarray, captions=None) -> None:
     save_npy(path / f"z-{c:05d}.npy", z)
+    if captions is not None and any(t is not None for t in captions):
+        atomic_write(path / f"t-{c:05d}.json", lambda p: Path(p).write_text(json.dumps(captions)))
     save_npy(path / f"y-{c:05d}.npy", y)  # y last: it marks the chunk done
+
+
+def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, path: Path,
+                   device, batch_size: int, workers: int, bar) -> None:  # fmt: skip
+    """Encode and write the given chunks: ranges of `chunk_items` images of a dataset, or
+    whole tar shards. Batches start at a chunk's first image, whatever the rank."""
+    empty = encode_views(vae, torch.zeros(1, 1, 3, views.resolution, views.resolution,
+                                          device=device), kind)[:0]  # fmt: skip
+    if isinstance(views, _ShardViews):
+        views.chunks, views.batch_size = chunks, batch_size
+        parts: dict[int, list] = {}
+        for c, batch, last in DataLoader(views, batch_size=None, num_workers=workers):
+            if batch is not None:
+                x, label, ok, captions = batch
+                y = torch.stack([label, ok], 1).numpy().astype(np.int64)
+                parts.setdefault(c, []).append((encode_views(vae, x.to(device), kind), y,
+                                                list(captions)))  # fmt: skip
+            if last:
+                done = parts.pop(c, [])
+                z = np.concatenate([empty.reshape(0, views.crops, *empty.shape[2:])]
+                                   + [p[0] for p in done])  # fmt: skip
+                y = np.concatenate([np.zeros((0, 2), np.int64)] + [p[1] for p in done])
+                _write_chunk(path, c, z, y, [t for p in done for t in p[2]])
+                bar.update(1)
+        return
+    for c in chunks:
+        items = range(c * chunk_items, min(len(views), (c + 1) * chunk_items))
+        loader = DataLoader(Subset(views, items), batch_size=batch_size, num_workers=workers)
+        zs, ys = [], []
+        for x, label, ok in loader:
+            zs.append(encode_views(vae, x.to(device), kind))
+            ys.append(torch.stack([label, ok], 1).numpy().astype(np.int64))
+        _write_chunk(path, c, np.concatenate(zs), np.concatenate(ys))
+        bar.update(1)
 
 
 def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_size: int = 64,
@@ -236,24 +314,24 @@ def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_siz
 
     path = Path(root) / key.digest()
     if not (path / "store.json").is_file():
-        chunks = -(-len(views) // chunk_items)
+        sharded = isinstance(views, _ShardViews)
+        chunks = len(views) if sharded else -(-len(views) // chunk_items)
         done = lambda c: (path / f"y-{c:05d}.npy").is_file()  # noqa: E731
         mine = [c for c in range(rt.rank, chunks, rt.world_size) if not done(c)]
 
         def extract() -> None:
             path.mkdir(parents=True, exist_ok=True)
-            for c in tqdm(mine, desc="extract features", unit="chunk", leave=False,
-                          disable=quiet or not rt.is_main):  # fmt: skip
-                _encode_chunk(vae, views, c, chunk_items, key.kind, path, rt.device, batch_size,
-                              workers)  # fmt: skip
+            with tqdm(total=len(mine), desc="extract features", unit="chunk", leave=False,
+                      disable=quiet or not rt.is_main) as bar:  # fmt: skip
+                _encode_chunks(vae, views, mine, chunk_items, key.kind, path, rt.device,
+                               batch_size, workers, bar)  # fmt: skip
 
         agree(rt, extract)
         barrier(rt)
         if rt.is_main:
-            first = np.load(path / "z-00000.npy", mmap_mode="r")
-            meta = {"key": asdict(key), "items": len(views), "crops": key.crops,
-                    "chunks": chunks, "chunk_items": chunk_items,
-                    "item_shape": list(first.shape[2:]), "dtype": first.dtype.str,
+            empty = np.load(path / "z-00000.npy", mmap_mode="r")
+            meta = {"key": asdict(key), "crops": key.crops, "chunks": chunks,
+                    "item_shape": list(empty.shape[2:]), "dtype": empty.dtype.str,
                     "kind": key.kind}  # fmt: skip
             write_json(path / "store.json", meta)
         barrier(rt)

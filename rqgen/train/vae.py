@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from rqgen.configs import DQVAEExperiment, VAEExperiment
@@ -58,16 +60,19 @@ def fit_entropy_router(model, dataset, rt: Runtime, seed: int,
     """Fit the entropy router's threshold once, on rank 0, over a fixed-seed pass of the
     training images (its crops depend neither on the rank nor on the run's RNG, which is
     left as it was), then broadcast it: every rank routes every region alike."""
-    n = min(len(dataset), max_images)
+    streamed = isinstance(dataset, IterableDataset)  # tar shards: the first images, in order
+    n = max_images if streamed else min(len(dataset), max_images)
+    used = [0]
     if rt.is_main:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            batches = (torch.stack([dataset[i][0] for i in range(s, min(n, s + 256))])
-                       for s in range(0, n, 256))  # fmt: skip
-            model.fit_router(batches)
+            images = iter(dataset) if streamed else (dataset[i] for i in range(n))
+            images = itertools.islice((x for x, _ in images), n)
+            batches = iter(lambda: list(itertools.islice(images, 256)), [])
+            model.fit_router(torch.stack(b) for b in batches if not used.append(len(b)))
     if rt.world_size > 1:
         torch.distributed.broadcast(model.router.threshold, 0)
-    return float(model.router.threshold), n
+    return float(model.router.threshold), sum(used)
 
 
 def default_val_source(data: str) -> str | None:
@@ -135,6 +140,9 @@ class VAETrainer(Trainer):
         self.train_set = run_dataset(data, m.resolution, t.seed, self.out, rt)
         val_src = val_data or default_val_source(data)
         self.val_set = build_dataset(val_src, m.resolution, "val") if val_src else None
+        if isinstance(self.val_set, IterableDataset):  # shards: the first images, kept
+            n = t.val_batches * self.micro_batch * rt.world_size
+            self.val_set = list(itertools.islice(self.val_set, n))
         self.log = MetricsLog(self.out, rt.is_main)
         if self.is_dq and self.model.needs_router_fit:
             self._fit_entropy_router()
