@@ -74,8 +74,14 @@ def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool,
     from tqdm import tqdm
 
     from rqgen.data import build_dataset
+    from rqgen.data.shards import is_shards
+    from rqgen.errors import DataError
     from rqgen.evaluate.generation import check_digits_like
 
+    if is_shards(src):  # the KID rows are chosen by index: that needs the count up front
+        raise DataError(f"{src}: reference statistics are read from a folder, prepared "
+                        "data or bundled:NAME, not from tar shards yet (unpack a sample of "
+                        "them)")  # fmt: skip
     data = build_dataset(src, resolution, split=split, labels=False)
     mine = list(range(rt.rank, len(data), rt.world_size))
     loader = DataLoader(Subset(data, mine), batch_size=batch_size, shuffle=False)
