@@ -75,6 +75,7 @@ def _bomb(path: Path) -> Path:
 
 def _folders(root: Path) -> None:
     (root / "empty").mkdir()
+    (root / "garbage.tar").write_bytes(b"not a tar file" * 100)
     (root / "texts").mkdir()
     (root / "texts" / "readme.txt").write_text("no images here")
     (root / "all_bad").mkdir()
@@ -491,8 +492,9 @@ def _override_cases() -> list[Case]:
 
 
 def _data_cases() -> list[Case]:
-    sources = ["missing", "empty", "texts", "all_bad", "one.png", "bomb.png"]
-    named = ["bundled:nope", "bundled:digits:nosplit", "bundled:", ":", ""]
+    sources = ["missing", "empty", "texts", "all_bad", "one.png", "bomb.png", "garbage.tar"]
+    named = ["bundled:nope", "bundled:digits:nosplit", "bundled:", ":", "", "nope-{0..3}.tar",
+             "a.tar::b.png"]  # fmt: skip
     cases = []
     for command in ("train-vae", "train-ar", "eval-vae", "fid-stats"):
 

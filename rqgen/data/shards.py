@@ -152,8 +152,13 @@ class ShardStream(IterableDataset):
                 mine, keep = order, (lambda i: i % consumers == me)
             samples = (s for i, s in enumerate(_tar_samples(mine)) if keep(i))
             shuffle = wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 10, rng=rng)
+            readable = 0
             for sample in shuffle(samples):
                 item = _decode(sample, self.shards.resolution, crops)
                 if item is not None:
+                    readable += 1
                     yield item[0], item[1]
+            if not readable:  # else this loop would read the same nothing for ever
+                raise DataError(f"no readable image sample in the shards of --data "
+                                f"{self.shards.src} (reader {me} of {consumers})")  # fmt: skip
             epoch += 1

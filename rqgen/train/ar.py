@@ -129,19 +129,24 @@ class ARTrainer(Trainer):
                 f"{data} has no class labels (no subfolders): use model.conditioning=none"
             )
         self.store = self._features(dataset)
-        self.classes = list(getattr(dataset, "classes", [])) if m.conditioning == "class" else []
-        if isinstance(dataset, Shards) and m.conditioning == "class":  # ids from KEY.cls
-            n_classes = int(self.store.labels.max()) + 1
-            if n_classes <= 0:
-                raise ConfigError(f"the samples of {data} have no KEY.cls class ids: use "
-                                  "model.conditioning=none")  # fmt: skip
-            self.classes = [str(i) for i in range(n_classes)]
         usable = np.flatnonzero(self.store.readable)
         if len(usable) == 0:
             raise DataError(f"none of the images of {data} could be read")
         if len(usable) < len(self.store) and rt.is_main:
             print(f"rqgen: warning: {len(self.store) - len(usable)} unreadable image(s) of "
                   f"{data} left out")  # fmt: skip
+        self.classes = list(getattr(dataset, "classes", [])) if m.conditioning == "class" else []
+        if isinstance(dataset, Shards) and m.conditioning == "class":  # ids from KEY.cls
+            n_classes = int(self.store.labels.max(initial=-1)) + 1
+            if n_classes <= 0:
+                raise ConfigError(f"the samples of {data} have no KEY.cls class ids: use "
+                                  "model.conditioning=none")  # fmt: skip
+            self.classes = [str(i) for i in range(n_classes)]
+        unlabelled = int((self.store.labels[usable] < 0).sum())
+        if m.conditioning == "class" and unlabelled:
+            raise ConfigError(f"{unlabelled} image(s) of {data} have no class (an image outside "
+                              "the class subfolders, or a shard sample without KEY.cls): label "
+                              "them, or use model.conditioning=none")  # fmt: skip
         if m.conditioning == "class":
             cond = torch.from_numpy(self.store.labels)
         elif m.conditioning == "text":

@@ -1,0 +1,181 @@
+"""How fast does the tiny32 autoencoder learn? One factor changed at a time (#16 item 1).
+
+Trains the tiny32 encoder/decoder in process on the bundled photos (fresh crops every epoch,
+as `train-vae` draws them), with or without the residual quantizer, and scores the mean
+per-image PSNR of the 256 fixed held-out crops (bundled:photos:val) at fixed steps.
+
+    python benchmarks/stage1_learning.py --variants baseline adam99 --steps 300
+    python benchmarks/stage1_learning.py --list
+
+Each variant is a set of changes against the baseline (the tiny32 preset as it was before
+this study); results are appended to benchmarks/results/stage1_learning.json (one record per
+variant and seed) and the table is rewritten from all records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, write_results  # noqa: E402
+
+from rqgen.configs import PRESETS  # noqa: E402
+from rqgen.data.bundled import BundledPhotos  # noqa: E402
+from rqgen.evaluate.recon import psnr  # noqa: E402
+from rqgen.stage1.rqvae import RQVAE  # noqa: E402
+
+# name -> (description, changes). Changes: model.* / train.* fields of the tiny32 preset,
+# or `quantize` (False: decode the encoder output directly).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "baseline": ("tiny32 as before: Adam(0.5, 0.9) lr 4e-4, warm-up 50, no quantizer", {}),
+    "baseline_rq4": ("the same with the RQ 8x8x4 quantizer", {"quantize": True}),
+    "adam99": ("Adam betas (0.9, 0.99)", {"train.beta1": 0.9, "train.beta2": 0.99}),
+    "lr1e-3": ("lr 1e-3", {"train.lr": 1e-3}),
+    "lr2e-3": ("lr 2e-3", {"train.lr": 2e-3}),
+    "adam99_lr1e-3": (
+        "Adam (0.9, 0.99), lr 1e-3",
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3},
+    ),
+    "no_out_norm": (
+        "no GroupNorm before the encoder's and the decoder's last conv",
+        {"patch": "no_out_norm"},
+    ),
+    "no_norm": ("no GroupNorm anywhere", {"patch": "no_norm"}),
+    "adam99_lr1e-3_no_out_norm": (
+        "Adam (0.9, 0.99), lr 1e-3, no GroupNorm before the last convs",
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3, "patch": "no_out_norm"},
+    ),
+}
+
+
+def patch(model: RQVAE, name: str | None) -> RQVAE:
+    """Architecture changes tried before they became config fields."""
+    if name == "no_out_norm":
+        model.encoder.norm_out = torch.nn.Identity()
+        model.decoder.norm_out = torch.nn.Identity()
+    elif name == "no_norm":
+        for parent in list(model.modules()):
+            for child_name, child in parent.named_children():
+                if isinstance(child, torch.nn.GroupNorm):
+                    setattr(parent, child_name, torch.nn.Identity())
+    return model
+
+
+def apply(changes: dict):
+    exp = PRESETS["tiny32"]()
+    model, train = exp.model, exp.train
+    for key, value in changes.items():
+        if key.startswith("model."):
+            model = replace(model, **{key[6:]: value})
+        elif key.startswith("train."):
+            train = replace(train, **{key[6:]: value})
+    return model, train, bool(changes.get("quantize", False))
+
+
+def val_psnr(model: RQVAE, val: torch.Tensor, quantize: bool) -> float:
+    model.eval()
+    with torch.no_grad():
+        total = 0.0
+        for s in range(0, len(val), 64):
+            x = val[s : s + 64]
+            y = model(x).reconstruction if quantize else model.decode(model.encode(x))
+            total += float(psnr(y.clamp(-1, 1), x).sum())
+    model.train()
+    return total / len(val)
+
+
+def run(name: str, steps: int, every: int, seed: int) -> dict:
+    desc, changes = VARIANTS[name]
+    mcfg, tcfg, quantize = apply(changes)
+    torch.manual_seed(seed)
+    model = patch(RQVAE(mcfg), changes.get("patch"))
+    opt = torch.optim.Adam(
+        model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.adam_eps
+    )
+    train = BundledPhotos(mcfg.resolution, "train", seed=seed)
+    val = torch.stack([x for x, _ in BundledPhotos(mcfg.resolution, "val")])
+    batch = tcfg.batch_size
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    curve, t0 = {}, time.process_time()
+    for step in range(1, steps + 1):
+        pos = (step - 1) * batch
+        epoch, start = divmod(pos, len(train))
+        if start == 0 and epoch:
+            train.set_epoch(epoch)
+        x = torch.stack([train[int(i)][0] for i in order[start : start + batch]])
+        warm = min(1.0, step / tcfg.warmup_steps) if tcfg.warmup_steps else 1.0
+        for g in opt.param_groups:
+            g["lr"] = tcfg.lr * warm
+        if quantize:
+            out = model(x)
+            loss = F.mse_loss(out.reconstruction, x) + out.commitment_loss
+        else:
+            loss = F.mse_loss(model.decode(model.encode(x)), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            curve[step] = round(val_psnr(model, val, quantize), 3)
+            print(f"{name} seed {seed} step {step}: {curve[step]:.2f} dB", flush=True)
+    return {
+        "variant": name,
+        "description": desc,
+        "seed": seed,
+        "batch": batch,
+        "steps": steps,
+        "curve": curve,
+        "cpu_s_per_step": round((time.process_time() - t0) / steps, 3),
+    }
+
+
+def table(records: list[dict]) -> str:
+    steps = sorted({int(s) for r in records for s in r["curve"]})
+    lines = [
+        "| variant | change | seed | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|---|---|" + "---|" * len(steps),
+    ]
+    for r in records:
+        cells = [str(r["curve"].get(str(s), r["curve"].get(s, ""))) for s in steps]
+        lines.append(
+            f"| {r['variant']} | {r['description']} | {r['seed']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="*", default=["baseline"])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        for k, (d, _) in VARIANTS.items():
+            print(f"{k:20s} {d}")
+        return
+    path = RESULTS / "stage1_learning.json"
+    records = json.loads(path.read_text())["records"] if path.exists() else []
+    for name in args.variants:
+        for seed in args.seeds:
+            rec = run(name, args.steps, args.every, seed)
+            records = [
+                r
+                for r in records
+                if (r["variant"], r["seed"], r["steps"]) != (name, seed, args.steps)
+            ]
+            records.append(rec)
+            write_results("stage1_learning", table(records), {"records": records})
+
+
+if __name__ == "__main__":
+    main()
