@@ -28,18 +28,18 @@ def _store(root: Path, rank: int, world: int, kind: str = "features", crops: int
     views = F.views_dataset(data, "bundled:digits", 32, crops, seed=0)
     key = F.StoreKey("digits", 32, crops, F.vae_fingerprint(vae), kind)
     encoded = []
-    real = F._encode_chunk
+    real = F._encode_chunks
 
-    def counting(vae, views, c, *args):
-        encoded.append(c)
-        return real(vae, views, c, *args)
+    def counting(vae, views, chunks, *args):
+        encoded.extend(chunks)
+        return real(vae, views, chunks, *args)
 
-    F._encode_chunk = counting
+    F._encode_chunks = counting
     try:
         store = F.build_store(root, key, vae, views, Runtime(rank, world, torch.device("cpu")),
                               batch_size=3, chunk_items=CHUNK, quiet=True)  # fmt: skip
     finally:
-        F._encode_chunk = real
+        F._encode_chunks = real
     return store, encoded
 
 

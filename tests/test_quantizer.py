@@ -122,6 +122,29 @@ def test_stochastic_codes_follow_q_tau():
     assert (probs > 0.05).sum() > 1, "test needs a non-degenerate distribution"
 
 
+def test_tau_in_units_of_the_quantization_error_is_scale_free():
+    """The same features and codebook at 100x the scale: with τ times each depth's mean
+    squared quantization error, Q_τ and the drawn codes do not change; absolute τ does."""
+    q, x = trained(depth=3)
+    big = ResidualQuantizer(8, 64, 3).eval()
+    big.codebook.copy_(q.codebook * 100)
+    err, err_big = q.quantization_error(x), big.quantization_error(x * 100)
+    torch.testing.assert_close(err_big, err * 1e4, rtol=1e-4, atol=0)
+    assert (err[1:] < err[:-1]).all()  # deeper residuals are shorter
+    codes, res = q.quantize(x[:64])
+    _, res_big = big.quantize(x[:64] * 100)
+    for d in range(3):
+        torch.testing.assert_close(big.soft_labels(res_big[:, d], d, 0.5 * float(err_big[d])),
+                                   q.soft_labels(res[:, d], d, 0.5 * float(err[d])),
+                                   atol=1e-4, rtol=1e-3)  # fmt: skip
+        near_uniform = big.soft_labels(res_big[:, d], d, 0.5).max(-1).values.mean()
+        assert near_uniform > 0.99  # absolute τ = 0.5 at this scale: one-hot, not soft
+    taus = [0.5 * float(e) for e in err]
+    a, _ = q.quantize(x[:64], taus, torch.Generator().manual_seed(1))
+    b, _ = big.quantize(x[:64] * 100, [t * 1e4 for t in taus], torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, codes)  # drawn, not argmin
+
+
 def test_same_generator_same_stochastic_codes():
     q, x = trained(depth=3)
     a, _ = q.quantize(x, tau=0.5, generator=torch.Generator().manual_seed(3))

@@ -147,6 +147,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "ARTrainConfig": _TRAINING | {
         "weight_decay": non_negative(), "min_lr_ratio": unit(open_high=False),
         "soft_labels": FLAG, "stochastic_codes": FLAG, "tau": positive(), "cond_dropout": unit(),
+        "tau_unit": Rule("choice", choices=("quantization_error", "absolute")),
         "val_fraction": unit(), "eval_every": count(), "patience": count(0), "fsdp": FLAG,
         "sample_every": count(),
         "activation_checkpointing": FLAG, "compile": FLAG, "extract_workers": count(-1),

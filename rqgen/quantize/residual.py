@@ -21,6 +21,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +105,7 @@ class ResidualQuantizer(nn.Module):
         return out
 
     def _residual_quantize(
-        self, x: Tensor, tau: float | None = None, generator=None
+        self, x: Tensor, tau: float | Sequence[float] | None = None, generator=None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Eq. 3-5 on flat fp32 rows. Returns codes (N, D), partial sums Ẑ(1..D) (D, N, dim)
         and the residuals r_0..r_{D-1} (D, N, dim) that each depth quantized."""
@@ -112,7 +113,7 @@ class ResidualQuantizer(nn.Module):
         r, zhat = x, torch.zeros_like(x)
         for d in range(self.depth):
             c = self.codebook_index(d)
-            k = self._search(r, c, tau, generator)
+            k = self._search(r, c, _at_depth(tau, d), generator)
             e = F.embedding(k, self.codebook[c])
             residuals.append(r)
             codes.append(k)
@@ -161,13 +162,16 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def quantize(
-        self, z: Tensor, tau: float | None = None, generator: torch.Generator | None = None
+        self,
+        z: Tensor,
+        tau: float | Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Codes (..., D) and the residuals r_{d-1} (..., D, dim) they were chosen from.
 
-        Pure: never updates the codebook. With `tau`, each code is drawn from Q_τ(· | r_{d-1})
-        instead of taken as the argmin (stochastic sampling, Eq. 15); later residuals follow
-        the drawn codes.
+        Pure: never updates the codebook. With `tau` (one value, or one per depth), each code
+        is drawn from Q_τ(· | r_{d-1}) instead of taken as the argmin (stochastic sampling,
+        Eq. 15); later residuals follow the drawn codes.
         """
         lead = z.shape[:-1]
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -176,6 +180,14 @@ class ResidualQuantizer(nn.Module):
             )
         residuals = residuals.permute(1, 0, 2).reshape(*lead, self.depth, self.dim)
         return codes.reshape(*lead, self.depth), residuals
+
+    @torch.no_grad()
+    def quantization_error(self, z: Tensor) -> Tensor:
+        """Per depth d, the mean over vectors of ||r_d||² = ||r_{d-1} - e(k_d)||² (argmin
+        codes): the scale of the distances Q_τ compares at depth d+1. (D,) float32."""
+        codes, residuals = self.quantize(z)
+        left = residuals - self.embed(codes)  # r_d for d = 1..D
+        return left.pow(2).sum(-1).reshape(-1, self.depth).mean(0)
 
     # ------------------------------------------------------------ codes -> vectors
     def embed(self, codes: Tensor) -> Tensor:
@@ -283,3 +295,9 @@ class ResidualQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = "shared" if self.shared_codebook else "separate"
         return f"dim={self.dim}, K={self.codebook_size}, D={self.depth}, {kind} codebook"
+
+
+def _at_depth(tau: float | Sequence[float] | None, d: int) -> float | None:
+    if tau is None or isinstance(tau, (int, float)):
+        return tau
+    return float(tau[d])

@@ -161,6 +161,7 @@ class ARTrainer(Trainer):
         val, train = perm[:n_val], perm[n_val:]
         self.train_set = StoreView(self.store, train, cond[train], t.seed, random_views=True)
         self.val_set = StoreView(self.store, val, cond[val])
+        self.taus = self._temperatures()
 
         seed_everything(t.seed)
         if self.is_dq:
@@ -216,6 +217,15 @@ class ARTrainer(Trainer):
         root = Path(t.features).expanduser() if t.features else self.out / "features"
         workers, _ = use_cpu_budget(t.extract_workers)
         return build_store(root, key, self.vae, views, rt, workers=workers, quiet=self.quiet)
+
+    def _temperatures(self) -> list[float]:
+        """τ per depth (Eq. 15): train.tau, times the mean squared quantization error of
+        each depth over the first 4096 training items with tau_unit=quantization_error."""
+        t, q = self.exp.train, self.vae.quantizer
+        if self.store.meta["kind"] != "features" or t.tau_unit == "absolute":
+            return [t.tau] * (1 if self.is_dq else q.depth)
+        z, _ = self.train_set.batch(0, 4096)
+        return [t.tau * max(float(e), 1e-12) for e in q.quantization_error(z.to(self.rt.device))]
 
     def _text_tokens(self, dataset, captions) -> torch.Tensor:
         """Captions tokenized by this run's BPE (trained on them by rank 0, once)."""
@@ -315,12 +325,11 @@ class ARTrainer(Trainer):
             length = int((z[:, 0] != pad).sum(1).max())
             return z[:, :, :length], None
         t, q = self.exp.train, self.vae.quantizer
-        tau = t.tau if t.stochastic_codes else None
-        codes, residuals = q.quantize(z, tau, generator)
+        codes, residuals = q.quantize(z, self.taus if t.stochastic_codes else None, generator)
         soft = None
         if t.soft_labels:
             soft = torch.stack(
-                [q.soft_labels(residuals[..., d, :], d, t.tau) for d in range(q.depth)], -2
+                [q.soft_labels(residuals[..., d, :], d, self.taus[d]) for d in range(q.depth)], -2
             )
         return codes, soft
 

@@ -329,9 +329,11 @@ def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_siz
         agree(rt, extract)
         barrier(rt)
         if rt.is_main:
-            empty = np.load(path / "z-00000.npy", mmap_mode="r")
-            meta = {"key": asdict(key), "crops": key.crops, "chunks": chunks,
-                    "item_shape": list(empty.shape[2:]), "dtype": empty.dtype.str,
+            first = np.load(path / "z-00000.npy", mmap_mode="r")
+            items = sum(len(np.load(path / f"y-{c:05d}.npy", mmap_mode="r")) for c in range(chunks))
+            meta = {"key": asdict(key), "items": items, "crops": key.crops, "chunks": chunks,
+                    "chunk_items": None if sharded else chunk_items,
+                    "item_shape": list(first.shape[2:]), "dtype": first.dtype.str,
                     "kind": key.kind}  # fmt: skip
             write_json(path / "store.json", meta)
         barrier(rt)
