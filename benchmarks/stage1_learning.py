@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +32,7 @@ from common import RESULTS, write_results  # noqa: E402
 from rqgen.configs import PRESETS  # noqa: E402
 from rqgen.data.bundled import BundledPhotos  # noqa: E402
 from rqgen.evaluate.recon import psnr  # noqa: E402
+from rqgen.stage1.blocks import AttnBlock, ResnetBlock  # noqa: E402
 from rqgen.stage1.rqvae import RQVAE  # noqa: E402
 
 # name -> (description, changes). Changes: model.* / train.* fields of the tiny32 preset,
@@ -50,6 +52,32 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"patch": "no_out_norm"},
     ),
     "no_norm": ("no GroupNorm anywhere", {"patch": "no_norm"}),
+    "zero_res": (
+        "residual branches start at zero (last conv of each ResBlock, attention output)",
+        {"patch": "zero_res"},
+    ),
+    "adam99_lr2e-3": (
+        "Adam (0.9, 0.99), lr 2e-3",
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 2e-3},
+    ),
+    "adam99_lr2e-3_cosine": (
+        "Adam (0.9, 0.99), lr 2e-3, cosine decay to 0 at the last step",
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 2e-3, "schedule": "cosine"},
+    ),
+    "adam99_lr1e-3_cosine_zero_res": (
+        "Adam (0.9, 0.99), lr 1e-3, cosine decay, residual branches start at zero",
+        {
+            "train.beta1": 0.9,
+            "train.beta2": 0.99,
+            "train.lr": 1e-3,
+            "schedule": "cosine",
+            "patch": "zero_res",
+        },
+    ),
+    "adam99_lr1e-3_cosine": (
+        "Adam (0.9, 0.99), lr 1e-3, cosine decay to 0 at the last step",
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3, "schedule": "cosine"},
+    ),
     "adam99_lr1e-3_no_out_norm": (
         "Adam (0.9, 0.99), lr 1e-3, no GroupNorm before the last convs",
         {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3, "patch": "no_out_norm"},
@@ -62,6 +90,14 @@ def patch(model: RQVAE, name: str | None) -> RQVAE:
     if name == "no_out_norm":
         model.encoder.norm_out = torch.nn.Identity()
         model.decoder.norm_out = torch.nn.Identity()
+    elif name == "zero_res":
+        for m in model.modules():
+            if isinstance(m, ResnetBlock):
+                torch.nn.init.zeros_(m.conv2.weight)
+                torch.nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, AttnBlock):
+                torch.nn.init.zeros_(m.proj_out.weight)
+                torch.nn.init.zeros_(m.proj_out.bias)
     elif name == "no_norm":
         for parent in list(model.modules()):
             for child_name, child in parent.named_children():
@@ -113,6 +149,9 @@ def run(name: str, steps: int, every: int, seed: int) -> dict:
             train.set_epoch(epoch)
         x = torch.stack([train[int(i)][0] for i in order[start : start + batch]])
         warm = min(1.0, step / tcfg.warmup_steps) if tcfg.warmup_steps else 1.0
+        if changes.get("schedule") == "cosine" and step > tcfg.warmup_steps:
+            done = (step - tcfg.warmup_steps) / max(1, steps - tcfg.warmup_steps)
+            warm = 0.5 * (1 + math.cos(math.pi * done))
         for g in opt.param_groups:
             g["lr"] = tcfg.lr * warm
         if quantize:

@@ -32,6 +32,7 @@ class VAETrainConfig:
     beta2: float = 0.9
     adam_eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: constant (the paper) or cosine (to 0)
     grad_clip: float = 0.0  # 0: off
     perceptual_weight: float = 1.0  # LPIPS (needs local VGG16 weights; 0 turns it off)
     adversarial_weight: float = 0.75  # PatchGAN hinge loss, times the adaptive weight

@@ -137,6 +137,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "adam_eps": positive(), "perceptual_weight": non_negative(),
         "adversarial_weight": non_negative(), "disc_start": count(0), "disc_ndf": count(),
         "disc_layers": count(), "sample_every": count(), "val_batches": count(0),
+        "lr_schedule": Rule("choice", choices=("constant", "cosine")),
     },
     "ARModelConfig": {
         "width": count(), "heads": count(), "depth_heads": count(0), "spatial_layers": count(),

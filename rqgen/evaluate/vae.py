@@ -113,6 +113,7 @@ def evaluate_vae(
         "ssim": sums["ssim"] / n,
         "per_depth_psnr": [s / n for s in depth_sums],
         "codebook_usage": stats.usage(),
+        "per_depth_usage": stats.usage(per_depth=True),
         "perplexity": stats.perplexity(),
         "per_depth_perplexity": stats.perplexity(per_depth=True),
         "reference_codec_psnr": sums["ref"] / n,

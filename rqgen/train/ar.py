@@ -45,6 +45,7 @@ from rqgen.train.common import (
     init_runtime,
     rng_state,
     run_dataset,
+    scheduled_lr,
     seed_everything,
     set_rng_state,
 )
@@ -73,13 +74,6 @@ from rqgen.train.parallel import (
 )
 from rqgen.utils.device import use_cpu_budget
 from rqgen.utils.images import make_grid, save_image
-
-
-def cosine_lr(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class ARTrainer(Trainer):
@@ -347,7 +341,9 @@ class ARTrainer(Trainer):
     def train_step(self, batches) -> dict[str, float]:
         t = self.exp.train
         for g in self.opt.param_groups:
-            g["lr"] = cosine_lr(self.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+            g["lr"] = scheduled_lr(
+                self.step, t.lr, t.warmup_steps, t.steps, "cosine", t.min_lr_ratio
+            )
         gen = torch.Generator(self.rt.device).manual_seed(
             t.seed * 1_000_003 + self.step * 101 + self.rt.rank
         )

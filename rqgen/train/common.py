@@ -494,9 +494,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warmup, then constant (the paper's stage-1 schedule: no decay)."""
-    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+def scheduled_lr(step: int, base: float, warmup: int, total: int, schedule: str = "cosine",
+                 min_ratio: float = 0.0) -> float:  # fmt: skip
+    """Linear warm-up over `warmup` steps, then constant (the paper's stage 1) or a cosine
+    decay to base·min_ratio at step `total` (its stage 2)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ------------------------------------------------------------------ trainer base

@@ -46,9 +46,9 @@ from rqgen.train.common import (
     init_runtime,
     rng_state,
     run_dataset,
+    scheduled_lr,
     seed_everything,
     set_rng_state,
-    warmup_lr,
 )
 from rqgen.train.parallel import no_sync
 from rqgen.utils.device import use_cpu_budget
@@ -200,7 +200,7 @@ class VAETrainer(Trainer):
         t = self.exp.train
         gan_on = self.use_gan and self.step >= t.disc_start
         for g in self.opt.param_groups:
-            g["lr"] = warmup_lr(self.step, t.lr, t.warmup_steps)
+            g["lr"] = scheduled_lr(self.step, t.lr, t.warmup_steps, t.steps, t.lr_schedule)
         totals: dict[str, float] = {}
         recons, nonfinite = [], False
         self.opt.zero_grad(set_to_none=True)
