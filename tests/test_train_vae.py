@@ -338,3 +338,16 @@ def test_the_batch_sampler_draws_one_permutation_per_epoch_and_resumes_anywhere(
     # two ranks share each global batch between them
     r0, r1 = (iter(ShardedBatchSampler(100, 10, r, 2, seed=3, start=0)) for r in (0, 1))
     assert [next(r0) + next(r1) for _ in range(25)] == batches
+
+
+def test_learning_rate_schedules_warm_up_then_hold_or_decay():
+    import math
+
+    from rqgen.train.common import scheduled_lr
+
+    warm = [scheduled_lr(s, 1.0, 4, 20, "constant") for s in range(4)]
+    assert warm == [0.25, 0.5, 0.75, 1.0]
+    assert all(scheduled_lr(s, 1.0, 4, 20, "constant") == 1.0 for s in range(4, 40))
+    cos = [scheduled_lr(s, 1.0, 4, 20, "cosine", 0.1) for s in range(4, 21)]
+    assert cos[0] == 1.0 and math.isclose(cos[-1], 0.1) and cos == sorted(cos, reverse=True)
+    assert math.isclose(scheduled_lr(12, 1.0, 4, 20, "cosine"), 0.5)  # half-way: half
