@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[400, 4400, 16000])
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--before", default="d528b1e", help="earlier revision to compare")
+    ap.add_argument("--redo", nargs="*", default=[], help="versions to measure again")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "rqgen_data_scale"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -109,11 +110,19 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), args.before],
                        cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     vae = make_vae(work / "vae")
+    cache = work / "rows.jsonl"  # rows measured earlier; --redo VERSION measures them again
+    old = [json.loads(line) for line in cache.read_text().splitlines()] if cache.exists() else []
+    old = [r for r in old if r["version"] not in args.redo]
     rows = []
     for n in args.sizes:
         data = make_folder(work / f"images_{n}", n)
         for version, tree in (("before", before_tree), ("after", ROOT)):
             for world in args.worlds:
+                done = [r for r in old if (r["images"], r["version"], r["ranks"]) ==
+                        (n, version, world)]  # fmt: skip
+                if done:
+                    rows.append(done[-1])
+                    continue
                 out = work / f"ar_{version}_{n}_{world}"
                 shutil.rmtree(out, ignore_errors=True)
                 base = ["train-ar", "--vae", str(vae), "--data", str(data), "--out", str(out),
@@ -124,6 +133,8 @@ def main() -> None:
                        "resume_s": resume, "peak_bytes": peaks,
                        "resume_peak_bytes": rpeaks}  # fmt: skip
                 print(json.dumps(row), flush=True)
+                with open(cache, "a") as f:
+                    f.write(json.dumps(row) + "\n")
                 rows.append(row)
     write_results("data_scale", table(rows, args.sizes), {"rows": rows, "before": args.before})
 

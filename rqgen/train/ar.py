@@ -214,12 +214,14 @@ class ARTrainer(Trainer):
 
     def _temperatures(self) -> list[float]:
         """τ per depth (Eq. 15): train.tau, times the mean squared quantization error of
-        each depth over the first 4096 training items with tau_unit=quantization_error."""
+        each depth over the first 1024 training items with tau_unit=quantization_error."""
         t, q = self.exp.train, self.vae.quantizer
         if self.store.meta["kind"] != "features" or t.tau_unit == "absolute":
             return [t.tau] * (1 if self.is_dq else q.depth)
-        z, _ = self.train_set.batch(0, 4096)
-        return [t.tau * max(float(e), 1e-12) for e in q.quantization_error(z.to(self.rt.device))]
+        n = min(len(self.train_set), 1024)  # in batches: the residuals are D times Z's size
+        errs = [q.quantization_error(self.train_set.batch(s, s + 64)[0].to(self.rt.device))
+                * min(64, n - s) for s in range(0, n, 64)]  # fmt: skip
+        return [t.tau * max(float(e) / n, 1e-12) for e in sum(errs)]
 
     def _text_tokens(self, dataset, captions) -> torch.Tensor:
         """Captions tokenized by this run's BPE (trained on them by rank 0, once)."""
