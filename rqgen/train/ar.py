@@ -13,6 +13,7 @@ OUT ends as a `save_pretrained` directory (the best model on the validation spli
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from rqgen.checkpoint import write_json
 from rqgen.configs import ARExperiment, ar_transformer_config
 from rqgen.data import describe
 from rqgen.data.captions import captions_for
@@ -214,14 +216,21 @@ class ARTrainer(Trainer):
 
     def _temperatures(self) -> list[float]:
         """τ per depth (Eq. 15): train.tau, times the mean squared quantization error of
-        each depth over the first 1024 training items with tau_unit=quantization_error."""
+        each depth over the first 256 training items with tau_unit=quantization_error."""
         t, q = self.exp.train, self.vae.quantizer
         if self.store.meta["kind"] != "features" or t.tau_unit == "absolute":
             return [t.tau] * (1 if self.is_dq else q.depth)
-        n = min(len(self.train_set), 1024)  # in batches: the residuals are D times Z's size
-        errs = [q.quantization_error(self.train_set.batch(s, s + 64)[0].to(self.rt.device))
-                * min(64, n - s) for s in range(0, n, 64)]  # fmt: skip
-        return [t.tau * max(float(e) / n, 1e-12) for e in sum(errs)]
+        path = self.out / "quantization_error.json"  # measured once per run and store
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("store") != self.store.path.name:
+            n = min(len(self.train_set), 256)  # 16k vectors at 8×8: a close enough mean
+            errs = [q.quantization_error(self.train_set.batch(s, s + 64)[0].to(self.rt.device))
+                    * min(64, n - s) for s in range(0, n, 64)]  # fmt: skip
+            saved = {"store": self.store.path.name, "per_depth": [float(e) / n for e in sum(errs)]}
+            barrier(self.rt)  # every rank has read the old file before rank 0 replaces it
+            if self.rt.is_main:
+                write_json(path, saved)
+        return [t.tau * max(e, 1e-12) for e in saved["per_depth"]]
 
     def _text_tokens(self, dataset, captions) -> torch.Tensor:
         """Captions tokenized by this run's BPE (trained on them by rank 0, once)."""
