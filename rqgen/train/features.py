@@ -1,10 +1,12 @@
 """Feature store for stage 2: what a frozen VAE makes of every training image, extracted
-once, split over the ranks, in fixed-size chunk files that every rank reads (#12).
+once, split over the ranks, in chunk files that every rank reads.
 
-    STORE/<key>/store.json      written last: the key, item shape and dtype, chunk layout
+    STORE/<key>/store.json      written last: the key, item shape and dtype, chunk count
     STORE/<key>/z-00000.npy     (n, crops, *item) fp16 features Z = E(X), int16 codes or
-                                int32 DQ token streams; CHUNK_ITEMS images per file
+                                int32 DQ token streams; CHUNK_ITEMS images per file, or
+                                one file per tar shard
     STORE/<key>/y-00000.npy     (n, 2) int64: label, 1 if the image could be read else 0
+    STORE/<key>/t-00000.json    captions (KEY.txt of tar shards), when there are any
 
 The key covers the data listing, the resolution, the crop policy, what is stored and every
 weight of the VAE, so a changed folder or VAE gets a new store instead of stale features.
@@ -17,6 +19,7 @@ every page a rank ever touched against its own resident memory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -271,6 +274,20 @@ def _write_chunk(path: Path, c: int, z: np.ndarray, y: np.ndarray, captions=None
     save_npy(path / f"y-{c:05d}.npy", y)  # y last: it marks the chunk done
 
 
+def _stream_npy(tmp: str, batches, n: int, vae, device, kind: str, ys: list) -> None:
+    """Encode `batches` into a .npy of n items, written batch by batch (memory stays one
+    batch); their (label, readable) rows are appended to `ys`."""
+    with open(tmp, "wb") as f:
+        for x, label, ok in batches:
+            z = encode_views(vae, x.to(device), kind)
+            if not ys:  # the header needs the item shape: known from the first batch
+                header = {"descr": np.lib.format.dtype_to_descr(z.dtype),
+                          "fortran_order": False, "shape": (n, *z.shape[1:])}  # fmt: skip
+                np.lib.format.write_array_header_1_0(f, header)
+            f.write(np.ascontiguousarray(z).tobytes())
+            ys.append(torch.stack([label, ok], 1).numpy().astype(np.int64))
+
+
 def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, path: Path,
                    device, batch_size: int, workers: int, bar) -> None:  # fmt: skip
     """Encode and write the given chunks: ranges of `chunk_items` images of a dataset, or
@@ -297,11 +314,11 @@ def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, p
     for c in chunks:
         items = range(c * chunk_items, min(len(views), (c + 1) * chunk_items))
         loader = DataLoader(Subset(views, items), batch_size=batch_size, num_workers=workers)
-        zs, ys = [], []
-        for x, label, ok in loader:
-            zs.append(encode_views(vae, x.to(device), kind))
-            ys.append(torch.stack([label, ok], 1).numpy().astype(np.int64))
-        _write_chunk(path, c, np.concatenate(zs), np.concatenate(ys))
+        ys: list[np.ndarray] = []
+        write = functools.partial(_stream_npy, batches=loader, n=len(items), vae=vae,
+                                  device=device, kind=kind, ys=ys)  # fmt: skip
+        atomic_write(path / f"z-{c:05d}.npy", write)
+        save_npy(path / f"y-{c:05d}.npy", np.concatenate(ys))  # y last: it marks the chunk done
         bar.update(1)
 
 
