@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -32,8 +31,9 @@ from common import RESULTS, write_results  # noqa: E402
 from rqgen.configs import PRESETS  # noqa: E402
 from rqgen.data.bundled import BundledPhotos  # noqa: E402
 from rqgen.evaluate.recon import psnr  # noqa: E402
-from rqgen.stage1.blocks import AttnBlock, ResnetBlock  # noqa: E402
+from rqgen.stage1.blocks import zero_init_residual_branches  # noqa: E402
 from rqgen.stage1.rqvae import RQVAE  # noqa: E402
+from rqgen.train.common import scheduled_lr  # noqa: E402
 
 # name -> (description, changes). Changes: model.* / train.* fields of the tiny32 preset,
 # or `quantize` (False: decode the encoder output directly).
@@ -46,6 +46,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "adam99_lr1e-3": (
         "Adam (0.9, 0.99), lr 1e-3",
         {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3},
+    ),
+    "adam99_lr1e-3_rq4": (
+        "Adam (0.9, 0.99), lr 1e-3, with the RQ 8x8x4 quantizer (K 512)",
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3, "quantize": True},
     ),
     "no_out_norm": (
         "no GroupNorm before the encoder's and the decoder's last conv",
@@ -62,7 +66,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     "adam99_lr2e-3_cosine": (
         "Adam (0.9, 0.99), lr 2e-3, cosine decay to 0 at the last step",
-        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 2e-3, "schedule": "cosine"},
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 2e-3, "train.lr_schedule": "cosine"},
     ),
     "adam99_lr1e-3_cosine_zero_res": (
         "Adam (0.9, 0.99), lr 1e-3, cosine decay, residual branches start at zero",
@@ -70,13 +74,24 @@ VARIANTS: dict[str, tuple[str, dict]] = {
             "train.beta1": 0.9,
             "train.beta2": 0.99,
             "train.lr": 1e-3,
-            "schedule": "cosine",
+            "train.lr_schedule": "cosine",
             "patch": "zero_res",
+        },
+    ),
+    "adam99_lr1e-3_cosine_zero_res_rq4": (
+        "Adam (0.9, 0.99), lr 1e-3, cosine decay, residual branches start at zero, RQ 8x8x4",
+        {
+            "train.beta1": 0.9,
+            "train.beta2": 0.99,
+            "train.lr": 1e-3,
+            "train.lr_schedule": "cosine",
+            "patch": "zero_res",
+            "quantize": True,
         },
     ),
     "adam99_lr1e-3_cosine": (
         "Adam (0.9, 0.99), lr 1e-3, cosine decay to 0 at the last step",
-        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3, "schedule": "cosine"},
+        {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3, "train.lr_schedule": "cosine"},
     ),
     "adam99_lr1e-3_no_out_norm": (
         "Adam (0.9, 0.99), lr 1e-3, no GroupNorm before the last convs",
@@ -90,14 +105,8 @@ def patch(model: RQVAE, name: str | None) -> RQVAE:
     if name == "no_out_norm":
         model.encoder.norm_out = torch.nn.Identity()
         model.decoder.norm_out = torch.nn.Identity()
-    elif name == "zero_res":
-        for m in model.modules():
-            if isinstance(m, ResnetBlock):
-                torch.nn.init.zeros_(m.conv2.weight)
-                torch.nn.init.zeros_(m.conv2.bias)
-            elif isinstance(m, AttnBlock):
-                torch.nn.init.zeros_(m.proj_out.weight)
-                torch.nn.init.zeros_(m.proj_out.bias)
+    elif name == "zero_res":  # now model.zero_init_residual
+        zero_init_residual_branches(model)
     elif name == "no_norm":
         for parent in list(model.modules()):
             for child_name, child in parent.named_children():
@@ -106,10 +115,15 @@ def patch(model: RQVAE, name: str | None) -> RQVAE:
     return model
 
 
+# tiny32 before this study; every variant is a change against it
+BASELINE = {"model.zero_init_residual": False, "train.lr": 4e-4, "train.beta1": 0.5,
+            "train.beta2": 0.9, "train.lr_schedule": "constant"}  # fmt: skip
+
+
 def apply(changes: dict):
     exp = PRESETS["tiny32"]()
     model, train = exp.model, exp.train
-    for key, value in changes.items():
+    for key, value in {**BASELINE, **changes}.items():
         if key.startswith("model."):
             model = replace(model, **{key[6:]: value})
         elif key.startswith("train."):
@@ -148,12 +162,9 @@ def run(name: str, steps: int, every: int, seed: int) -> dict:
         if start == 0 and epoch:
             train.set_epoch(epoch)
         x = torch.stack([train[int(i)][0] for i in order[start : start + batch]])
-        warm = min(1.0, step / tcfg.warmup_steps) if tcfg.warmup_steps else 1.0
-        if changes.get("schedule") == "cosine" and step > tcfg.warmup_steps:
-            done = (step - tcfg.warmup_steps) / max(1, steps - tcfg.warmup_steps)
-            warm = 0.5 * (1 + math.cos(math.pi * done))
+        lr = scheduled_lr(step - 1, tcfg.lr, tcfg.warmup_steps, steps, tcfg.lr_schedule)
         for g in opt.param_groups:
-            g["lr"] = tcfg.lr * warm
+            g["lr"] = lr
         if quantize:
             out = model(x)
             loss = F.mse_loss(out.reconstruction, x) + out.commitment_loss

@@ -134,3 +134,22 @@ def test_config_file_and_overrides(tmp_path):
     exp = load_vae_experiment(str(f), ["train.steps=7"])
     assert exp.model.resolution == 64 and exp.model.code_depth == 2
     assert exp.train.lr == 1e-3 and exp.train.steps == 7
+
+
+def test_zero_initialised_residual_branches_start_as_their_skip_paths():
+    from rqgen.stage1.blocks import AttnBlock, ResnetBlock
+
+    cfg = RQVAEConfig(resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
+                      attn_resolutions=[8], z_channels=8, embed_dim=8, codebook_size=16,
+                      code_depth=2, zero_init_residual=True)  # fmt: skip
+    torch.manual_seed(0)
+    blocks = [m for m in RQVAE(cfg).modules() if isinstance(m, (ResnetBlock, AttnBlock))]
+    same_width = [b for b in blocks if not hasattr(b, "nin_shortcut")]
+    assert len(same_width) >= 6 and any(isinstance(b, AttnBlock) for b in same_width)
+    for block in same_width:
+        width = (block.norm1 if isinstance(block, ResnetBlock) else block.norm).num_channels
+        y = torch.randn(2, width, 8, 8)
+        assert torch.equal(block(y), y)  # the block is its skip path until it learns
+    torch.manual_seed(0)
+    plain = RQVAE(RQVAEConfig(**{**cfg.__dict__, "zero_init_residual": False}))
+    assert plain.decoder.mid.block_1.conv2.weight.abs().sum() > 0

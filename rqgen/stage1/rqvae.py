@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from rqgen.checkpoint import Pretrained
 from rqgen.quantize import ResidualQuantizer
-from rqgen.stage1.blocks import Decoder, Encoder
+from rqgen.stage1.blocks import Decoder, Encoder, zero_init_residual_branches
 
 
 @dataclass
@@ -37,6 +37,8 @@ class RQVAEConfig:
     # GroupNorm groups: 0 keeps >= 4 channels per group in narrow layers (gcd(32, C/4)), which
     # is 32 at official widths; converted official models set 32 everywhere, as VQGAN does.
     norm_groups: int = 0
+    # residual branches initialised to zero (init only; tiny32 sets it: it learns faster)
+    zero_init_residual: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -90,6 +92,8 @@ class RQVAE(nn.Module, Pretrained):
             commitment_weight=c.commitment_weight,
             restart_unused_codes=c.restart_unused_codes,
         )
+        if c.zero_init_residual:
+            zero_init_residual_branches(self)
         if c.norm_groups:
             for m in self.modules():
                 if isinstance(m, nn.GroupNorm):
