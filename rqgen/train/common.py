@@ -89,14 +89,12 @@ def seed_everything(seed: int) -> None:
 LISTING_NAME = "data_listing.json"
 
 
-def run_dataset(data: str, resolution: int, seed: int, out: Path, rt: Runtime,
-                verify: bool = False) -> Dataset:  # fmt: skip
+def run_dataset(data: str, resolution: int, seed: int, out: Path, rt: Runtime) -> Dataset:
     """The training set of a run. A folder is listed once, by rank 0, into OUT/data_listing
     .json (file names and classes, no image opened; or the prepared copy of a folder of
     large images), which every rank reads and every resume reuses: neither walks nor opens
-    the folder to list it again. Unreadable images are skipped when first loaded (`verify`:
-    checked once, when the listing is made, for a run that reads every image then anyway).
-    Bundled and prepared data need no listing."""
+    the folder to list it again. Unreadable images are skipped when first loaded. Bundled
+    and prepared data and tar shards need no listing."""
     from rqgen.data import build_dataset
     from rqgen.data.folder import ImageFolder, Listing
     from rqgen.data.prepared import PreparedImages, is_prepared, prepared_copy
@@ -115,7 +113,7 @@ def run_dataset(data: str, resolution: int, seed: int, out: Path, rt: Runtime,
         if prepared is not None:
             record = {"prepared": str(prepared)}
         else:
-            folder = ImageFolder(root, resolution, verify=verify)  # one line if empty
+            folder = ImageFolder(root, resolution, verify=False)  # one line if empty
             record = {"listing": dataclasses.asdict(folder.listing)}
         write_json(path, record)
 
