@@ -300,3 +300,21 @@ def test_ranks_that_do_not_see_rank_0s_out_are_refused_in_one_line(tmp_path, sha
         assert results == {0: "ok", 1: "ok"} and not list(a.iterdir())  # the token is removed
     else:
         assert all("rank(s) [1] do not see what rank 0 writes" in r for r in results.values())
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_still_one_line():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from rqgen.cli import one_line
+    from rqgen.errors import DataError
+
+    class Unreadable(IterableDataset):
+        def __iter__(self):
+            raise DataError("no readable image sample in the shards of --data x.tar")
+            yield  # a generator
+
+    with pytest.raises(DataError) as caught:  # torch adds the worker's traceback to it
+        next(iter(DataLoader(Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)
+    assert one_line(caught.value) == "no readable image sample in the shards of --data x.tar"
+    assert one_line(DataError("plain")) == "plain"

@@ -90,6 +90,16 @@ def _out_of_memory(e: BaseException) -> int:
     return 2
 
 
+def one_line(error: Exception) -> str:
+    """An error's message; for one raised in a DataLoader worker (which torch re-raises with
+    the worker's traceback in its message), the original message alone."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith(type(error).__module__) else last
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.time()
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except RqgenError as e:
         _close_progress_bars()
-        print(f"rqgen: error: {e}", file=sys.stderr)
+        print(f"rqgen: error: {one_line(e)}", file=sys.stderr)
         return 2
     except MemoryError as e:  # host memory; torch.OutOfMemoryError (a RuntimeError) below
         return _out_of_memory(e)
