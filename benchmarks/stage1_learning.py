@@ -195,7 +195,8 @@ def table(records: list[dict]) -> str:
         "fixed crops of the held-out photos (bundled:photos:val): mean per-image PSNR (dB). "
         "Every variant is a change against the baseline, tiny32 before this study. One seed "
         "per row; rows accumulate over invocations (the command above is the last one; each "
-        "variant ran as `--variants NAME --steps N`).",
+        "variant ran as `--variants NAME --steps N`). For scale: the bicubic 8×8 codec "
+        "scores 29.32 dB on these crops (rate_distortion.md).",
     ]
     for length in sorted({r["steps"] for r in records}):
         rows = [r for r in records if r["steps"] == length]
@@ -235,6 +236,7 @@ def main() -> None:
             ]
             records.append(rec)
             write_results("stage1_learning", table(records), {"records": records})
+    write_results("stage1_learning", table(records), {"records": records})  # also with no run
 
 
 if __name__ == "__main__":
