@@ -147,3 +147,14 @@ def test_grids_put_one_class_per_row():
     assert width == 3 and len(shown) == 9
     rows = shown[:, 0, 0, 0].view(3, 3).tolist()
     assert rows == [[10, 13, 16], [11, 14, 1], [12, 15, 1]]  # class c in row c; white pads
+
+
+def test_tau_in_quantization_error_units_is_measured_once_per_run(vae, tmp_path):
+    ar = tmp_path / "ar"
+    train_ar(vae, ar, 2, "train.tau_unit=quantization_error")
+    saved = json.loads((ar / "quantization_error.json").read_text())
+    errs = saved["per_depth"]
+    assert len(errs) == 4 and all(e > 0 for e in errs)
+    (ar / "quantization_error.json").write_text(json.dumps({**saved, "per_depth": [7.0] * 4}))
+    train_ar(vae, ar, 3, "train.tau_unit=quantization_error")  # the resume reads, not measures
+    assert json.loads((ar / "quantization_error.json").read_text())["per_depth"] == [7.0] * 4
