@@ -75,6 +75,12 @@ def _decode(sample: dict, resolution: int, generator: torch.Generator | None = N
     return crop(img, resolution, generator is not None, generator), label, caption
 
 
+def worker_share() -> tuple[int, int]:
+    """(this DataLoader worker's index, number of workers); (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
 def _tar_samples(urls: list[str]) -> Iterator[dict]:
     import webdataset as wds
 
@@ -119,8 +125,7 @@ class Shards(IterableDataset):
                 yield i, item
 
     def __iter__(self):
-        info = get_worker_info()
-        w, n = (info.id, info.num_workers) if info else (0, 1)
+        w, n = worker_share()
         for _, (x, label, _) in self.samples(list(range(w, len(self.urls), n))):
             yield x, label
 
@@ -137,8 +142,7 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         import webdataset as wds
 
-        info = get_worker_info()
-        w, n = (info.id, info.num_workers) if info else (0, 1)
+        w, n = worker_share()
         consumers, me = self.world * n, self.rank * n + w
         urls, epoch = self.shards.urls, 0
         while True:

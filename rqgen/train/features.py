@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
 from rqgen.checkpoint import write_json
 from rqgen.data.folder import DECODE_ERRORS, ImageFolder, load_image
-from rqgen.data.shards import Shards
+from rqgen.data.shards import Shards, worker_share
 from rqgen.errors import DataError
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage2.dq_sequence import DQVocab, to_sequence
@@ -144,8 +144,7 @@ class _ShardViews(IterableDataset):
         return len(self.shards.urls)  # chunks: one per shard
 
     def __iter__(self):
-        info = get_worker_info()
-        w, n = (info.id, info.num_workers) if info else (0, 1)
+        w, n = worker_share()
         for c in self.chunks[w::n]:
             batch: list = []
             for _, (x, label, caption) in self.shards.samples([c]):

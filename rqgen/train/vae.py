@@ -62,17 +62,23 @@ def fit_entropy_router(model, dataset, rt: Runtime, seed: int,
     left as it was), then broadcast it: every rank routes every region alike."""
     streamed = isinstance(dataset, IterableDataset)  # tar shards: the first images, in order
     n = max_images if streamed else min(len(dataset), max_images)
-    used = [0]
+    used = 0
+
+    def batches():
+        nonlocal used
+        items = iter(dataset) if streamed else (dataset[i] for i in range(n))
+        images = itertools.islice((x for x, _ in items), n)
+        while chunk := list(itertools.islice(images, 256)):
+            used += len(chunk)
+            yield torch.stack(chunk)
+
     if rt.is_main:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            images = iter(dataset) if streamed else (dataset[i] for i in range(n))
-            images = itertools.islice((x for x, _ in images), n)
-            batches = iter(lambda: list(itertools.islice(images, 256)), [])
-            model.fit_router(torch.stack(b) for b in batches if not used.append(len(b)))
+            model.fit_router(batches())
     if rt.world_size > 1:
         torch.distributed.broadcast(model.router.threshold, 0)
-    return float(model.router.threshold), sum(used)
+    return float(model.router.threshold), used
 
 
 def default_val_source(data: str) -> str | None:
