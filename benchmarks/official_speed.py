@@ -108,7 +108,64 @@ def worker_rqgen(args) -> dict:
             sample_codes(model, cond, SamplingConfig(), gen)
 
         out[batch] = both_modes(run, args.repeats, batch)
+        floor, gflop = matmul_floor(model, batch)
+        out[batch]["floor"] = both_modes(floor, args.repeats, batch)
+        out[batch]["gflop_per_image"] = gflop
     return out
+
+
+def matmul_floor(model, batch: int):
+    """The sampler's matrix products alone, in its order and shapes with the model's own
+    weights, for one batch: a floor on any fp32 implementation of the same arithmetic
+    (everything else, attention, norms, GELU, the draws, Python, taking no time at all).
+    Returns (fn(r) to time, analytic GFLOP per image)."""
+    import torch
+    import torch.nn.functional as F
+
+    c = model.config
+    D, C = c.D, c.width
+
+    def weights(blocks):
+        out = []
+        for b in blocks:
+            a = b.attn
+            qkv = (torch.cat([a.query.weight, a.key.weight, a.value.weight]),
+                   torch.cat([a.query.bias, a.key.bias, a.value.bias]))  # fmt: skip
+            out += [qkv, (a.proj.weight, a.proj.bias), (b.mlp[0].weight, b.mlp[0].bias),
+                    (b.mlp[2].weight, b.mlp[2].bias)]  # fmt: skip
+        return out
+
+    spatial = weights(model.body_transformer.blocks)
+    depth = weights(model.head_transformer.blocks)
+    head = (model.classifier[1].weight, model.classifier[1].bias)
+    inp = (model.input_mlp.weight, model.input_mlp.bias)
+    hmlp = (model.head_mlp.weight, model.head_mlp.bias)
+    e = torch.randn(batch * D, c.embed_dim)
+
+    def chain(x, ws):
+        for i in range(0, len(ws), 4):
+            F.linear(x, *ws[i])  # q, k, v
+            F.linear(x, *ws[i + 1])  # attention output projection
+            F.linear(F.linear(x, *ws[i + 2]), *ws[i + 3])  # MLP
+        return x
+
+    def fn(r):
+        x = torch.randn(batch, C)
+        for t in range(c.T):
+            if t:
+                F.linear(e, *inp)
+            chain(x, spatial)
+            for d in range(D):
+                if d:
+                    F.linear(e[:batch], *hmlp)
+                chain(x, depth)
+                F.linear(x, *head)
+
+    n_w = sum(w.numel() for w, _ in spatial) * c.T + sum(w.numel() for w, _ in depth) * c.T * D
+    n_w += (
+        head[0].numel() * c.T * D + inp[0].numel() * (c.T - 1) * D + hmlp[0].numel() * c.T * (D - 1)
+    )
+    return fn, 2 * n_w / 1e9
 
 
 def run_worker(python: str, kind: str, args, config: str, export: str) -> dict:
@@ -153,11 +210,13 @@ def main() -> None:
             ours = run_worker(sys.executable, "rqgen", args, config, export)
         for b in args.batches:
             o, q = official[str(b)], ours[str(b)]
-            row = {"config": config, "batch": b}
+            row = {"config": config, "batch": b, "gflop_per_image": q["gflop_per_image"]}
             for mode in ("cpu_1t", "wall_2t"):
                 row[f"official_{mode}"] = b / o[mode]["seconds"]
                 row[f"rqgen_{mode}"] = b / q[mode]["seconds"]
                 row[f"ratio_{mode}"] = o[mode]["seconds"] / q[mode]["seconds"]
+                row[f"floor_{mode}"] = b / q["floor"][mode]["seconds"]
+                row[f"max_ratio_{mode}"] = o[mode]["seconds"] / q["floor"][mode]["seconds"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     write(rows, args)
@@ -181,18 +240,30 @@ def write(rows: list[dict], args) -> None:
         "batch 256); codes "
         "only, no decoding; fp32; class-conditional, temperature 1, no top-k.",
         "",
-        "| config | batch | official cpu 1t | rqgen cpu 1t | × | official wall 2t "
-        "| rqgen wall 2t | × |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | batch | official cpu 1t | rqgen cpu 1t | × | floor cpu 1t | max × "
+        "| official wall 2t | rqgen wall 2t | × | floor wall 2t | max × |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['batch']} | {r['official_cpu_1t']:.2f} | "
-            f"{r['rqgen_cpu_1t']:.2f} | {r['ratio_cpu_1t']:.2f} | {r['official_wall_2t']:.2f} | "
-            f"{r['rqgen_wall_2t']:.2f} | {r['ratio_wall_2t']:.2f} |"
-        )
+        cells = [r["config"], r["batch"]]
+        for m in ("cpu_1t", "wall_2t"):
+            cells += [f"{r[f'official_{m}']:.2f}", f"{r[f'rqgen_{m}']:.2f}",
+                      f"{r[f'ratio_{m}']:.2f}", f"{r[f'floor_{m}']:.2f}",
+                      f"{r[f'max_ratio_{m}']:.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    gflop = {r["config"]: r["gflop_per_image"] for r in rows}
+    lines += [
+        "",
+        "`floor` = the sampler's matrix products alone (same order, shapes and weights; "
+        "everything else taking no time): the speed no fp32 implementation of the same "
+        "arithmetic can pass on this CPU, and `max ×` = official time / floor time, the "
+        "largest ratio any such sampler could reach. Analytic GFLOP per image (matmuls): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in gflop.items())
+        + ".",
+    ]
     out = Path(__file__).resolve().parent / "results" / "official_speed.md"
     out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -118,7 +118,8 @@ def main() -> None:
     body = (
         f"vector-quantize-pytorch {version('vector-quantize-pytorch')} ResidualVQ "
         "(shared_codebook, decay 0.99, kmeans_init with 1 iteration, threshold_ema_dead_code 1) "
-        "vs rqgen ResidualQuantizer (shared, decay 0.99, data init, restarts below 1). "
+        "vs rqgen ResidualQuantizer (shared, decay 0.99 per depth as in the official code and "
+        "ResidualVQ, i.e. one pooled update of 0.99^D per step; data init, restarts below 1). "
         "Training-mode forward incl. the EMA update, median of 5 (3 for K = 16384); relative "
         "MSE = ||x - Ẑ||² / ||x||² on held-out vectors of the same Gaussian mixture after "
         "100 updates (10 for K = 16384).\n\n" + "\n".join(rows)

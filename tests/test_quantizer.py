@@ -67,7 +67,7 @@ def test_codes_are_greedy_nearest_neighbours():
 def test_chunked_search_equals_unchunked():
     q, x = trained(depth=3)
     full, _ = q.quantize(x)
-    q.max_distance_elements = 64 * 7  # 7 rows per chunk, ragged last chunk
+    q.max_distance_elements, q.min_rows = 64 * 7, 1  # 7 rows per chunk, ragged last chunk
     chunked, _ = q.quantize(x)
     assert torch.equal(full, chunked)
 
@@ -194,8 +194,9 @@ def test_ema_update_is_applied_once_per_step_from_all_depths():
     for d in range(3):
         counts += torch.bincount(codes_before[:, d], minlength=8)
         sums.index_add_(0, codes_before[:, d], residuals[:, d])
-    size = 0.99 * 1.0 + 0.01 * counts
-    embed = 0.99 * before[0] + 0.01 * sums
+    decay = 0.99**3  # per depth: the shared codebook takes 3 depths' worth of updates
+    size = decay * 1.0 + (1 - decay) * counts
+    embed = decay * before[0] + (1 - decay) * sums
     n = size.sum()
     smoothed = (size + 1e-5) / (n + 8 * 1e-5) * n
     torch.testing.assert_close(q.codebook[0], embed / smoothed[:, None])
