@@ -7,6 +7,7 @@ quantization error on held-out vectors after the same number of updates on the s
 
     python benchmarks/quantizer_speed.py            # full table -> results/quantizer_speed.md
     python benchmarks/quantizer_speed.py --quick --json
+    python benchmarks/quantizer_speed.py --init-study   # -> results/quantizer_init.md
 """
 
 from __future__ import annotations
@@ -76,12 +77,76 @@ def run(impl: str, dim: int, K: int, D: int, n: int, steps: int, repeats: int) -
     return {"ms": 1000 * sorted(times)[len(times) // 2], "rel_mse": err}
 
 
+def _lloyd(q: ResidualQuantizer, pool: torch.Tensor, iters: int) -> None:
+    """Lloyd iterations of the shared codebook on `pool` (empty clusters keep their code)."""
+    cb = q.codebook[0]
+    for _ in range(iters):
+        k = q._search(pool, 0, None, None)
+        sums = torch.zeros_like(cb).index_add_(0, k, pool)
+        counts = torch.bincount(k, minlength=q.codebook_size).float()
+        live = counts > 0
+        cb[live] = sums[live] / counts[live, None]
+    q.embed_sum[0], q.cluster_size[0] = cb, 1.0
+
+
+def _pool(q: ResidualQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """The residuals r_0..r_{D-1} of x under q's codebook, all depths in one pool."""
+    return q._residual_quantize(x)[2].transpose(0, 1).reshape(-1, q.dim)
+
+
+def init_study(dim=64, K=512, D=4, n=16384, steps=100) -> None:
+    """#16 item 3: does a k-means initialisation (of depth-0 vectors, or of the residuals of
+    every depth) beat the data init? Relative MSE on held-out vectors along the updates."""
+    stream, held = make_stream(dim, n, steps)
+    at = (1, 10, 25, 50, 100)
+    variants = {
+        "data": "K random vectors of the first batch (rqgen's init)",
+        "kmeans1": "+ 1 Lloyd iteration on the first batch",
+        "kmeans5": "+ 5 Lloyd iterations on the first batch",
+        "pooled1": "K random residuals of every depth, + 1 Lloyd iteration on that pool",
+        "pooled5": "K random residuals of every depth, + 5 Lloyd iterations on that pool",
+    }
+    rows = ["| init | how | " + " | ".join(f"after {a}" for a in at) + " |",
+            "|---|---|" + "---|" * len(at)]  # fmt: skip
+    data = {}
+    for name, how in variants.items():
+        torch.manual_seed(0)
+        q = ResidualQuantizer(dim, K, D, shared_codebook=True, decay=0.99).train()
+        q._init_codebook(stream[0])
+        iters = int(name[-1]) if name != "data" else 0
+        if name.startswith("kmeans"):
+            _lloyd(q, stream[0], iters)
+        elif name.startswith("pooled"):
+            q.codebook[0] = _pool(q, stream[0])[torch.randperm(n * D)[:K]]
+            for _ in range(iters):
+                _lloyd(q, _pool(q, stream[0]), 1)
+        curve = {}
+        for i, x in enumerate(stream, 1):
+            q(x)
+            if i in at:
+                curve[i] = quant_error("ours", q, held)
+        data[name] = curve
+        rows.append(f"| {name} | {how} | " + " | ".join(f"{curve[a]:.4f}" for a in at) + " |")
+        print(rows[-1], flush=True)
+    body = (
+        f"rqgen ResidualQuantizer (dim {dim}, K {K}, D {D}, shared codebook, decay 0.99 per "
+        f"depth, restarts below 1), {n} vectors per update from the Gaussian mixture of "
+        "quantizer_speed; relative MSE ||x - Ẑ||² / ||x||² on held-out vectors after N "
+        "updates. One seed.\n\n" + "\n".join(rows)
+    )
+    print(write_results("quantizer_init", body, {"curves": data}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one setting, fewer updates (< 1 min)")
     p.add_argument("--json", action="store_true", help="print one JSON object (quick setting)")
     p.add_argument("--settings", type=int, default=3, help="run only the first N settings")
+    p.add_argument("--init-study", action="store_true", help="k-means vs data init (#16)")
     args = p.parse_args()
+    if args.init_study:
+        init_study()
+        return
 
     quick = dict(dim=64, K=512, D=4, n=16384)
     if args.quick or args.json:

@@ -2,7 +2,7 @@
 
 import torch
 
-from rqgen.stage2.block import Transformer, gpt_init
+from rqgen.stage2.block import RowLinear, Transformer, gpt_init
 
 
 def model(layers=2, width=32, heads=4):
@@ -58,3 +58,25 @@ def test_fused_inference_projection_equals_training_path_and_follows_updates():
     # a cache filled with autograd on holds the same keys and values
     cache = m.new_cache(2, 7)
     torch.testing.assert_close(m(x, cache), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_row_linear_equals_linear_at_one_and_two_rows_and_follows_updates():
+    torch.manual_seed(0)
+    lin = RowLinear(16, 48)  # wide: one and two rows take the transposed copy
+    narrow = RowLinear(48, 16)  # narrow: always nn.Linear's own layout
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, 1, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+            y = narrow(torch.randn(rows, 48))
+        assert y.shape == (rows, 16)
+    assert "_row_weight" in lin.__dict__ and "_row_weight" not in narrow.__dict__
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        before = lin(x)
+        lin.weight.mul_(2)  # an optimizer step in place: the cached copy must follow
+        torch.testing.assert_close(lin(x), 2 * before - lin.bias)
+    # with autograd on, gradients flow as through nn.Linear
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None
+    assert list(lin.state_dict()) == ["weight", "bias"]  # keys of nn.Linear

@@ -14,6 +14,37 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
+def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, owner) -> Tensor:
+    """F.linear, except for one or two rows on CPU without autograd (a batch-1 sampling
+    step, or batch 1 with guidance): there a weight at least as wide as it is deep goes
+    through a cached (in, out) copy, which the BLAS matrix-vector product reads 1.3-2.9x
+    faster than nn.Linear's (out, in) layout on this CPU class (narrow weights are slower
+    that way and keep theirs). The copy lives on `owner`, rebuilt when the weight changes."""
+    if (
+        x.device.type != "cpu"
+        or weight.shape[0] < weight.shape[1]
+        or x.numel() > 2 * x.shape[-1]
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
+        return F.linear(x, weight, bias)
+    key = (weight.data_ptr(), weight._version)
+    cached = owner.__dict__.get("_row_weight")
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_row_weight"] = (key, weight.t().contiguous())
+    rows = x.reshape(-1, x.shape[-1])
+    y = rows @ cached[1] if bias is None else torch.addmm(bias, rows, cached[1])
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class RowLinear(nn.Linear):
+    """nn.Linear (same parameters and keys) whose one- or two-row inference products take
+    the faster layout of `row_linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return row_linear(x, self.weight, self.bias, self)
+
+
 class KVCache:
     """Keys and values of one attention layer, allocated once for the whole sequence.
 
@@ -96,7 +127,7 @@ class CausalSelfAttention(nn.Module):
         if self._fused is None or self._fused[0] != key:
             w = torch.cat([lin.weight for lin in lins])
             self._fused = (key, w, torch.cat([lin.bias for lin in lins]))
-        y = F.linear(x, self._fused[1], self._fused[2])  # (B, T, 3C)
+        y = row_linear(x, self._fused[1], self._fused[2], self)  # (B, T, 3C)
         return y.view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
 
     def forward(self, x: Tensor, cache: KVCache | tuple[Tensor, ...] | None = None) -> Tensor:
@@ -141,7 +172,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(width, heads, dropout)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width),
+            RowLinear(width, 4 * width),
             nn.GELU(),
             nn.Linear(4 * width, width),
             nn.Dropout(dropout),

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from rqgen.checkpoint import Pretrained
 from rqgen.errors import ConfigError
-from rqgen.stage2.block import Transformer, gpt_init
+from rqgen.stage2.block import RowLinear, Transformer, gpt_init
 from rqgen.stage2.dq_sequence import DQSequence, DQVocab
 from rqgen.stage2.rq_transformer import check_class_ids, check_pairing, codebook_fingerprint
 
@@ -75,7 +75,7 @@ class DQTransformer(nn.Module, Pretrained):
         self.content_transformer = Transformer(C, c.content_layers, c.heads, c.dropout)
         self.coarse_pos_head = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, v.n_coarse + 3))
         self.fine_pos_head = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, v.n_fine + 3))
-        self.content_head = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, c.codebook_size + 3))
+        self.content_head = nn.Sequential(nn.LayerNorm(C), RowLinear(C, c.codebook_size + 3))
         gpt_init(self, c.position_layers + c.content_layers)
         nn.init.normal_(self.abs_pos_emb, 0.0, 0.02)
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from rqgen.checkpoint import Pretrained
 from rqgen.errors import CheckpointError, ConfigError
-from rqgen.stage2.block import Transformer, gpt_init
+from rqgen.stage2.block import RowLinear, Transformer, gpt_init
 
 
 @dataclass
@@ -108,7 +108,7 @@ class RQTransformer(nn.Module, Pretrained):
 
         C = c.width
         self.input_mlp = nn.Linear(c.embed_dim, C)  # e(code) -> spatial input
-        self.head_mlp = nn.Linear(c.embed_dim, C)  # partial sums Ẑ(d) -> depth input
+        self.head_mlp = RowLinear(c.embed_dim, C)  # partial sums Ẑ(d) -> depth input
         self.pos_emb_hw = nn.Parameter(torch.zeros(1, c.T, C))
         self.pos_emb_d = nn.Parameter(torch.zeros(1, c.D, C))
         self.pos_emb_cond = nn.Parameter(torch.zeros(1, c.cond_length, C))
@@ -121,7 +121,7 @@ class RQTransformer(nn.Module, Pretrained):
         self.embed_drop = nn.Dropout(c.dropout)
         self.body_transformer = Transformer(C, c.spatial_layers, c.heads, c.dropout)
         self.head_transformer = Transformer(C, c.depth_layers, c.heads_depth, c.dropout)
-        self.classifier = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, c.codebook_size))
+        self.classifier = nn.Sequential(nn.LayerNorm(C), RowLinear(C, c.codebook_size))
         gpt_init(self, c.spatial_layers + c.depth_layers)
         for p in (self.pos_emb_hw, self.pos_emb_d, self.pos_emb_cond):
             nn.init.normal_(p, 0.0, 0.02)
