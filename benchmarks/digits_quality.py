@@ -10,8 +10,16 @@ no sampler can beat the second.
 
     python benchmarks/digits_quality.py --vae-steps 400 --ar-steps 800 --jobs 2
 
-Both stages use the demo's recipe (batch 32, no dropout) for longer. Trainings run through
-the real CLI and resume from benchmarks/work/digits_quality/.
+With several `--seeds` every seed trains its own RQ-VAE and transformers, and the table gives
+each score's mean with a 95% interval over seeds (Student t) and each variant's paired
+difference from "neither" (same seed, same VAE), the soft-label study of #16:
+
+    python benchmarks/digits_quality.py --seeds 0 1 2 --tau-unit quantization_error \
+        --variants "soft labels + stochastic codes" "neither (one-hot, deterministic codes)" \
+        --vae-steps 150 --ar-steps 400 --name digits_soft_labels
+
+Both stages use the demo's recipe (batch 32, no dropout). Trainings run through the real CLI
+and resume from benchmarks/work/<name>/.
 """
 
 from __future__ import annotations
@@ -55,16 +63,28 @@ def run(cmd: list, threads: int, log: Path) -> None:
         raise RuntimeError(f"rqgen {' '.join(map(str, cmd))} failed; see {log}")
 
 
-def train_ar(name: str, work: Path, args) -> Path:
+def train_ar(name: str, work: Path, seed: int, args) -> Path:
     soft, stochastic = VARIANTS[name]
     out = work / slug(name)
     out.mkdir(parents=True, exist_ok=True)
     run(["train-ar", "--vae", work / "vae", "--data", "bundled:digits", "--out", out,
-         "--steps", args.ar_steps, "--device", "cpu", f"train.seed={args.seed}",
-         f"train.soft_labels={str(soft).lower()}",
+         "--steps", args.ar_steps, "--device", "cpu", f"train.seed={seed}",
+         f"train.soft_labels={str(soft).lower()}", f"train.tau_unit={args.tau_unit}",
          f"train.stochastic_codes={str(stochastic).lower()}", *DIGITS_AR_OVERRIDES],
         args.threads, out / "bench.log")  # fmt: skip
     return out
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
+    from statistics import mean, stdev
+
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return mean(values), 0.0
+    return mean(values), float(t.ppf(0.975, n - 1)) * stdev(values) / n**0.5
 
 
 def main() -> None:
@@ -74,66 +94,105 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=50, help="samples per class and setting")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default="benchmarks/work/digits_quality")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--tau-unit", default="absolute", choices=["absolute", "quantization_error"])
+    p.add_argument("--name", default="digits_quality", help="results file and work dir name")
+    p.add_argument("--workdir", default=None, help="default benchmarks/work/<name>")
     args = p.parse_args()
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    run(["train-vae", "--data", "bundled:digits", "--out", work / "vae", "--steps",
-         args.vae_steps, "--device", "cpu", f"train.seed={args.seed}", *DIGITS_VAE_OVERRIDES],
-        os.cpu_count() or 1, work / "vae.log")  # fmt: skip
-    with ThreadPoolExecutor(args.jobs) as pool:
-        dirs = dict(zip(VARIANTS, pool.map(lambda n: train_ar(n, work, args), VARIANTS)))
-
+    root = Path(args.workdir or f"benchmarks/work/{args.name}")
     classifier, clf_acc = train_digit_classifier()
     train, val = BundledDigits(32, "train"), BundledDigits(32, "val")
     real = torch.stack([val[i][0] for i in range(len(val))])
+    cond = torch.arange(10).repeat_interleave(args.per_class)
+    results, refs = [], {}
+    for seed in args.seeds:
+        work = root / f"seed{seed}" if len(args.seeds) > 1 else root
+        work.mkdir(parents=True, exist_ok=True)
+        run(["train-vae", "--data", "bundled:digits", "--out", work / "vae", "--steps",
+             args.vae_steps, "--device", "cpu", f"train.seed={seed}", *DIGITS_VAE_OVERRIDES],
+            os.cpu_count() or 1, work / "vae.log")  # fmt: skip
+        with ThreadPoolExecutor(args.jobs) as pool:
+            outs = pool.map(lambda n, w=work, s=seed: train_ar(n, w, s, args), args.variants)
+            dirs = dict(zip(args.variants, outs))
+        for name, out in dirs.items():
+            model, vae, _, _ = load_for_sampling(out)
+            val_loss = _best_val_loss(out)
+            for scale in CFG_SCALES:
+                gen = torch.Generator().manual_seed(seed)
+                _, images = generate(vae, model, cond, SamplingConfig(cfg_scale=scale), gen)
+                s = score_digits(classifier, images, cond, real)
+                results.append({"variant": name, "seed": seed, "cfg": scale,
+                                "val_loss": val_loss, **s})  # fmt: skip
+                print(results[-1], flush=True)
+        if seed == args.seeds[0]:
+            refs = references(classifier, train, val, real, vae)
+    rows = table(results, refs, args)
+    body = (
+        f"tiny32 RQ-VAE (8×8×4, K=512) trained {args.vae_steps} steps on bundled:digits; "
+        f"ar-tiny class-conditional RQ-Transformers trained {args.ar_steps} steps each "
+        f"(overrides {' '.join(DIGITS_AR_OVERRIDES)}), differing only in the training targets "
+        f"(τ = 0.5, unit: {args.tau_unit}); seeds {', '.join(map(str, args.seeds))} (each "
+        f"seed its own RQ-VAE). {args.per_class} samples per class (top-k/top-p off, "
+        f"temperature 1), scored by a digit CNN ({clf_acc:.1%} on the held-out digits) "
+        f"against the {len(real)} held-out digits. 'val NLL' is the best validation "
+        "cross-entropy against the deterministic (hard) codes, nats per code."
+        + (
+            " With several seeds: mean ± half-width of the 95% Student-t interval over seeds, "
+            "and each variant's paired difference from 'neither' (same seed)."
+            if len(args.seeds) > 1
+            else ""
+        )  # fmt: skip
+        + "\n\n"
+        + "\n".join(rows)
+    )
+    print(write_results(args.name, body, {"results": results, "references": refs,
+                                           "classifier_accuracy": clf_acc}))  # fmt: skip
+
+
+def references(classifier, train, val, real, vae) -> dict:
+    """Scores of real train digits and of the RQ-VAE's reconstructions of the held-out ones:
+    no sampler can beat the second."""
     real_y = torch.tensor([val[i][1] for i in range(len(val))])
     n_ref = min(len(train), len(real))
     train_x = torch.stack([train[i][0] for i in range(n_ref)])
     train_y = torch.tensor([train[i][1] for i in range(n_ref)])
-    _, vae, _, _ = load_for_sampling(next(iter(dirs.values())))
     with torch.no_grad():
         recon = vae.decode_codes(vae.encode_to_codes(real)).clamp(-1, 1)
-    refs = {
+    return {
         f"real train digits ({n_ref})": score_digits(classifier, train_x, train_y, real),
-        "RQ-VAE reconstructions of the held-out digits": score_digits(
+        "RQ-VAE reconstructions of the held-out digits (first seed)": score_digits(
             classifier, recon, real_y, real
         ),
     }
-    rows = [
-        "| training targets | CFG | classifier accuracy | Fréchet distance | final val loss |",
-        "|---|---|---|---|---|",
-    ]
-    results = []
-    cond = torch.arange(10).repeat_interleave(args.per_class)
-    for name, out in dirs.items():
-        model, vae, _, _ = load_for_sampling(out)
-        val_loss = _best_val_loss(out)
+
+
+def table(results: list[dict], refs: dict, args) -> list[str]:
+    rows = ["| training targets | CFG | classifier accuracy | Fréchet distance | val NLL |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    keys = ("accuracy", "frechet_distance", "val_loss")
+
+    def cell(key: str, values: list[float]) -> str:
+        m, h = interval(values)
+        pct = key == "accuracy"
+        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+        return fmt(m) + (f" ± {fmt(h)}" if len(values) > 1 else "")
+
+    base = "neither (one-hot, deterministic codes)"
+    for name in args.variants:
         for scale in CFG_SCALES:
-            gen = torch.Generator().manual_seed(args.seed)
-            _, images = generate(vae, model, cond, SamplingConfig(cfg_scale=scale), gen)
-            s = score_digits(classifier, images, cond, real)
-            results.append({"variant": name, "cfg": scale, "val_loss": val_loss, **s})
-            rows.append(f"| {name} | {scale:g} | {s['accuracy']:.1%} | "
-                        f"{s['frechet_distance']:.2f} | {val_loss:.3f} |")  # fmt: skip
-            print(rows[-1], flush=True)
+            mine = [r for r in results if r["variant"] == name and r["cfg"] == scale]
+            cells = " | ".join(cell(k, [r[k] for r in mine]) for k in keys)
+            rows.append(f"| {name} | {scale:g} | {cells} |")
+            if len(args.seeds) > 1 and name != base and base in args.variants:
+                ref = {r["seed"]: r for r in results if r["variant"] == base and r["cfg"] == scale}
+                diffs = {k: [r[k] - ref[r["seed"]][k] for r in mine] for k in keys}
+                cells = " | ".join(cell(k, diffs[k]) for k in keys)
+                rows.append(f"| – minus 'neither', paired | {scale:g} | {cells} |")
     for name, s in refs.items():
         rows.append(f"| reference: {name} | – | {s['accuracy']:.1%} | "
                     f"{s['frechet_distance']:.2f} | – |")  # fmt: skip
-    body = (
-        f"tiny32 RQ-VAE (8×8×4, K=512) trained {args.vae_steps} steps on bundled:digits; "
-        f"ar-tiny class-conditional RQ-Transformers trained {args.ar_steps} steps each "
-        f"(overrides {' '.join(DIGITS_AR_OVERRIDES)}) "
-        f"(seed {args.seed}), differing only in the training targets (τ = 0.5). "
-        f"{args.per_class} samples per class (top-k/top-p off, temperature 1), scored by a "
-        f"digit CNN ({clf_acc:.1%} on the held-out digits) against the {len(real)} held-out "
-        "digits. 'final val loss' is the best validation cross-entropy against the "
-        "deterministic codes (the soft-label models are trained on a different target, so "
-        "their losses are not comparable with the one-hot ones).\n\n" + "\n".join(rows)
-    )
-    print(write_results("digits_quality", body, {"results": results, "references": refs,
-                                                  "classifier_accuracy": clf_acc}))  # fmt: skip
+    return rows
 
 
 def _best_val_loss(out: Path) -> float:
