@@ -13,7 +13,7 @@ Design choices, and why:
   reconstructions are then worse than training suggests. `decay` is per depth, as there:
   a shared codebook sees D batches of residuals per forward, so its one pooled update decays
   by decay**D (the official code decays D times). With decay**1 instead, the codebook
-  learned 4x slower at D = 4 and ended 2-5% worse in relative MSE than ResidualVQ's
+  learned 4x slower at D = 4 and ended 3-5% worse in relative MSE than ResidualVQ's
   (benchmarks/results/quantizer_speed.md).
 - Under torch.distributed the statistics are summed over ranks with one all-reduce and the
   random choices (data init, restarts) are made on rank 0 and broadcast, so every rank holds
