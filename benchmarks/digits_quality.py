@@ -14,9 +14,10 @@ With several `--seeds` every seed trains its own RQ-VAE and transformers, and th
 each score's mean with a 95% interval over seeds (Student t) and each variant's paired
 difference from "neither" (same seed, same VAE), the soft-label study of #16:
 
-    python benchmarks/digits_quality.py --seeds 0 1 2 --tau-unit quantization_error \
-        --variants "soft labels + stochastic codes" "neither (one-hot, deterministic codes)" \
-        --vae-steps 150 --ar-steps 400 --name digits_soft_labels
+    python benchmarks/digits_quality.py --seeds 0 1 2 --vae-steps 150 --ar-steps 400 \
+        --variants "soft labels + stochastic codes" \
+        "soft labels + stochastic codes, τ in quantization-error units" \
+        "neither (one-hot, deterministic codes)" --name digits_soft_labels
 
 Both stages use the demo's recipe (batch 32, no dropout). Trainings run through the real CLI
 and resume from benchmarks/work/<name>/.
@@ -41,17 +42,20 @@ from rqgen.demo import DIGITS_AR_OVERRIDES, DIGITS_VAE_OVERRIDES  # noqa: E402
 from rqgen.evaluate.digits import score_digits, train_digit_classifier  # noqa: E402
 from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling  # noqa: E402
 
-VARIANTS = {  # name -> (soft labels, stochastic codes); τ = 0.5 where either is on
-    "soft labels + stochastic codes": (True, True),
-    "stochastic codes only": (False, True),
-    "soft labels only": (True, False),
-    "neither (one-hot, deterministic codes)": (False, False),
+# name -> (soft labels, stochastic codes, unit of τ); τ = 0.5 where either is on
+QE = "quantization_error"
+VARIANTS = {
+    "soft labels + stochastic codes": (True, True, "absolute"),
+    "soft labels + stochastic codes, τ in quantization-error units": (True, True, QE),
+    "stochastic codes only": (False, True, "absolute"),
+    "soft labels only": (True, False, "absolute"),
+    "neither (one-hot, deterministic codes)": (False, False, "absolute"),
 }
 CFG_SCALES = (1.0, 2.0)
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in name).strip("_").lower()
 
 
 def run(cmd: list, threads: int, log: Path) -> None:
@@ -64,12 +68,12 @@ def run(cmd: list, threads: int, log: Path) -> None:
 
 
 def train_ar(name: str, work: Path, seed: int, args) -> Path:
-    soft, stochastic = VARIANTS[name]
+    soft, stochastic, unit = VARIANTS[name]
     out = work / slug(name)
     out.mkdir(parents=True, exist_ok=True)
     run(["train-ar", "--vae", work / "vae", "--data", "bundled:digits", "--out", out,
          "--steps", args.ar_steps, "--device", "cpu", f"train.seed={seed}",
-         f"train.soft_labels={str(soft).lower()}", f"train.tau_unit={args.tau_unit}",
+         f"train.soft_labels={str(soft).lower()}", f"train.tau_unit={unit}",
          f"train.stochastic_codes={str(stochastic).lower()}", *DIGITS_AR_OVERRIDES],
         args.threads, out / "bench.log")  # fmt: skip
     return out
@@ -95,8 +99,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--tau-unit", default="absolute", choices=["absolute", "quantization_error"])
+    default = [v for v in VARIANTS if VARIANTS[v][2] == "absolute"]
+    p.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS))
     p.add_argument("--name", default="digits_quality", help="results file and work dir name")
     p.add_argument("--workdir", default=None, help="default benchmarks/work/<name>")
     args = p.parse_args()
@@ -132,7 +136,8 @@ def main() -> None:
         f"tiny32 RQ-VAE (8×8×4, K=512) trained {args.vae_steps} steps on bundled:digits; "
         f"ar-tiny class-conditional RQ-Transformers trained {args.ar_steps} steps each "
         f"(overrides {' '.join(DIGITS_AR_OVERRIDES)}), differing only in the training targets "
-        f"(τ = 0.5, unit: {args.tau_unit}); seeds {', '.join(map(str, args.seeds))} (each "
+        "(τ = 0.5; absolute unless the variant says otherwise); seeds "
+        f"{', '.join(map(str, args.seeds))} (each "
         f"seed its own RQ-VAE). {args.per_class} samples per class (top-k/top-p off, "
         f"temperature 1), scored by a digit CNN ({clf_acc:.1%} on the held-out digits) "
         f"against the {len(real)} held-out digits. 'val NLL' is the best validation "
