@@ -49,7 +49,9 @@ VARIANTS = {
     "soft labels + stochastic codes, τ in quantization-error units": (True, True, QE),
     "stochastic codes only": (False, True, "absolute"),
     "soft labels only": (True, False, "absolute"),
-    "neither (one-hot, deterministic codes)": (False, False, "absolute"),
+    # the unit has no effect without soft targets or draws; quantization_error, as this
+    # variant was first trained for the soft-label study (a resume must repeat it)
+    "neither (one-hot, deterministic codes)": (False, False, QE),
 }
 CFG_SCALES = (1.0, 2.0)
 
@@ -99,7 +101,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    default = [v for v in VARIANTS if VARIANTS[v][2] == "absolute"]
+    default = [v for v in VARIANTS if "units" not in v]
     p.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS))
     p.add_argument("--name", default="digits_quality", help="results file and work dir name")
     p.add_argument("--workdir", default=None, help="default benchmarks/work/<name>")
