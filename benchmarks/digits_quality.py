@@ -42,16 +42,14 @@ from rqgen.demo import DIGITS_AR_OVERRIDES, DIGITS_VAE_OVERRIDES  # noqa: E402
 from rqgen.evaluate.digits import score_digits, train_digit_classifier  # noqa: E402
 from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling  # noqa: E402
 
-# name -> (soft labels, stochastic codes, unit of τ); τ = 0.5 where either is on
+# name -> (soft labels, stochastic codes, unit of τ or None where τ is unused); τ = 0.5
 QE = "quantization_error"
 VARIANTS = {
     "soft labels + stochastic codes": (True, True, "absolute"),
     "soft labels + stochastic codes, τ in quantization-error units": (True, True, QE),
     "stochastic codes only": (False, True, "absolute"),
     "soft labels only": (True, False, "absolute"),
-    # the unit has no effect without soft targets or draws; quantization_error, as this
-    # variant was first trained for the soft-label study (a resume must repeat it)
-    "neither (one-hot, deterministic codes)": (False, False, QE),
+    "neither (one-hot, deterministic codes)": (False, False, None),  # τ unused
 }
 CFG_SCALES = (1.0, 2.0)
 
@@ -75,8 +73,9 @@ def train_ar(name: str, work: Path, seed: int, args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     run(["train-ar", "--vae", work / "vae", "--data", "bundled:digits", "--out", out,
          "--steps", args.ar_steps, "--device", "cpu", f"train.seed={seed}",
-         f"train.soft_labels={str(soft).lower()}", f"train.tau_unit={unit}",
-         f"train.stochastic_codes={str(stochastic).lower()}", *DIGITS_AR_OVERRIDES],
+         f"train.soft_labels={str(soft).lower()}",
+         f"train.stochastic_codes={str(stochastic).lower()}", *DIGITS_AR_OVERRIDES,
+         *([f"train.tau_unit={unit}"] if unit else [])],
         args.threads, out / "bench.log")  # fmt: skip
     return out
 
@@ -101,7 +100,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    default = [v for v in VARIANTS if "units" not in v]
+    default = [v for v in VARIANTS if VARIANTS[v][2] != QE]
     p.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS))
     p.add_argument("--name", default="digits_quality", help="results file and work dir name")
     p.add_argument("--workdir", default=None, help="default benchmarks/work/<name>")

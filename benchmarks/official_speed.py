@@ -120,19 +120,14 @@ def matmul_floor(model, batch: int):
     (everything else, attention, norms, GELU, the draws, Python, taking no time at all).
     Each product takes the faster of the two weight layouts (`row_linear`). Returns
     (fn(r) to time, analytic GFLOP per image)."""
-    import types
-
     import torch
 
-    from rqgen.stage2.block import row_linear
+    from rqgen.stage2.block import RowLinear
 
-    class F:  # every product through row_linear, one cache holder per weight
-        holders: dict = {}
-
-        @staticmethod
-        def linear(x, w, b):
-            h = F.holders.setdefault(w.data_ptr(), types.SimpleNamespace())
-            return row_linear(x, w, b, h)
+    def lin(weight, bias):  # the model's weight, in the sampler's layout choice
+        m = RowLinear(weight.shape[1], weight.shape[0])
+        m.weight.data, m.bias.data = weight, bias
+        return m.forward  # not m(x): module hooks would add their dispatch to the floor
 
     c = model.config
     D, C = c.D, c.width
@@ -141,42 +136,41 @@ def matmul_floor(model, batch: int):
         out = []
         for b in blocks:
             a = b.attn
-            qkv = (torch.cat([a.query.weight, a.key.weight, a.value.weight]),
-                   torch.cat([a.query.bias, a.key.bias, a.value.bias]))  # fmt: skip
-            out += [qkv, (a.proj.weight, a.proj.bias), (b.mlp[0].weight, b.mlp[0].bias),
-                    (b.mlp[2].weight, b.mlp[2].bias)]  # fmt: skip
+            out += [lin(torch.cat([a.query.weight, a.key.weight, a.value.weight]),
+                        torch.cat([a.query.bias, a.key.bias, a.value.bias])),
+                    lin(a.proj.weight, a.proj.bias), lin(b.mlp[0].weight, b.mlp[0].bias),
+                    lin(b.mlp[2].weight, b.mlp[2].bias)]  # fmt: skip
         return out
 
     spatial = weights(model.body_transformer.blocks)
     depth = weights(model.head_transformer.blocks)
-    head = (model.classifier[1].weight, model.classifier[1].bias)
-    inp = (model.input_mlp.weight, model.input_mlp.bias)
-    hmlp = (model.head_mlp.weight, model.head_mlp.bias)
+    head = lin(model.classifier[1].weight, model.classifier[1].bias)
+    inp = lin(model.input_mlp.weight, model.input_mlp.bias)
+    hmlp = lin(model.head_mlp.weight, model.head_mlp.bias)
     e = torch.randn(batch * D, c.embed_dim)
 
     def chain(x, ws):
-        for i in range(0, len(ws), 4):
-            F.linear(x, *ws[i])  # q, k, v
-            F.linear(x, *ws[i + 1])  # attention output projection
-            F.linear(F.linear(x, *ws[i + 2]), *ws[i + 3])  # MLP
+        for qkv, proj, fc1, fc2 in zip(*[iter(ws)] * 4):
+            qkv(x)
+            proj(x)  # attention output projection
+            fc2(fc1(x))  # MLP
         return x
 
     def fn(r):
         x = torch.randn(batch, C)
         for t in range(c.T):
             if t:
-                F.linear(e, *inp)
+                inp(e)
             chain(x, spatial)
             for d in range(D):
                 if d:
-                    F.linear(e[:batch], *hmlp)
+                    hmlp(e[:batch])
                 chain(x, depth)
-                F.linear(x, *head)
+                head(x)
 
-    n_w = sum(w.numel() for w, _ in spatial) * c.T + sum(w.numel() for w, _ in depth) * c.T * D
-    n_w += (
-        head[0].numel() * c.T * D + inp[0].numel() * (c.T - 1) * D + hmlp[0].numel() * c.T * (D - 1)
-    )
+    size = lambda fs: sum(f.__self__.weight.numel() for f in fs)  # noqa: E731
+    n_w = size(spatial) * c.T + size(depth) * c.T * D + size([head]) * c.T * D
+    n_w += size([inp]) * (c.T - 1) * D + size([hmlp]) * c.T * (D - 1)
     return fn, 2 * n_w / 1e9
 
 

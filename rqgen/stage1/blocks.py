@@ -222,8 +222,8 @@ def zero_init_residual_branches(module: nn.Module) -> None:
     that the untrained network is its skip paths: a tiny autoencoder then learns faster
     (benchmarks/results/stage1_learning.md). Only the initial values change."""
     for m in module.modules():
-        last = m.conv2 if isinstance(m, ResnetBlock) else getattr(m, "proj_out", None)
         if isinstance(m, (ResnetBlock, AttnBlock)):
+            last = m.conv2 if isinstance(m, ResnetBlock) else m.proj_out
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
