@@ -21,6 +21,7 @@ there is no CUDA device.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -55,13 +56,13 @@ class Report:
         """Set (or replace) part `name`, and rewrite the files with every part so far."""
         self.sections[name], self.data[name] = markdown, data
         body = "# GPU check\n\n" + "\n\n".join(self.sections.values())
-        write_results("gpu", body, self.data)
+        write_results(self.args.name, body, self.data)
 
 
 def cudagraph_skips() -> int:
     from torch._dynamo.utils import counters
 
-    return sum(counters["inductor"]["cudagraph_skips"].values()) if counters["inductor"] else 0
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def timed(fn, reps: int) -> tuple[object, float, float, float]:
@@ -162,9 +163,9 @@ def table(rows: list[dict], model: bool = False) -> str:
     return "\n".join(lines)
 
 
-def paper_scale(report: Report) -> None:
+def paper_scale(report: Report, model_name: str) -> None:
     a = report.args
-    paper = PAPER_MODELS[a.paper_model]
+    paper = PAPER_MODELS[model_name]
     rq_cfg = paper.transformer_config()
     rq_cfg.dropout = 0.0
     flat_cfg = paper.transformer_config()
@@ -187,7 +188,8 @@ def paper_scale(report: Report) -> None:
     rows = []
     for name, b, compile in plan:
 
-        def run(m=models[name], b=b, compile=compile):
+        def run(name=name, b=b, compile=compile):
+            m = models[name]
             cond = torch.arange(b, device=DEVICE) % max(m.config.num_classes, 1)
             s = SamplingConfig(compile=compile)  # the paper's speed: no guidance
             gen = lambda: torch.Generator(DEVICE).manual_seed(0)  # noqa: E731
@@ -198,11 +200,17 @@ def paper_scale(report: Report) -> None:
 
         row = {"model": name, "batch": b, "dtype": "bf16", "compile": compile}
         rows.append(guarded(report, row, run))
-        report.add("paper_scale", paper_markdown(a, rq_cfg, flat_cfg, params, rows),
+        report.add(model_name, paper_markdown(model_name, rq_cfg, flat_cfg, params, rows),
                    {"rows": rows, "params": params})  # fmt: skip
+    # free this model's weights, caches and CUDA graph pools before the next one: the next
+    # model's peak memory would otherwise include them
+    models.clear()
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
-def paper_markdown(a, rq_cfg, flat_cfg, params: dict, rows: list[dict]) -> str:
+def paper_markdown(model_name: str, rq_cfg, flat_cfg, params: dict, rows: list[dict]) -> str:
     ratios = []
     for r in rows:
         f = [x for x in rows if x["model"] == "flat" and x["batch"] == r["batch"]
@@ -211,7 +219,7 @@ def paper_markdown(a, rq_cfg, flat_cfg, params: dict, rows: list[dict]) -> str:
             speedup = r["images_per_s"] / f[0]["images_per_s"]
             ratios.append(f"batch {r['batch']}{', compiled' * r['compile']}: {speedup:.2f}x")
     return (
-        f"## Paper scale: {a.paper_model}\n\nRandom weights, bf16, no guidance, best of 2 "
+        f"## Paper scale: {model_name}\n\nRandom weights, bf16, no guidance, best of 2 "
         f"batches. RQ: {rq_cfg.spatial_layers}+{rq_cfg.depth_layers} layers, width "
         f"{rq_cfg.width}, 8x8x4 codes, K {rq_cfg.codebook_size}, {params['rq'] / 1e9:.2f}B "
         f"parameters; flat: {flat_cfg.spatial_layers} layers on 16x16x1, "
@@ -227,8 +235,10 @@ def main() -> None:
     p.add_argument("--vae-steps", type=int, default=150)
     p.add_argument("--ar-steps", type=int, default=400)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
-    p.add_argument("--paper-model", default="ar-imagenet-1.4b",
+    p.add_argument("--paper-model", nargs="+", default=["ar-imagenet-1.4b"],
                    choices=[*sorted(PAPER_MODELS), "none"])  # fmt: skip
+    p.add_argument("--skip-digits", action="store_true")
+    p.add_argument("--name", default="gpu", help="results/NAME.md")
     p.add_argument("--paper-batches", type=int, nargs="+", default=[100, 200, 500])
     p.add_argument("--flat-batches", type=int, nargs="+", default=[100, 200])
     p.add_argument(
@@ -249,10 +259,12 @@ def main() -> None:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
     report = Report(args)
-    digits(report)
-    if args.paper_model != "none":
-        paper_scale(report)
-    print((RESULTS / "gpu.md").read_text())
+    if not args.skip_digits:
+        digits(report)
+    for name in args.paper_model:
+        if name != "none":
+            paper_scale(report, name)
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

