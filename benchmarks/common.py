@@ -57,3 +57,15 @@ def write_results(name: str, markdown_body: str, data: dict) -> Path:
     md.write_text(header + markdown_body.rstrip() + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **data}, indent=2) + "\n")
     return md
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
+    from statistics import mean, stdev
+
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return mean(values), 0.0
+    return mean(values), float(t.ppf(0.975, n - 1)) * stdev(values) / n**0.5

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import interval, write_results  # noqa: E402
 
 from rqgen.data import BundledDigits  # noqa: E402
 from rqgen.demo import DIGITS_AR_OVERRIDES, DIGITS_VAE_OVERRIDES  # noqa: E402
@@ -78,18 +78,6 @@ def train_ar(name: str, work: Path, seed: int, args) -> Path:
          *([f"train.tau_unit={unit}"] if unit else [])],
         args.threads, out / "bench.log")  # fmt: skip
     return out
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (0 for one value)."""
-    from statistics import mean, stdev
-
-    from scipy.stats import t
-
-    n = len(values)
-    if n < 2:
-        return mean(values), 0.0
-    return mean(values), float(t.ppf(0.975, n - 1)) * stdev(values) / n**0.5
 
 
 def main() -> None:

@@ -3,10 +3,12 @@
 Trains every variant of tiny32 at equal K and equal steps with the real CLI, then scores
 each with `rqgen eval-vae` on the held-out photos (photos never seen in training).
 
-    python benchmarks/rate_distortion.py --steps 1000 --jobs 2
+    python benchmarks/rate_distortion.py --steps 150 --seeds 0 1 2 --jobs 2
 
 Variants: RQ 8×8×D for D = 1, 2, 4, 8 (shared K = 512); VQ 16×16×1 (f = 2, K = 512) for the
-Table 4 comparison; RQ 8×8×4 with four separate codebooks of K/4 = 128 (C.3).
+Table 4 comparison; RQ 8×8×4 with four separate codebooks of K/4 = 128 (C.3: the same number
+of code vectors as the shared one). With several seeds: means with 95% Student-t intervals
+and paired differences (same seed) for each trend the paper claims.
 Reruns resume unfinished trainings from benchmarks/work/.
 """
 
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import interval, write_results  # noqa: E402
 
 VARIANTS = {
     "RQ 8x8x1": ["model.code_depth=1"],
@@ -51,8 +53,9 @@ def run(cmd: list[str], threads: int, log: Path) -> str:
     return proc.stdout
 
 
-def one(name: str, overrides: list[str], args, config: str = "tiny32") -> dict:
-    out = Path(args.workdir) / slug(name)
+def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None) -> dict:
+    seed = args.seed if seed is None else seed
+    out = Path(args.workdir) / (slug(name) if seed == args.seed else f"seed{seed}/{slug(name)}")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
     py = sys.executable
@@ -72,7 +75,7 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32") -> dict:
             "cpu",
             "--config",
             config,
-            f"train.seed={args.seed}",
+            f"train.seed={seed}",
             "train.num_workers=0",
             *overrides,
         ],
@@ -99,7 +102,7 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32") -> dict:
         )
     )
     res["bits_per_image"] = res["tokens_per_image"] * math.log2(res["codebook_size"])
-    res["variant"] = name
+    res["variant"], res["seed"] = name, seed
     print(f"{name}: PSNR {res['psnr']:.2f} dB", flush=True)
     return res
 
@@ -111,44 +114,81 @@ def parse_args(doc: str, steps: int, workdir: str) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="variants trained at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="*", help="several seeds (default: --seed)")
     p.add_argument("--workdir", default=workdir)
     p.add_argument("--only", nargs="*", help="subset of variant names")
     return p.parse_args()
 
 
-def train_all(variants: dict[str, tuple[str, list[str]]], args) -> list[dict]:
-    """Train and score {name: (preset, overrides)}, `args.jobs` at a time."""
-    chosen = {k: v for k, v in variants.items() if not args.only or k in args.only}
+def train_all(variants: dict[str, tuple[str, list[str]]], args, seeds=None) -> list[dict]:
+    """Train and score {name: (preset, overrides)} for each seed, `args.jobs` at a time."""
+    chosen = [(k, v, seed) for seed in (seeds or [args.seed]) for k, v in variants.items()
+              if not args.only or k in args.only]  # fmt: skip
     with ThreadPoolExecutor(args.jobs) as pool:
-        return list(pool.map(lambda kv: one(kv[0], kv[1][1], args, kv[1][0]), chosen.items()))
+        return list(pool.map(lambda c: one(c[0], c[1][1], args, c[1][0], c[2]), chosen))
+
+
+def cell(values: list[float], digits: int = 2) -> str:
+    m, h = interval(values)
+    return f"{m:.{digits}f} ± {h:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+# the paper's trends as paired differences (same seed): (label, variant a, variant b)
+TRENDS = [
+    ("D 2 - D 1", "RQ 8x8x2", "RQ 8x8x1"),
+    ("D 4 - D 2", "RQ 8x8x4", "RQ 8x8x2"),
+    ("D 8 - D 4", "RQ 8x8x8", "RQ 8x8x4"),
+    ("RQ 8x8x4 - VQ 16x16x1 (Table 4)", "RQ 8x8x4", "VQ 16x16x1 (f=2)"),
+    ("shared - separate (C.3)", "RQ 8x8x4", "RQ 8x8x4, 4 separate codebooks of 128"),
+]
 
 
 def main() -> None:
-    args = parse_args(__doc__, 1000, "benchmarks/work/rate_distortion")
-    results = train_all({k: ("tiny32", v) for k, v in VARIANTS.items()}, args)
-
+    args = parse_args(__doc__, 150, "benchmarks/work/rate_distortion")
+    seeds = args.seeds or [args.seed]
+    results = train_all({k: ("tiny32", v) for k, v in VARIANTS.items()}, args, seeds)
+    by = {(r["variant"], r["seed"]): r for r in results}
+    names = [k for k in VARIANTS if (k, seeds[0]) in by]
     rows = [
-        "| variant | code shape | bits/image | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(D) | "
-        "codebook usage | perplexity |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | code shape | bits/image | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(D) (means) | "
+        "partials rise at every depth | codebook usage | perplexity |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        depth = ", ".join(f"{v:.2f}" for v in r["per_depth_psnr"])
+    for name in names:
+        rs = [by[name, s] for s in seeds]
+        depth = ", ".join(f"{interval([r['per_depth_psnr'][d] for r in rs])[0]:.2f}"
+                          for d in range(len(rs[0]["per_depth_psnr"])))  # fmt: skip
+        rising = sum(all(b > a for a, b in zip(r["per_depth_psnr"], r["per_depth_psnr"][1:]))
+                     for r in rs)  # fmt: skip
+        r0 = rs[0]
         rows.append(
-            f"| {r['variant']} | {'×'.join(map(str, r['code_shape']))} | {r['bits_per_image']:.0f} "
-            f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {depth} | {r['codebook_usage']:.0%} "
-            f"| {r['perplexity']:.0f} |"
+            f"| {name} | {'×'.join(map(str, r0['code_shape']))} | {r0['bits_per_image']:.0f} "
+            f"| {cell([r['psnr'] for r in rs])} | {cell([r['ssim'] for r in rs], 3)} | {depth} "
+            f"| {rising} of {len(rs)} | {cell([100 * r['codebook_usage'] for r in rs], 0)}% "
+            f"| {cell([r['perplexity'] for r in rs], 0)} |"
         )
     ref = results[0]
+    bicubic = ref["reference_codec_psnr"]
+    trends = ["| difference (dB of PSNR, same seed) | mean ± 95% interval | per seed |",
+              "|---|---|---|"]  # fmt: skip
+    pairs = [(label, a, b) for label, a, b in TRENDS if (a, seeds[0]) in by and (b, seeds[0]) in by]
+    if ("RQ 8x8x4", seeds[0]) in by:
+        pairs.append(("RQ 8x8x4 - bicubic 8x8 codec", "RQ 8x8x4", None))
+    for label, a, b in pairs:
+        diffs = [by[a, s]["psnr"] - (bicubic if b is None else by[b, s]["psnr"]) for s in seeds]
+        trends.append(f"| {label} | {cell(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
     body = (
-        f"tiny32 variants, {args.steps} steps each (batch 64, Adam 4e-4, MSE + 0.25·commitment, "
-        f"no LPIPS/GAN), seed {args.seed}, scored on {ref['n_images']} fixed crops of the "
-        "held-out photos (bundled:photos:val).\n\n"
+        f"tiny32 variants (the preset's recipe: Adam (0.9, 0.99), lr 1e-3 cosine, zero-init "
+        f"residual branches, linear patch shortcut; MSE + 0.25·commitment, no LPIPS/GAN), "
+        f"{args.steps} steps each at batch 64, seeds {', '.join(map(str, seeds))}, each run "
+        f"scored on the {ref['n_images']} fixed crops of the held-out photos "
+        "(bundled:photos:val). Means ± half-width of the 95% Student-t interval over seeds.\n\n"
         + "\n".join(rows)
-        + f"\n\nReference codec ({ref['reference_codec']}, 1536 bits): "
-        f"{ref['reference_codec_psnr']:.2f} dB.\n"
+        + f"\n\nReference codec ({ref['reference_codec']}, 1536 bits): {bicubic:.2f} dB.\n\n"
+        "The paper's trends, as paired differences:\n\n" + "\n".join(trends) + "\n"
     )
-    print(write_results("rate_distortion", body, {"steps": args.steps, "results": results}))
+    print(write_results("rate_distortion", body, {"steps": args.steps, "seeds": seeds,
+                                                  "results": results}))  # fmt: skip
 
 
 if __name__ == "__main__":

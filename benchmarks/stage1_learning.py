@@ -98,6 +98,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3, "patch": "no_out_norm"},
     ),
 }
+# tiny32 since the study above, then with the linear patch shortcut (PatchShortcut)
+_TINY32_NOW = {"train.beta1": 0.9, "train.beta2": 0.99, "train.lr": 1e-3,
+               "train.lr_schedule": "cosine", "model.zero_init_residual": True}  # fmt: skip
+VARIANTS |= {
+    "patch_shortcut": (
+        "Adam (0.9, 0.99), lr 1e-3, cosine, zero-init residuals, + linear patch shortcut",
+        {**_TINY32_NOW, "model.patch_shortcut": True},
+    ),
+    "patch_shortcut_rq4": (
+        "the same with the RQ 8x8x4 quantizer",
+        {**_TINY32_NOW, "model.patch_shortcut": True, "quantize": True},
+    ),
+}
 
 
 def patch(model: RQVAE, name: str | None) -> RQVAE:

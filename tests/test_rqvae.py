@@ -153,3 +153,43 @@ def test_zero_initialised_residual_branches_start_as_their_skip_paths():
     torch.manual_seed(0)
     plain = RQVAE(RQVAEConfig(**{**cfg.__dict__, "zero_init_residual": False}))
     assert plain.decoder.mid.block_1.conv2.weight.abs().sum() > 0
+
+
+def test_patch_shortcut_starts_as_the_raw_patch_codec_and_round_trips(tmp_path):
+    # f = 4: 3·16 = 48 patch values fit in 64-dim code vectors -> identity start
+    cfg = small_config(ch_mult=[1, 2, 2], embed_dim=64, patch_shortcut=True)
+    torch.manual_seed(0)
+    vae = RQVAE(cfg).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    z = vae.encode(x)
+    patches = F.pixel_unshuffle(x, 4).permute(0, 2, 3, 1)  # (B, 8, 8, 48)
+    torch.testing.assert_close(z[..., :48], patches)
+    assert torch.equal(z[..., 48:], torch.zeros_like(z[..., 48:]))
+    torch.testing.assert_close(vae.decode(z), x)  # unquantized: lossless before training
+    # quantized: depth d decodes to the patches of the partial sum Ẑ(d) (Eq. 12)
+    vae.train()
+    vae(x)  # initialises the codebook from these vectors
+    vae.eval()
+    codes = vae.encode_to_codes(x)
+    for d in range(1, 5):
+        partial = vae.quantizer.decode_codes(codes, d)[..., :48].permute(0, 3, 1, 2)
+        torch.testing.assert_close(vae.decode_codes(codes, d), F.pixel_shuffle(partial, 4))
+    vae.save_pretrained(tmp_path / "m")
+    back = RQVAE.from_pretrained(tmp_path / "m")
+    assert back.config.patch_shortcut
+    torch.testing.assert_close(back.decode_codes(codes), vae.decode_codes(codes))
+
+
+def test_patch_shortcut_is_learned_where_patches_exceed_the_code_vector():
+    # 16-dim code vectors < 48 patch values: a learned projection, the networks from their
+    # usual initialisation; both paths receive gradients
+    torch.manual_seed(0)
+    vae = RQVAE(small_config(patch_shortcut=True)).train()
+    assert not vae.patch_shortcut.starts_as_identity
+    assert vae.quant_conv.weight.abs().sum() > 0
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    out = vae(x)
+    (F.mse_loss(out.reconstruction, x) + out.commitment_loss).backward()
+    for p in (vae.patch_shortcut.down.weight, vae.patch_shortcut.up.weight,
+              vae.encoder.conv_in.weight, vae.decoder.conv_out.weight):  # fmt: skip
+        assert p.grad is not None and p.grad.abs().sum() > 0

@@ -81,6 +81,10 @@ def _tiny32() -> VAEExperiment:
         codebook_size=512,
         code_depth=4,
         zero_init_residual=True,
+        # Departs from the paper: a linear path from each 4×4 pixel patch to its code vector
+        # and back (PatchShortcut). Quantized at 8×8×4 on held-out photos it reaches 29.98 dB
+        # after 300 steps where the paper's architecture had 24.5 dB (stage1_learning.md).
+        patch_shortcut=True,
     )
     # No VGG16 weights exist on a fresh machine, so LPIPS is off; the GAN starts late, after
     # the MSE has converged (a GAN on a barely trained decoder only adds noise). Without the

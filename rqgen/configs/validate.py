@@ -125,7 +125,7 @@ _TRAINING = {  # what both stages' training configs share
 RULES: dict[str, dict[str, Rule]] = {
     "RQVAEConfig": _AUTOENCODER | {
         "code_depth": count(), "shared_codebook": FLAG, "norm_groups": count(0),
-        "zero_init_residual": FLAG,
+        "zero_init_residual": FLAG, "patch_shortcut": FLAG,
     },
     "DQVAEConfig": _AUTOENCODER | {
         "ch_mult": Rule("ints", low=1, min_items=2), "decoder_ch_mult": LEVELS,
