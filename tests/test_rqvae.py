@@ -174,6 +174,13 @@ def test_patch_shortcut_starts_as_the_raw_patch_codec_and_round_trips(tmp_path):
     for d in range(1, 5):
         partial = vae.quantizer.decode_codes(codes, d)[..., :48].permute(0, 3, 1, 2)
         torch.testing.assert_close(vae.decode_codes(codes, d), F.pixel_shuffle(partial, 4))
+    # eval-vae reports what the quantizer costs: here the unquantized path is lossless
+    from torch.utils.data import TensorDataset
+
+    from rqgen.evaluate.vae import evaluate_vae
+
+    scores = evaluate_vae(vae, TensorDataset(x, torch.zeros(3)), rfid=False, progress=False)
+    assert scores["unquantized_psnr"] > 60 > scores["psnr"]
     vae.save_pretrained(tmp_path / "m")
     back = RQVAE.from_pretrained(tmp_path / "m")
     assert back.config.patch_shortcut

@@ -122,7 +122,7 @@ def test_eval_vae_prints_one_json_object(trained):
                  "--json", "--device", "cpu")  # fmt: skip
     result = json.loads(proc.stdout)  # the whole stdout is one JSON object
     assert result["n_images"] == 20
-    for key in ("psnr", "ssim", "codebook_usage", "perplexity"):
+    for key in ("psnr", "ssim", "codebook_usage", "perplexity", "unquantized_psnr"):
         assert isinstance(result[key], float)
     assert len(result["per_depth_psnr"]) == 4
     assert 0 < result["codebook_usage"] <= 1 and 1 <= result["perplexity"] <= 32

@@ -76,7 +76,7 @@ def evaluate_vae(
     dq = isinstance(vae, DQVAE)
     stats = CodeStats(K)
     tokens = fine = 0.0
-    sums = {"psnr": 0.0, "ssim": 0.0, "ref": 0.0}
+    sums = {"psnr": 0.0, "ssim": 0.0, "ref": 0.0, "unquantized": 0.0}
     depth_sums = [0.0] * D
     n = 0
     use_fid, fid_note = inception_fid_available() if rfid else (False, "disabled")
@@ -98,6 +98,8 @@ def evaluate_vae(
         sums["psnr"] += float(psnr(xr, x).sum())
         sums["ssim"] += float(ssim(xr, x).sum())
         sums["ref"] += float(psnr(reference_codec(x, codes.shape[1]), x).sum())
+        if not dq:  # the encoder output decoded as is: what the quantizer costs
+            sums["unquantized"] += float(psnr(vae.decode(vae.encode(x)).clamp(-1, 1), x).sum())
         for d in range(1, D + 1):  # Table 6 analog: decode Ẑ(d) for every d
             xd = xr if d == D else vae.decode_codes(codes, d).clamp(-1, 1)
             depth_sums[d - 1] += float(psnr(xd, x).sum())
@@ -112,6 +114,7 @@ def evaluate_vae(
         "psnr": sums["psnr"] / n,
         "ssim": sums["ssim"] / n,
         "per_depth_psnr": [s / n for s in depth_sums],
+        **({} if dq else {"unquantized_psnr": sums["unquantized"] / n}),
         "codebook_usage": stats.usage(),
         "per_depth_usage": stats.usage(per_depth=True),
         "perplexity": stats.perplexity(),
