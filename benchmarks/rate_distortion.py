@@ -143,6 +143,29 @@ TRENDS = [
 ]
 
 
+def residual_scales(model_dir: Path) -> dict:
+    """Why a shared codebook can lose to separate ones: the mean norm of the residual entering
+    each depth, the median code norm of each codebook, and the distinct codes each depth picks
+    on the held-out crops."""
+    import torch
+
+    from rqgen.data.bundled import BundledPhotos
+    from rqgen.stage1.rqvae import RQVAE
+
+    val = torch.stack([v for v, _ in BundledPhotos(32, "val")])
+    m = RQVAE.from_pretrained(model_dir).eval()
+    q = m.quantizer
+    with torch.no_grad():
+        codes, residuals = q.quantize(m.encode(val).reshape(-1, q.dim))
+    return {
+        "residual_norm": [
+            round(float(residuals[:, d].norm(dim=-1).mean()), 3) for d in range(q.depth)
+        ],  # fmt: skip
+        "median_code_norm": [round(float(book.norm(dim=-1).median()), 3) for book in q.codebook],
+        "distinct_codes": [int(codes[:, d].unique().numel()) for d in range(q.depth)],
+    }
+
+
 def main() -> None:
     args = parse_args(__doc__, 150, "benchmarks/work/rate_distortion")
     seeds = args.seeds or [args.seed]
@@ -151,8 +174,8 @@ def main() -> None:
     names = [k for k in VARIANTS if (k, seeds[0]) in by]
     rows = [
         "| variant | code shape | bits/image | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(D) (means) | "
-        "partials rise at every depth | codebook usage | perplexity |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "partials rise at every depth | codebook usage | perplexity | unquantized PSNR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         rs = [by[name, s] for s in seeds]
@@ -165,7 +188,8 @@ def main() -> None:
             f"| {name} | {'×'.join(map(str, r0['code_shape']))} | {r0['bits_per_image']:.0f} "
             f"| {cell([r['psnr'] for r in rs])} | {cell([r['ssim'] for r in rs], 3)} | {depth} "
             f"| {rising} of {len(rs)} | {cell([100 * r['codebook_usage'] for r in rs], 0)}% "
-            f"| {cell([r['perplexity'] for r in rs], 0)} |"
+            f"| {cell([r['perplexity'] for r in rs], 0)} "
+            f"| {cell([r.get('unquantized_psnr', float('nan')) for r in rs])} |"
         )
     ref = results[0]
     bicubic = ref["reference_codec_psnr"]
@@ -187,8 +211,18 @@ def main() -> None:
         + f"\n\nReference codec ({ref['reference_codec']}, 1536 bits): {bicubic:.2f} dB.\n\n"
         "The paper's trends, as paired differences:\n\n" + "\n".join(trends) + "\n"
     )
-    print(write_results("rate_distortion", body, {"steps": args.steps, "seeds": seeds,
-                                                  "results": results}))  # fmt: skip
+    scales = {}
+    for name in ("RQ 8x8x4", "RQ 8x8x4, 4 separate codebooks of 128"):
+        if (name, seeds[0]) in by:
+            sub = "" if seeds[0] == args.seed else f"seed{seeds[0]}/"
+            scales[name] = residual_scales(Path(args.workdir) / f"{sub}{slug(name)}")
+    if scales:
+        body += "\nResidual scales (seed " + str(seeds[0]) + ", held-out crops):\n\n" + "\n".join(
+            f"- {name}: mean residual norm entering depth 1..D {v['residual_norm']}; median "
+            f"code norm per codebook {v['median_code_norm']}; distinct codes picked per depth "
+            f"{v['distinct_codes']}" for name, v in scales.items()) + "\n"  # fmt: skip
+    data = {"steps": args.steps, "seeds": seeds, "results": results, "scales": scales}
+    print(write_results("rate_distortion", body, data))
 
 
 if __name__ == "__main__":

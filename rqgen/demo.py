@@ -61,6 +61,11 @@ def run_photos_demo(out: Path, steps: int | None = None, device: str | None = "a
 # digits do not overfit.
 DIGITS_VAE_STEPS, DIGITS_AR_STEPS = 150, 400
 DIGITS_VAE_OVERRIDES = ["train.batch_size=32", "train.num_workers=0"]
+# The digits RQ-VAE keeps the paper's architecture (no patch shortcut): with the shortcut its
+# codes reconstruct far better (44.7 vs 36.1 dB held out) but carry more of each digit's
+# pixels, and the 400-step prior then samples worse (one demo run: 42% / 63% recognised
+# without / with guidance; without the shortcut 69% / 95%).
+DIGITS_RQVAE_OVERRIDES = ["model.patch_shortcut=false"]
 DIGITS_AR_OVERRIDES = ["train.batch_size=32", "model.dropout=0.0"]
 
 
@@ -85,7 +90,11 @@ def run_demo(
     start = time.time()
     exp = load_vae_experiment(
         "dq-tiny32" if dq else "tiny32",
-        [f"train.steps={vae_steps or DIGITS_VAE_STEPS}", *DIGITS_VAE_OVERRIDES],
+        [
+            f"train.steps={vae_steps or DIGITS_VAE_STEPS}",
+            *DIGITS_VAE_OVERRIDES,
+            *([] if dq else DIGITS_RQVAE_OVERRIDES),
+        ],  # fmt: skip
     )
     vae_dir = train_vae(exp, "bundled:digits", out / "vae", device=device)
     ar_exp = load_ar_experiment(
