@@ -10,7 +10,7 @@ soon as it is done:
    transformer of the same width and the same 48 layers on 16x16x1 codes (the paper's
    Fig. 4: RQ 4.1x at batch 100, 5.6x at batch 200, A100), eager and compiled.
 
-    python benchmarks/gpu_check.py                               # ~6 minutes on one H100
+    python benchmarks/gpu_check.py                               # ~3.5 minutes on one H100
     python benchmarks/gpu_check.py --budget-s 120 --paper-model none
 
 A configuration that fails is recorded with its one-line error and the rest go on; past
