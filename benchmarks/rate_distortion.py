@@ -53,9 +53,14 @@ def run(cmd: list[str], threads: int, log: Path) -> str:
     return proc.stdout
 
 
+def run_dir(args, name: str, seed: int) -> Path:
+    """Where a variant trains: the workdir itself for --seed, a seedN/ folder for others."""
+    return Path(args.workdir) / (slug(name) if seed == args.seed else f"seed{seed}/{slug(name)}")
+
+
 def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None) -> dict:
     seed = args.seed if seed is None else seed
-    out = Path(args.workdir) / (slug(name) if seed == args.seed else f"seed{seed}/{slug(name)}")
+    out = run_dir(args, name, seed)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
     py = sys.executable
@@ -214,8 +219,7 @@ def main() -> None:
     scales = {}
     for name in ("RQ 8x8x4", "RQ 8x8x4, 4 separate codebooks of 128"):
         if (name, seeds[0]) in by:
-            sub = "" if seeds[0] == args.seed else f"seed{seeds[0]}/"
-            scales[name] = residual_scales(Path(args.workdir) / f"{sub}{slug(name)}")
+            scales[name] = residual_scales(run_dir(args, name, seeds[0]))
     if scales:
         body += "\nResidual scales (seed " + str(seeds[0]) + ", held-out crops):\n\n" + "\n".join(
             f"- {name}: mean residual norm entering depth 1..D {v['residual_norm']}; median "

@@ -87,19 +87,20 @@ def evaluate_vae(
                 break
             x = x[: limit - n]
         x = x.to(device)
-        codes = vae.encode_to_codes(x)
         if dq:
+            codes = vae.encode_to_codes(x)
             stats.update(sequence_codes(codes))
             tokens += float(vae.tokens_per_image(codes).sum())
             fine += float(unpack_codes(codes)[1].float().flatten(1).mean(1).sum())
-        else:
+        else:  # one encoder pass for the codes and for the unquantized decode
+            z = vae.encode(x)
+            codes = vae.quantizer.quantize(z)[0]
+            sums["unquantized"] += float(psnr(vae.decode(z).clamp(-1, 1), x).sum())
             stats.update(codes)
         xr = vae.decode_codes(codes).clamp(-1, 1)
         sums["psnr"] += float(psnr(xr, x).sum())
         sums["ssim"] += float(ssim(xr, x).sum())
         sums["ref"] += float(psnr(reference_codec(x, codes.shape[1]), x).sum())
-        if not dq:  # the encoder output decoded as is: what the quantizer costs
-            sums["unquantized"] += float(psnr(vae.decode(vae.encode(x)).clamp(-1, 1), x).sum())
         for d in range(1, D + 1):  # Table 6 analog: decode Ẑ(d) for every d
             xd = xr if d == D else vae.decode_codes(codes, d).clamp(-1, 1)
             depth_sums[d - 1] += float(psnr(xd, x).sum())
