@@ -1,13 +1,17 @@
-"""Rate-distortion of stage 1 on held-out bundled photos (paper Table 4 and C.3 analogs).
+"""Rate-distortion of stage 1 on held-out images (paper Table 4 and C.3 analogs).
 
 Trains every variant of tiny32 at equal K and equal steps with the real CLI, then scores
-each with `rqgen eval-vae` on the held-out photos (photos never seen in training).
+each with `rqgen eval-vae` on held-out images no training saw: the bundled photos, or
+(`--data fashion-mnist`) 1000 Fashion-MNIST test images after training on 10000 of its
+training images (Debian's dataset-fashion-mnist, installed when missing).
 
     python benchmarks/rate_distortion.py --steps 150 --seeds 0 1 2 --jobs 2
+    python benchmarks/rate_distortion.py --data fashion-mnist --steps 150 --seeds 0 1 2
 
 Variants: RQ 8×8×D for D = 1, 2, 4, 8 (shared K = 512); VQ 16×16×1 (f = 2, K = 512) for the
 Table 4 comparison; RQ 8×8×4 with four separate codebooks of K/4 = 128 (C.3: the same number
-of code vectors as the shared one). With several seeds: means with 95% Student-t intervals
+of code vectors as the shared one), and with one shared codebook of 128 (the same bits as the
+separate ones). With several seeds: means with 95% Student-t intervals
 and paired differences (same seed) for each trend the paper claims.
 Reruns resume unfinished trainings from benchmarks/work/.
 """
@@ -24,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interval, write_results  # noqa: E402
+from common import fashion_mnist, interval, write_results  # noqa: E402
 
 VARIANTS = {
     "RQ 8x8x1": ["model.code_depth=1"],
@@ -37,6 +41,8 @@ VARIANTS = {
         "model.shared_codebook=false",
         "model.codebook_size=128",
     ],
+    # the separate codebooks' bits (4 x 7 per position) in one shared codebook
+    "RQ 8x8x4, shared K=128": ["model.code_depth=4", "model.codebook_size=128"],
 }
 
 
@@ -71,7 +77,7 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None
             "rqgen",
             "train-vae",
             "--data",
-            "bundled:photos",
+            args.train_data,
             "--out",
             str(out),
             "--steps",
@@ -97,7 +103,7 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None
                 "--vae",
                 str(out),
                 "--data",
-                "bundled:photos:val",
+                args.val_data,
                 "--json",
                 "--device",
                 "cpu",
@@ -122,7 +128,14 @@ def parse_args(doc: str, steps: int, workdir: str) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="*", help="several seeds (default: --seed)")
     p.add_argument("--workdir", default=workdir)
     p.add_argument("--only", nargs="*", help="subset of variant names")
-    return p.parse_args()
+    p.add_argument("--data", choices=["photos", "fashion-mnist"], default="photos")
+    args = p.parse_args()
+    args.train_data, args.val_data = "bundled:photos", "bundled:photos:val"
+    if args.data != "photos":
+        args.workdir += "_" + slug(args.data)
+        train, val = fashion_mnist(Path(args.workdir) / "data", 10000, 1000)
+        args.train_data, args.val_data = str(train), str(val)
+    return args
 
 
 def train_all(variants: dict[str, tuple[str, list[str]]], args, seeds=None) -> list[dict]:
@@ -145,20 +158,25 @@ TRENDS = [
     ("D 8 - D 4", "RQ 8x8x8", "RQ 8x8x4"),
     ("RQ 8x8x4 - VQ 16x16x1 (Table 4)", "RQ 8x8x4", "VQ 16x16x1 (f=2)"),
     ("shared - separate (C.3)", "RQ 8x8x4", "RQ 8x8x4, 4 separate codebooks of 128"),
+    (
+        "shared K=128 - separate 4x128 (equal bits)",
+        "RQ 8x8x4, shared K=128",
+        "RQ 8x8x4, 4 separate codebooks of 128",
+    ),
 ]
 
 
-def residual_scales(model_dir: Path) -> dict:
+def residual_scales(model_dir: Path, data: str) -> dict:
     """Why a shared codebook can lose to separate ones: the mean norm of the residual entering
     each depth, the median code norm of each codebook, and the distinct codes each depth picks
     on the held-out crops."""
     import torch
 
-    from rqgen.data.bundled import BundledPhotos
+    from rqgen.data import build_dataset
     from rqgen.stage1.rqvae import RQVAE
 
-    val = torch.stack([v for v, _ in BundledPhotos(32, "val")])
     m = RQVAE.from_pretrained(model_dir).eval()
+    val = torch.stack([v for v, _ in build_dataset(data, m.config.resolution, "val")])
     q = m.quantizer
     with torch.no_grad():
         codes, residuals = q.quantize(m.encode(val).reshape(-1, q.dim))
@@ -210,8 +228,8 @@ def main() -> None:
         f"tiny32 variants (the preset's recipe: Adam (0.9, 0.99), lr 1e-3 cosine, zero-init "
         f"residual branches, linear patch shortcut; MSE + 0.25·commitment, no LPIPS/GAN), "
         f"{args.steps} steps each at batch 64, seeds {', '.join(map(str, seeds))}, each run "
-        f"scored on the {ref['n_images']} fixed crops of the held-out photos "
-        "(bundled:photos:val). Means ± half-width of the 95% Student-t interval over seeds.\n\n"
+        f"scored on the {ref['n_images']} fixed crops of the held-out {args.data} "
+        f"({args.val_data}). Means ± half-width of the 95% Student-t interval over seeds.\n\n"
         + "\n".join(rows)
         + f"\n\nReference codec ({ref['reference_codec']}, 1536 bits): {bicubic:.2f} dB.\n\n"
         "The paper's trends, as paired differences:\n\n" + "\n".join(trends) + "\n"
@@ -219,14 +237,15 @@ def main() -> None:
     scales = {}
     for name in ("RQ 8x8x4", "RQ 8x8x4, 4 separate codebooks of 128"):
         if (name, seeds[0]) in by:
-            scales[name] = residual_scales(run_dir(args, name, seeds[0]))
+            scales[name] = residual_scales(run_dir(args, name, seeds[0]), args.val_data)
     if scales:
         body += "\nResidual scales (seed " + str(seeds[0]) + ", held-out crops):\n\n" + "\n".join(
             f"- {name}: mean residual norm entering depth 1..D {v['residual_norm']}; median "
             f"code norm per codebook {v['median_code_norm']}; distinct codes picked per depth "
             f"{v['distinct_codes']}" for name, v in scales.items()) + "\n"  # fmt: skip
     data = {"steps": args.steps, "seeds": seeds, "results": results, "scales": scales}
-    print(write_results("rate_distortion", body, data))
+    name = "rate_distortion" + ("" if args.data == "photos" else "_" + slug(args.data))
+    print(write_results(name, body, data))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ def test_demo_writes_models_pictures_and_metrics(tmp_path, rqgen_cache):
         w, h = Image.open(out / name).size
         assert w == h  # 10 classes × 10 samples: one row per class
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["generation"]) == {"samples", "samples_cfg2"}
-    for s in m["generation"].values():
-        assert 0 <= s["accuracy"] <= 1 and s["frechet_distance"] >= 0
+    assert m["sampling"]["top_k"] == 64
+    for key in ("generation", "generation_without_top_k"):  # the same seeds, with and without
+        assert set(m[key]) == {"samples", "samples_cfg2"}
+        for s in m[key].values():
+            assert 0 <= s["accuracy"] <= 1 and s["frechet_distance"] >= 0
     assert len(m["stage1_heldout"]["per_depth_psnr"]) == 4
     # the models the demo leaves behind are the ones `rqgen sample` loads
     rqgen("sample", "--model", out / "ar", "--n", 2, "--class", "5", "--out", tmp_path / "s.png")
