@@ -149,3 +149,26 @@ def test_psnr_matches_formula_on_random_images():
     mse = (((x + 1) / 2 - (y + 1) / 2) ** 2).flatten(1).mean(1)
     assert torch.allclose(psnr(x, y), 10 * torch.log10(1 / mse), atol=1e-4)
     assert not math.isinf(psnr(x, x)[0].item())
+
+
+def test_coarse_to_fine_strip_error_row_shrinks_with_the_error():
+    """The strip's lower row is |x - decoding| magnified: black for the input itself, and
+    brighter for a worse decoding (what makes sub-visible refinements show)."""
+    import numpy as np
+
+    from rqgen.evaluate.vae import ERROR_GAIN, coarse_to_fine_strip
+
+    x = smooth_images(1)[0]
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g)
+    partials = [x + 0.2 * noise, x + 0.05 * noise, x]  # coarse to fine
+    strip = np.asarray(coarse_to_fine_strip(x, partials, upscale=1)).astype(float)
+    top_h = strip.shape[0] // 2
+    lower = strip[top_h:]
+    # each row: a 14-pixel caption band, then the grid with 2 pixels of padding around panels
+    panels = [lower[16:48, 2 + i * 34 : 2 + i * 34 + 32] for i in range(4)]
+    means = [p.mean() for p in panels]
+    assert means[0] == 0 and means[3] == 0  # the input and the exact decoding
+    assert means[1] > means[2] > 0
+    expected = (0.2 * noise).abs().div(2).mul(ERROR_GAIN).clamp(0, 1).mean() * 255
+    assert abs(means[1] - float(expected)) < 2  # magnified by ERROR_GAIN, no other scaling

@@ -17,7 +17,14 @@ from rqgen.evaluate.fid import FIDMeter, inception_fid_available
 from rqgen.evaluate.recon import CodeStats, psnr, ssim
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage1.rqvae import RQVAE
-from rqgen.utils.images import save_grid, save_labelled_grid
+from rqgen.utils.images import (
+    error_map,
+    labelled_row,
+    save_grid,
+    save_labelled_grid,
+    save_pil,
+    stack_rows,
+)
 
 
 def sequence_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -140,6 +147,23 @@ def evaluate_vae(
     return result
 
 
+ERROR_GAIN = 4
+
+
+def coarse_to_fine_strip(x: torch.Tensor, partials: list[torch.Tensor], upscale: int):
+    """Image x, then the decodings of its partial sums Ẑ(1) ... Ẑ(D) captioned with their
+    PSNR; under each, |x - decoding| magnified ERROR_GAIN times (black: exact)."""
+    scores = psnr(torch.stack(partials), x.expand(len(partials), *x.shape)).tolist()
+    labels = ["input"] + [f"depth 1-{d}  {p:.1f} dB" if d > 1 else f"depth 1  {p:.1f} dB"
+                          for d, p in enumerate(scores, 1)]  # fmt: skip
+    errors = [error_map(x, x_hat, ERROR_GAIN) for x_hat in [x, *partials]]
+    return stack_rows([
+        labelled_row(torch.stack([x, *partials]), labels, upscale),
+        labelled_row(torch.stack(errors), [f"error x{ERROR_GAIN}"] + [""] * len(partials),
+                     upscale),
+    ])  # fmt: skip
+
+
 @torch.no_grad()
 def write_reconstructions(
     vae: RQVAE | DQVAE,
@@ -150,9 +174,10 @@ def write_reconstructions(
     batch_size: int = 32,
 ) -> list[Path]:
     """For each image write NAME_pair.png (original | reconstruction) and, for an RQ-VAE,
-    NAME_coarse_to_fine.png (original, then G(Ẑ(1)) ... G(Ẑ(D)): the Fig. 5 analog); for a
-    DQ-VAE, NAME_granularity.png (the code grid drawn on the original and on the
-    reconstruction)."""
+    NAME_coarse_to_fine.png (original, then G(Ẑ(1)) ... G(Ẑ(D)) with their PSNR: the Fig. 5
+    analog; under them each decoding's error, magnified, where refinements too fine to see
+    in the images show); for a DQ-VAE, NAME_granularity.png (the code grid drawn on the
+    original and on the reconstruction)."""
     out_dir = Path(out_dir)
     vae = vae.to(device).eval()
     D = vae.config.code_depth
@@ -176,9 +201,7 @@ def write_reconstructions(
                     both, out_dir / f"{name}_granularity.png", ["input", "reconstruction"],
                     legend=GRANULARITY_LEGEND))  # fmt: skip
                 continue
-            strip = torch.stack([x[i]] + [st[i] for st in steps])
             written.append(save_grid(pair, out_dir / f"{name}_pair.png", nrow=2, upscale=upscale))
-            depths = ["input"] + [f"depth 1-{d}" if d > 1 else "depth 1" for d in range(1, D + 1)]
-            written.append(save_labelled_grid(strip, out_dir / f"{name}_coarse_to_fine.png",
-                                              depths, upscale=upscale))  # fmt: skip
+            strip = coarse_to_fine_strip(x[i], [st[i] for st in steps], upscale)
+            written.append(save_pil(strip, out_dir / f"{name}_coarse_to_fine.png"))
     return written

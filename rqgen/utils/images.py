@@ -99,6 +99,21 @@ def labelled_row(images: torch.Tensor, labels: list[str], upscale: int = 1,
     return canvas
 
 
+def error_map(x: torch.Tensor, x_hat: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
+    """|x - x̂| of [-1, 1] images, magnified `gain` times, as an image (black: exact)."""
+    return ((x - x_hat).abs() / 2 * gain).clamp(0, 1) * 2 - 1
+
+
+def stack_rows(rows: list[Image.Image]) -> Image.Image:
+    """PIL images one under the other, left-aligned on white."""
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    top = 0
+    for r in rows:
+        canvas.paste(r, (0, top))
+        top += r.height
+    return canvas
+
+
 def save_grid(
     images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1
 ) -> Path:
