@@ -36,6 +36,23 @@ class EagerDecoder:
         return self.model.classifier(self.model.head_transformer(v, self.depth_cache)[:, -1])
 
 
+_COMPILED_DECODERS = 0
+
+
+def _allow_one_more_compilation() -> None:
+    """Every compiled decoder (one per model, batch size and dtype) compiles the same two
+    methods again, and dynamo counts those against one limit per method (8 by default):
+    past it torch would run them eagerly without an error, so a process that samples many
+    batch sizes would silently lose compilation. Raise the limit as decoders are made."""
+    global _COMPILED_DECODERS
+    _COMPILED_DECODERS += 1
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across releases
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 8 + _COMPILED_DECODERS))
+            break
+
+
 class StaticDecoder(nn.Module):
     """One spatial step and one depth step with fixed shapes: a batch of one token, static KV
     caches, positions as tensors. With `compiled`, both steps go through `torch.compile`
@@ -55,6 +72,7 @@ class StaticDecoder(nn.Module):
                           for i in range(max(c.cond_length + c.T, c.D))]  # fmt: skip
         self._spatial_fn, self._depth_fn = self._spatial, self._depth
         if compiled:
+            _allow_one_more_compilation()
             mode = "reduce-overhead" if device.type == "cuda" else None
             compile = lambda f: torch.compile(f, mode=mode, fullgraph=True, dynamic=False)  # noqa: E731
             self._spatial_fn, self._depth_fn = compile(self._spatial), compile(self._depth)
