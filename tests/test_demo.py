@@ -30,3 +30,15 @@ def test_demo_writes_models_pictures_and_metrics(tmp_path, rqgen_cache):
     # the models the demo leaves behind are the ones `rqgen sample` loads
     rqgen("sample", "--model", out / "ar", "--n", 2, "--class", "5", "--out", tmp_path / "s.png")
     assert (tmp_path / "s.png").is_file()
+
+
+def test_dq_demo_samples_and_scores_the_same_way(tmp_path, rqgen_cache):
+    out = tmp_path / "dq"
+    r = rqgen("demo", "--dq", "--out", out, "--steps", 2, "--ar-steps", 2, env_extra=rqgen_cache)
+    assert "classifier accuracy" in r.stdout
+    assert any(p.name.endswith("_granularity.png") for p in (out / "reconstructions").iterdir())
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["generation"]) == set(m["generation_without_top_k"]) == {"samples", "samples_cfg2"}
+    assert 0 <= m["stage1_heldout"]["fine_fraction"] <= 1
+    w, h = Image.open(out / "samples.png").size
+    assert w == h
