@@ -289,16 +289,17 @@ def test_per_sample_seeds_make_each_sample_independent_of_its_batch(cfg_scale):
     assert not torch.equal(sample_codes(m, cond, cfg, PerSampleSeeds([20, 21, 22, 23, 24])), whole)
 
 
-def test_each_compiled_decoder_raises_the_recompile_limit(monkeypatch):
+def test_each_compiled_decoder_raises_the_recompile_limit():
     """Decoders for many batch sizes recompile the same methods: the limit must grow with them,
     or torch would fall back to eager past 8 without a word (torch.compile is lazy: making
     the decoders compiles nothing)."""
     import torch._dynamo.config as dynamo
 
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo, name, 8)
     m = make(shared_codebook=False, shape=(2, 2, 2))
-    for batch in range(1, 13):
-        StaticDecoder.for_model(m, batch, compiled=True)
-        StaticDecoder.for_model(m, batch, compiled=True)  # kept: no second compilation
-    assert getattr(dynamo, name) >= 8 + 12
+    # torch's own patch, which restores the setting (pytest's monkeypatch would delete it)
+    with dynamo.patch(**{name: 8}):
+        for batch in range(1, 13):
+            StaticDecoder.for_model(m, batch, compiled=True)
+            StaticDecoder.for_model(m, batch, compiled=True)  # kept: no second compilation
+        assert getattr(dynamo, name) >= 8 + 12
