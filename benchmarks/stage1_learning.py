@@ -254,6 +254,10 @@ def table(records: list[dict], raw: dict | None = None) -> str:
     return "\n".join(out)
 
 
+def save(records: list[dict], raw: dict | None) -> None:
+    write_results("stage1_learning", table(records, raw), {"records": records, "raw_patch_rq": raw})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="*", default=[])
@@ -281,9 +285,8 @@ def main() -> None:
                 if (r["variant"], r["seed"], r["steps"]) != (name, seed, args.steps)
             ]
             records.append(rec)
-            write_results("stage1_learning", table(records, raw),
-                          {"records": records, "raw_patch_rq": raw})  # fmt: skip
-    write_results("stage1_learning", table(records, raw), {"records": records, "raw_patch_rq": raw})
+            save(records, raw)  # after each run: a long study keeps what it has measured
+    save(records, raw)  # also with no run
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ def run_demo(
 
     classifier = load_or_train(cache_dir() / "classifiers", dev)  # trained once, then reused
     classifier_acc = heldout_accuracy(classifier)
+    real = real.to(dev)  # the reference digits of every Fréchet distance below
     cond = torch.arange(10, device=dev).repeat_interleave(per_class)
     results, unfiltered = {}, {}
     for name, scale in (("samples", 1.0), ("samples_cfg2", 2.0)):
@@ -125,7 +126,7 @@ def run_demo(
             gen = torch.Generator(dev).manual_seed(0)
             sampling = SamplingConfig(cfg_scale=scale, top_k=top_k)
             _, images = generate(vae, model, cond, sampling, gen)
-            scores[name] = score_digits(classifier, images, cond, real.to(dev))
+            scores[name] = score_digits(classifier, images, cond, real)
             if top_k == DEMO_TOP_K:  # one row per class: column i of row c is its i-th sample
                 save_grid(images, out / f"{name}.png", nrow=per_class, upscale=4)
     metrics = {
