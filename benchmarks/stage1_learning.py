@@ -33,7 +33,7 @@ from rqgen.data.bundled import BundledPhotos  # noqa: E402
 from rqgen.evaluate.recon import psnr  # noqa: E402
 from rqgen.stage1.blocks import zero_init_residual_branches  # noqa: E402
 from rqgen.stage1.rqvae import RQVAE  # noqa: E402
-from rqgen.train.common import scheduled_lr  # noqa: E402
+from rqgen.train.trainer import scheduled_lr  # noqa: E402
 
 # name -> (description, changes). Changes: model.* / train.* fields of the tiny32 preset,
 # or `quantize` (False: decode the encoder output directly).

@@ -85,8 +85,9 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
     atomic_write(path, lambda tmp: save_file(tensors, tmp), needed_bytes=size)
 
 
-def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Strict load that names what does not match instead of a wall of text."""
+def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike, apply=None) -> None:
+    """Strict load that names what does not match instead of a wall of text. `apply(state)`
+    replaces `module.load_state_dict` (a sharded model loads through its own door)."""
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises several types for truncated files
@@ -121,6 +122,9 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike) -> No
             f"weights in {path} hold NaN or infinite values (e.g. {bad}): the run diverged "
             "or the file is corrupt; use an earlier checkpoint"
         )
+    if apply is not None:
+        apply(state)
+        return
     module.load_state_dict(state, strict=not (optional & (set(own) - set(state))))
 
 

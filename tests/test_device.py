@@ -5,8 +5,8 @@ from datetime import timedelta
 import pytest
 import torch
 
+from rqgen import distributed as common
 from rqgen.errors import DeviceError
-from rqgen.train import common
 from rqgen.utils.device import resolve_device
 
 

@@ -122,7 +122,7 @@ class _RandomCrops(torch.utils.data.Dataset):
 def _fit_on_rank(rank: int, store: str, results) -> None:
     import torch.distributed as dist
 
-    from rqgen.train.common import Runtime
+    from rqgen.distributed import Runtime
     from rqgen.train.vae import fit_entropy_router
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -146,7 +146,7 @@ class _Routed(torch.nn.Module):
 def test_the_entropy_router_is_fitted_on_rank_0_and_broadcast(tmp_path):
     import torch.multiprocessing as mp
 
-    from rqgen.train.common import Runtime
+    from rqgen.distributed import Runtime
     from rqgen.train.vae import fit_entropy_router
 
     with mp.Manager() as manager:

@@ -272,8 +272,9 @@ def test_a_signal_while_loading_stops_at_once_and_the_resume_is_exact(tmp_path, 
 def _shared_output_rank(rank: int, store: str, outs: list, results) -> None:
     import torch.distributed as dist
 
+    from rqgen.distributed import Runtime
     from rqgen.errors import ConfigError
-    from rqgen.train.common import Runtime, check_shared_output
+    from rqgen.train.state import check_shared_output
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:

@@ -10,9 +10,9 @@ from PIL import Image
 from test_train_ar import train_ar
 
 from rqgen.data.bundled import BundledDigits
+from rqgen.distributed import Runtime
 from rqgen.stage1.rqvae import RQVAE, RQVAEConfig
 from rqgen.train import features as F
-from rqgen.train.common import Runtime
 
 TINY_VAE = RQVAEConfig(resolution=32, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1,
                        attn_resolutions=[], z_channels=8, embed_dim=8, codebook_size=16,

@@ -308,7 +308,7 @@ def test_resume_check_treats_fields_added_later_as_defaults(tmp_path):
 
     from rqgen.errors import ConfigError
     from rqgen.stage1.rqvae import RQVAEConfig
-    from rqgen.train.common import TrainState
+    from rqgen.train.state import TrainState
 
     state = TrainState(tmp_path)
     old = dataclasses.asdict(RQVAEConfig(ch=32))
@@ -322,7 +322,7 @@ def test_resume_check_treats_fields_added_later_as_defaults(tmp_path):
 
 
 def test_the_batch_sampler_draws_one_permutation_per_epoch_and_resumes_anywhere(monkeypatch):
-    from rqgen.train.common import ShardedBatchSampler
+    from rqgen.train.data import ShardedBatchSampler
 
     calls = []
     real = torch.randperm
@@ -343,7 +343,7 @@ def test_the_batch_sampler_draws_one_permutation_per_epoch_and_resumes_anywhere(
 def test_learning_rate_schedules_warm_up_then_hold_or_decay():
     import math
 
-    from rqgen.train.common import scheduled_lr
+    from rqgen.train.trainer import scheduled_lr
 
     warm = [scheduled_lr(s, 1.0, 4, 20, "constant") for s in range(4)]
     assert warm == [0.25, 0.5, 0.75, 1.0]

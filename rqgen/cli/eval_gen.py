@@ -168,7 +168,7 @@ def _with_clip_score(images, texts: list[str], clip: str | None, device, result:
 
 def _runtime(device: str):
     """Under torchrun: the process group (this rank's device); else a single process."""
-    from rqgen.train.common import Runtime, init_runtime
+    from rqgen.distributed import Runtime, init_runtime
     from rqgen.utils.device import resolve_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -179,7 +179,7 @@ def _runtime(device: str):
 def _on_ranks(device: str, body):
     """body(rt) in one process, or on every torchrun rank; the process group is closed
     after it (with no barrier after an error: another rank may be stuck)."""
-    from rqgen.train.common import shutdown_runtime
+    from rqgen.distributed import shutdown_runtime
 
     rt = _runtime(device)
     try:
@@ -194,25 +194,26 @@ def _on_ranks(device: str, body):
 def _evaluator(args, rt):
     """The evaluator on every rank; rank 0 builds it first, as it may train the digits
     classifier and cache it for the others."""
+    from rqgen.distributed import meet_after
     from rqgen.evaluate.generation import build_evaluator
-    from rqgen.train.parallel import agree
 
-    first = agree(rt, lambda: build_evaluator(args.features, rt.device) if rt.is_main else None)
-    rest = agree(rt, lambda: None if rt.is_main else build_evaluator(args.features, rt.device))
+    build = lambda: build_evaluator(args.features, rt.device)  # noqa: E731
+    first = meet_after(rt, lambda: build() if rt.is_main else None)
+    rest = meet_after(rt, lambda: None if rt.is_main else build())
     return first if rt.is_main else rest
 
 
 def _data_stats(src: str, resolution: int, evaluator, rt, args, split: str = "val"):
     """Feature statistics of a data source, each rank scoring its share."""
+    from rqgen.distributed import gather_objects, meet_after
     from rqgen.evaluate.generation import merge_shares, share_stats
-    from rqgen.train.parallel import agree, gather_objects
 
     def share():
         data, n = _data_share(src, resolution, rt, args.batch_size, args.features == "digits",
                               split)  # fmt: skip
         return share_stats(data, evaluator, n), n
 
-    mine, n = agree(rt, share)
+    mine, n = meet_after(rt, share)
     return merge_shares(gather_objects(mine, rt), evaluator, n, source=src)[0]
 
 
@@ -227,6 +228,7 @@ def _eval_gen(args, rt) -> dict:
     import torch
 
     from rqgen.cli.evaluate import check_finite
+    from rqgen.distributed import gather_objects, meet_after
     from rqgen.errors import DataError
     from rqgen.evaluate.generation import (
         FeatureStats,
@@ -236,7 +238,6 @@ def _eval_gen(args, rt) -> dict:
         merge_shares,
         share_stats,
     )
-    from rqgen.train.parallel import agree, gather_objects
 
     evaluator = _evaluator(args, rt)
     result: dict = {"evaluator": evaluator.name, "world_size": rt.world_size}
@@ -263,7 +264,7 @@ def _eval_gen(args, rt) -> dict:
         share["clip"] = torch.cat(sims) if sims else None
         return share, total, resolution
 
-    share, total, resolution = agree(rt, fake_share)
+    share, total, resolution = meet_after(rt, fake_share)
     shares = gather_objects(share, rt)
     fake, logits = merge_shares(shares, evaluator, total, source="samples")
     if ref is None:

@@ -34,7 +34,7 @@ def _is_rank0() -> bool:
 def _run_training(args, load_experiment, train):
     """Config from preset/file + overrides, then train(exp); the process group is always
     torn down so torchrun workers exit cleanly on errors too."""
-    from rqgen.train.common import shutdown_runtime
+    from rqgen.distributed import shutdown_runtime
 
     overrides = list(args.overrides) + (
         [f"train.steps={args.steps}"] if args.steps is not None else []

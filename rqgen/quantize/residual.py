@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rqgen.quantize import distributed as dist
+from rqgen.utils.device import exact_fp32
 
 
 @dataclass
@@ -93,7 +94,14 @@ class ResidualQuantizer(nn.Module):
 
     # ----------------------------------------------------------------- search (Eq. 3)
     def _search(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
-        """Nearest code of each row of x (N, dim) in codebook c; or a sample from Q_τ."""
+        """Nearest code of each row of x (N, dim) in codebook c; or a sample from Q_τ. In
+        full fp32 (no TF32), so a GPU picks the codes a CPU does."""
+        if torch.compiler.is_compiling():
+            return self._search_chunks(x, c, tau, generator)
+        with exact_fp32():
+            return self._search_chunks(x, c, tau, generator)
+
+    def _search_chunks(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
         cb = self.codebook[c]
         cb_sq = cb.pow(2).sum(1)
         # Chunks of ~2 MB of distances stay in cache between the matmul that writes them and

@@ -142,14 +142,14 @@ class DQTransformer(nn.Module, Pretrained):
         nxt = _tail(as_sequence(seq))
         real = nxt.content != self.config.vocab.content_pad
         content = F.cross_entropy(content_logits[real].float(), nxt.content[real])
-        parts = {"content_loss": float(content.detach())}
+        parts = {"content_loss": content.detach()}
         loss = content
         for name, s in (("coarse_pos_loss", 0), ("fine_pos_loss", 1)):
             keep = real & (nxt.segment == s)
             if keep.any():
                 ce = F.cross_entropy(pos_logits[keep].float(), nxt.position[keep])
                 loss = loss + 0.5 * ce
-                parts[name] = float(ce.detach())
+                parts[name] = ce.detach()
         return loss, parts
 
     # ------------------------------------------------------------------ pairing

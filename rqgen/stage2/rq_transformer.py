@@ -197,7 +197,7 @@ class RQTransformer(nn.Module, Pretrained):
         codes: Tensor,
         cond: Tensor,
         soft_targets: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """NLL of Eq. 14 (with soft labels Q_τ when given: (B, T, D, K)); text models add
         the weighted text-token loss."""
         logits, text_logits = self(codes, cond)
@@ -210,20 +210,20 @@ class RQTransformer(nn.Module, Pretrained):
         codes: Tensor,
         cond: Tensor,
         soft_targets: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         K = self.config.codebook_size
         flat = logits.reshape(-1, K).float()
         if soft_targets is None:
             img = F.cross_entropy(flat, codes.reshape(-1))
         else:
             img = -(soft_targets.reshape(-1, K) * F.log_softmax(flat, -1)).sum(-1).mean()
-        parts = {"img_loss": float(img.detach())}
+        parts = {"img_loss": img.detach()}
         if text_logits is None:
             return img, parts
         w = self.config.text_loss_weight
         txt = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]).float(),
                               cond[:, 1:].reshape(-1))  # fmt: skip
-        parts["text_loss"] = float(txt.detach())
+        parts["text_loss"] = txt.detach()
         return (1 - w) * img + w * txt, parts
 
     # ------------------------------------------------------------------- pairing

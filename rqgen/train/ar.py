@@ -16,41 +16,26 @@ import dataclasses
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from tqdm import tqdm
 
 from rqgen.checkpoint import write_json
 from rqgen.configs import ARExperiment, ar_transformer_config
 from rqgen.data import describe
 from rqgen.data.captions import captions_for
 from rqgen.data.shards import Shards
+from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
 from rqgen.errors import ConfigError, DataError
 from rqgen.stage1 import load_vae
 from rqgen.stage1.dqvae import DQVAE
 from rqgen.stage2.dq_transformer import DQTransformer
 from rqgen.stage2.rq_transformer import RQTransformer, codebook_fingerprint
 from rqgen.stage2.text import TextTokenizer
-from rqgen.train.common import (
-    MetricsLog,
-    Runtime,
-    StopWhileLoading,
-    Trainer,
-    TrainState,
-    WeightEMA,
-    batch_stream,
-    claim_output,
-    init_runtime,
-    rng_state,
-    run_dataset,
-    scheduled_lr,
-    seed_everything,
-    set_rng_state,
-)
+from rqgen.train.data import run_dataset
+from rqgen.train.ema import WeightEMA
 from rqgen.train.features import (
     FeatureStore,
     StoreKey,
@@ -62,23 +47,25 @@ from rqgen.train.features import (
     vae_fingerprint,
     views_dataset,
 )
+from rqgen.train.metrics import MetricsLog
 from rqgen.train.parallel import (
-    agree,
-    barrier,
     full_model_state,
     full_optimizer_state,
-    gather_objects,
     is_sharded,
     load_full_optimizer_state,
     local_value,
     no_sync,
     wrap,
 )
+from rqgen.train.state import TrainState, claim_output, seed_everything
+from rqgen.train.trainer import Trainer, scheduled_lr
 from rqgen.utils.device import use_cpu_budget
 from rqgen.utils.images import make_grid, save_image
 
 
 class ARTrainer(Trainer):
+    name = "train-ar"
+
     def __init__(self, exp: ARExperiment, vae_dir: str | Path, data: str, out: str | Path,
                  rt: Runtime, captions: str | None = None, quiet: bool = False):  # fmt: skip
         self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
@@ -177,9 +164,6 @@ class ARTrainer(Trainer):
             self.model = RQTransformer(cfg, q.codebook).to(rt.device)
         self.model_class = type(self.model)  # FSDP swaps the class for a sharded subclass
         self.step, self.best, self.bad_evals = 0, math.inf, 0
-        saved = None
-        if self.state.exists():  # weights before sharding: every rank loads the full tensors
-            saved = self.state.load({"model": self.model}, map_location=self.rt.device)
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.model_ddp = wrap(self.model, rt, t.fsdp, t.activation_checkpointing)
         # train.compile: the forward compiled (the backward follows through AOTAutograd)
@@ -190,12 +174,9 @@ class ARTrainer(Trainer):
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2),
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=rt.device.type == "cuda",
         )  # fmt: skip
-        if saved is not None:
-            self._resume(saved)
-        else:
-            seed_everything(t.seed + rt.rank)
+        self.resume_or_seed()
         self.log = MetricsLog(self.out, rt.is_main)
 
     # ------------------------------------------------------------------ features
@@ -209,7 +190,8 @@ class ARTrainer(Trainer):
             crops=t.feature_crops, vae=vae_fingerprint(self.vae),
             kind=store_kind(self.vae, t.soft_labels, t.stochastic_codes),
         )  # fmt: skip
-        views = agree(rt, lambda: views_dataset(dataset, self.data, res, t.feature_crops, t.seed))
+        views = meet_after(rt, lambda: views_dataset(dataset, self.data, res, t.feature_crops,
+                                                     t.seed))  # fmt: skip
         root = Path(t.features).expanduser() if t.features else self.out / "features"
         workers, _ = use_cpu_budget(t.extract_workers)
         return build_store(root, key, self.vae, views, rt, workers=workers, quiet=self.quiet)
@@ -221,15 +203,19 @@ class ARTrainer(Trainer):
         if self.store.meta["kind"] != "features" or t.tau_unit == "absolute":
             return [t.tau] * (1 if self.is_dq else q.depth)
         path = self.out / "quantization_error.json"  # measured once per run and store
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        if saved.get("store") != self.store.path.name:
-            n = min(len(self.train_set), 256)  # 16k vectors at 8×8: a close enough mean
-            errs = [q.quantization_error(self.train_set.batch(s, s + 64)[0].to(self.rt.device))
-                    * min(64, n - s) for s in range(0, n, 64)]  # fmt: skip
-            saved = {"store": self.store.path.name, "per_depth": [float(e) / n for e in sum(errs)]}
-            barrier(self.rt)  # every rank has read the old file before rank 0 replaces it
-            if self.rt.is_main:
+
+        def measured() -> dict:  # rank 0 reads, or measures and writes; every rank gets it
+            saved = json.loads(path.read_text()) if path.is_file() else {}
+            if saved.get("store") != self.store.path.name:
+                n = min(len(self.train_set), 256)  # 16k vectors at 8×8: a close enough mean
+                errs = [q.quantization_error(self.train_set.batch(s, s + 64)[0].to(self.rt.device))
+                        * min(64, n - s) for s in range(0, n, 64)]  # fmt: skip
+                saved = {"store": self.store.path.name,
+                         "per_depth": [float(e) / n for e in sum(errs)]}  # fmt: skip
                 write_json(path, saved)
+            return saved
+
+        saved = from_rank0(self.rt, measured)
         return [t.tau * max(e, 1e-12) for e in saved["per_depth"]]
 
     def _text_tokens(self, dataset, captions) -> torch.Tensor:
@@ -237,14 +223,16 @@ class ARTrainer(Trainer):
         m = self.exp.model
         path = self.out / "text_tokens.npy"
         texts = lambda: self._captions(dataset, captions)  # noqa: E731
-        if self.rt.is_main and not (self.out / "tokenizer.json").is_file():
-            TextTokenizer.train(texts(), m.text_vocab_size, m.text_length).save(self.out)
-        barrier(self.rt)
+
+        def tokenize() -> None:  # rank 0, once per run; the others wait in the store
+            if not (self.out / "tokenizer.json").is_file():
+                TextTokenizer.train(texts(), m.text_vocab_size, m.text_length).save(self.out)
+            if not path.is_file():
+                tokens = TextTokenizer.load(self.out, m.text_length).encode(texts()).numpy()
+                save_npy(path, tokens)
+
+        from_rank0(self.rt, tokenize)
         self.tokenizer = TextTokenizer.load(self.out, m.text_length)
-        if self.rt.is_main and not path.is_file():
-            tokens = self.tokenizer.encode(texts()).numpy()
-            save_npy(path, tokens)
-        barrier(self.rt)
         return torch.from_numpy(np.load(path))
 
     def _captions(self, dataset, manifest) -> list[str]:
@@ -258,9 +246,9 @@ class ARTrainer(Trainer):
                             "have none")  # fmt: skip
         return [t or "" for t in texts]
 
-    # ------------------------------------------------------------------ resume
-    def _resume(self, s: dict) -> None:
-        """Optimizer, scaler, EMA, counters and RNG from a loaded training state (the weights
+    # ------------------------------------------------------------------ checkpoints
+    def restore(self, s: dict) -> None:
+        """Optimizer, scaler, EMA and counters from a loaded training state (the weights
         are already in place)."""
         sharded = is_sharded(self.model)
         if ("opt_full" in s) != sharded:  # the two layouts of the optimizer state
@@ -275,11 +263,20 @@ class ARTrainer(Trainer):
         self._load_scaler(self.scaler, s.get("scaler"))
         if self.ema is not None and "ema" in s:
             self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
-        self.step, self.best, self.bad_evals = int(s["step"]), float(s["best"]), int(s["bad"])
-        # each rank's own stream (dropout), when the run had as many ranks as this one
-        per_rank = s.get("rng_ranks")
-        set_rng_state(per_rank[self.rt.rank] if per_rank and len(per_rank) == self.rt.world_size
-                      else s["rng"])  # fmt: skip
+        self.best, self.bad_evals = float(s["best"]), int(s["bad"])
+
+    def checkpoint(self) -> tuple[dict, dict, dict]:
+        """FSDP gathers weights and optimizer state to rank 0 (every rank calls this)."""
+        sharded = is_sharded(self.model)
+        weights = full_model_state(self.model) if sharded else self.model
+        opt = {"opt_full": full_optimizer_state(self.model, self.opt)} if sharded else None
+        if not self.rt.is_main:
+            return {}, {}, {}
+        state = {**(opt or {"opt": self.opt.state_dict()}), "scaler": self.scaler.state_dict(),
+                 "best": self.best, "bad": self.bad_evals}  # fmt: skip
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow
+        return {"model": weights}, state, {"vae_fingerprint": self.vae_fingerprint}
 
     def save_public(self) -> None:
         """The best model so far, with what `rqgen sample` needs to find the VAE (collective
@@ -300,24 +297,6 @@ class ARTrainer(Trainer):
             train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step,
             val_loss=self.best,
         )  # fmt: skip
-
-    def save_state(self) -> None:
-        """Called on every rank: FSDP gathers weights and optimizer state to rank 0, and
-        every rank's RNG state is kept so that a resumed run redraws the same dropout."""
-        sharded = is_sharded(self.model)
-        weights = full_model_state(self.model) if sharded else self.model
-        opt = {"opt_full": full_optimizer_state(self.model, self.opt)} if sharded else None
-        rngs = gather_objects(self._rng, self.rt)
-        if not self.rt.is_main:
-            return
-        state = {**(opt or {"opt": self.opt.state_dict()}), "step": self.step,
-                 "rng": rngs[0], "rng_ranks": rngs, "scaler": self.scaler.state_dict(),
-                 "best": self.best, "bad": self.bad_evals}  # fmt: skip
-        if self.ema is not None:
-            state["ema"] = self.ema.shadow
-        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step,
-                "vae_fingerprint": self.vae_fingerprint}  # fmt: skip
-        self.state.save({"model": weights}, state, meta)
 
     # ------------------------------------------------------------------ step
     def _codes_and_targets(self, z: torch.Tensor, generator) -> tuple:
@@ -349,7 +328,7 @@ class ARTrainer(Trainer):
             return torch.where(drop[:, None], torch.full_like(cond, null), cond)
         return torch.where(drop, torch.full_like(cond, null), cond)
 
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches) -> dict[str, torch.Tensor]:
         t = self.exp.train
         for g in self.opt.param_groups:
             g["lr"] = scheduled_lr(
@@ -359,20 +338,21 @@ class ARTrainer(Trainer):
             t.seed * 1_000_003 + self.step * 101 + self.rt.rank
         )
         self.opt.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}  # on the device: read at logging steps only
         for i, (z, cond) in enumerate(batches):
-            z, cond = z.to(self.rt.device), cond.to(self.rt.device)
+            z = z.to(self.rt.device, non_blocking=True)
+            cond = cond.to(self.rt.device, non_blocking=True)
             codes, soft = self._codes_and_targets(z, gen)
             with no_sync(self.model_ddp, i == len(batches) - 1), self._autocast():
                 loss, parts = self._loss(codes, self._drop_cond(cond, gen), soft)
                 self.scaler.scale(loss / len(batches)).backward()
-            for k, v in {**parts, "loss": float(loss.detach())}.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batches)
-        self._stop_if_nonfinite(not math.isfinite(totals["loss"]), totals["loss"])
+            for k, v in {**parts, "loss": loss.detach()}.items():
+                totals[k] = totals.get(k, 0.0) + v.float() / len(batches)
+        self._stop_if_nonfinite(totals["loss"])
         if t.grad_clip > 0:
             self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            totals["grad_norm"] = float(local_value(norm))
+            totals["grad_norm"] = local_value(norm)
         self.scaler.step(self.opt)  # fp16: skipped when a gradient overflowed
         self.scaler.update()
         if self.ema is not None:
@@ -404,92 +384,42 @@ class ARTrainer(Trainer):
             codes = (
                 self._codes_and_targets(z, None)[0] if stored else self.vae.quantizer.quantize(z)[0]
             )
-            loss, _ = model.loss(codes, cond)
+            with self._autocast():  # as training computes it
+                loss, _ = model.loss(codes, cond)
             if j < len(starts):
-                sums += torch.tensor([float(loss) * len(z), len(z)], dtype=torch.float64,
-                                     device=rt.device)  # fmt: skip
+                sums += torch.stack([loss.detach().double() * len(z),
+                                     torch.tensor(len(z), dtype=torch.float64, device=rt.device)])
         if rt.world_size > 1:
             torch_dist.all_reduce(sums)
             torch_dist.broadcast(sums, 0)  # bit-identical on every rank: same decisions
         self.model.train()
         return float(sums[0] / sums[1])
 
-    # ------------------------------------------------------------------ loop
-    def fit(self) -> Path:
-        t, rt = self.exp.train, self.rt
-        if rt.is_main and not self.quiet:
-            c = self.model.config
-            n_params = sum(p.numel() for p in self.model.parameters())
-            if self.is_dq:
-                what = (f"DQ-Transformer ({n_params / 1e6:.1f}M params, {c.position_layers}+"
-                        f"{c.content_layers} layers, width {c.width}) on {describe(self.data)} "
-                        f"codes (coarse {c.coarse_size}², fine {2 * c.coarse_size}²)")  # fmt: skip
-            else:
-                what = (f"RQ-Transformer ({n_params / 1e6:.1f}M params, {c.spatial_layers}+"
-                        f"{c.depth_layers} layers, width {c.width}) on {describe(self.data)} "
-                        f"codes {tuple(c.code_shape)}")  # fmt: skip
-            print(
-                f"rqgen: training {what} -> {self.out} "
-                f"(step {self.step} to {t.steps}, {len(self.train_set)} train / "
-                f"{len(self.val_set)} val)"
-            )
-        self.announce_resume()
-        workers, _ = use_cpu_budget(t.num_workers)
-        stream = batch_stream(self.train_set, self.micro_batch * rt.world_size, rt, t.seed,
-                              self.step * t.grad_accum, workers)  # fmt: skip
-        self.model.train()
-        bar = tqdm(total=t.steps, initial=self.step, desc="train-ar", dynamic_ncols=True,
-                   disable=not rt.is_main or self.quiet)  # fmt: skip
-        try:
-            with self.stop_signals():
-                self._loop(stream, bar)
-        finally:
-            bar.close()
-            self.log.close()
-        return self.out
+    # ------------------------------------------------------------------ loop hooks
+    def describe(self) -> str:
+        c = self.model.config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        if self.is_dq:
+            what = (f"DQ-Transformer ({n_params / 1e6:.1f}M params, {c.position_layers}+"
+                    f"{c.content_layers} layers, width {c.width}) on {describe(self.data)} "
+                    f"codes (coarse {c.coarse_size}², fine {2 * c.coarse_size}²)")  # fmt: skip
+        else:
+            what = (f"RQ-Transformer ({n_params / 1e6:.1f}M params, {c.spatial_layers}+"
+                    f"{c.depth_layers} layers, width {c.width}) on {describe(self.data)} "
+                    f"codes {tuple(c.code_shape)}")  # fmt: skip
+        return f"{what}, {len(self.train_set)} train / {len(self.val_set)} val"
 
-    def _loop(self, stream, bar) -> None:
-        t, rt = self.exp.train, self.rt
-        t0 = time.time()
-        while self.step < t.steps:
-            try:
-                batches = self.fetch(stream, t.grad_accum)
-            except StopWhileLoading:  # nothing of this step happened: save the last one's
-                self._rng = rng_state()
-                self.save_state()
-                raise self.stopped() from None
-            metrics = self.train_step(batches)
-            self.step += 1
-            bar.update(1)
-            if self.step % t.log_every == 0:
-                metrics = self.mean_over_ranks(metrics)
-                metrics["sec_per_step"] = (time.time() - t0) / t.log_every
-                metrics["lr"] = self.opt.param_groups[0]["lr"]
-                t0 = time.time()
-                self.log.log(self.step, **metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            evaluate = self.step % t.eval_every == 0 or self.step == t.steps
-            at_ckpt = self.step % t.ckpt_every == 0 or self.step == t.steps or self.stop_agreed
-            samples = self.step % t.sample_every == 0 or self.step == t.steps
-            stop = False
-            if evaluate or at_ckpt or samples:
-                # The training stream's RNG as the step left it: evaluation and checkpoints
-                # (FSDP's state gathering draws from it) must not change what training draws.
-                self._rng = rng_state()
-                if evaluate:
-                    stop = self._evaluate(bar)
-                if samples:
-                    self.write_samples()
-                if at_ckpt or stop:
-                    self.save_state()  # every rank: gathers, then rank 0 writes
-                set_rng_state(self._rng)
-            if self.stop_agreed:
-                raise self.stopped()
-            if stop:
-                if rt.is_main and not self.quiet:
-                    print(f"rqgen: early stop at step {self.step}: no better val loss in "
-                          f"{t.patience} evaluations (best {self.best:.4f})")  # fmt: skip
-                break
+    def periodic(self, last: bool, bar) -> bool:
+        t = self.exp.train
+        stop = False
+        if self.step % t.eval_every == 0 or last:
+            stop = self._evaluate(bar)
+        if self.step % t.sample_every == 0 or last:
+            self.write_samples()
+        if stop and self.rt.is_main and not self.quiet:
+            print(f"rqgen: early stop at step {self.step}: no better val loss in "
+                  f"{t.patience} evaluations (best {self.best:.4f})")  # fmt: skip
+        return stop
 
     @torch.no_grad()
     def write_samples(self, per_row: int = 8) -> None:

@@ -10,19 +10,23 @@ once, split over the ranks, in chunk files that every rank reads.
 
 The key covers the data listing, the resolution, the crop policy, what is stored and every
 weight of the VAE, so a changed folder or VAE gets a new store instead of stale features.
-Chunk c is encoded by rank c % world in batches that start at the chunk's first image, so
-the files are byte-identical whatever the number of ranks; an interrupted extraction keeps
-its finished chunks. Items are read with positioned reads (`os.pread`): they go through the
-kernel's page cache, shared by every rank on a node, while a memory mapping would count
+Rank 0 deals the missing chunks out evenly; each is encoded in batches that start at its
+first image, so the files are byte-identical whatever the number of ranks; an interrupted
+extraction keeps its finished chunks. Items are read with positioned reads (`os.pread`)
+through one descriptor per chunk and process, opened on first use after the fork (a
+metadata operation on NFS / Lustre per chunk, not per item); reads go through the kernel's
+page cache, shared by every rank on a node, while a memory mapping would count
 every page a rank ever touched against its own resident memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from tqdm import tqdm
 from rqgen.checkpoint import write_json
 from rqgen.data.folder import DECODE_ERRORS, ImageFolder, load_image
 from rqgen.data.shards import Shards, worker_share
+from rqgen.distributed import from_rank0, meet_after
 from rqgen.errors import DataError
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage2.dq_sequence import DQVocab, to_sequence
@@ -43,6 +48,7 @@ from rqgen.utils.files import atomic_write
 
 CHUNK_ITEMS = 1024  # images per chunk file: 32 MiB of fp16 8×8×256 features
 STORE_VERSION = 1
+MAX_OPEN = 64  # chunk files a process keeps open (a store can have thousands)
 TEN_CROP_SCALE = 1.125  # ten-crop cuts R×R squares out of the image resized to 1.125·R
 
 
@@ -222,6 +228,8 @@ class FeatureStore:
         self.item_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self._starts = np.cumsum([0] + [len(c) for c in ys])  # chunks of tar shards vary
         self._offsets = [self._data_offset(c) for c in range(meta["chunks"])]
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid: int | None = os.getpid()
 
     def _data_offset(self, c: int) -> int:
         with open(self.path / f"z-{c:05d}.npy", "rb") as f:  # the .npy header's length
@@ -241,19 +249,56 @@ class FeatureStore:
             out += json.loads(f.read_text()) if f.is_file() else [None] * n
         return out
 
-    def read(self, index: int, view: int = 0) -> Tensor:
-        """One stored item (view `view` of image `index`): float32 features or long codes."""
+    def _locate(self, index: int, view: int) -> tuple[int, int]:
+        """(chunk, byte offset) of view `view` of image `index`."""
         c = int(np.searchsorted(self._starts, index, side="right")) - 1
         i = int(index) - int(self._starts[c])
-        pos = self._offsets[c] + (i * self.crops + view) * self.item_bytes
-        fd = os.open(self.path / f"z-{c:05d}.npy", os.O_RDONLY)
-        try:
-            raw = os.pread(fd, self.item_bytes, pos)
-        finally:
-            os.close(fd)
-        a = np.frombuffer(raw, self.dtype).reshape(self.shape)
-        t = torch.from_numpy(a.copy())
+        return c, self._offsets[c] + (i * self.crops + view) * self.item_bytes
+
+    def _fd(self, c: int) -> int:
+        """This process's descriptor of chunk c: opened once, after a fork anew (a worker
+        must not share the parent's file offsets' bookkeeping), at most MAX_OPEN at once."""
+        if self._pid != os.getpid():
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(c)
+        if fd is None:
+            if len(self._fds) >= MAX_OPEN:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = self._fds[c] = os.open(self.path / f"z-{c:05d}.npy", os.O_RDONLY)
+        else:
+            self._fds.move_to_end(c)
+        return fd
+
+    def _item(self, raw: bytes) -> Tensor:
+        t = torch.from_numpy(np.frombuffer(raw, self.dtype).reshape(self.shape).copy())
         return t.float() if self.meta["kind"] == "features" else t.long()
+
+    def read(self, index: int, view: int = 0) -> Tensor:
+        """One stored item (view `view` of image `index`): float32 features or long codes."""
+        c, pos = self._locate(index, view)
+        return self._item(os.pread(self._fd(c), self.item_bytes, pos))
+
+    def read_many(self, items: list[tuple[int, int]]) -> list[Tensor]:
+        """Items (index, view) in the order asked, read grouped by chunk and position."""
+        where = [self._locate(i, v) for i, v in items]
+        out: list[Tensor | None] = [None] * len(items)
+        for j in sorted(range(len(items)), key=where.__getitem__):
+            c, pos = where[j]
+            out[j] = self._item(os.pread(self._fd(c), self.item_bytes, pos))
+        return out
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = OrderedDict()
+
+    def __getstate__(self) -> dict:  # to a spawned worker: without this process's files
+        return {**self.__dict__, "_fds": OrderedDict(), "_pid": None}
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def save_npy(path: Path, a: np.ndarray) -> None:
@@ -321,38 +366,52 @@ def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, p
         bar.update(1)
 
 
+def deal_chunks(missing: list[int], world: int) -> list[list[int]]:
+    """The chunks still to encode, dealt out evenly: rank r takes every world-th of them
+    (after an interrupted extraction, no rank waits for another's whole old share)."""
+    return [missing[r::world] for r in range(world)]
+
+
 def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_size: int = 64,
                 workers: int = 0, chunk_items: int = CHUNK_ITEMS,
                 quiet: bool = False) -> FeatureStore:  # fmt: skip
-    """Open the store for `key` under `root`, extracting what is missing first: each rank
-    encodes its chunks (c % world == rank), rank 0 writes store.json once all are there."""
-    from rqgen.train.parallel import agree, barrier
-
+    """Open the store for `key` under `root`, extracting what is missing first. Rank 0
+    decides whether the store is complete and deals out the missing chunks; each rank
+    encodes its share, the ranks meet in the store (extraction takes hours, longer than any
+    collective may wait), and rank 0 writes store.json."""
     path = Path(root) / key.digest()
-    if not (path / "store.json").is_file():
-        sharded = isinstance(views, _ShardViews)
-        chunks = len(views) if sharded else -(-len(views) // chunk_items)
-        done = lambda c: (path / f"y-{c:05d}.npy").is_file()  # noqa: E731
-        mine = [c for c in range(rt.rank, chunks, rt.world_size) if not done(c)]
+    sharded = isinstance(views, _ShardViews)
+    chunks = len(views) if sharded else -(-len(views) // chunk_items)
 
-        def extract() -> None:
-            path.mkdir(parents=True, exist_ok=True)
-            with tqdm(total=len(mine), desc="extract features", unit="chunk", leave=False,
-                      disable=quiet or not rt.is_main) as bar:  # fmt: skip
-                _encode_chunks(vae, views, mine, chunk_items, key.kind, path, rt.device,
-                               batch_size, workers, bar)  # fmt: skip
+    def plan() -> list[list[int]] | None:
+        if (path / "store.json").is_file():
+            return None
+        missing = [c for c in range(chunks) if not (path / f"y-{c:05d}.npy").is_file()]
+        return deal_chunks(missing, rt.world_size)
 
-        agree(rt, extract)
-        barrier(rt)
-        if rt.is_main:
-            first = np.load(path / "z-00000.npy", mmap_mode="r")
-            items = sum(len(np.load(path / f"y-{c:05d}.npy", mmap_mode="r")) for c in range(chunks))
-            meta = {"key": asdict(key), "items": items, "crops": key.crops, "chunks": chunks,
-                    "chunk_items": None if sharded else chunk_items,
-                    "item_shape": list(first.shape[2:]), "dtype": first.dtype.str,
-                    "kind": key.kind}  # fmt: skip
-            write_json(path / "store.json", meta)
-        barrier(rt)
+    shares = from_rank0(rt, plan)
+    if shares is None:
+        return FeatureStore(path)
+    mine = shares[rt.rank]
+
+    def extract() -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=len(mine), desc="extract features", unit="chunk", leave=False,
+                  disable=quiet or not rt.is_main) as bar:  # fmt: skip
+            _encode_chunks(vae, views, mine, chunk_items, key.kind, path, rt.device,
+                           batch_size, workers, bar)  # fmt: skip
+
+    def finish() -> None:
+        first = np.load(path / "z-00000.npy", mmap_mode="r")
+        items = sum(len(np.load(path / f"y-{c:05d}.npy", mmap_mode="r")) for c in range(chunks))
+        meta = {"key": asdict(key), "items": items, "crops": key.crops, "chunks": chunks,
+                "chunk_items": None if sharded else chunk_items,
+                "item_shape": list(first.shape[2:]), "dtype": first.dtype.str,
+                "kind": key.kind}  # fmt: skip
+        write_json(path / "store.json", meta)
+
+    meet_after(rt, extract)
+    from_rank0(rt, finish)
     return FeatureStore(path)
 
 
@@ -380,6 +439,11 @@ class StoreView(Dataset):
     def __getitem__(self, i: int):
         return self.store.read(self.indices[i], self.view(i)), self.cond[i]
 
+    def __getitems__(self, items: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """A batch at once (DataLoader's batched fetch): read grouped by chunk."""
+        zs = self.store.read_many([(self.indices[i], self.view(i)) for i in items])
+        return [(z, self.cond[i]) for z, i in zip(zs, items)]
+
     def batch(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        items = [self[i] for i in range(start, min(stop, len(self)))]
+        items = self.__getitems__(list(range(start, min(stop, len(self)))))
         return torch.stack([z for z, _ in items]), torch.stack([c for _, c in items])

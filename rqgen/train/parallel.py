@@ -10,12 +10,21 @@ directory as any other and can resume on another number of GPUs.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from rqgen.checkpoint import load_state_dict_into
+from rqgen.errors import ConfigError
 from rqgen.stage2.block import Transformer
 
 try:  # FSDP2 is public from torch 2.6
@@ -35,8 +44,6 @@ def wrap(model: nn.Module, rt, fsdp: bool, checkpointing: bool) -> nn.Module:
         t.checkpointing = checkpointing
     if fsdp:
         if fully_shard is None:
-            from rqgen.errors import ConfigError
-
             raise ConfigError(f"train.fsdp needs torch >= 2.6 (this is {torch.__version__})")
         if rt.world_size > 1:
             for t in transformers(model):
@@ -70,10 +77,19 @@ def local_value(x) -> torch.Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
-def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
+def _options(**kw) -> StateDictOptions:
     return StateDictOptions(**{"full_state_dict": True, "cpu_offload": True, **kw})
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """A safetensors file of full tensors into `model`, sharded or not (each FSDP rank
+    keeps its shard)."""
+    if not is_sharded(model):
+        load_state_dict_into(model, path)
+        return
+    options = _options(cpu_offload=False)
+    apply = lambda sd: set_model_state_dict(model, sd, options=options)  # noqa: E731
+    load_state_dict_into(model, path, apply=apply)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,53 +97,14 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     must call it; ranks other than 0 get an empty dict)."""
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     return get_model_state_dict(model, options=_options())
 
 
 def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """AdamW state keyed by parameter name, unsharded, on rank 0 (collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, opt, options=_options())
 
 
 def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     """The inverse of `full_optimizer_state`: each rank keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     set_optimizer_state_dict(model, opt, state, options=_options(cpu_offload=False))
-
-
-def barrier(rt) -> None:
-    if rt.world_size > 1:
-        torch_dist.barrier()
-
-
-def gather_objects(obj, rt) -> list:
-    """Every rank's `obj`, on every rank."""
-    if rt.world_size == 1:
-        return [obj]
-    out = [None] * rt.world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
-def agree(rt, fn):
-    """fn() on this rank; an error (RqgenError) on any rank is raised on every rank, with its
-    message, so that no rank goes on to a collective the failed one never reaches."""
-    from rqgen.errors import RqgenError
-
-    try:
-        value, error = fn(), None
-    except RqgenError as e:
-        value, error = None, e
-    if rt.world_size > 1:
-        messages = gather_objects(None if error is None else str(error), rt)
-        first = next((m for m in messages if m), None)
-        if first is not None and error is None:
-            error = RqgenError(first)
-    if error is not None:
-        raise error
-    return value

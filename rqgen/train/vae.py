@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import IterableDataset
-from tqdm import tqdm
 
 from rqgen.configs import DQVAEExperiment, VAEExperiment
 from rqgen.data import build_dataset, describe
+from rqgen.distributed import Runtime, init_runtime
 from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
 from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
@@ -34,24 +32,12 @@ from rqgen.stage1.losses import (
     hinge_d_loss,
 )
 from rqgen.stage1.rqvae import RQVAE
-from rqgen.train.common import (
-    MetricsLog,
-    Runtime,
-    StopWhileLoading,
-    Trainer,
-    TrainState,
-    WeightEMA,
-    batch_stream,
-    claim_output,
-    init_runtime,
-    rng_state,
-    run_dataset,
-    scheduled_lr,
-    seed_everything,
-    set_rng_state,
-)
+from rqgen.train.data import run_dataset
+from rqgen.train.ema import WeightEMA
+from rqgen.train.metrics import MetricsLog
 from rqgen.train.parallel import no_sync
-from rqgen.utils.device import use_cpu_budget
+from rqgen.train.state import TrainState, claim_output, seed_everything
+from rqgen.train.trainer import Trainer, scheduled_lr
 from rqgen.utils.images import make_grid, save_image
 
 
@@ -87,6 +73,8 @@ def default_val_source(data: str) -> str | None:
 
 
 class VAETrainer(Trainer):
+    name = "train-vae"
+
     def __init__(
         self,
         exp: VAEExperiment | DQVAEExperiment,
@@ -131,11 +119,7 @@ class VAETrainer(Trainer):
         )
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
-        if self.state.exists():
-            self._resume()  # restores the RNG too: a resumed run continues the same stream
-        else:
-            seed_everything(t.seed + rt.rank)  # rank 0 draws as a single process would
-
+        self.resume_or_seed()  # every rank's RNG too: a resumed run continues its streams
         ddp = rt.world_size > 1
         dev_ids = [rt.device.index] if rt.device.type == "cuda" else None
         # Codebook buffers are synchronised by the quantizer itself: no buffer broadcast.
@@ -161,12 +145,11 @@ class VAETrainer(Trainer):
             print(f"rqgen: entropy router threshold {th:.4f} nats (fine fraction "
                   f"{self.exp.model.fine_fraction} on {n} training images)")  # fmt: skip
 
-    # ------------------------------------------------------------------ resume
-    def _resume(self) -> None:
-        modules = {"model": self.model}
-        if self.disc is not None:
-            modules["disc"] = self.disc
-        s = self.state.load(modules, map_location=self.rt.device)
+    # ------------------------------------------------------------------ checkpoints
+    def state_modules(self) -> dict:
+        return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
+
+    def restore(self, s: dict) -> None:
         self.opt.load_state_dict(s["opt"])
         if self.opt_d is not None and "opt_d" in s:
             self.opt_d.load_state_dict(s["opt_d"])
@@ -174,41 +157,32 @@ class VAETrainer(Trainer):
         self._load_scaler(self.scaler_d, s.get("scaler_d"))
         if self.ema is not None and "ema" in s:
             self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
-        self.step = int(s["step"])
-        set_rng_state(s["rng"])
 
-    def save(self) -> None:
-        if not self.rt.is_main:
-            return
-        modules = {"model": self.model}
-        if self.disc is not None:
-            modules["disc"] = self.disc
-        state = {
-            "opt": self.opt.state_dict(),
-            "step": self.step,
-            "rng": rng_state(),
-            "scaler": self.scaler.state_dict(),
-            "scaler_d": self.scaler_d.state_dict(),
-        }
+    def checkpoint(self) -> tuple[dict, dict, dict]:
+        state = {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                 "scaler_d": self.scaler_d.state_dict()}  # fmt: skip
         if self.opt_d is not None:
             state["opt_d"] = self.opt_d.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.shadow
-        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data, "step": self.step}
-        self.state.save(modules, state, meta)
-        # The public checkpoint: EMA weights when enabled (usually the better model).
-        self.public_model().save_pretrained(
-            self.out, train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step
-        )
+        return self.state_modules(), state, {}
+
+    def export(self) -> None:
+        """The public checkpoint: EMA weights when enabled (usually the better model)."""
+        if self.rt.is_main:
+            self.public_model().save_pretrained(
+                self.out, train=dataclasses.asdict(self.exp.train), data=self.data,
+                step=self.step,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches) -> dict[str, torch.Tensor]:
         t = self.exp.train
         gan_on = self.use_gan and self.step >= t.disc_start
         for g in self.opt.param_groups:
             g["lr"] = scheduled_lr(self.step, t.lr, t.warmup_steps, t.steps, t.lr_schedule)
-        totals: dict[str, float] = {}
-        recons, nonfinite = [], False
+        totals: dict[str, torch.Tensor] = {}  # on the device: read at logging steps only
+        recons = []
         self.opt.zero_grad(set_to_none=True)
         for i, (x, _) in enumerate(batches):
             x = x.to(self.rt.device, non_blocking=True)
@@ -235,14 +209,14 @@ class VAETrainer(Trainer):
                     g_loss = generator_adv_loss(self.disc(xr))
                     w = adaptive_weight(nll, g_loss, self.model.last_layer) * t.adversarial_weight
                     loss = loss + w * g_loss
-                    parts |= {"g_loss": g_loss.detach(), "adaptive_w": torch.as_tensor(w)}
+                    parts |= {"g_loss": g_loss.detach(),
+                              "adaptive_w": torch.as_tensor(w, device=x.device)}  # fmt: skip
                 parts |= {"commit": out.commitment_loss.detach(), "loss": loss.detach()}
                 self.scaler.scale(loss / len(batches)).backward()
-            nonfinite = nonfinite or not bool(torch.isfinite(loss))
             recons.append((x, xr.detach()))
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
-        self._stop_if_nonfinite(nonfinite, totals.get("loss", math.nan))
+                totals[k] = totals.get(k, 0.0) + v.float() / len(batches)
+        self._stop_if_nonfinite(totals["loss"])
         if t.grad_clip > 0:
             self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -259,7 +233,7 @@ class VAETrainer(Trainer):
                 with no_sync(self.disc_ddp, last), self._autocast():
                     d_loss = hinge_d_loss(self.disc_ddp(x), self.disc_ddp(xr))
                     self.scaler_d.scale(d_loss / len(recons)).backward()
-                totals["d_loss"] = totals.get("d_loss", 0.0) + float(d_loss) / len(recons)
+                totals["d_loss"] = totals.get("d_loss", 0.0) + d_loss.detach() / len(recons)
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
         return totals
@@ -312,84 +286,27 @@ class VAETrainer(Trainer):
         torch.distributed.all_reduce(err, op=torch.distributed.ReduceOp.MAX)
         return float(err)
 
-    # ------------------------------------------------------------------ loop
-    def fit(self) -> Path:
-        t, rt = self.exp.train, self.rt
-        workers, threads = use_cpu_budget(t.num_workers)
-        if rt.is_main and not self.quiet:
-            what = (
-                f"DQ-VAE coarse {self.exp.model.coarse_size}² / fine {self.exp.model.fine_size}² "
-                f"({self.exp.model.router} router, r={self.exp.model.fine_fraction})"
-                if self.is_dq
-                else f"RQ-VAE {self.exp.model.code_shape}"
-            )
-            print(
-                f"rqgen: training {what} K={self.exp.model.codebook_size} "
-                f"on {describe(self.data)} -> {self.out} (from step {self.step} to {t.steps}, "
-                f"{rt.world_size} process(es), micro-batch {self.micro_batch}, {workers} loader "
-                f"worker(s), {threads} thread(s))"
-            )
-        self.announce_resume()
-        stream = batch_stream(
-            self.train_set,
-            self.micro_batch * rt.world_size,
-            rt,
-            t.seed,
-            self.step * t.grad_accum,
-            workers,
-        )
-        self.model.train()
-        bar = tqdm(
-            total=t.steps,
-            initial=self.step,
-            disable=not rt.is_main or self.quiet,
-            desc="train-vae",
-            dynamic_ncols=True,
-        )
-        try:
-            with self.stop_signals():
-                self._loop(stream, bar)
-        finally:  # also on errors, so the bar does not swallow the error line
-            bar.close()
-            self.log.close()
-        return self.out
+    # ------------------------------------------------------------------ loop hooks
+    def describe(self) -> str:
+        m = self.exp.model
+        what = (f"DQ-VAE coarse {m.coarse_size}² / fine {m.fine_size}² ({m.router} router, "
+                f"r={m.fine_fraction})" if self.is_dq else f"RQ-VAE {m.code_shape}")  # fmt: skip
+        return f"{what} K={m.codebook_size} on {describe(self.data)}"
 
-    def _loop(self, stream, bar) -> None:
-        t, rt = self.exp.train, self.rt
-        t0, last_metrics = time.time(), {}
-        while self.step < t.steps:
-            try:
-                batches = self.fetch(stream, t.grad_accum)
-            except StopWhileLoading:  # nothing of this step happened: save the last one's
-                self.save()
-                raise self.stopped() from None
-            metrics = self.train_step(batches)
-            self.step += 1
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                metrics["sec_per_step"] = (time.time() - t0) / t.log_every
-                metrics["lr"] = self.opt.param_groups[0]["lr"]
-                metrics = self.mean_over_ranks(metrics)
-                metrics["codebook_sync_err"] = self.codebook_sync_error()
-                failed = getattr(self.train_set, "failures", None)  # unreadable, replaced
-                if failed is not None and failed.value:
-                    metrics["skipped_images"] = failed.value
-                t0 = time.time()
-                self.log.log(self.step, **metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", rec=f"{metrics['rec']:.4f}")
-                last_metrics = metrics
-            if self.step % t.sample_every == 0 or self.step == t.steps:
-                val = self.validate()  # every rank scores its share
-                if val and rt.is_main:
-                    self.log.log(self.step, **val)
-                    bar.set_postfix(
-                        loss=f"{last_metrics.get('loss', math.nan):.4f}",
-                        **{k: f"{v:.2f}" for k, v in val.items()},
-                    )
-            if self.step % t.ckpt_every == 0 or self.step == t.steps or self.stop_agreed:
-                self.save()
-            if self.stop_agreed:
-                raise self.stopped()
+    def log_extra(self) -> dict[str, float]:
+        extra = {"codebook_sync_err": self.codebook_sync_error()}
+        failed = getattr(self.train_set, "failures", None)  # unreadable, replaced
+        if failed is not None and failed.value:
+            extra["skipped_images"] = failed.value
+        return extra
+
+    def periodic(self, last: bool, bar) -> bool:
+        if self.step % self.exp.train.sample_every == 0 or last:
+            val = self.validate()  # every rank scores its share
+            if val and self.rt.is_main:
+                self.log.log(self.step, **val)
+                bar.set_postfix(**{k: f"{v:.2f}" for k, v in val.items()})
+        return False
 
 
 def train_vae(

@@ -7,6 +7,7 @@ raised before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -56,12 +57,25 @@ def resolve_device(name: str | None = "auto", world_size: int | None = None) -> 
 def use_device(device: torch.device) -> None:
     """Make `device` the current CUDA device (so NCCL and stray allocations land on it) and
     allow TF32 matmuls there: 8-10× the fp32 throughput on Ampere+ at ~1e-3 relative error,
-    which training and sampling tolerate (the codebook search runs in fp32 regardless)."""
+    which training and sampling tolerate. The codebook search turns TF32 off around itself
+    (`exact_fp32`): a nearest code must not depend on the GPU."""
     if device.type != "cuda":
         return
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matrix products in full precision inside the block, whatever TF32 allows
+    outside it (distances between nearly tied codes differ in TF32's 10-bit mantissa)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,19 +112,25 @@ def available_cores() -> int:
     return n
 
 
-def cpu_budget(workers: int, local_world_size: int | None = None) -> tuple[int, int]:
+def cpu_budget(workers: int, local_world_size: int | None = None,
+               device: torch.device | None = None) -> tuple[int, int]:  # fmt: skip
     """(data-loader workers, torch threads) for one training process, never more busy
     threads than cores: the cores are shared by the ranks on this machine, then split
     between loader workers and torch's compute threads.
 
-    `workers` < 0 is auto: none on 1-3 cores per process (each worker would take a core
-    from the model; prepared or small images decode in microseconds), else a quarter of the
-    cores (at most 8) to decode full-size images while the GPU or the other cores compute.
-    OMP_NUM_THREADS, when set, fixes the thread count."""
+    `workers` < 0 is auto. A CPU rank computes on its cores: no worker on 1-3 cores per
+    process (each worker would take a core from the model; prepared or small images decode
+    in microseconds), else a quarter of the cores (at most 8) to decode full-size images
+    while the other cores compute. A GPU rank computes on its GPU: it keeps two threads
+    (the Python loop and the host side of the kernels) and gives the rest of its cores to
+    decoding, at most 16. OMP_NUM_THREADS, when set, fixes the thread count."""
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = max(1, available_cores() // max(1, local_world_size))
-    if workers < 0:
+    gpu = device is not None and device.type == "cuda"
+    if workers < 0 and gpu:
+        workers = max(0, min(16, cores - 2))
+    elif workers < 0:
         workers = 0 if cores < 4 else min(8, cores // 4)
     threads = max(1, cores - workers)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -118,8 +138,8 @@ def cpu_budget(workers: int, local_world_size: int | None = None) -> tuple[int, 
     return workers, threads
 
 
-def use_cpu_budget(workers: int) -> tuple[int, int]:
+def use_cpu_budget(workers: int, device: torch.device | None = None) -> tuple[int, int]:
     """Apply cpu_budget: set torch's thread count; return (workers, threads)."""
-    workers, threads = cpu_budget(workers)
+    workers, threads = cpu_budget(workers, device=device)
     torch.set_num_threads(threads)
     return workers, threads

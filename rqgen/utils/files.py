@@ -5,8 +5,10 @@ training run per output directory, and permissions that follow the user's umask.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from rqgen.errors import CheckpointError, ConfigError, RqgenError
@@ -134,20 +136,28 @@ class RunLock:
     process ends, however it ends: a killed run never leaves a stale lock."""
 
     def __init__(self, directory: Path):
-        import fcntl
-
         self.path = Path(directory) / ".lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, umask_mode())
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # no flock on this filesystem (Lustre without -o flock: ENOSYS; some NFS
+                # setups: ENOLCK): nothing guards the directory, and nobody else holds it
+                warnings.warn(f"{directory} cannot be locked ({os.strerror(e.errno)}): "
+                              "make sure no other run trains into it", stacklevel=2)
+                self._write_pid()
+                return
             holder = os.read(self.fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise ConfigError(
                 f"another rqgen run (PID {holder}) is training into {directory}: wait for it "
                 "to finish or choose another --out"
             ) from None
+        self._write_pid()
+
+    def _write_pid(self) -> None:
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
 
