@@ -160,3 +160,30 @@ def test_resume_opens_no_image_and_a_changed_folder_gets_a_new_store(vae, tmp_pa
     train_ar(vae, tmp_path / "ar2", 2, "--data", data, *run)
     stores = {json.loads((s / "store.json").read_text())["items"] for s in store_root.iterdir()}
     assert stores == {25, 26}
+
+
+def test_each_chunk_is_opened_once_per_process_and_batches_read_by_chunk(tmp_path, monkeypatch):
+    import os
+
+    store, _ = _store(tmp_path, 0, 1)
+    opened, real_open = [], os.open
+
+    def counting_open(path, *args):
+        opened.append(Path(path).name)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(F.os, "open", counting_open)
+    items = [(36, 0), (0, 0), (9, 0), (1, 0), (35, 0), (8, 0), (0, 0)]
+    single = [store.read(i, v) for i, v in items]
+    assert sorted(opened) == ["z-00000.npy", "z-00001.npy", "z-00004.npy"]  # not one per item
+    grouped = store.read_many(items)
+    assert all(torch.equal(a, b) for a, b in zip(single, grouped)) and len(opened) == 3
+    # a DataLoader worker (a fork of this process) opens its own descriptors and reads the
+    # same items through the batched fetch
+    view = F.StoreView(store, np.arange(N_IMAGES), torch.arange(N_IMAGES))
+    loaded = list(torch.utils.data.DataLoader(view, batch_size=8, num_workers=1))
+    assert torch.equal(
+        torch.cat([z for z, _ in loaded]), torch.stack([store.read(i) for i in range(N_IMAGES)])
+    )
+    assert torch.equal(torch.cat([c for _, c in loaded]), torch.arange(N_IMAGES))
+    store.close()

@@ -158,3 +158,49 @@ def test_tau_in_quantization_error_units_is_measured_once_per_run(vae, tmp_path)
     (ar / "quantization_error.json").write_text(json.dumps({**saved, "per_depth": [7.0] * 4}))
     train_ar(vae, ar, 3, "train.tau_unit=quantization_error")  # the resume reads, not measures
     assert json.loads((ar / "quantization_error.json").read_text())["per_depth"] == [7.0] * 4
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Patch the tensor methods that read a value back to the host; record each call made
+    from rqgen's own code (on a GPU each one waits for the queued kernels)."""
+    import sys
+
+    import torch
+
+    import rqgen
+
+    package = str(Path(rqgen.__file__).parent) + "/"
+    calls: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                calls.append(f"{_name} in {Path(caller).name}")
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_a_training_step_reads_from_the_device_once(vae, tmp_path, monkeypatch):
+    import torch
+
+    from rqgen.configs import load_ar_experiment
+    from rqgen.distributed import Runtime
+    from rqgen.train.ar import ARTrainer
+    from rqgen.train.data import batch_stream
+
+    overrides = [*AR_TINY, "train.grad_accum=2", "train.grad_clip=1.0", "train.ema_decay=0.9",
+                 "train.stochastic_codes=true", "train.soft_labels=true"]  # fmt: skip
+    exp = load_ar_experiment("ar-tiny", overrides)
+    rt = Runtime(0, 1, torch.device("cpu"))
+    trainer = ARTrainer(exp, vae, "bundled:digits", tmp_path / "ar", rt, quiet=True)
+    stream = batch_stream(trainer.train_set, trainer.micro_batch, trainer.rt, 0, 0, 0)
+    batches = trainer.fetch(stream, 2)
+    calls = _count_host_reads(monkeypatch)
+    metrics = trainer.train_step(batches)
+    assert calls == ["tolist in trainer.py"]  # the NaN / stop flag, once per optimizer step
+    logged = trainer.mean_over_ranks(metrics)  # at logging steps: one more read, of all
+    assert len(calls) == 2 and set(logged) >= {"loss", "img_loss", "grad_norm"}

@@ -84,6 +84,12 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("embed_sum", codebook.clone())  # EMA of assigned vector sums
         self.register_buffer("initialized", torch.tensor(not init_from_data))
 
+    _known_initialized = False  # `initialized` as last read on the host
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._known_initialized = False  # a loaded state may be uninitialised
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def num_codebooks(self) -> int:
         return self.codebook.shape[0]
@@ -154,8 +160,10 @@ class ResidualQuantizer(nn.Module):
             if weights is not None:
                 w = weights.detach().float().expand(lead).reshape(-1)
             with torch.no_grad():
-                if self.training and not bool(self.initialized):
-                    self._init_codebook(zf.detach())
+                if self.training and not self._known_initialized:  # read once, not per step
+                    if not bool(self.initialized):
+                        self._init_codebook(zf.detach())
+                    self._known_initialized = True
                 codes, partials, residuals = self._residual_quantize(zf.detach())
             # Eq. 7: commitment to every partial sum, summed over depths.
             if w is None:

@@ -91,6 +91,9 @@ def codebook_fingerprint(codebook: Tensor) -> str:
 
 class RQTransformer(nn.Module, Pretrained):
     model_type = "rq_transformer"
+    # A trainer that has checked every label of its data sets this: the per-batch check
+    # would read the ids back from the GPU (a host synchronisation, a graph break).
+    conditions_checked = False
     config_class = RQTransformerConfig
 
     def __init__(self, config: RQTransformerConfig, codebook: Tensor | None = None):
@@ -145,7 +148,7 @@ class RQTransformer(nn.Module, Pretrained):
         return F.embedding(codes, self.codebook[0 if self.config.shared_codebook else depth])
 
     def check_cond(self, cond: Tensor) -> None:
-        if not self.config.text_vocab_size:
+        if not self.config.text_vocab_size and not self.conditions_checked:
             check_class_ids(cond, self.config.num_classes)
 
     def cond_tokens(self, cond: Tensor) -> Tensor:
@@ -153,7 +156,7 @@ class RQTransformer(nn.Module, Pretrained):
         c = self.config
         if not c.text_vocab_size:
             cond = cond.reshape(-1, 1)
-            check_class_ids(cond, c.num_classes)
+            self.check_cond(cond)
         return self.cond_emb(cond) + self.pos_emb_cond[:, : cond.shape[1]]
 
     def spatial_inputs(self, codes: Tensor) -> Tensor:

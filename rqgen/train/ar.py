@@ -162,6 +162,7 @@ class ARTrainer(Trainer):
                 text_pad_id=self.tokenizer.pad_id if text else 0,
             )  # fmt: skip
             self.model = RQTransformer(cfg, q.codebook).to(rt.device)
+        self.model.conditions_checked = True  # labels checked above, at the store
         self.model_class = type(self.model)  # FSDP swaps the class for a sharded subclass
         self.step, self.best, self.bad_evals = 0, math.inf, 0
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
