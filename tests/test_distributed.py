@@ -14,6 +14,7 @@ from PIL import Image
 
 from rqgen.distributed import Runtime, from_rank0, gather_objects, meet_after
 from rqgen.errors import ConfigError, RqgenError
+from rqgen.train import output as train_output
 from rqgen.train import state as train_state
 from rqgen.train.features import deal_chunks
 from rqgen.utils import files
@@ -176,8 +177,8 @@ def test_a_token_that_appears_late_is_still_seen(tmp_path):
     path = tmp_path / ".rank0-token"
     threading.Timer(0.4, lambda: path.write_text("abc")).start()  # an NFS client's late view
     assert not path.exists()
-    assert train_state.sees_token(path, "abc")
-    assert not train_state.sees_token(tmp_path / "never", "abc", attempts=2, wait_s=0.01)
+    assert train_output.sees_token(path, "abc")
+    assert not train_output.sees_token(tmp_path / "never", "abc", attempts=2, wait_s=0.01)
 
 
 # ------------------------------------------------------------------ numerics

@@ -6,6 +6,7 @@ import os
 import pickle
 
 import pytest
+import safetensors.torch
 import torch
 from test_train_vae import metrics, rqgen, train_args, weights
 
@@ -42,7 +43,8 @@ def test_model_files_follow_the_umask(tmp_path):
         rqgen(*train_args(out, 1))
     finally:
         os.umask(old)
-    for name in ("model.safetensors", "config.json", "train_state/model.safetensors"):
+    shards = [p.relative_to(out) for p in (out / "train_state" / "shards").iterdir()]
+    for name in ("model.safetensors", "config.json", "train_state/state.json", *shards):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
 
 
@@ -50,15 +52,12 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_files_and_resumes(tmp_path,
     out = tmp_path / "run"
     rqgen(*train_args(out, 5))  # a checkpoint at step 5
     before = weights(out)
-    real_save = torch.save
+    real_save = safetensors.torch.save
 
-    def full_disk(obj, f, *a, **kw):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")  # a half-written file, as a full disk leaves it
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64: "
-                           "file write failed")  # fmt: skip
+    def full_disk(*a, **kw):  # the shard file is open, nothing fits in it
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save", full_disk)
     r = rqgen(*train_args(out, 10), check=False)
     one_line_error(
         r, "no space left while writing", "MiB needed", "the previous checkpoint) is intact"
@@ -67,7 +66,7 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_files_and_resumes(tmp_path,
     assert leftovers == [] and not (out / "train_state.tmp").exists()
     after = weights(out)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the old model intact
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(safetensors.torch, "save", real_save)
     rqgen(*train_args(out, 10))  # space again: the rerun resumes and finishes
     assert max(r["step"] for r in metrics(out) if "loss" in r) == 10
 
@@ -95,6 +94,7 @@ def test_a_refused_pickle_in_the_training_state_is_one_line(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
+    (out / "train_state" / "state.json").unlink()  # the earlier layout: a pickled state.pt
     with open(out / "train_state" / "state.pt", "wb") as f:
         pickle.dump({"step": Evil()}, f)
     r = rqgen(*train_args(out, 4), check=False)
@@ -274,7 +274,7 @@ def _shared_output_rank(rank: int, store: str, outs: list, results) -> None:
 
     from rqgen.distributed import Runtime
     from rqgen.errors import ConfigError
-    from rqgen.train.state import check_shared_output
+    from rqgen.train.output import check_shared_output
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:

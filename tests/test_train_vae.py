@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from rqgen import RQVAE
+from rqgen.train.state import TrainState
 
 pytestmark = pytest.mark.slow
 
@@ -275,7 +276,7 @@ def test_bf16_weight_ema_and_grad_accumulation(tmp_path):
     out = tmp_path / "opts"
     rqgen(*train_args(out, 3, "train.precision=bf16", "train.ema_decay=0.5", "train.grad_accum=2"))
     exported = weights(out)  # the public checkpoint holds the EMA weights
-    raw = load_file(str(out / "train_state" / "model.safetensors"))
+    raw = TrainState(out).tensors("model")
     k = "decoder.conv_out.weight"
     assert not torch.equal(exported[k], raw[k])
     assert torch.equal(exported["quantizer.codebook"], raw["quantizer.codebook"])  # buffers copied
@@ -291,7 +292,7 @@ def test_fp16_with_gradient_scalers_resumes_exactly(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     rqgen(*train_args(straight, 4, *fp16))
     rqgen(*train_args(resumed, 2, *fp16))
-    state = torch.load(resumed / "train_state" / "state.pt", weights_only=True)
+    state = TrainState(resumed).counters()
     assert state["scaler"]["scale"] > 0 and state["scaler_d"]["scale"] > 0
     rqgen(*train_args(resumed, 4, *fp16))
     rows = [r for r in metrics(resumed) if "loss" in r]
@@ -306,14 +307,17 @@ def test_fp16_with_gradient_scalers_resumes_exactly(tmp_path):
 def test_resume_check_treats_fields_added_later_as_defaults(tmp_path):
     import dataclasses
 
+    from rqgen.distributed import Runtime
     from rqgen.errors import ConfigError
     from rqgen.stage1.rqvae import RQVAEConfig
-    from rqgen.train.state import TrainState
+    from rqgen.train.state import TrainState, rng_state
 
     state = TrainState(tmp_path)
     old = dataclasses.asdict(RQVAEConfig(ch=32))
     del old["norm_groups"]  # a run saved before the field existed
-    state.save({}, {"step": 1}, {"experiment": {"model": old}})
+    cpu = torch.device("cpu")
+    state.save(Runtime(0, 1, cpu), {}, {}, {}, {"step": 1}, [rng_state(cpu)],
+               {"experiment": {"model": old}})  # fmt: skip
     state.check_same_model(RQVAEConfig(ch=32))  # same model: resumes
     with pytest.raises(ConfigError, match="norm_groups"):
         state.check_same_model(RQVAEConfig(ch=32, norm_groups=32))

@@ -48,16 +48,16 @@ from rqgen.train.features import (
     views_dataset,
 )
 from rqgen.train.metrics import MetricsLog
+from rqgen.train.output import claim_output
 from rqgen.train.parallel import (
     full_model_state,
-    full_optimizer_state,
     is_sharded,
     load_full_optimizer_state,
     local_value,
     no_sync,
     wrap,
 )
-from rqgen.train.state import TrainState, claim_output, seed_everything
+from rqgen.train.state import TrainState, seed_everything
 from rqgen.train.trainer import Trainer, scheduled_lr
 from rqgen.utils.device import use_cpu_budget
 from rqgen.utils.images import make_grid, save_image
@@ -89,9 +89,10 @@ class ARTrainer(Trainer):
         self.vae = load_vae(vae_dir).to(rt.device).eval()
         self.vae_fingerprint = codebook_fingerprint(self.vae.quantizer.codebook)
         self.state = TrainState(self.out)
-        if self.state.exists():  # before any feature is extracted for the wrong run
-            ident = {"vae_fingerprint": self.vae_fingerprint}
-            self.resume_changes = self.state.check_resume(exp, data, ident)
+        ident = {"vae_fingerprint": self.vae_fingerprint}  # checked before any extraction
+        self.resume_changes = from_rank0(
+            rt, lambda: self.state.check_resume(exp, data, ident) if self.state.exists() else []
+        )
         self.is_dq = isinstance(self.vae, DQVAE)
         if self.is_dq and m.conditioning == "text":
             raise ConfigError("DQ-Transformer is class-conditional or unconditional: "
@@ -166,7 +167,7 @@ class ARTrainer(Trainer):
         self.model_class = type(self.model)  # FSDP swaps the class for a sharded subclass
         self.step, self.best, self.bad_evals = 0, math.inf, 0
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.model_ddp = wrap(self.model, rt, t.fsdp, t.activation_checkpointing)
+        self.model_ddp = wrap(self.model, rt, t.fsdp, t.activation_checkpointing, self.precision)
         # train.compile: the forward compiled (the backward follows through AOTAutograd)
         self.forward = torch.compile(self.model_ddp) if t.compile else self.model_ddp
         # after wrapping: FSDP replaces the parameters by their shards
@@ -248,36 +249,31 @@ class ARTrainer(Trainer):
         return [t or "" for t in texts]
 
     # ------------------------------------------------------------------ checkpoints
-    def restore(self, s: dict) -> None:
-        """Optimizer, scaler, EMA and counters from a loaded training state (the weights
-        are already in place)."""
-        sharded = is_sharded(self.model)
-        if ("opt_full" in s) != sharded:  # the two layouts of the optimizer state
-            was = "sharded (FSDP)" if "opt_full" in s else "unsharded (one process or DDP)"
-            raise ConfigError(f"{self.out} holds a run whose optimizer state is {was}: resume "
-                              f"it {'with' if 'opt_full' in s else 'without'} train.fsdp=true "
-                              "under torchrun, or choose a new --out")  # fmt: skip
-        if sharded:
-            load_full_optimizer_state(self.model, self.opt, s["opt_full"])
-        else:
-            self.opt.load_state_dict(s["opt"])
-        self._load_scaler(self.scaler, s.get("scaler"))
-        if self.ema is not None and "ema" in s:
-            self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
-        self.best, self.bad_evals = float(s["best"]), int(s["bad"])
+    def state_counters(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "best": self.best, "bad": self.bad_evals}
 
-    def checkpoint(self) -> tuple[dict, dict, dict]:
-        """FSDP gathers weights and optimizer state to rank 0 (every rank calls this)."""
-        sharded = is_sharded(self.model)
-        weights = full_model_state(self.model) if sharded else self.model
-        opt = {"opt_full": full_optimizer_state(self.model, self.opt)} if sharded else None
-        if not self.rt.is_main:
-            return {}, {}, {}
-        state = {**(opt or {"opt": self.opt.state_dict()}), "scaler": self.scaler.state_dict(),
-                 "best": self.best, "bad": self.bad_evals}  # fmt: skip
-        if self.ema is not None:
-            state["ema"] = self.ema.shadow
-        return {"model": weights}, state, {"vae_fingerprint": self.vae_fingerprint}
+    def state_meta(self) -> dict:
+        return {"vae_fingerprint": self.vae_fingerprint}
+
+    def restore(self, s: dict) -> None:
+        """Counters of a loaded state; from the earlier layout also the optimizer (sharded
+        or not, as it was saved) and the EMA."""
+        if "opt" in s or "opt_full" in s:
+            sharded = is_sharded(self.model)
+            if ("opt_full" in s) != sharded:  # the two layouts of the optimizer state
+                was = "sharded (FSDP)" if "opt_full" in s else "unsharded (one process or DDP)"
+                how = "with" if "opt_full" in s else "without"
+                raise ConfigError(f"{self.out} holds a run whose optimizer state is {was}: "
+                                  f"resume it {how} train.fsdp=true under torchrun, or "
+                                  "choose a new --out")  # fmt: skip
+            if sharded:
+                load_full_optimizer_state(self.model, self.opt, s["opt_full"])
+            else:
+                self.opt.load_state_dict(s["opt"])
+            if self.ema is not None and "ema" in s:
+                self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
+        self._load_scaler(self.scaler, s.get("scaler"))
+        self.best, self.bad_evals = float(s["best"]), int(s["bad"])
 
     def save_public(self) -> None:
         """The best model so far, with what `rqgen sample` needs to find the VAE (collective

@@ -2,9 +2,10 @@
 transformer block its own shard unit, optionally with activation checkpointing per block.
 
 Under FSDP each rank holds 1/N of the weights, gradients and AdamW state; a block's weights
-are gathered just before its forward / backward and freed after. Checkpoints are written as
-full (unsharded) tensors gathered to rank 0, so an FSDP run leaves the same loadable model
-directory as any other and can resume on another number of GPUs.
+are gathered just before its forward / backward and freed after. Training states are sharded
+(train/sharded.py: each rank writes and reads its own slices); the public model directory
+is written from full tensors gathered to rank 0 one at a time, so an FSDP run leaves the
+same loadable model directory as any other.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
@@ -26,18 +25,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rqgen.checkpoint import load_state_dict_into
 from rqgen.errors import ConfigError
 from rqgen.stage2.block import Transformer
+from rqgen.utils.device import PRECISIONS
 
 try:  # FSDP2 is public from torch 2.6
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 except ImportError:  # pragma: no cover - older torch
-    FSDPModule = fully_shard = None
+    FSDPModule = MixedPrecisionPolicy = fully_shard = None
 
 
 def transformers(model: nn.Module) -> list[Transformer]:
     return [m for m in model.modules() if isinstance(m, Transformer)]
 
 
-def wrap(model: nn.Module, rt, fsdp: bool, checkpointing: bool) -> nn.Module:
+def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
+    """FSDP's own mixed precision for bf16 / fp16 runs: each block is gathered once in the
+    compute dtype (half the bytes of fp32 on the wire, no second cast by autocast) and
+    gradients are reduced in fp32, which keeps the sum of many ranks' gradients exact."""
+    if precision == "fp32" or MixedPrecisionPolicy is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32)
+
+
+def wrap(model: nn.Module, rt, fsdp: bool, checkpointing: bool,
+         precision: str = "fp32") -> nn.Module:  # fmt: skip
     """The module to train: `model` itself (one process, or FSDP, which shards in place) or
     its DDP wrapper. Call before creating the optimizer: FSDP replaces the parameters."""
     for t in transformers(model):
@@ -46,10 +56,11 @@ def wrap(model: nn.Module, rt, fsdp: bool, checkpointing: bool) -> nn.Module:
         if fully_shard is None:
             raise ConfigError(f"train.fsdp needs torch >= 2.6 (this is {torch.__version__})")
         if rt.world_size > 1:
+            kw = {"mp_policy": mp} if (mp := mixed_precision(precision)) is not None else {}
             for t in transformers(model):
                 for block in t.blocks:
-                    fully_shard(block)
-            fully_shard(model)  # the embeddings and heads: one more unit
+                    fully_shard(block, **kw)
+            fully_shard(model, **kw)  # the embeddings and heads: one more unit
         return model
     if rt.world_size > 1:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
@@ -63,10 +74,10 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def no_sync(module: nn.Module, last_micro_batch: bool):
-    """Gradient accumulation: reduce gradients only on the last micro-batch."""
-    if is_sharded(module):
-        module.set_requires_gradient_sync(last_micro_batch)
-        return contextlib.nullcontext()
+    """Gradient accumulation: DDP reduces gradients on the last micro-batch only. FSDP
+    reduce-scatters on every micro-batch: skipping it would keep each block's gradient
+    unsharded (4 bytes per parameter on every GPU) until the last one, and `rqgen plan`
+    counts sharded gradients."""
     if last_micro_batch or not isinstance(module, DDP):
         return contextlib.nullcontext()
     return module.no_sync()
@@ -93,16 +104,19 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's tensors on the CPU of rank 0 (a collective under FSDP: every rank
-    must call it; ranks other than 0 get an empty dict)."""
+    """The whole model's tensors on the CPU of rank 0, gathered one tensor at a time (no
+    GPU holds more than one full tensor). A collective under FSDP: every rank must call
+    it; ranks other than 0 get an empty dict."""
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=_options())
-
-
-def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """AdamW state keyed by parameter name, unsharded, on rank 0 (collective under FSDP)."""
-    return get_optimizer_state_dict(model, opt, options=_options())
+    main = torch.distributed.get_rank() == 0
+    out = {}
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if main:
+            out[name] = full.detach().cpu()
+        del full
+    return out
 
 
 def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:

@@ -1,9 +1,8 @@
-"""What a run leaves to resume from: `OUT/train_state/` (weights, optimizer, counters and
-every rank's RNG), the claim on OUT, and the random streams themselves."""
+"""What a run leaves to resume from, `OUT/train_state/` (weights, optimizers, counters and
+every rank's RNG), and the random streams themselves."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -11,22 +10,22 @@ import json
 import os
 import pickle
 import random
-import secrets
 import shutil
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from torch import nn
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.distributed.checkpoint import CheckpointException
 
 from rqgen.checkpoint import save_state_dict, write_json
-from rqgen.distributed import Runtime, gather_objects, meet_after
+from rqgen.distributed import Runtime, from_rank0, gather_objects
 from rqgen.errors import CheckpointError, ConfigError
+from rqgen.train import sharded
 from rqgen.train.parallel import load_weights
-from rqgen.utils.files import DiskFullError, RunLock, check_output_dir, write_failed
+from rqgen.utils.files import DiskFullError, write_failed
 
 # ------------------------------------------------------------------ random streams
 
@@ -87,49 +86,99 @@ RESUMABLE = frozenset({
 
 
 class TrainState:
-    """`DIR/train_state/`: every tensor needed to resume, swapped in atomically.
+    """`OUT/train_state/`: everything needed to resume, swapped in atomically.
 
-    Weights go to safetensors files; optimizer states, step and RNG states to `state.pt`
-    (tensors and plain containers only, read back with weights_only=True).
+        shards/           every rank's slices of the weights, optimizer moments and EMA
+                          (sharded safetensors: see train/sharded.py)
+        state.json        step, counters, optimizer hyper-parameters, scaler states
+        rng.safetensors   every rank's generator states
+        meta.json         the experiment, the data source, the run's identity
+
+    Written into train_state.tmp (each rank its shards, rank 0 the rest) and swapped in by
+    rank 0. The earlier layout (`<name>.safetensors` + `state.pt`) still resumes.
     """
 
     def __init__(self, out_dir: Path):
         self.dir = out_dir / "train_state"
 
     def exists(self) -> bool:
-        return (self._live_dir() / "state.pt").is_file()
-
-    def save(self, modules: dict[str, nn.Module | dict], state: dict, meta: dict) -> None:
-        """Everything into train_state.tmp, then swapped in. A failed write (a full disk)
-        removes the partial copy, leaves the previous state as it was, and says so in one
-        line with the bytes the state needs."""
-        tmp = self.dir.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tensors = {n: (m if isinstance(m, dict) else m.state_dict()) for n, m in modules.items()}
-        try:
-            tmp.mkdir(parents=True)
-            for name, sd in tensors.items():
-                save_state_dict(sd, tmp / f"{name}.safetensors")
-            torch.save(state, tmp / "state.pt")
-            write_json(tmp / "meta.json", meta)
-        except (OSError, RuntimeError, DiskFullError) as e:  # torch.save: ENOSPC as RuntimeError
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, RuntimeError) and "write" not in str(e).lower():
-                raise
-            need = sum(_nbytes(sd) for sd in tensors.values()) + _nbytes(state)
-            cause = e.__cause__ if isinstance(e, DiskFullError) else e
-            err = cause if isinstance(cause, OSError) else OSError(errno.ENOSPC, str(e))
-            raise write_failed(self.dir, err, need) from e
-        old = self.dir.with_suffix(".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.dir.exists():
-            os.replace(self.dir, old)
-        os.replace(tmp, self.dir)  # the swap: a crash before it keeps the old state
-        shutil.rmtree(old, ignore_errors=True)
+        """On this rank's view of OUT: callers ask rank 0 (`from_rank0`)."""
+        d = self._live_dir()
+        return (d / "state.json").is_file() or (d / "state.pt").is_file()
 
     def _live_dir(self) -> Path:
         # A crash between the two renames in save() leaves only train_state.old.
-        return self.dir if (self.dir / "state.pt").is_file() else self.dir.with_suffix(".old")
+        done = lambda d: (d / "state.json").is_file() or (d / "state.pt").is_file()  # noqa: E731
+        return self.dir if done(self.dir) else self.dir.with_suffix(".old")
+
+    def save(self, rt: Runtime, modules: dict[str, nn.Module], optimizers: sharded.Optimizers,
+             plain: dict[str, dict[str, Tensor]], counters: dict, rngs: list[dict],
+             meta: dict) -> None:  # fmt: skip
+        """Every rank. A failed write (a full disk) removes the partial copy, leaves the
+        previous state as it was, and says so in one line with the bytes it needs."""
+        tmp = self.dir.with_suffix(".tmp")
+
+        def fresh() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+        from_rank0(rt, fresh)
+        need = sharded.nbytes(modules, optimizers, plain) * rt.world_size
+        try:
+            groups, failure = sharded.save(tmp / "shards", modules, optimizers, plain,
+                                           rt.world_size > 1), None  # fmt: skip
+        except (OSError, RuntimeError, CheckpointException) as e:
+            groups, failure = {}, _first_cause(e)
+        failures = gather_objects(None if failure is None else repr(failure), rt)
+
+        def finish() -> None:
+            error: BaseException | None = failure
+            if error is None and any(failures):
+                error = OSError(errno.EIO, next(f for f in failures if f))
+            if error is None:
+                try:
+                    save_state_dict(_rng_tensors(rngs), tmp / "rng.safetensors")
+                    write_json(tmp / "state.json", {**counters, "optimizers": groups})
+                    write_json(tmp / "meta.json", meta)
+                except (OSError, DiskFullError) as e:
+                    error = e
+            if error is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(error, RuntimeError) and "write" not in str(error).lower():
+                    raise error
+                cause = error.__cause__ if isinstance(error, DiskFullError) else error
+                err = cause if isinstance(cause, OSError) else OSError(errno.ENOSPC, str(error))
+                raise write_failed(self.dir, err, need) from error
+            old = self.dir.with_suffix(".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if self.dir.exists():
+                os.replace(self.dir, old)
+            os.replace(tmp, self.dir)  # the swap: a crash before it keeps the old state
+            shutil.rmtree(old, ignore_errors=True)
+
+        from_rank0(rt, finish)
+
+    def load(self, rt: Runtime, modules: dict[str, nn.Module], optimizers: sharded.Optimizers,
+             plain: dict[str, dict[str, Tensor]]) -> dict:  # fmt: skip
+        """Every rank: weights, optimizer states and plain tensors in place (each rank its
+        slices), and the counters with every saved rank's RNG (`rng_ranks`). An earlier
+        layout returns its state.pt dict, for the trainer to restore the optimizers from."""
+        d = self._live_dir()
+        if not (d / "state.json").is_file():
+            return self._load_legacy(modules, rt.device)
+        try:
+            state = json.loads((d / "state.json").read_text())
+            sharded.load(d / "shards", modules, optimizers, plain, state.pop("optimizers"),
+                         rt.world_size > 1)  # fmt: skip
+            rngs = load_file(str(d / "rng.safetensors"))
+        except (OSError, RuntimeError, KeyError, ValueError, CheckpointException) as e:
+            why = str(_first_cause(e)).strip().splitlines()[0]
+            raise CheckpointError(f"{d} is not a training state rqgen can read ({why}); "
+                                  f"remove {d} to start the run over") from None  # fmt: skip
+        n = 1 + max(int(k.split(".")[0]) for k in rngs)
+        ranks = [{k.split(".")[1]: v for k, v in rngs.items() if k.startswith(f"{r}.")}
+                 for r in range(n)]  # fmt: skip
+        return {**state, "rng_ranks": ranks}
 
     def meta(self) -> dict:
         path = self._live_dir() / "meta.json"
@@ -180,17 +229,26 @@ class TrainState:
             )
         return [f"train.{k}: {saved.get(k)} -> {wanted[k]}" for k in changed]
 
-    def load(self, modules: dict[str, nn.Module], map_location) -> dict:
+    def tensors(self, name: str) -> dict[str, Tensor]:
+        """The full tensors of one module (or optimizer, or EMA) of the saved state."""
         d = self._live_dir()
-        for name, m in modules.items():
-            path = d / f"{name}.safetensors"
-            if not path.is_file():
-                raise CheckpointError(f"training state in {d} has no {name}.safetensors")
-            load_weights(m, path)
+        if not (d / "state.json").is_file():  # the earlier layout
+            return load_file(str(d / f"{name}.safetensors"))
+        return sharded.read_full(d / "shards", f"{name}.")
+
+    def counters(self) -> dict:
+        """step, scaler states, best loss... of the saved state (state.json)."""
+        return json.loads((self._live_dir() / "state.json").read_text())
+
+    def _load_legacy(self, modules: dict[str, nn.Module], map_location) -> dict:
+        """The earlier layout: state.pt (tensors and plain containers only, read with
+        weights_only=True, before anything else) and one safetensors file per module,
+        which every rank reads whole."""
+        d = self._live_dir()
         try:
             with warnings.catch_warnings():  # torch warns about the protocol of any pickle
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.load(d / "state.pt", map_location=map_location, weights_only=True)
+                state = torch.load(d / "state.pt", map_location=map_location, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
             refused = "weights only" in str(e).lower()
             why = (
@@ -203,78 +261,22 @@ class TrainState:
                 f"{d / 'state.pt'} is not a training state rqgen can read ({why.splitlines()[0]})"
                 f"; remove {d} to start the run over"
             ) from e
+        for name, m in modules.items():
+            path = d / f"{name}.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"training state in {d} has no {name}.safetensors")
+            load_weights(m, path)
+        return state
 
 
-def _nbytes(obj) -> int:
-    """Bytes of the tensors in a (nested) state."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
+def _rng_tensors(rngs: list[dict]) -> dict[str, Tensor]:
+    return {f"{r}.{k}": v for r, state in enumerate(rngs) for k, v in state.items()}
 
 
-def sees_token(path: Path, token: str, attempts: int = 6, wait_s: float = 0.25) -> bool:
-    """Whether `path` holds `token`, retried with a growing wait: an NFS client caches a
-    directory's attributes (and a lookup that found nothing) for seconds, so a file rank 0
-    has just written can look absent at first. Listing the directory revalidates it."""
-    for i in range(attempts):
-        with contextlib.suppress(OSError):
-            os.listdir(path.parent)
-            if path.read_text() == token:
-                return True
-        if i + 1 < attempts:
-            time.sleep(wait_s * 2**i)
-    return False
-
-
-def check_shared_output(out: Path, rt: Runtime) -> None:
-    """Every rank must see the directory rank 0 writes to: with node-local output the other
-    nodes would start at step 0 with their own schedule and hang at the end. Rank 0 writes a
-    random token into `out`, every rank reads it back; a rank that cannot is named."""
-    if rt.world_size == 1:
-        return
-    path = out / ".rank0-token"
-    token = [secrets.token_hex(8) if rt.is_main else None]
-    if rt.is_main:
-        path.write_text(token[0])
-    torch_dist.broadcast_object_list(token, src=0)  # after the write: the file is there
-    flags = gather_objects(rt.is_main or sees_token(path, token[0]), rt)
-    if rt.is_main:
-        path.unlink(missing_ok=True)
-    blind = [r for r, ok in enumerate(flags) if not ok]
-    if blind:
-        raise ConfigError(
-            f"rank(s) {blind} do not see what rank 0 writes in --out {out} (node-local "
-            "storage?): put --out on a filesystem that every node shares"
-        )
-
-
-@contextlib.contextmanager
-def claim_output(out: Path, rt: Runtime, model_types: tuple[str, ...], what: str):
-    """Before a run writes anything: `out` is a writable directory not holding another kind
-    of model, and no other run trains into it (an advisory lock, held until the block ends).
-    Rank 0 checks; every rank learns the outcome, so none is left waiting at a collective."""
-    created = not out.exists()
-
-    def claim() -> RunLock | None:
-        if not rt.is_main:
-            return None
-        check_output_dir(out, model_types, what)
-        return RunLock(out)
-
-    lock = meet_after(rt, claim)
-    try:
-        check_shared_output(out, rt)
-        yield
-    except BaseException:
-        if lock is not None and created:  # a run that failed at once leaves no empty --out
-            lock.path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if nothing else was written
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
+def _first_cause(e: BaseException) -> BaseException:
+    """The error behind a checkpoint failure (DCP wraps each rank's in its own type)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        wrapped = next(iter(e.failures.values()))  # (exception, traceback frames)
+        cause = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)
+        return cause if isinstance(cause, BaseException) else RuntimeError(str(cause))
+    return e

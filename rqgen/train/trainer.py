@@ -6,8 +6,9 @@ NaN stop, logging, the evaluation and checkpoint cadence. A stage supplies hooks
     describe()          the line printed when training starts
     train_step(batches) one optimizer step; losses as device tensors (no host sync)
     periodic(last, bar) evaluation / samples at their cadence; True stops early
-    checkpoint()        (modules, state, meta) to save; every rank calls it (FSDP gathers)
-    restore(saved)      optimizer, scaler, EMA... from a loaded state
+    state_*()           what the train state holds: modules, optimizers, plain tensors
+                        (EMA), JSON counters, identity for meta.json
+    restore(saved)      the counters of a loaded state
     export()            refresh the public model directory after a checkpoint
     log_extra()         metrics only known at logging steps
 """
@@ -28,7 +29,7 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rqgen.distributed import Runtime, gather_objects
+from rqgen.distributed import Runtime, from_rank0, gather_objects
 from rqgen.errors import Interrupted, TrainingError
 from rqgen.train.data import batch_stream
 from rqgen.train.ema import WeightEMA
@@ -98,14 +99,25 @@ class Trainer:
     def periodic(self, last: bool, bar) -> bool:
         return False
 
-    def checkpoint(self) -> tuple[dict, dict, dict]:
-        raise NotImplementedError
-
-    def restore(self, saved: dict) -> None:
-        raise NotImplementedError
-
     def state_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
+
+    def state_optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        return {"opt": (self.model, self.opt)}
+
+    def state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {"ema": self.ema.shadow} if self.ema is not None else {}
+
+    def state_counters(self) -> dict:
+        """What else a resume needs, as JSON (scaler states, best loss...)."""
+        return {"scaler": self.scaler.state_dict()}
+
+    def state_meta(self) -> dict:
+        return {}
+
+    def restore(self, saved: dict) -> None:
+        """The counters (and, from an earlier layout, the optimizers) of a loaded state."""
+        self._load_scaler(self.scaler, saved.get("scaler"))
 
     def export(self) -> None:
         pass
@@ -135,13 +147,15 @@ class Trainer:
             scaler.load_state_dict(state)
 
     def resume_or_seed(self) -> None:
-        """Continue the saved run (weights, `restore`, step, every rank's RNG), or seed a
-        fresh one: rank 0 draws as a single process would, the others differently."""
+        """Continue the saved run (weights, optimizers, counters, every rank's RNG), or
+        seed a fresh one: rank 0 draws as a single process would, the others differently.
+        Rank 0 decides which, for every rank."""
         seed = self.exp.train.seed
-        if not self.state.exists():
+        if not from_rank0(self.rt, self.state.exists):
             seed_everything(rank_seed(seed, self.rt.rank, 0))
             return
-        saved = self.state.load(self.state_modules(), map_location=self.rt.device)
+        saved = self.state.load(self.rt, self.state_modules(), self.state_optimizers(),
+                                self.state_tensors())  # fmt: skip
         self.restore(saved)
         self.step = int(saved["step"])
         restore_rng(saved, self.rt, seed, self.step)
@@ -156,15 +170,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, rng: dict | None = None) -> None:
-        """Every rank: its RNG state (as the training stream left it) is gathered, the
-        stage's checkpoint taken, rank 0 writes, then the public directory is refreshed."""
+        """Every rank writes its shards and its RNG state (as the training stream left
+        it); rank 0 writes the rest; then the public directory is refreshed."""
         rngs = gather_objects(rng or rng_state(self.rt.device), self.rt)
-        modules, state, meta = self.checkpoint()
-        if self.rt.is_main:
-            state = {**state, "step": self.step, "rng": rngs[0], "rng_ranks": rngs}
-            meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data,
-                    "step": self.step, **meta}  # fmt: skip
-            self.state.save(modules, state, meta)
+        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data,
+                "step": self.step, **self.state_meta()}  # fmt: skip
+        self.state.save(self.rt, self.state_modules(), self.state_optimizers(),
+                        self.state_tensors(), {**self.state_counters(), "step": self.step},
+                        rngs, meta)  # fmt: skip
         self.export()
 
     # ------------------------------------------------------------------ the loop

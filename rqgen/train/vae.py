@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset
 
 from rqgen.configs import DQVAEExperiment, VAEExperiment
 from rqgen.data import build_dataset, describe
-from rqgen.distributed import Runtime, init_runtime
+from rqgen.distributed import Runtime, from_rank0, init_runtime
 from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
 from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
@@ -35,8 +35,9 @@ from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.data import run_dataset
 from rqgen.train.ema import WeightEMA
 from rqgen.train.metrics import MetricsLog
+from rqgen.train.output import claim_output
 from rqgen.train.parallel import no_sync
-from rqgen.train.state import TrainState, claim_output, seed_everything
+from rqgen.train.state import TrainState, seed_everything
 from rqgen.train.trainer import Trainer, scheduled_lr
 from rqgen.utils.images import make_grid, save_image
 
@@ -95,7 +96,9 @@ class VAETrainer(Trainer):
             )
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.state = TrainState(self.out)
-        self.resume_changes = self.state.check_resume(exp, data) if self.state.exists() else []
+        self.resume_changes = from_rank0(
+            rt, lambda: self.state.check_resume(exp, data) if self.state.exists() else []
+        )
 
         seed_everything(t.seed)  # identical init on every rank, and across reruns
         self.is_dq = isinstance(m, DQVAEConfig)
@@ -149,23 +152,22 @@ class VAETrainer(Trainer):
     def state_modules(self) -> dict:
         return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
 
+    def state_optimizers(self) -> dict:
+        gan = {"opt_d": (self.disc, self.opt_d)} if self.opt_d is not None else {}
+        return {"opt": (self.model, self.opt), **gan}
+
+    def state_counters(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "scaler_d": self.scaler_d.state_dict()}
+
     def restore(self, s: dict) -> None:
-        self.opt.load_state_dict(s["opt"])
-        if self.opt_d is not None and "opt_d" in s:
-            self.opt_d.load_state_dict(s["opt_d"])
+        if "opt" in s:  # the earlier layout: optimizers and EMA in state.pt
+            self.opt.load_state_dict(s["opt"])
+            if self.opt_d is not None and "opt_d" in s:
+                self.opt_d.load_state_dict(s["opt_d"])
+            if self.ema is not None and "ema" in s:
+                self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
         self._load_scaler(self.scaler, s.get("scaler"))
         self._load_scaler(self.scaler_d, s.get("scaler_d"))
-        if self.ema is not None and "ema" in s:
-            self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
-
-    def checkpoint(self) -> tuple[dict, dict, dict]:
-        state = {"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                 "scaler_d": self.scaler_d.state_dict()}  # fmt: skip
-        if self.opt_d is not None:
-            state["opt_d"] = self.opt_d.state_dict()
-        if self.ema is not None:
-            state["ema"] = self.ema.shadow
-        return self.state_modules(), state, {}
 
     def export(self) -> None:
         """The public checkpoint: EMA weights when enabled (usually the better model)."""

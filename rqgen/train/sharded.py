@@ -1,0 +1,143 @@
+"""Training tensors as sharded safetensors files (torch.distributed.checkpoint).
+
+Each rank writes the shards it holds (FSDP: its slice of every weight and AdamW moment;
+DDP: its share of the replicated tensors, each written once) and reads back only the
+slices it needs, so no GPU ever holds the full state and a run resumes at any number of
+ranks: the files record each shard's offsets, and a rank reads the overlap with its own.
+The format is safetensors with JSON headers (torch's Hugging Face storage): reading a
+state runs no unpickler.
+
+Names in the files: `<module>.<parameter>`, `<optimizer>.<parameter>.<exp_avg|...>` and
+`<group>.<key>` for plain tensors (an EMA); what is not a tensor (optimizer hyper-
+parameters) is returned for the caller to keep as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+Optimizers = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+# how the optimizer is run, not what it learned: the resuming run's own choice wins
+RUNTIME_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _tensors(modules: dict[str, nn.Module], optimizers: Optimizers,
+             plain: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict]:  # fmt: skip
+    """Flat {name: tensor} of everything (sharded where the model is), and the optimizers'
+    param groups."""
+    flat: dict[str, Tensor] = {}
+    groups: dict[str, list] = {}
+    for name, module in modules.items():
+        flat |= {f"{name}.{k}": v for k, v in get_model_state_dict(module).items()}
+    for name, (module, opt) in optimizers.items():
+        sd = get_optimizer_state_dict(module, opt)  # initialises an empty state first
+        for param, state in sd["state"].items():
+            flat |= {f"{name}.{param}.{k}": v for k, v in state.items()}
+        groups[name] = sd["param_groups"]
+    for name, tensors in plain.items():
+        flat |= {f"{name}.{k}": v for k, v in tensors.items()}
+    return flat, groups
+
+
+def nbytes(modules: dict[str, nn.Module], optimizers: Optimizers, plain: dict) -> int:
+    """Bytes this rank would write."""
+    flat, _ = _tensors(modules, optimizers, plain)
+    return sum(_local(t).numel() * t.element_size() for t in flat.values())
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def save(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
+         plain: dict[str, dict[str, Tensor]], distributed: bool) -> dict:  # fmt: skip
+    """Every rank: write this rank's shards into the directory `path`. Returns the
+    optimizers' param groups (JSON-able) for the caller to keep."""
+    flat, groups = _tensors(modules, optimizers, plain)
+    writer = HuggingFaceStorageWriter(str(path), save_distributed=True)
+    with _single_process_quiet():
+        dcp.save(flat, storage_writer=writer, no_dist=not distributed)
+    return {name: [_jsonable(g) for g in gs] for name, gs in groups.items()}
+
+
+def load(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
+         plain: dict[str, dict[str, Tensor]], groups: dict, distributed: bool) -> None:  # fmt: skip
+    """Every rank: read into `modules`, `optimizers` and the `plain` tensors in place, each
+    rank only its own slices. A parameter that had no optimizer state when saved (it never
+    had a gradient) gets none now."""
+    reader = HuggingFaceStorageReader(str(path))
+    saved = set(reader.read_metadata().state_dict_metadata)
+    flat, _ = _tensors(modules, optimizers, plain)
+    missing = sorted(k for k in flat if k not in saved and not _is_optim(k, optimizers))
+    if missing:
+        raise KeyError(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    wanted = {k: v for k, v in flat.items() if k in saved}
+    with _single_process_quiet():
+        dcp.load(wanted, storage_reader=reader, no_dist=not distributed)
+    options = StateDictOptions(strict=True)
+    for name, module in modules.items():
+        prefix = f"{name}."
+        sd = {k[len(prefix) :]: v for k, v in wanted.items() if k.startswith(prefix)}
+        set_model_state_dict(module, sd, options=options)
+    for name, (module, opt) in optimizers.items():
+        current = get_optimizer_state_dict(module, opt)
+        state = {}
+        for param, entries in current["state"].items():
+            keys = {k: f"{name}.{param}.{k}" for k in entries}
+            if all(key in wanted for key in keys.values()):
+                state[param] = {k: wanted[key] for k, key in keys.items()}
+        param_groups = [
+            {**_from_json(g), **{k: cur[k] for k in RUNTIME_KEYS if k in cur}}
+            for g, cur in zip(groups[name], current["param_groups"])
+        ]
+        opt.state.clear()
+        set_optimizer_state_dict(module, opt, {"state": state, "param_groups": param_groups})
+    for name, tensors in plain.items():
+        for k, v in tensors.items():
+            v.copy_(wanted[f"{name}.{k}"])
+
+
+def read_full(path: Path, prefix: str = "") -> dict[str, Tensor]:
+    """Every tensor under `prefix` as a full tensor, in this process (inspecting or
+    converting a state; training reads its own slices through `load`)."""
+    reader = HuggingFaceStorageReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype)
+           for k, m in meta.items() if k.startswith(prefix)}  # fmt: skip
+    with _single_process_quiet():
+        dcp.load(out, storage_reader=reader, no_dist=True)
+    return {k[len(prefix) :]: v for k, v in out.items()}
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save and load that it is single-process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _is_optim(key: str, optimizers: Optimizers) -> bool:
+    return any(key.startswith(f"{name}.") for name in optimizers)
+
+
+def _jsonable(group: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+
+
+def _from_json(group: dict) -> dict:
+    return {k: (tuple(v) if k == "betas" else v) for k, v in group.items()}
