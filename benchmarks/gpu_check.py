@@ -238,6 +238,8 @@ def main() -> None:
     p.add_argument("--paper-model", nargs="+", default=["ar-imagenet-1.4b"],
                    choices=[*sorted(PAPER_MODELS), "none"])  # fmt: skip
     p.add_argument("--skip-digits", action="store_true")
+    p.add_argument("--train", action="store_true",
+                   help="also the training check (gpu_train.py -> results/gpu_train.md)")
     p.add_argument("--name", default="gpu", help="results/NAME.md")
     p.add_argument("--paper-batches", type=int, nargs="+", default=[100, 200, 500])
     p.add_argument("--flat-batches", type=int, nargs="+", default=[100, 200])
@@ -264,7 +266,13 @@ def main() -> None:
     for name in args.paper_model:
         if name != "none":
             paper_scale(report, name)
-    print((RESULTS / f"{args.name}.md").read_text())
+    if args.train:
+        import gpu_train
+
+        gpu_train.main(["--device", DEVICE])
+        print((RESULTS / "gpu_train.md").read_text())
+    if report.sections:
+        print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -304,6 +304,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--no-write", action="store_true", help="leave benchmarks/results alone")
+    p.add_argument("--rows", help="CONFIG:VARIANT,... instead of the default rows")
+    p.add_argument("--name", help="results/NAME.md (default: train_speed, or _gpu on CUDA)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: NAME:VARIANT in this process
     args = p.parse_args()
     if args.row:
@@ -311,7 +313,8 @@ def main() -> None:
         print(json.dumps(run_row(name, variant, args.device, args.seconds, args.peak_tflops)))
         return
     rows = []
-    for name, variant in QUICK if args.quick else FULL:
+    chosen = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else None
+    for name, variant in chosen or (QUICK if args.quick else FULL):
         if (need := planned_bytes(name, args.device)) > 0.6 * available_bytes(args.device):
             rows.append(
                 {
@@ -355,7 +358,7 @@ def main() -> None:
     if args.no_write:
         return
     body = ["# Training throughput", "", __doc__.split("\n\n", 1)[1].strip(), "", table(rows)]
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.rows:
         shares = profile_row("ar-64", "cpu")
         body += [
             "",
@@ -366,7 +369,7 @@ def main() -> None:
             "|---|---|",
             *[f"| {k} | {100 * v:.1f}% |" for k, v in shares],
         ]
-    name = "train_speed" if args.device == "cpu" else "train_speed_gpu"
+    name = args.name or ("train_speed" if args.device == "cpu" else "train_speed_gpu")
     write_results(name, "\n".join(body), {"rows": rows})
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rqgen.errors import CheckpointError
 from rqgen.stage1 import losses
@@ -176,3 +177,37 @@ def test_adopt_weight():
     assert adopt_weight(0.8, step=9, start=10) == 0.0
     assert adopt_weight(0.8, step=10, start=10) == 0.8
     assert adopt_weight(0.8, step=0, start=0) == 0.8
+
+
+def test_stage1_loss_composes_eq_6_7_and_the_weighted_terms():
+    from types import SimpleNamespace
+
+    from rqgen.stage1.losses import Stage1Loss
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    last = torch.nn.Parameter(torch.ones(3))
+    out = SimpleNamespace(reconstruction=x * last[None, :, None, None] * 0.5,
+                          commitment_loss=torch.tensor(0.3))  # fmt: skip
+    loss, parts = Stage1Loss(0.0, 0.0, None, None)(x, out, last, adversarial=False)
+    torch.testing.assert_close(loss, F.mse_loss(out.reconstruction, x) + 0.3)
+    assert set(parts) == {"rec", "commit", "loss"}
+    # DQ-VAE: its router's budget loss is added and the fine fraction reported
+    dq = SimpleNamespace(**vars(out), budget_loss=torch.tensor(0.2), fine_mask=torch.ones(2, 4))
+    loss_dq, parts = Stage1Loss(0.0, 0.0, None, None)(x, dq, last, adversarial=False)
+    torch.testing.assert_close(loss_dq, loss + 0.2)
+    assert parts["fine_fraction"] == 1
+    # adversarial: + w·λ·L_G, the discriminator frozen for the generator's gradients
+    disc = NLayerDiscriminator(3, 8, 2)
+    composed = Stage1Loss(0.0, 0.5, None, disc)
+    loss_g, parts = composed(x, out, last, adversarial=True)
+    g = generator_adv_loss(disc(out.reconstruction))
+    torch.testing.assert_close(loss_g, loss + parts["adaptive_w"] * g)
+    assert parts["adaptive_w"] == pytest.approx(
+        0.5 * float(adaptive_weight(F.mse_loss(out.reconstruction, x), g, last))
+    )
+    loss_g.backward()
+    assert all(p.grad is None for p in disc.parameters()) and last.grad is not None
+    d = composed.discriminator_loss(disc, x, out.reconstruction)
+    torch.testing.assert_close(d, hinge_d_loss(disc(x), disc(out.reconstruction.detach())))
+    assert all(p.requires_grad for p in disc.parameters())  # trainable again

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_vae import TINY, rqgen
+from test_train_vae import TINY, count_host_reads, rqgen
 
 pytestmark = pytest.mark.slow
 
@@ -160,30 +160,6 @@ def test_tau_in_quantization_error_units_is_measured_once_per_run(vae, tmp_path)
     assert json.loads((ar / "quantization_error.json").read_text())["per_depth"] == [7.0] * 4
 
 
-def _count_host_reads(monkeypatch) -> list[str]:
-    """Patch the tensor methods that read a value back to the host; record each call made
-    from rqgen's own code (on a GPU each one waits for the queued kernels)."""
-    import sys
-
-    import torch
-
-    import rqgen
-
-    package = str(Path(rqgen.__file__).parent) + "/"
-    calls: list[str] = []
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _real=real, _name=name, **kw):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(package):
-                calls.append(f"{_name} in {Path(caller).name}")
-            return _real(self, *a, **kw)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return calls
-
-
 def test_a_training_step_reads_from_the_device_once(vae, tmp_path, monkeypatch):
     import torch
 
@@ -199,7 +175,7 @@ def test_a_training_step_reads_from_the_device_once(vae, tmp_path, monkeypatch):
     trainer = ARTrainer(exp, vae, "bundled:digits", tmp_path / "ar", rt, quiet=True)
     stream = batch_stream(trainer.train_set, trainer.micro_batch, trainer.rt, 0, 0, 0)
     batches = trainer.fetch(stream, 2)
-    calls = _count_host_reads(monkeypatch)
+    calls = count_host_reads(monkeypatch)
     metrics = trainer.train_step(batches)
     assert calls == ["tolist in trainer.py"]  # the NaN / stop flag, once per optimizer step
     logged = trainer.mean_over_ranks(metrics)  # at logging steps: one more read, of all

@@ -257,7 +257,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, monkeyp
     rqgen(*train_args(out, 5))
     before = weights(out)
     # the resumed run's reconstruction loss turns NaN (as diverging training does)
-    monkeypatch.setattr("rqgen.train.vae.F.mse_loss", lambda a, b: (a - b).sum() * float("nan"))
+    monkeypatch.setattr("rqgen.stage1.losses.F.mse_loss", lambda a, b: (a - b).sum() * float("nan"))
     proc = rqgen(*train_args(out, 12), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("rqgen: error: loss became nan")
@@ -355,3 +355,42 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay():
     cos = [scheduled_lr(s, 1.0, 4, 20, "cosine", 0.1) for s in range(4, 21)]
     assert cos[0] == 1.0 and math.isclose(cos[-1], 0.1) and cos == sorted(cos, reverse=True)
     assert math.isclose(scheduled_lr(12, 1.0, 4, 20, "cosine"), 0.5)  # half-way: half
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Patch the tensor methods that read a value back to the host; record each call made
+    from rqgen's own code (on a GPU each one waits for the queued kernels)."""
+    import rqgen
+
+    package = str(Path(rqgen.__file__).parent) + "/"
+    calls: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                calls.append(f"{_name} in {Path(caller).name}")
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_a_stage1_step_reads_from_the_device_once(tmp_path, monkeypatch):
+    from rqgen.configs import load_vae_experiment
+    from rqgen.distributed import Runtime
+    from rqgen.train.data import batch_stream
+    from rqgen.train.vae import VAETrainer
+
+    overrides = [*TINY, "train.grad_accum=2", "train.grad_clip=1.0", "train.ema_decay=0.9"]
+    exp = load_vae_experiment("tiny32", overrides)
+    rt = Runtime(0, 1, torch.device("cpu"))
+    trainer = VAETrainer(exp, "bundled:digits", tmp_path / "vae", rt, quiet=True)
+    stream = batch_stream(trainer.train_set, trainer.micro_batch, rt, 0, 0, 0)
+    trainer.train_step(trainer.fetch(stream, 2))  # the first step initialises the codebook
+    batches = trainer.fetch(stream, 2)
+    calls = count_host_reads(monkeypatch)
+    trainer.train_step(batches)  # with code restarts: the tiny codebook has dead codes
+    assert calls == ["tolist in trainer.py"]
+

@@ -47,15 +47,17 @@ def random_rows(pool: torch.Tensor, n: int) -> torch.Tensor:
     consecutive shards of a global batch the result equals what a single process drawing
     from that global batch would get (same RNG state on rank 0).
     """
+    local = torch.tensor(pool.shape[0], device=pool.device)
+    u = torch.rand(n, device=pool.device, dtype=torch.float64)
     if not is_distributed():
-        return pool[torch.randint(pool.shape[0], (n,), device=pool.device)].clone()
+        return pool[torch.minimum((u * local).long(), local - 1)].clone()
     sizes = torch.zeros(world_size(), dtype=torch.long, device=pool.device)
-    sizes[rank()] = pool.shape[0]
+    sizes[rank()] = local
     all_reduce_sum(sizes)
-    offset = int(sizes[: rank()].sum())
-    idx = broadcast(torch.randint(int(sizes.sum()), (n,), device=pool.device)) - offset
+    # on the device throughout: no host synchronisation in a training step
+    total, offset = sizes.sum(), sizes[: rank()].sum()
+    idx = broadcast(torch.minimum((u * total).long(), total - 1)) - offset
     mine = (idx >= 0) & (idx < pool.shape[0])
-    rows = torch.zeros(n, pool.shape[1], dtype=pool.dtype, device=pool.device)
-    rows[mine] = pool[idx[mine]]
+    rows = pool[idx.clamp(0, pool.shape[0] - 1)] * mine[:, None].to(pool.dtype)
     all_reduce_sum(rows)
     return rows

@@ -307,16 +307,16 @@ class ResidualQuantizer(nn.Module):
     def _restart_dead_codes(self, residuals: Tensor) -> None:
         """Jukebox-style restarts: codes whose EMA usage fell below the threshold are moved
         onto random vectors of this step. cluster_size is identical on all ranks (it was
-        all-reduced), so all ranks agree on which codes are dead."""
+        all-reduced), so all ranks agree on which codes are dead. Every code draws a
+        candidate and only the dead ones take it: no count is read back from the device."""
         for c in range(self.num_codebooks):
-            dead = self.cluster_size[c] < self.restart_threshold
-            n_dead = int(dead.sum())
-            if n_dead == 0:
-                continue
-            vectors = dist.random_rows(self._pool(residuals, c), n_dead)
-            self.codebook[c, dead] = vectors
-            self.embed_sum[c, dead] = vectors * self.restart_threshold
-            self.cluster_size[c, dead] = self.restart_threshold
+            dead = (self.cluster_size[c] < self.restart_threshold)[:, None]
+            vectors = dist.random_rows(self._pool(residuals, c), self.codebook_size)
+            self.codebook[c] = torch.where(dead, vectors, self.codebook[c])
+            self.embed_sum[c] = torch.where(dead, vectors * self.restart_threshold,
+                                            self.embed_sum[c])  # fmt: skip
+            self.cluster_size[c] = torch.where(dead[:, 0], self.restart_threshold,
+                                               self.cluster_size[c])  # fmt: skip
 
     def extra_repr(self) -> str:
         kind = "shared" if self.shared_codebook else "separate"

@@ -1,6 +1,8 @@
-"""Loss building blocks of the VQGAN recipe: LPIPS, PatchGAN discriminator, hinge/adaptive weights.
+"""The stage-1 loss (paper §3.1, Eq. 6-7, with VQGAN's perceptual and adversarial terms) and
+its building blocks: LPIPS, the PatchGAN discriminator, hinge losses, the adaptive weight.
 
-The trainer composes them into the total stage-1 loss; nothing here decides that composition.
+`Stage1Loss` is the composition, in one place (as LlamaGen's `VQLoss`); the trainer only
+calls it.
 """
 
 from __future__ import annotations
@@ -262,3 +264,51 @@ def adaptive_weight(
 def adopt_weight(weight: float, step: int, start: int) -> float:
     """`weight` from step `start` on, else 0 (the GAN waits until reconstructions are sane)."""
     return weight if step >= start else 0.0
+
+
+class Stage1Loss(nn.Module):
+    """L = ||X - X̂||² + λ_p·LPIPS(X, X̂) + β Σ_d ||Z - sg[Ẑ(d)]||² (Eq. 6-7) [+ the DQ
+    router's budget loss] [+ w·λ_adv·L_G once the discriminator has started, w VQGAN's
+    adaptive weight at the decoder's last layer]; the discriminator's hinge loss apart.
+
+    The generator term sees the discriminator `disc` itself, frozen, so that under DDP its
+    gradients never reach the discriminator's reducer; `discriminator_loss` takes whatever
+    module trains it (its DDP wrapper)."""
+
+    def __init__(self, perceptual_weight: float, adversarial_weight: float,
+                 lpips: LPIPS | None, disc: nn.Module | None):  # fmt: skip
+        super().__init__()
+        self.perceptual_weight, self.adversarial_weight = perceptual_weight, adversarial_weight
+        self.lpips, self.disc = lpips, disc
+
+    def forward(self, x: torch.Tensor, out, last_layer: torch.Tensor,
+                adversarial: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """(loss, detached parts) of a model output `out` (reconstruction, commitment_loss,
+        and for DQ-VAE budget_loss / fine_mask) for the images `x`."""
+        xr = out.reconstruction.float()
+        rec = F.mse_loss(xr, x)  # Eq. 6, ||X - X̂||²
+        nll, parts = rec, {"rec": rec.detach()}
+        if self.lpips is not None:
+            p = self.lpips(xr, x).mean()
+            nll = nll + self.perceptual_weight * p
+            parts["lpips"] = p.detach()
+        loss = nll + out.commitment_loss  # + β Σ_d ||Z - sg[Ẑ(d)]||² (Eq. 7)
+        if hasattr(out, "budget_loss"):  # DQ-VAE's learned router (0 for the entropy one)
+            loss = loss + out.budget_loss
+            parts |= {"budget": out.budget_loss.detach(),
+                      "fine_fraction": out.fine_mask.detach().float().mean()}  # fmt: skip
+        if adversarial:
+            self.disc.requires_grad_(False)
+            g_loss = generator_adv_loss(self.disc(xr))
+            w = adaptive_weight(nll, g_loss, last_layer) * self.adversarial_weight
+            loss = loss + w * g_loss
+            parts |= {"g_loss": g_loss.detach(), "adaptive_w": w}
+        parts |= {"commit": out.commitment_loss.detach(), "loss": loss.detach()}
+        return loss, parts
+
+    def discriminator_loss(self, disc: nn.Module, x: torch.Tensor,
+                           xr: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Hinge loss of the discriminator on real `x` and detached reconstructions `xr`."""
+        self.disc.requires_grad_(True)
+        return hinge_d_loss(disc(x), disc(xr.detach()))
+

@@ -14,7 +14,6 @@ import itertools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import IterableDataset
 
@@ -24,13 +23,7 @@ from rqgen.distributed import Runtime, from_rank0, init_runtime
 from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
 from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
-from rqgen.stage1.losses import (
-    LPIPS,
-    NLayerDiscriminator,
-    adaptive_weight,
-    generator_adv_loss,
-    hinge_d_loss,
-)
+from rqgen.stage1.losses import LPIPS, NLayerDiscriminator, Stage1Loss
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.data import run_dataset
 from rqgen.train.ema import WeightEMA
@@ -103,23 +96,18 @@ class VAETrainer(Trainer):
         seed_everything(t.seed)  # identical init on every rank, and across reruns
         self.is_dq = isinstance(m, DQVAEConfig)
         self.model = (DQVAE(m) if self.is_dq else RQVAE(m)).to(rt.device)
-        self.lpips = LPIPS.from_pretrained().to(rt.device) if t.perceptual_weight > 0 else None
+        lpips = LPIPS.from_pretrained().to(rt.device) if t.perceptual_weight > 0 else None
         self.use_gan = t.adversarial_weight > 0
         self.disc = (
             NLayerDiscriminator(m.in_channels, t.disc_ndf, t.disc_layers).to(rt.device)
             if self.use_gan
             else None
         )
-        self.opt = torch.optim.Adam(
-            self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps
-        )
-        self.opt_d = (
-            torch.optim.Adam(
-                self.disc.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps
-            )
-            if self.use_gan
-            else None
-        )
+        self.loss = Stage1Loss(t.perceptual_weight, t.adversarial_weight, lpips, self.disc)
+        adam = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
+                    fused=rt.device.type == "cuda")  # fmt: skip
+        self.opt = torch.optim.Adam(self.model.parameters(), **adam)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), **adam) if self.use_gan else None
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
         self.resume_or_seed()  # every rank's RNG too: a resumed run continues its streams
@@ -188,34 +176,11 @@ class VAETrainer(Trainer):
         self.opt.zero_grad(set_to_none=True)
         for i, (x, _) in enumerate(batches):
             x = x.to(self.rt.device, non_blocking=True)
-            last = i == len(batches) - 1
-            with no_sync(self.model_ddp, last), self._autocast():
+            with no_sync(self.model_ddp, i == len(batches) - 1), self._autocast():
                 out = self.model_ddp(x)
-                xr = out.reconstruction.float()
-                rec = F.mse_loss(xr, x)  # Eq. 6, ||X - X̂||²
-                nll = rec
-                parts = {"rec": rec.detach()}
-                if self.lpips is not None:
-                    p = self.lpips(xr, x).mean()
-                    nll = nll + t.perceptual_weight * p
-                    parts["lpips"] = p.detach()
-                loss = nll + out.commitment_loss  # + β Σ_d ||Z - sg[Ẑ(d)]||² (Eq. 7)
-                if self.is_dq:  # budget loss of the learned router (0 for the entropy one)
-                    loss = loss + out.budget_loss
-                    parts |= {"budget": out.budget_loss.detach(),
-                              "fine_fraction": out.fine_mask.detach().mean()}  # fmt: skip
-                if gan_on:
-                    # The generator sees the unwrapped, frozen discriminator: its gradients
-                    # must not reach the discriminator's DDP reducer.
-                    self.disc.requires_grad_(False)
-                    g_loss = generator_adv_loss(self.disc(xr))
-                    w = adaptive_weight(nll, g_loss, self.model.last_layer) * t.adversarial_weight
-                    loss = loss + w * g_loss
-                    parts |= {"g_loss": g_loss.detach(),
-                              "adaptive_w": torch.as_tensor(w, device=x.device)}  # fmt: skip
-                parts |= {"commit": out.commitment_loss.detach(), "loss": loss.detach()}
+                loss, parts = self.loss(x, out, self.model.last_layer, gan_on)
                 self.scaler.scale(loss / len(batches)).backward()
-            recons.append((x, xr.detach()))
+            recons.append((x, out.reconstruction.detach().float()))
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v.float() / len(batches)
         self._stop_if_nonfinite(totals["loss"])
@@ -228,12 +193,11 @@ class VAETrainer(Trainer):
             self.ema.update(self.model)
 
         if gan_on:
-            self.disc.requires_grad_(True)
             self.opt_d.zero_grad(set_to_none=True)
             for i, (x, xr) in enumerate(recons):
                 last = i == len(recons) - 1
                 with no_sync(self.disc_ddp, last), self._autocast():
-                    d_loss = hinge_d_loss(self.disc_ddp(x), self.disc_ddp(xr))
+                    d_loss = self.loss.discriminator_loss(self.disc_ddp, x, xr)
                     self.scaler_d.scale(d_loss / len(recons)).backward()
                 totals["d_loss"] = totals.get("d_loss", 0.0) + d_loss.detach() / len(recons)
             self.scaler_d.step(self.opt_d)
@@ -257,8 +221,9 @@ class VAETrainer(Trainer):
         for s in list(range(0, n, mb))[rt.rank :: rt.world_size]:
             x = torch.stack([self.val_set[i][0] for i in range(s, min(n, s + mb))])
             x = x.to(rt.device)
-            out = model(x)
-            xr = out.reconstruction.clamp(-1, 1)
+            with self._autocast():  # as training computes it
+                out = model(x)
+            xr = out.reconstruction.float().clamp(-1, 1)
             sums[0] += psnr(xr, x).double().sum()
             if self.is_dq:
                 sums[1] += out.fine_mask.flatten(1).double().mean(1).sum()
