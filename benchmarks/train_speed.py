@@ -23,8 +23,8 @@ for forward + backward, attention over the full context as nanoGPT counts it):
 
 and checked against torch's FLOP counter (`counted / analytic` in the JSON). Stage 1 has
 no such closed form here: its FLOPs are torch's FLOP counter's count of one step.
-MFU = achieved FLOP/s / peak: on CPU the peak is this process's measured fp32 matrix
-product rate (a 2048³ product, best of 5, at the same thread count); on a GPU the
+MFU = achieved FLOP/s / peak: on CPU the peak is the measured fp32 matrix product rate
+(a 2048³ product, best of 10, at the same thread count, measured once per run); on a GPU the
 datasheet's dense bf16 rate (--peak-tflops to override). `plan_mem_gib`: `rqgen plan`'s
 estimate of weights + gradients + AdamW + activations at this micro-batch (stage 2 only).
 """
@@ -151,7 +151,7 @@ def measure_peak_tflops(device: torch.device) -> float:
         return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), float("nan"))
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
@@ -313,6 +313,7 @@ def main() -> None:
         print(json.dumps(run_row(name, variant, args.device, args.seconds, args.peak_tflops)))
         return
     rows = []
+    peak = args.peak_tflops or measure_peak_tflops(torch.device(args.device))
     chosen = [tuple(r.split(":")) for r in args.rows.split(",")] if args.rows else None
     for name, variant in chosen or (QUICK if args.quick else FULL):
         if (need := planned_bytes(name, args.device)) > 0.6 * available_bytes(args.device):
@@ -335,9 +336,9 @@ def main() -> None:
             args.device,
             "--seconds",
             str(args.seconds),
+            "--peak-tflops",
+            str(peak),
         ]
-        if args.peak_tflops:
-            cmd += ["--peak-tflops", str(args.peak_tflops)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
