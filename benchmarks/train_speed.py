@@ -10,7 +10,8 @@ What is timed is the model's step on random inputs of the preset's shape: stage 
 RQ-Transformer on argmin codes (hard labels; soft-label targets and the feature store are
 left out), AdamW; stage 1 the RQ-VAE with MSE + commitment and Adam (no LPIPS, whose VGG
 weights cannot be fetched here, and no discriminator). Each row runs in a fresh process,
-so its peak memory (resident set on CPU, allocator peak on CUDA) is its own.
+so its peak memory (resident set on CPU, allocator peak on CUDA) is its own; on CPU
+"of it the step" leaves out what the process held before building the model (torch).
 
 FLOPs per sample. Stage 2: written out from the config (matrix products only, forward ×3
 for forward + backward, attention over the full context as nanoGPT counts it):
@@ -162,6 +163,7 @@ def run_row(name: str, variant: str, device_name: str, seconds: float, peak: flo
     """One row, in this (fresh) process."""
     device = torch.device(device_name)
     batch = (GPU_BATCH if device.type == "cuda" else CPU_BATCH)[name]
+    base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # torch itself
     model, opt, loss, analytic, plan_bytes = build(name, variant, device, batch)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else None
 
@@ -211,13 +213,15 @@ def run_row(name: str, variant: str, device_name: str, seconds: float, peak: flo
         "peak_tflops": peak,
         "mfu": achieved / peak,
         "peak_mem_gib": peak_mem,
+        "base_mem_gib": base_mem if device.type == "cpu" else 0.0,
         "plan_mem_gib": plan_bytes / GiB if plan_bytes else None,
         "params": sum(p.numel() for p in model.parameters()),
     }
 
 
-def profile_row(name: str, device_name: str) -> list[tuple[str, float]]:
-    """Where a step's time goes: self CPU time by operator family, over 3 steps."""
+def profile_row(name: str, device_name: str) -> tuple[list, list]:
+    """Where a step's time goes: self CPU time by operator family over 3 steps, and the
+    largest operators outside the families."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(device_name)
@@ -241,16 +245,18 @@ def profile_row(name: str, device_name: str) -> list[tuple[str, float]]:
         "optimizer": ("adam", "_foreach", "lerp", "addcdiv", "addcmul", "sqrt"),
         "copies": ("copy_", "clone", "cat", "contiguous", "to", "_to_copy"),
     }
-    total, shares = 0.0, {k: 0.0 for k in [*families, "other"]}
+    total, shares, others = 0.0, {k: 0.0 for k in [*families, "other"]}, {}
     for event in prof.key_averages():
         us = event.self_cpu_time_total
         total += us
         op = event.key.removeprefix("aten::")
-        family = next(
-            (f for f, keys in families.items() if any(op.startswith(k) for k in keys)), "other"
-        )
+        family = next((f for f, keys in families.items() if any(k in op for k in keys)), "other")
         shares[family] += us
-    return sorted(((k, v / total) for k, v in shares.items()), key=lambda kv: -kv[1])
+        if family == "other":
+            others[event.key] = others.get(event.key, 0.0) + us
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:6]
+    ranked = sorted(((k, v / total) for k, v in shares.items()), key=lambda kv: -kv[1])
+    return ranked, [(k, v / total) for k, v in top]
 
 
 def planned_bytes(name: str, device_name: str) -> float:
@@ -276,14 +282,14 @@ def available_bytes(device_name: str) -> float:
 def table(rows: list[dict]) -> str:
     lines = [
         "| config | stage | variant | device | threads | width | micro-batch | samples/s "
-        "| GFLOP/sample | achieved TFLOP/s | MFU | peak GiB | plan GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GFLOP/sample | achieved TFLOP/s | MFU | peak GiB | of it the step | plan GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "skipped" in r:
             lines.append(
-                f"| {r['config']} | {r['stage']} | {r['variant']} | {r['device']} | "
-                f"| | | skipped: {r['skipped']} | | | | | |"
+                f"| {r['config']} | {r['stage']} | {r['variant']} | {r['device']} "
+                f"| | | | skipped: {r['skipped']} | | | | | | |"
             )
             continue
         plan = f"{r['plan_mem_gib']:.2f}" if r["plan_mem_gib"] else "-"
@@ -291,7 +297,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['config']} | {r['stage']} | {r['variant']} | {r['device']} | {r['threads']} "
             f"| {r['width'] or '-'} | {r['micro_batch']} | {r['samples_per_s']:.2f} "
             f"| {r['flops_per_sample'] / 1e9:.2f} | {r['achieved_tflops']:.4f} "
-            f"| {100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.2f} | {plan} |"
+            f"| {100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.2f} "
+            f"| {r['peak_mem_gib'] - r.get('base_mem_gib', 0.0):.2f} | {plan} |"
         )
     return "\n".join(lines)
 
@@ -358,17 +365,24 @@ def main() -> None:
         print(json.dumps({"rows": rows}, indent=2))
     if args.no_write:
         return
-    body = ["# Training throughput", "", __doc__.split("\n\n", 1)[1].strip(), "", table(rows)]
+    about = [p for p in __doc__.split("\n\n")[1:] if not p.startswith("    ")]
+    body = ["# Training throughput", "", *about, "", table(rows)]
     if args.device == "cpu" and not args.rows:
-        shares = profile_row("ar-64", "cpu")
+        shares, top = profile_row("ar-64", "cpu")
         body += [
             "",
-            "Where an eager ar-64 step (width 512) spends its CPU time (self time by "
-            "operator family, 3 steps, torch profiler):",
+            "Where an eager ar-64 step (width 512) spends its CPU time (self time by operator "
+            "family, 3 steps, torch profiler):",
             "",
             "| family | share |",
             "|---|---|",
             *[f"| {k} | {100 * v:.1f}% |" for k, v in shares],
+            "",
+            "The largest operators outside those families:",
+            "",
+            "| operator | share |",
+            "|---|---|",
+            *[f"| `{k}` | {100 * v:.1f}% |" for k, v in top],
         ]
     name = args.name or ("train_speed" if args.device == "cpu" else "train_speed_gpu")
     write_results(name, "\n".join(body), {"rows": rows})
