@@ -13,6 +13,7 @@ from rqgen.data.bundled import BundledDigits
 from rqgen.distributed import Runtime
 from rqgen.stage1.rqvae import RQVAE, RQVAEConfig
 from rqgen.train import features as F
+from rqgen.train import views as V
 
 TINY_VAE = RQVAEConfig(resolution=32, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1,
                        attn_resolutions=[], z_channels=8, embed_dim=8, codebook_size=16,
@@ -25,7 +26,7 @@ def _store(root: Path, rank: int, world: int, kind: str = "features", crops: int
     torch.set_num_threads(1)  # the same kernels in every process: bit-equal outputs
     vae = RQVAE(TINY_VAE).eval()
     data = torch.utils.data.Subset(BundledDigits(32, labels=True), range(N_IMAGES))
-    views = F.views_dataset(data, "bundled:digits", 32, crops, seed=0)
+    views = V.views_dataset(data, "bundled:digits", 32, crops, seed=0)
     key = F.StoreKey("digits", 32, crops, F.vae_fingerprint(vae), kind)
     encoded = []
     real = F._encode_chunks
@@ -100,10 +101,10 @@ def test_hard_label_runs_store_int16_codes_that_equal_the_argmin(tmp_path):
 
 def test_crop_views_are_the_centre_the_corners_and_their_mirrors():
     x = torch.arange(3 * 36 * 36, dtype=torch.float32).reshape(3, 36, 36)
-    assert torch.equal(F.crop_views(x[:, 2:34, 2:34], 32, 1)[0], x[:, 2:34, 2:34])
-    two = F.crop_views(x[:, 2:34, 2:34], 32, 2)
+    assert torch.equal(V.crop_views(x[:, 2:34, 2:34], 32, 1)[0], x[:, 2:34, 2:34])
+    two = V.crop_views(x[:, 2:34, 2:34], 32, 2)
     assert torch.equal(two[1], two[0].flip(-1))
-    ten = F.crop_views(x, 32, 10)
+    ten = V.crop_views(x, 32, 10)
     assert ten.shape == (10, 3, 32, 32)
     assert torch.equal(ten[0], x[:, :32, :32]) and torch.equal(ten[3], x[:, 4:, 4:])
     assert torch.equal(ten[4], x[:, 2:34, 2:34]) and torch.equal(ten[9], ten[4].flip(-1))

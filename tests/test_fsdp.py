@@ -49,6 +49,28 @@ def torchrun_train_ar(vae, out, steps, *extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def torchrun_two_nodes(vae, out, steps, *extra):
+    """Two torchrun agents of one process each, as two nodes would start them: HSDP then
+    replicates across the "nodes" (LOCAL_WORLD_SIZE 1) and shards within each."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--vae", str(vae), "--data", "bundled:digits", "--out", str(out), "--steps",
+            str(steps), "--device", "cpu", *AR_TINY, "train.eval_every=2", *extra]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                          "--nproc_per_node", "1", "--node_rank", str(node), "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), "-m", "rqgen", "train-ar",
+                          *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+        for node in (0, 1)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors[0][-3000:] + errors[1][-3000:]
+
+
 def state(out):
     return TrainState(out).tensors("model")
 
@@ -57,10 +79,12 @@ def test_fsdp_matches_ddp_resumes_exactly_and_samples(vae, tmp_path):
     fsdp = ["train.fsdp=true", "train.activation_checkpointing=true"]
     torchrun_train_ar(vae, tmp_path / "ddp", 1)
     torchrun_train_ar(vae, tmp_path / "fsdp", 1, *fsdp)
-    a, b = state(tmp_path / "ddp"), state(tmp_path / "fsdp")
-    assert a.keys() == b.keys()
-    for k in a:  # one optimizer step, sharded or replicated: the same model
+    torchrun_two_nodes(vae, tmp_path / "hsdp", 1, "train.fsdp=hybrid")
+    a, b, h = state(tmp_path / "ddp"), state(tmp_path / "fsdp"), state(tmp_path / "hsdp")
+    assert a.keys() == b.keys() == h.keys()
+    for k in a:  # one optimizer step, sharded, replicated or both: the same model
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(h[k], a[k], rtol=0, atol=1e-5, msg=k)
 
     # resumed (its sharded AdamW state and each rank's dropout RNG restored) = unbroken
     torchrun_train_ar(vae, tmp_path / "fsdp", 3, *fsdp)

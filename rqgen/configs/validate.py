@@ -104,6 +104,7 @@ def unit(open_high: bool = True, open_low: bool = False) -> Rule:
 
 PRECISION = Rule("choice", choices=("auto", "fp32", "bf16", "fp16"))
 FLAG, TEXT = Rule("bool"), Rule("str")
+FSDP = Rule("choice", choices=(False, True, "hybrid"))
 LEVELS = Rule("ints", low=1, min_items=1)  # channel multipliers
 RESOLUTIONS = Rule("ints", low=1)  # attention resolutions (may be empty)
 
@@ -150,7 +151,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "weight_decay": non_negative(), "min_lr_ratio": unit(open_high=False),
         "soft_labels": FLAG, "stochastic_codes": FLAG, "tau": positive(), "cond_dropout": unit(),
         "tau_unit": Rule("choice", choices=("quantization_error", "absolute")),
-        "val_fraction": unit(), "eval_every": count(), "patience": count(0), "fsdp": FLAG,
+        "val_fraction": unit(), "eval_every": count(), "patience": count(0), "fsdp": FSDP,
         "sample_every": count(),
         "activation_checkpointing": FLAG, "compile": FLAG, "extract_workers": count(-1),
         "feature_crops": Rule("int", low=1, high=10), "features": Rule("str"),

@@ -13,40 +13,23 @@ OUT ends as a `save_pretrained` directory (the best model on the validation spli
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from rqgen.checkpoint import write_json
 from rqgen.configs import ARExperiment, ar_transformer_config
 from rqgen.data import describe
-from rqgen.data.captions import captions_for
-from rqgen.data.shards import Shards
-from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
-from rqgen.errors import ConfigError, DataError
+from rqgen.distributed import Runtime, from_rank0, init_runtime
+from rqgen.errors import ConfigError
 from rqgen.stage1 import load_vae
 from rqgen.stage1.dqvae import DQVAE
 from rqgen.stage2.dq_transformer import DQTransformer
 from rqgen.stage2.rq_transformer import RQTransformer, codebook_fingerprint
-from rqgen.stage2.text import TextTokenizer
-from rqgen.train.data import run_dataset
+from rqgen.train.ar_data import build_ar_data
 from rqgen.train.ema import WeightEMA
-from rqgen.train.features import (
-    FeatureStore,
-    StoreKey,
-    StoreView,
-    build_store,
-    save_npy,
-    source_fingerprint,
-    store_kind,
-    vae_fingerprint,
-    views_dataset,
-)
 from rqgen.train.metrics import MetricsLog
 from rqgen.train.output import claim_output
 from rqgen.train.parallel import (
@@ -59,7 +42,6 @@ from rqgen.train.parallel import (
 )
 from rqgen.train.state import TrainState, seed_everything
 from rqgen.train.trainer import Trainer, scheduled_lr
-from rqgen.utils.device import use_cpu_budget
 from rqgen.utils.images import make_grid, save_image
 
 
@@ -103,56 +85,19 @@ class ARTrainer(Trainer):
                 "train.stochastic_codes=false (or use --config dq-ar-tiny)"
             )
         self.out.mkdir(parents=True, exist_ok=True)
-
-        # listed once, no image opened: extraction marks unreadable ones (left out, not
-        # replaced by a neighbour), and a resume reads the stored features only
-        dataset = run_dataset(data, self.vae.config.resolution, t.seed, self.out, rt)
-        n_classes = getattr(dataset, "num_classes", 0)
-        if m.conditioning == "class" and n_classes == 0 and not isinstance(dataset, Shards):
-            raise ConfigError(
-                f"{data} has no class labels (no subfolders): use model.conditioning=none"
-            )
-        self.store = self._features(dataset)
-        usable = np.flatnonzero(self.store.readable)
-        if len(usable) == 0:
-            raise DataError(f"none of the images of {data} could be read")
-        if len(usable) < len(self.store) and rt.is_main:
-            print(f"rqgen: warning: {len(self.store) - len(usable)} unreadable image(s) of "
-                  f"{data} left out")  # fmt: skip
-        self.classes = list(getattr(dataset, "classes", [])) if m.conditioning == "class" else []
-        if isinstance(dataset, Shards) and m.conditioning == "class":  # ids from KEY.cls
-            n_classes = int(self.store.labels.max(initial=-1)) + 1
-            if n_classes <= 0:
-                raise ConfigError(f"the samples of {data} have no KEY.cls class ids: use "
-                                  "model.conditioning=none")  # fmt: skip
-            self.classes = [str(i) for i in range(n_classes)]
-        unlabelled = int((self.store.labels[usable] < 0).sum())
-        if m.conditioning == "class" and unlabelled:
-            raise ConfigError(f"{unlabelled} image(s) of {data} have no class (an image outside "
-                              "the class subfolders, or a shard sample without KEY.cls): label "
-                              "them, or use model.conditioning=none")  # fmt: skip
-        if m.conditioning == "class":
-            cond = torch.from_numpy(self.store.labels)
-        elif m.conditioning == "text":
-            cond = self._text_tokens(dataset, captions)
-        else:
-            cond = torch.zeros(len(self.store), dtype=torch.long)  # the null/start token
-
-        # deterministic validation split (the same on every rank and every resume)
-        order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(t.seed))
-        perm = usable[order.numpy()]
-        n_val = max(1, int(len(perm) * t.val_fraction)) if t.val_fraction > 0 else 0
-        val, train = perm[:n_val], perm[n_val:]
-        self.train_set = StoreView(self.store, train, cond[train], t.seed, random_views=True)
-        self.val_set = StoreView(self.store, val, cond[val])
-        self.taus = self._temperatures()
+        self.train_data = build_ar_data(exp, self.vae, data, self.out, rt, captions, quiet,
+                                        1 if self.is_dq else self.vae.quantizer.depth)  # fmt: skip
+        d = self.train_data
+        self.store, self.train_set, self.val_set = d.store, d.train_set, d.val_set
+        self.classes, self.tokenizer, self.taus = d.classes, d.tokenizer, d.taus
+        n_classes = d.num_classes
 
         seed_everything(t.seed)
         if self.is_dq:
             self.model = DQTransformer.for_vae(
                 self.vae, width=m.width, heads=m.heads, position_layers=m.position_layers,
                 content_layers=m.content_layers, dropout=m.dropout,
-                num_classes=n_classes if m.conditioning == "class" else 0,
+                num_classes=n_classes,
             ).to(rt.device)  # fmt: skip
         else:
             q, text = self.vae.quantizer, m.conditioning == "text"
@@ -180,73 +125,6 @@ class ARTrainer(Trainer):
         )  # fmt: skip
         self.resume_or_seed()
         self.log = MetricsLog(self.out, rt.is_main)
-
-    # ------------------------------------------------------------------ features
-    def _features(self, dataset) -> FeatureStore:
-        """The feature store of this data, VAE and crop policy: opened when it exists,
-        else extracted first, each rank encoding its share of the chunks."""
-        t, rt = self.exp.train, self.rt
-        res = self.vae.config.resolution
-        key = StoreKey(
-            source=source_fingerprint(dataset, self.data, t.seed), resolution=res,
-            crops=t.feature_crops, vae=vae_fingerprint(self.vae),
-            kind=store_kind(self.vae, t.soft_labels, t.stochastic_codes),
-        )  # fmt: skip
-        views = meet_after(rt, lambda: views_dataset(dataset, self.data, res, t.feature_crops,
-                                                     t.seed))  # fmt: skip
-        root = Path(t.features).expanduser() if t.features else self.out / "features"
-        workers, _ = use_cpu_budget(t.extract_workers)
-        return build_store(root, key, self.vae, views, rt, workers=workers, quiet=self.quiet)
-
-    def _temperatures(self) -> list[float]:
-        """τ per depth (Eq. 15): train.tau, times the mean squared quantization error of
-        each depth over the first 256 training items with tau_unit=quantization_error."""
-        t, q = self.exp.train, self.vae.quantizer
-        if self.store.meta["kind"] != "features" or t.tau_unit == "absolute":
-            return [t.tau] * (1 if self.is_dq else q.depth)
-        path = self.out / "quantization_error.json"  # measured once per run and store
-
-        def measured() -> dict:  # rank 0 reads, or measures and writes; every rank gets it
-            saved = json.loads(path.read_text()) if path.is_file() else {}
-            if saved.get("store") != self.store.path.name:
-                n = min(len(self.train_set), 256)  # 16k vectors at 8×8: a close enough mean
-                errs = [q.quantization_error(self.train_set.batch(s, s + 64)[0].to(self.rt.device))
-                        * min(64, n - s) for s in range(0, n, 64)]  # fmt: skip
-                saved = {"store": self.store.path.name,
-                         "per_depth": [float(e) / n for e in sum(errs)]}  # fmt: skip
-                write_json(path, saved)
-            return saved
-
-        saved = from_rank0(self.rt, measured)
-        return [t.tau * max(e, 1e-12) for e in saved["per_depth"]]
-
-    def _text_tokens(self, dataset, captions) -> torch.Tensor:
-        """Captions tokenized by this run's BPE (trained on them by rank 0, once)."""
-        m = self.exp.model
-        path = self.out / "text_tokens.npy"
-        texts = lambda: self._captions(dataset, captions)  # noqa: E731
-
-        def tokenize() -> None:  # rank 0, once per run; the others wait in the store
-            if not (self.out / "tokenizer.json").is_file():
-                TextTokenizer.train(texts(), m.text_vocab_size, m.text_length).save(self.out)
-            if not path.is_file():
-                tokens = TextTokenizer.load(self.out, m.text_length).encode(texts()).numpy()
-                save_npy(path, tokens)
-
-        from_rank0(self.rt, tokenize)
-        self.tokenizer = TextTokenizer.load(self.out, m.text_length)
-        return torch.from_numpy(np.load(path))
-
-    def _captions(self, dataset, manifest) -> list[str]:
-        if not isinstance(dataset, Shards):
-            return captions_for(dataset, manifest)
-        texts = self.store.captions()  # KEY.txt, kept by the extraction
-        missing = [i for i, t in enumerate(texts) if t is None and self.store.readable[i]]
-        if manifest or missing:
-            raise DataError(f"text conditioning on tar shards reads KEY.txt next to each image"
-                            f"{', not --captions' if manifest else ''}; {len(missing)} sample(s) "
-                            "have none")  # fmt: skip
-        return [t or "" for t in texts]
 
     # ------------------------------------------------------------------ checkpoints
     def state_counters(self) -> dict:

@@ -33,23 +33,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from rqgen.checkpoint import write_json
-from rqgen.data.folder import DECODE_ERRORS, ImageFolder, load_image
-from rqgen.data.shards import Shards, worker_share
+from rqgen.data.folder import ImageFolder
+from rqgen.data.shards import Shards
 from rqgen.distributed import from_rank0, meet_after
 from rqgen.errors import DataError
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage2.dq_sequence import DQVocab, to_sequence
 from rqgen.stage2.dq_transformer import stack_sequence
+from rqgen.train.views import ShardViews
 from rqgen.utils.files import atomic_write
 
 CHUNK_ITEMS = 1024  # images per chunk file: 32 MiB of fp16 8×8×256 features
 STORE_VERSION = 1
 MAX_OPEN = 64  # chunk files a process keeps open (a store can have thousands)
-TEN_CROP_SCALE = 1.125  # ten-crop cuts R×R squares out of the image resized to 1.125·R
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
@@ -95,97 +95,6 @@ def store_kind(vae: torch.nn.Module, soft_labels: bool, stochastic_codes: bool) 
     if isinstance(vae, DQVAE):
         return "dq"
     return "features" if soft_labels or stochastic_codes else "codes"
-
-
-def crop_views(x: Tensor, resolution: int, crops: int) -> Tensor:
-    """(C, S, S) -> (crops, C, R, R): 1 the centre; 2 the centre and its mirror; 10 the four
-    corners and the centre of the S = 1.125·R image, each also mirrored (ten-crop)."""
-    r, s = resolution, x.shape[-1]
-    if crops in (1, 2):
-        o = (s - r) // 2
-        views = [x[:, o : o + r, o : o + r]]
-    else:
-        o, e = (s - r) // 2, s - r
-        views = [x[:, a : a + r, b : b + r] for a, b in ((0, 0), (0, e), (e, 0), (e, e), (o, o))]
-    if crops > 1:
-        views += [v.flip(-1) for v in views]
-    return torch.stack(views)
-
-
-class _Views(Dataset):
-    """Deterministic views of every image of the run's dataset, and whether it could be read
-    (an unreadable file gets zeros and is left out of training, not replaced)."""
-
-    def __init__(self, dataset: Dataset, resolution: int, crops: int):
-        self.dataset, self.resolution, self.crops = dataset, resolution, crops
-        self.size = round(resolution * TEN_CROP_SCALE) if crops == 10 else resolution
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        ds, ok = self.dataset, 1
-        if isinstance(ds, ImageFolder):  # load the file itself: no fallback to a neighbour
-            try:
-                x = load_image(ds.paths[i], self.size)
-            except DECODE_ERRORS:
-                x, ok = torch.zeros(3, self.size, self.size), 0
-            label = ds.labels[i]
-        else:
-            x, label = ds[i]
-        return crop_views(x, self.resolution, self.crops), int(label), ok
-
-
-class _ShardViews(IterableDataset):
-    """Views of the samples of tar shards, in per-shard batches: DataLoader worker w takes
-    every n-th of the shards `chunks`; a batch never spans two shards, and the last batch of
-    each is flagged (possibly empty), so the main process knows when a chunk is complete."""
-
-    def __init__(self, shards: Shards, resolution: int, crops: int):
-        self.shards, self.resolution, self.crops = shards, resolution, crops
-        self.chunks: list[int] = []
-        self.batch_size = 64
-
-    def __len__(self) -> int:
-        return len(self.shards.urls)  # chunks: one per shard
-
-    def __iter__(self):
-        w, n = worker_share()
-        for c in self.chunks[w::n]:
-            batch: list = []
-            for _, (x, label, caption) in self.shards.samples([c]):
-                batch.append((crop_views(x, self.resolution, self.crops), label, caption))
-                if len(batch) == self.batch_size:
-                    yield c, _collate(batch), False
-                    batch = []
-            yield c, _collate(batch), True
-
-
-def _collate(batch: list) -> tuple | None:
-    if not batch:
-        return None
-    xs, labels, captions = zip(*batch)
-    return torch.stack(xs), torch.tensor(labels), torch.ones(len(xs), dtype=torch.long), captions
-
-
-def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed: int) -> Dataset:
-    """The run's images as extraction sees them: centred (no random crop or flip), at the
-    size the crop policy cuts its views from."""
-    from rqgen.data import build_dataset
-    from rqgen.data.prepared import PreparedImages
-
-    size = round(resolution * TEN_CROP_SCALE) if crops == 10 else resolution
-    if isinstance(dataset, Shards):
-        return _ShardViews(Shards(dataset.src, size, seed=seed), resolution, crops)
-    if isinstance(dataset, ImageFolder):
-        base = ImageFolder(dataset.root, size, train=False, listing=dataset.listing, verify=False)
-    elif isinstance(dataset, PreparedImages):
-        base = PreparedImages(dataset.root, size, train=False)
-    elif size != resolution:
-        base = build_dataset(data, size, "train", seed=seed)
-    else:
-        base = dataset
-    return _Views(base, resolution, crops)
 
 
 @torch.no_grad()
@@ -338,7 +247,7 @@ def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, p
     whole tar shards. Batches start at a chunk's first image, whatever the rank."""
     empty = encode_views(vae, torch.zeros(1, 1, 3, views.resolution, views.resolution,
                                           device=device), kind)[:0]  # fmt: skip
-    if isinstance(views, _ShardViews):
+    if isinstance(views, ShardViews):
         views.chunks, views.batch_size = chunks, batch_size
         parts: dict[int, list] = {}
         for c, batch, last in DataLoader(views, batch_size=None, num_workers=workers):
@@ -380,7 +289,7 @@ def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_siz
     encodes its share, the ranks meet in the store (extraction takes hours, longer than any
     collective may wait), and rank 0 writes store.json."""
     path = Path(root) / key.digest()
-    sharded = isinstance(views, _ShardViews)
+    sharded = isinstance(views, ShardViews)
     chunks = len(views) if sharded else -(-len(views) // chunk_items)
 
     def plan() -> list[list[int]] | None:

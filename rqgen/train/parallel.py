@@ -11,6 +11,7 @@ same loadable model directory as any other.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rqgen.checkpoint import load_state_dict_into
@@ -46,7 +48,19 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
     return MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32)
 
 
-def wrap(model: nn.Module, rt, fsdp: bool, checkpointing: bool,
+def hybrid_mesh(rt) -> DeviceMesh:
+    """HSDP's 2-D mesh: replicate across nodes, shard over the LOCAL_WORLD_SIZE ranks of a
+    node (torchrun's), so each all-gather and reduce-scatter stays inside a node and only
+    the gradient all-reduce of the replicas crosses nodes."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    if local < 1 or rt.world_size % local:
+        raise ConfigError(f"train.fsdp=hybrid needs the same number of processes on every node "
+                          f"({rt.world_size} processes, {local} on this node)")  # fmt: skip
+    shape = (rt.world_size // local, local)
+    return init_device_mesh(rt.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def wrap(model: nn.Module, rt, fsdp: bool | str, checkpointing: bool,
          precision: str = "fp32") -> nn.Module:  # fmt: skip
     """The module to train: `model` itself (one process, or FSDP, which shards in place) or
     its DDP wrapper. Call before creating the optimizer: FSDP replaces the parameters."""
@@ -57,6 +71,8 @@ def wrap(model: nn.Module, rt, fsdp: bool, checkpointing: bool,
             raise ConfigError(f"train.fsdp needs torch >= 2.6 (this is {torch.__version__})")
         if rt.world_size > 1:
             kw = {"mp_policy": mp} if (mp := mixed_precision(precision)) is not None else {}
+            if fsdp == "hybrid":
+                kw["mesh"] = hybrid_mesh(rt)
             for t in transformers(model):
                 for block in t.blocks:
                     fully_shard(block, **kw)
