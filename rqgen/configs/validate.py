@@ -31,7 +31,8 @@ class Rule:
 
     def describe(self) -> str:
         if self.kind == "choice":
-            return "one of " + ", ".join(self.choices)
+            return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                                         for c in self.choices)
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
