@@ -94,18 +94,7 @@ def load(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
         sd = {k[len(prefix) :]: v for k, v in wanted.items() if k.startswith(prefix)}
         set_model_state_dict(module, sd, options=options)
     for name, (module, opt) in optimizers.items():
-        current = get_optimizer_state_dict(module, opt)
-        state = {}
-        for param, entries in current["state"].items():
-            keys = {k: f"{name}.{param}.{k}" for k in entries}
-            if all(key in wanted for key in keys.values()):
-                state[param] = {k: wanted[key] for k, key in keys.items()}
-        param_groups = [
-            {**_from_json(g), **{k: cur[k] for k in RUNTIME_KEYS if k in cur}}
-            for g, cur in zip(groups[name], current["param_groups"])
-        ]
-        opt.state.clear()
-        set_optimizer_state_dict(module, opt, {"state": state, "param_groups": param_groups})
+        _restore_optimizer(module, opt, wanted, name, groups[name])
     for name, tensors in plain.items():
         for k, v in tensors.items():
             v.copy_(wanted[f"{name}.{k}"])
@@ -129,6 +118,34 @@ def _single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def _restore_optimizer(module: nn.Module, opt: torch.optim.Optimizer, loaded: dict,
+                       name: str, groups: list[dict]) -> None:  # fmt: skip
+    """The optimizer's own state tensors were the targets of the load (loaded in place):
+    only the parameters that had no saved state lose theirs, and the hyper-parameters come
+    from `groups`. No second copy of the moments is made."""
+    params = dict(module.named_parameters())
+    current = get_optimizer_state_dict(module, opt)
+    in_place = all(
+        fqn in params and all(v is opt.state[params[fqn]].get(k) for k, v in entries.items())
+        for fqn, entries in current["state"].items()
+    )
+    if not in_place:  # an optimizer that hands out copies: load them through torch's door
+        state = {fqn: {k: loaded[f"{name}.{fqn}.{k}"] for k in entries}
+                 for fqn, entries in current["state"].items()
+                 if all(f"{name}.{fqn}.{k}" in loaded for k in entries)}  # fmt: skip
+        param_groups = [{**_from_json(g), **{k: cur[k] for k in RUNTIME_KEYS if k in cur}}
+                        for g, cur in zip(groups, current["param_groups"])]  # fmt: skip
+        opt.state.clear()
+        set_optimizer_state_dict(module, opt, {"state": state, "param_groups": param_groups})
+        return
+    for fqn, entries in current["state"].items():
+        if not all(f"{name}.{fqn}.{k}" in loaded for k in entries):
+            opt.state.pop(params[fqn], None)  # it never had a gradient when saved
+    for group, saved in zip(opt.param_groups, groups):
+        group.update({k: v for k, v in _from_json(saved).items()
+                      if k != "params" and k not in RUNTIME_KEYS})  # fmt: skip
 
 
 def _is_optim(key: str, optimizers: Optimizers) -> bool:
