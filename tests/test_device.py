@@ -135,3 +135,22 @@ def test_cpu_budget_never_oversubscribes(monkeypatch, cores, ranks, asked, omp, 
     assert (workers, threads) == expected
     if omp is None and asked < 0:
         assert workers + threads <= max(cores // ranks, 1)
+
+
+@pytest.mark.parametrize(
+    "cores, ranks, expected",
+    [
+        (96, 8, (10, 2)),  # 8 GPUs on 96 cores: each rank's 12 cores decode but two
+        (256, 8, (16, 16)),  # at most 16 decoders per GPU
+        (4, 1, (2, 2)),
+        (2, 1, (0, 2)),  # nothing to spare
+    ],
+)
+def test_gpu_ranks_give_their_cores_to_the_loader(monkeypatch, cores, ranks, expected):
+    import rqgen.utils.device as device
+
+    monkeypatch.setattr(device, "available_cores", lambda: cores)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    gpu = torch.device("cuda", 0)
+    assert device.cpu_budget(-1, ranks, device=gpu) == expected
+    assert device.cpu_budget(-1, ranks) != expected or cores < 4  # a CPU rank keeps its cores

@@ -139,11 +139,13 @@ def test_fsdp_trains_a_dq_transformer(tmp_path):
     from test_dq_transformer import train_tiny_dq_vae
 
     vae = train_tiny_dq_vae(tmp_path / "vae")
+    # bf16: FSDP2's mixed-precision policy (gathers in bf16, reduces in fp32) on gloo
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rqgen", "train-ar", "--vae", str(vae), "--data", "bundled:digits", "--out",
            str(tmp_path / "ar"), "--config", "dq-ar-tiny", "--steps", "2", "--device", "cpu",
            "model.width=32", "model.heads=2", "train.batch_size=8", "train.eval_every=2",
-           "train.fsdp=true", "train.activation_checkpointing=true"]  # fmt: skip
+           "train.fsdp=true", "train.activation_checkpointing=true",
+           "train.precision=bf16"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((tmp_path / "ar" / "config.json").read_text())
