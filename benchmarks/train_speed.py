@@ -37,6 +37,7 @@ import json
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -365,7 +366,10 @@ def main() -> None:
         print(json.dumps({"rows": rows}, indent=2))
     if args.no_write:
         return
-    about = [p for p in __doc__.split("\n\n")[1:] if not p.startswith("    ")]
+    about = [
+        f"```\n{textwrap.dedent(p)}\n```" if p.startswith("    ") else p
+        for p in __doc__.split("\n\n")[2:]
+    ]  # the usage lines left out
     body = ["# Training throughput", "", *about, "", table(rows)]
     if args.device == "cpu" and not args.rows:
         shares, top = profile_row("ar-64", "cpu")

@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 
 from rqgen.configs import ARExperiment, ar_transformer_config
 from rqgen.data import describe
-from rqgen.distributed import Runtime, from_rank0, init_runtime
+from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
 from rqgen.errors import ConfigError
 from rqgen.stage1 import load_vae
 from rqgen.stage1.dqvae import DQVAE
@@ -154,24 +154,27 @@ class ARTrainer(Trainer):
         self.best, self.bad_evals = float(s["best"]), int(s["bad"])
 
     def save_public(self) -> None:
-        """The best model so far, with what `rqgen sample` needs to find the VAE (collective
-        under FSDP: every rank calls it, rank 0 writes)."""
-        if is_sharded(self.model):
-            full = full_model_state(self.model)
+        """The best model so far, with what `rqgen sample` needs to find the VAE. Every rank
+        calls it: under FSDP the tensors are gathered (one at a time), then rank 0 writes
+        while the others wait in the store."""
+        full = full_model_state(self.model) if is_sharded(self.model) else None
+
+        def write() -> None:
             if not self.rt.is_main:
                 return
-            model = self.model_class(self.model.config)
-            model.load_state_dict(full)
-        elif self.rt.is_main:
-            model = self.public_model()
-        else:
-            return
-        vae = os.path.relpath(self.vae_dir.resolve(), self.out.resolve())
-        model.save_pretrained(
-            self.out, vae=vae, classes=self.classes, conditioning=self.exp.model.conditioning,
-            train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step,
-            val_loss=self.best,
-        )  # fmt: skip
+            if full is not None:
+                model = self.model_class(self.model.config)
+                model.load_state_dict(full)
+            else:
+                model = self.public_model()
+            vae = os.path.relpath(self.vae_dir.resolve(), self.out.resolve())
+            model.save_pretrained(
+                self.out, vae=vae, classes=self.classes, conditioning=self.exp.model.conditioning,
+                train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step,
+                val_loss=self.best,
+            )  # fmt: skip
+
+        meet_after(self.rt, write)
 
     # ------------------------------------------------------------------ step
     def _codes_and_targets(self, z: torch.Tensor, generator) -> tuple:
@@ -290,7 +293,7 @@ class ARTrainer(Trainer):
         if self.step % t.eval_every == 0 or last:
             stop = self._evaluate(bar)
         if self.step % t.sample_every == 0 or last:
-            self.write_samples()
+            meet_after(self.rt, self.write_samples)  # rank 0 samples, the others wait
         if stop and self.rt.is_main and not self.quiet:
             print(f"rqgen: early stop at step {self.step}: no better val loss in "
                   f"{t.patience} evaluations (best {self.best:.4f})")  # fmt: skip

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset
 
 from rqgen.configs import DQVAEExperiment, VAEExperiment
 from rqgen.data import build_dataset, describe
-from rqgen.distributed import Runtime, from_rank0, init_runtime
+from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
 from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
 from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
@@ -52,10 +52,13 @@ def fit_entropy_router(model, dataset, rt: Runtime, seed: int,
             used += len(chunk)
             yield torch.stack(chunk)
 
-    if rt.is_main:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.fit_router(batches())
+    def fit() -> None:  # long work on rank 0: the others wait in the store
+        if rt.is_main:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model.fit_router(batches())
+
+    meet_after(rt, fit)
     if rt.world_size > 1:
         torch.distributed.broadcast(model.router.threshold, 0)
     return float(model.router.threshold), used
@@ -158,7 +161,11 @@ class VAETrainer(Trainer):
         self._load_scaler(self.scaler_d, s.get("scaler_d"))
 
     def export(self) -> None:
-        """The public checkpoint: EMA weights when enabled (usually the better model)."""
+        """The public checkpoint: EMA weights when enabled (usually the better model),
+        written by rank 0 while the others wait in the store."""
+        meet_after(self.rt, self._write_public)
+
+    def _write_public(self) -> None:
         if self.rt.is_main:
             self.public_model().save_pretrained(
                 self.out, train=dataclasses.asdict(self.exp.train), data=self.data,
