@@ -15,11 +15,13 @@ parameters) is returned for the caller to keep as JSON.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
@@ -30,7 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from rqgen.checkpoint import save_state_dict
+
 Optimizers = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+SINGLE_FILE = "shard-00001-model-00001-of-00001.safetensors"  # the name DCP gives rank 0's
 # how the optimizer is run, not what it learned: the resuming run's own choice wins
 RUNTIME_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -68,9 +73,12 @@ def save(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
     """Every rank: write this rank's shards into the directory `path`. Returns the
     optimizers' param groups (JSON-able) for the caller to keep."""
     flat, groups = _tensors(modules, optimizers, plain)
-    writer = HuggingFaceStorageWriter(str(path), save_distributed=True)
-    with _single_process_quiet():
-        dcp.save(flat, storage_writer=writer, no_dist=not distributed)
+    if distributed:
+        writer = HuggingFaceStorageWriter(str(path), save_distributed=True)
+        dcp.save(flat, storage_writer=writer)
+    else:  # one process holds every tensor whole: the same file format, written directly
+        path.mkdir(parents=True, exist_ok=True)
+        save_state_dict(flat, path / SINGLE_FILE)  # atomic, with the user's umask
     return {name: [_jsonable(g) for g in gs] for name, gs in groups.items()}
 
 
@@ -86,8 +94,15 @@ def load(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
     if missing:
         raise KeyError(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
     wanted = {k: v for k, v in flat.items() if k in saved}
-    with _single_process_quiet():
-        dcp.load(wanted, storage_reader=reader, no_dist=not distributed)
+    files = sorted(path.glob("*.safetensors"))
+    whole = None if distributed or len(files) != 1 else load_file(str(files[0]))
+    if whole is not None and all(whole[k].shape == v.shape for k, v in wanted.items()):
+        for k, v in wanted.items():  # one file of whole tensors, read by one process
+            v.copy_(whole[k])
+    else:  # slices of several ranks' files, each rank reading the overlap with its own
+        with _single_process_quiet():
+            dcp.load(wanted, storage_reader=reader, no_dist=not distributed)
+    del whole
     options = StateDictOptions(strict=True)
     for name, module in modules.items():
         prefix = f"{name}."
@@ -98,6 +113,11 @@ def load(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
     for name, tensors in plain.items():
         for k, v in tensors.items():
             v.copy_(wanted[f"{name}.{k}"])
+
+
+# DCP logs a debug event per tensor and call to a logger it sets to DEBUG: thousands of
+# records per checkpoint that nobody reads
+logging.getLogger("c10d-NullHandler-dcp_logger").setLevel(logging.WARNING)
 
 
 def read_full(path: Path, prefix: str = "") -> dict[str, Tensor]:

@@ -127,7 +127,7 @@ class TrainState:
         try:
             groups, failure = sharded.save(tmp / "shards", modules, optimizers, plain,
                                            rt.world_size > 1), None  # fmt: skip
-        except (OSError, RuntimeError, CheckpointException) as e:
+        except (OSError, RuntimeError, DiskFullError, CheckpointException) as e:
             groups, failure = {}, _first_cause(e)
         failures = gather_objects(None if failure is None else repr(failure), rt)
 
