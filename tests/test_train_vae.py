@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -394,3 +395,39 @@ def test_a_stage1_step_reads_from_the_device_once(tmp_path, monkeypatch):
     trainer.train_step(batches)  # with code restarts: the tiny codebook has dead codes
     assert calls == ["tolist in trainer.py"]
 
+
+
+def test_a_train_state_of_the_earlier_layout_still_resumes_exactly(tmp_path):
+    """model.safetensors + state.pt (tensors and plain containers), as rqgen wrote them
+    before train states were sharded: a resume from it ends where an unbroken run does."""
+    from rqgen.checkpoint import save_state_dict
+
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    const = "train.lr_schedule=constant"  # the schedule then does not depend on --steps
+    rqgen(*train_args(straight, 6, const))
+    rqgen(*train_args(old, 5, const))  # a checkpoint at step 5, in today's layout
+    state = TrainState(old)
+    d = state.dir
+    trainer_rng = load_file(str(d / "rng.safetensors"))
+    from rqgen.configs import load_vae_experiment
+    from rqgen.distributed import Runtime
+    from rqgen.train.vae import VAETrainer
+
+    exp = load_vae_experiment("tiny32", [*TINY, const, "train.steps=5"])
+    trainer = VAETrainer(exp, "bundled:digits", old, Runtime(0, 1, torch.device("cpu")), quiet=True)
+    legacy = {"opt": trainer.opt.state_dict(), "step": 5, "scaler": {}, "scaler_d": {},
+              "rng": {"torch": trainer_rng["0.torch"]}}  # fmt: skip
+    modules = {"model": trainer.model}
+    if trainer.disc is not None:
+        legacy["opt_d"], modules["disc"] = trainer.opt_d.state_dict(), trainer.disc
+    for name in ("shards", "rng.safetensors", "state.json"):
+        path = d / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for name, module in modules.items():
+        save_state_dict(module.state_dict(), d / f"{name}.safetensors")
+    torch.save(legacy, d / "state.pt")
+    del trainer
+    rqgen(*train_args(old, 6, const))
+    assert (d / "state.json").is_file()  # saved again in today's layout
+    a, b = weights(straight), weights(old)
+    assert all(torch.equal(a[k], b[k]) for k in a)
