@@ -66,7 +66,7 @@ def _meetings(rt, tmp):
     # 2. long work on rank 0 (longer than the process group's timeout) is waited out
     def prepare():
         if rt.is_main:
-            time.sleep(5.0)
+            time.sleep(8.0)
         return rt.rank
 
     mine = meet_after(rt, prepare)
@@ -87,7 +87,7 @@ def test_ranks_follow_rank_0s_decisions_and_wait_out_long_work(tmp_path):
         (tmp_path / "photos" / c).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (20, 20), (40 * i, 9, 9)).save(tmp_path / "photos" / c / f"{i}.png")
-    results = _on_two_ranks(_meetings, tmp_path, timeout_s=4.0)
+    results = _on_two_ranks(_meetings, tmp_path, timeout_s=6.0)
     after = ["next collective from rank 0", "next collective from rank 1"]
     for rank in (0, 1):
         assert results[rank] == (6, after, rank, {"chunks": [[0, 2], [1]]},
