@@ -85,6 +85,7 @@ def _fsdp_worker(device: str, init: str, out: str, tiny: bool) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    from rqgen.stage2.rq_transformer import RQTransformer
     from rqgen.train.parallel import mixed_precision, transformers
 
     sys.path.insert(0, str(HERE))
@@ -100,8 +101,6 @@ def _fsdp_worker(device: str, init: str, out: str, tiny: bool) -> None:
     result = {}
     for sharded in (False, True):
         torch.manual_seed(0)
-        from rqgen.stage2.rq_transformer import RQTransformer
-
         model = RQTransformer(cfg).to(dev)
         if sharded:
             mp = mixed_precision("bf16")

@@ -103,13 +103,11 @@ class TrainState:
 
     def exists(self) -> bool:
         """On this rank's view of OUT: callers ask rank 0 (`from_rank0`)."""
-        d = self._live_dir()
-        return (d / "state.json").is_file() or (d / "state.pt").is_file()
+        return _complete(self._live_dir())
 
     def _live_dir(self) -> Path:
         # A crash between the two renames in save() leaves only train_state.old.
-        done = lambda d: (d / "state.json").is_file() or (d / "state.pt").is_file()  # noqa: E731
-        return self.dir if done(self.dir) else self.dir.with_suffix(".old")
+        return self.dir if _complete(self.dir) else self.dir.with_suffix(".old")
 
     def save(self, rt: Runtime, modules: dict[str, nn.Module], optimizers: sharded.Optimizers,
              plain: dict[str, dict[str, Tensor]], counters: dict, rngs: list[dict],
@@ -123,7 +121,6 @@ class TrainState:
             tmp.mkdir(parents=True)
 
         from_rank0(rt, fresh)
-        need = sharded.nbytes(modules, optimizers, plain) * rt.world_size
         try:
             groups, failure = sharded.save(tmp / "shards", modules, optimizers, plain,
                                            rt.world_size > 1), None  # fmt: skip
@@ -148,6 +145,7 @@ class TrainState:
                     raise error
                 cause = error.__cause__ if isinstance(error, DiskFullError) else error
                 err = cause if isinstance(cause, OSError) else OSError(errno.ENOSPC, str(error))
+                need = sharded.nbytes(modules, optimizers, plain) * rt.world_size
                 raise write_failed(self.dir, err, need) from error
             old = self.dir.with_suffix(".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -267,6 +265,11 @@ class TrainState:
                 raise CheckpointError(f"training state in {d} has no {name}.safetensors")
             load_weights(m, path)
         return state
+
+
+def _complete(d: Path) -> bool:
+    """A whole train state: today's layout or the earlier one (each written last)."""
+    return (d / "state.json").is_file() or (d / "state.pt").is_file()
 
 
 def _rng_tensors(rngs: list[dict]) -> dict[str, Tensor]:
