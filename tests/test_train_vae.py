@@ -431,3 +431,14 @@ def test_a_train_state_of_the_earlier_layout_still_resumes_exactly(tmp_path):
     assert (d / "state.json").is_file()  # saved again in today's layout
     a, b = weights(straight), weights(old)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_restores_the_weight_ema_exactly(tmp_path):
+    """The EMA lives in the sharded train state as plain tensors, loaded in place."""
+    args = ["train.lr_schedule=constant", "train.ema_decay=0.9"]  # schedule: not by --steps
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    rqgen(*train_args(straight, 6, *args))
+    rqgen(*train_args(resumed, 5, *args))
+    rqgen(*train_args(resumed, 6, *args))
+    a, b = weights(straight), weights(resumed)  # the public model holds the EMA weights
+    assert all(torch.equal(a[k], b[k]) for k in a)

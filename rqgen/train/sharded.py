@@ -103,6 +103,8 @@ def load(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
         with _single_process_quiet():
             dcp.load(wanted, storage_reader=reader, no_dist=not distributed)
     del whole
+    # The plain tensors (an EMA) were the load's targets themselves; the modules' state
+    # dicts may be views or copies depending on the wrapper, so they go through torch's door.
     options = StateDictOptions(strict=True)
     for name, module in modules.items():
         prefix = f"{name}."
@@ -110,9 +112,6 @@ def load(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
         set_model_state_dict(module, sd, options=options)
     for name, (module, opt) in optimizers.items():
         _restore_optimizer(module, opt, wanted, name, groups[name])
-    for name, tensors in plain.items():
-        for k, v in tensors.items():
-            v.copy_(wanted[f"{name}.{k}"])
 
 
 # DCP logs a debug event per tensor and call to a logger it sets to DEBUG: thousands of
