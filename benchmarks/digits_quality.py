@@ -44,7 +44,8 @@ from rqgen.demo import (  # noqa: E402
     DIGITS_VAE_OVERRIDES,
 )
 from rqgen.evaluate.digits import score_digits, train_digit_classifier  # noqa: E402
-from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling  # noqa: E402
+from rqgen.pipeline import RQPipeline  # noqa: E402
+from rqgen.stage2.guidance import SamplingConfig  # noqa: E402
 
 # name -> (soft labels, stochastic codes, unit of τ or None where τ is unused); τ = 0.5
 QE = "quantization_error"
@@ -114,17 +115,17 @@ def main() -> None:
             outs = pool.map(lambda n, w=work, s=seed: train_ar(n, w, s, args), args.variants)
             dirs = dict(zip(args.variants, outs))
         for name, out in dirs.items():
-            model, vae, _, _ = load_for_sampling(out)
+            pipe = RQPipeline.from_pretrained(out, device="cpu", dtype="fp32")
             val_loss = _best_val_loss(out)
             for scale in CFG_SCALES:
                 gen = torch.Generator().manual_seed(seed)
-                _, images = generate(vae, model, cond, SamplingConfig(cfg_scale=scale), gen)
+                _, images = pipe.sample(cond, SamplingConfig(guidance_scale=scale), gen)
                 s = score_digits(classifier, images, cond, real)
                 results.append({"variant": name, "seed": seed, "cfg": scale,
                                 "val_loss": val_loss, **s})  # fmt: skip
                 print(results[-1], flush=True)
         if seed == args.seeds[0]:
-            refs = references(classifier, train, val, real, vae)
+            refs = references(classifier, train, val, real, pipe.vae)
     rows = table(results, refs, args)
     body = (
         f"tiny32 RQ-VAE (8×8×4, K=512) trained {args.vae_steps} steps on bundled:digits; "

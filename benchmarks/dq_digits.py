@@ -36,17 +36,15 @@ def train(kind: str, workdir: str, per_class: int) -> dict:
 
 @torch.no_grad()
 def images_per_second(ar_dir: Path, batch: int, repeats: int) -> float:
-    from rqgen.stage2.dq_sampling import sample_dq_codes
-    from rqgen.stage2.dq_transformer import DQTransformer
-    from rqgen.stage2.sampling import load_for_sampling, sample_codes
+    from rqgen.pipeline import RQPipeline
+    from rqgen.stage2.guidance import SamplingConfig
 
-    model, _, _, _ = load_for_sampling(ar_dir)
-    sample = sample_dq_codes if isinstance(model, DQTransformer) else sample_codes
-    cond = torch.arange(batch) % 10
-    sample(model, cond, None, torch.Generator().manual_seed(0))  # warm-up
+    pipe = RQPipeline.from_pretrained(ar_dir, device="cpu", dtype="fp32")
+    cond, sampling = torch.arange(batch) % 10, SamplingConfig()
+    pipe.family.sample(pipe.model, cond, sampling, torch.Generator().manual_seed(0))  # warm-up
     start = time.perf_counter()
     for r in range(repeats):
-        sample(model, cond, None, torch.Generator().manual_seed(r))
+        pipe.family.sample(pipe.model, cond, sampling, torch.Generator().manual_seed(r))
     return batch * repeats / (time.perf_counter() - start)
 
 

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
 from rqgen.configs import PAPER_MODELS, load_ar_experiment, load_vae_experiment  # noqa: E402
+from rqgen.pipeline import RQPipeline  # noqa: E402
 from rqgen.stage2.rq_transformer import RQTransformer  # noqa: E402
-from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, sample_codes  # noqa: E402
+from rqgen.stage2.sampling import SamplingConfig, sample_codes  # noqa: E402
 from rqgen.train.ar import train_ar  # noqa: E402
 from rqgen.train.vae import train_vae  # noqa: E402
 from rqgen.utils.device import resolve_precision  # noqa: E402
@@ -112,9 +113,10 @@ def digits(report: Report) -> None:
         ar_s, ar_mem = time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
 
         def sample(dtype: str, compile: bool, batch: int):
-            model, vae, _, _ = load_for_sampling(ar_dir, device=DEVICE, dtype=dtype)
+            pipe = RQPipeline.from_pretrained(ar_dir, device=DEVICE, dtype=dtype)
+            model, vae = pipe.model, pipe.vae
             cond = torch.arange(batch, device=DEVICE) % model.config.num_classes
-            cfg = SamplingConfig(cfg_scale=2.0, compile=compile)
+            cfg = SamplingConfig(guidance_scale=2.0, compile=compile)
             skips = cudagraph_skips()
             gen = lambda: torch.Generator(DEVICE).manual_seed(0)  # noqa: E731
             codes, first, best, peak = timed(lambda: sample_codes(model, cond, cfg, gen()), 3)

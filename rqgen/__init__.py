@@ -4,7 +4,7 @@ from rqgen import ResidualQuantizer, RQVAE, RQTransformer, DQVAE, DQTransformer
 from rqgen import RQPipeline  # sampling: RQPipeline.from_pretrained("runs/ar")(class_labels=[3])
 """
 
-from rqgen.pipeline import DQPipeline, RQPipeline
+from rqgen.pipeline import PipelineOutput, RQPipeline
 from rqgen.quantize import ResidualQuantizer
 from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
 from rqgen.stage1.rqvae import RQVAE, RQVAEConfig
@@ -12,7 +12,7 @@ from rqgen.stage2.dq_transformer import DQTransformer, DQTransformerConfig
 from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig
 
 __all__ = [
-    "DQPipeline",
+    "PipelineOutput",
     "RQPipeline",
     "DQVAE",
     "DQVAEConfig",

@@ -87,7 +87,8 @@ def run_demo(
     samples for every class, scored by a classifier trained on real digits."""
     from rqgen.configs import load_ar_experiment
     from rqgen.evaluate.digits import heldout_accuracy, load_or_train, score_digits
-    from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling
+    from rqgen.pipeline import RQPipeline
+    from rqgen.stage2.guidance import SamplingConfig
     from rqgen.train.ar import train_ar
     from rqgen.utils.images import save_grid
     from rqgen.utils.paths import cache_dir
@@ -109,7 +110,8 @@ def run_demo(
     ar_dir = train_ar(ar_exp, vae_dir, "bundled:digits", out / "ar", device=device)
 
     dev = resolve_device(device)
-    model, vae, _, _ = load_for_sampling(ar_dir, device=dev)
+    pipe = RQPipeline.from_pretrained(ar_dir, device=dev, dtype="fp32")
+    vae = pipe.vae
     val = build_dataset("bundled:digits:val", vae.config.resolution, split="val")
     real = torch.stack([val[i][0] for i in range(len(val))])
     names = [f"val{i:02d}" for i in range(10)]
@@ -119,13 +121,13 @@ def run_demo(
     classifier = load_or_train(cache_dir() / "classifiers", dev)  # trained once, then reused
     classifier_acc = heldout_accuracy(classifier)
     real = real.to(dev)  # the reference digits of every Fréchet distance below
-    cond = torch.arange(10, device=dev).repeat_interleave(per_class)
+    cond, _ = pipe.conditions([c for c in range(10) for _ in range(per_class)])
     results, unfiltered = {}, {}
     for name, scale in (("samples", 1.0), ("samples_cfg2", 2.0)):
         for top_k, scores in ((DEMO_TOP_K, results), (None, unfiltered)):
             gen = torch.Generator(dev).manual_seed(0)
-            sampling = SamplingConfig(cfg_scale=scale, top_k=top_k)
-            _, images = generate(vae, model, cond, sampling, gen)
+            sampling = SamplingConfig(guidance_scale=scale, top_k=top_k)
+            _, images = pipe.sample(cond, sampling, gen)
             scores[name] = score_digits(classifier, images, cond, real)
             if top_k == DEMO_TOP_K:  # one row per class: column i of row c is its i-th sample
                 save_grid(images, out / f"{name}.png", nrow=per_class, upscale=4)
@@ -144,7 +146,7 @@ def run_demo(
             if k in stage1
         },  # fmt: skip
         "classifier_heldout_accuracy": classifier_acc,
-        "sampling": {"top_k": DEMO_TOP_K, "cfg_scale": {"samples": 1.0, "samples_cfg2": 2.0}},
+        "sampling": {"top_k": DEMO_TOP_K, "guidance_scale": {"samples": 1.0, "samples_cfg2": 2.0}},
         "generation": results,
         "generation_without_top_k": unfiltered,
         "seconds": round(time.time() - start, 1),

@@ -1,26 +1,39 @@
-"""The one door for sampling from Python: a trained transformer with the VAE it records.
+"""The one door for sampling: a trained transformer with the VAE it records. `rqgen sample`,
+eval-gen, the demo, `rqgen serve` and training's sample grids all draw through it.
 
 from rqgen import RQPipeline
 pipe = RQPipeline.from_pretrained("runs/ar")          # RQ- or DQ-Transformer
-images = pipe(class_labels=[3, "7"], cfg=2.0, top_k=64, seed=0).images   # PIL images
+images = pipe(class_labels=[3, "7"], guidance_scale=2.0, top_k=64, seed=0).images   # PIL
 pipe(prompt="a red car", num_images=4)               # text-conditional models
 pipe.to("cuda")                                      # or from_pretrained(..., device=, dtype=)
+
+Below the call: `conditions` (a request -> condition tensor), `sample` (conditions -> codes
+and pixels, batch by batch), `stream` (the same, written to PNGs as it goes) and `best_of`
+(selection by a scorer: rejection sampling, CLIP re-ranking).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
-from rqgen.errors import ConfigError
-from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling
+from rqgen.checkpoint import read_config
+from rqgen.errors import CheckpointError, ConfigError
+from rqgen.family import FAMILIES, Family, family_of
+from rqgen.stage1 import load_vae
+from rqgen.stage2.guidance import PerSampleSeeds, SamplingConfig
+from rqgen.stage2.text import TextTokenizer
 from rqgen.utils.device import PRECISIONS, resolve_device, resolve_precision
-from rqgen.utils.images import to_pil
+from rqgen.utils.images import save_image, to_pil
+
+Scorer = Callable[[Tensor, int], Tensor]  # (candidate images, row of cond) -> one score each
 
 
 @dataclass
@@ -31,58 +44,45 @@ class PipelineOutput:
     names: list[str]  # the class name (or "prompt" / "sample") of each image
 
 
-def conditions(model, classes: Sequence[str], tokenizer, n: int | None,
-               labels: Sequence[int | str] | None, prompt: str | Sequence[str] | None,
-               ) -> tuple[Tensor, list[str]]:  # fmt: skip
-    """The condition tensor for a request, and a name per sample. Classes are ids or names;
-    without labels a class-conditional model cycles through every class (`n` images)."""
-    c = model.config
-    if getattr(c, "text_vocab_size", 0):
-        if prompt is None:
-            raise ConfigError("this model is text-conditional: pass a prompt")
-        prompts = [prompt] * (n or 1) if isinstance(prompt, str) else list(prompt)
-        return tokenizer.encode(prompts), ["prompt"] * len(prompts)
-    if prompt is not None:
-        raise ConfigError("this model is not text-conditional: drop the prompt")
-    if not c.num_classes:
-        if labels is not None:
-            raise ConfigError("this model is unconditional: drop the class labels")
-        n = n or 1
-        return torch.full((n,), model.null_class, dtype=torch.long), ["sample"] * n
-    if labels is None:  # every class in turn: a balanced set
-        ids = [i % c.num_classes for i in range(n or c.num_classes)]
-    else:
-        ids = [_class_id(k, classes, c.num_classes) for k in labels]
-        if n:  # n images of the given class(es), cycled
-            ids = [ids[i % len(ids)] for i in range(n)]
-    cond = torch.tensor(ids, dtype=torch.long)
-    model.check_cond(cond)  # one-line error when an id is out of range
-    return cond, [classes[i] if i < len(classes) else str(i) for i in ids]
-
-
-def _class_id(label: int | str, classes: Sequence[str], num_classes: int) -> int:
-    if isinstance(label, str) and label in classes:
-        return classes.index(label)
-    if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):
-        return int(label)
-    names = ", ".join(f"{i}={name}" for i, name in enumerate(classes)) or "none recorded"
-    raise ConfigError(f"unknown class {label!r}: use an id 0..{num_classes - 1} or a name "
-                      f"({names})")  # fmt: skip
-
-
 class RQPipeline:
     """A trained RQ- (or DQ-) Transformer and its VAE, sampled in one call."""
 
-    def __init__(self, model, vae, meta: dict, tokenizer=None):
-        self.model, self.vae, self.meta, self.tokenizer = model, vae, meta, tokenizer
+    def __init__(self, model, vae, meta: dict | None = None, tokenizer=None):
+        self.model, self.vae, self.meta, self.tokenizer = model, vae, meta or {}, tokenizer
+        self.family: Family = family_of(model)
+        self.source = ""
 
     @classmethod
     def from_pretrained(cls, path: str | Path, vae: str | Path | None = None,
-                        device: str = "auto", dtype: str = "auto") -> RQPipeline:  # fmt: skip
+                        device: str | torch.device = "auto", dtype: str = "auto",
+                        ) -> RQPipeline:  # fmt: skip
         """The transformer directory written by `rqgen train-ar` (its VAE is found from what
-        it records, or given as `vae`); dtype is the transformer's (auto: bf16 on CUDA)."""
-        dev = resolve_device(device)
-        return cls(*load_for_sampling(path, vae, dev, dtype))
+        it records, or given as `vae`). `dtype` (fp32, bf16, fp16, or auto: bf16 on CUDA)
+        is the transformer's: its weights and KV caches are cast, logits are sampled in
+        fp32, and the VAE decodes in fp32."""
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        meta = read_config(path)
+        families = {f.transformer.model_type: f for f in FAMILIES}
+        if meta.get("model_type") not in families:
+            raise CheckpointError(
+                f"'{path}' holds a {meta.get('model_type')!r} model, not an RQ- or "
+                "DQ-Transformer: pass a directory written by rqgen train-ar"
+            )
+        family = families[meta["model_type"]]
+        model = family.transformer.from_pretrained(path, map_location=dev)
+        if vae is None:
+            if "vae" not in meta:
+                raise CheckpointError(f"'{path}' does not record its VAE: pass --vae DIR")
+            vae = Path(path) / meta["vae"]
+        vae_model = load_vae(vae, map_location=dev)
+        model.check_vae(vae_model)  # before the cast: the fingerprint is of the fp32 codebook
+        model.to(PRECISIONS[resolve_precision(dtype, dev)])
+        tokenizer = None
+        if family.conditioning(model.config) == "text":
+            tokenizer = TextTokenizer.load(path, model.config.text_length)
+        pipe = cls(model, vae_model, meta, tokenizer)
+        pipe.source = str(path)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +91,11 @@ class RQPipeline:
     @property
     def classes(self) -> list[str]:
         return list(self.meta.get("classes") or [])
+
+    @property
+    def conditioning(self) -> str:
+        """class | text | none."""
+        return self.family.conditioning(self.model.config)
 
     def to(self, device: str | torch.device, dtype: str | None = None) -> RQPipeline:
         dev = resolve_device(str(device))
@@ -106,7 +111,7 @@ class RQPipeline:
         class_labels: Sequence[int | str] | int | str | None = None,
         prompt: str | Sequence[str] | None = None,
         num_images: int | None = None,
-        cfg: float = 1.0,
+        guidance_scale: float = 1.0,
         top_k: int | Sequence[int] | None = None,
         top_p: float | Sequence[float] | None = None,
         temperature: float = 1.0,
@@ -118,23 +123,160 @@ class RQPipeline:
         through them), a `prompt` (text models), or `num_images` unconditional samples."""
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels]
-        if num_images is not None and num_images < 1:
-            raise ConfigError(f"num_images={num_images}: must be an integer ≥ 1")
-        if temperature <= 0 or cfg < 0:
-            raise ConfigError(f"temperature={temperature} must be > 0 and cfg={cfg} ≥ 0")
-        cond, names = conditions(self.model, self.classes, self.tokenizer, num_images,
-                                 class_labels, prompt)  # fmt: skip
+        if temperature <= 0 or guidance_scale < 0:
+            raise ConfigError(f"temperature={temperature} must be > 0 and "
+                              f"guidance_scale={guidance_scale} ≥ 0")  # fmt: skip
+        cond, names = self.conditions(class_labels, prompt, num_images)
         generator = torch.Generator(self.device)
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        codes, pixels = generate(self.vae, self.model, cond.to(self.device),
-                                 SamplingConfig(temperature, top_k, top_p, cfg, compile),
-                                 generator, batch_size)  # fmt: skip
+        sampling = SamplingConfig(temperature, top_k, top_p, guidance_scale, compile)
+        codes, pixels = self.sample(cond, sampling, generator, batch_size)
         pixels = pixels.float().cpu()
         return PipelineOutput([to_pil(x) for x in pixels], codes.cpu(), pixels, names)
 
+    # ------------------------------------------------------------------ requests
+    def conditions(self, class_labels: Sequence[int | str] | None = None,
+                   prompt: str | Sequence[str] | None = None, num_images: int | None = None,
+                   ) -> tuple[Tensor, list[str]]:  # fmt: skip
+        """The condition tensor of a request, on the pipeline's device, and a name per
+        sample. Classes are ids or names; without labels a class-conditional model cycles
+        through every class (`num_images` images, default one per class)."""
+        n = num_images
+        if n is not None and n < 1:
+            raise ConfigError(f"num_images={n}: must be an integer ≥ 1")
+        kind, k = self.conditioning, self.model.config.num_classes
+        if kind == "text":
+            if prompt is None:
+                raise ConfigError("this model is text-conditional: pass a prompt")
+            prompts = [prompt] * (n or 1) if isinstance(prompt, str) else list(prompt)
+            return self.tokenizer.encode(prompts).to(self.device), ["prompt"] * len(prompts)
+        if prompt is not None:
+            raise ConfigError("this model is not text-conditional: drop the prompt")
+        if kind == "none":
+            if class_labels is not None:
+                raise ConfigError("this model is unconditional: drop the class labels")
+            n = n or 1
+            return torch.full((n,), self.model.null_class, device=self.device), ["sample"] * n
+        if class_labels is None:  # every class in turn: a balanced set
+            ids = [i % k for i in range(n or k)]
+        else:
+            ids = [_class_id(c, self.classes, k) for c in class_labels]
+            if n:  # n images of the given class(es), cycled
+                ids = [ids[i % len(ids)] for i in range(n)]
+        cond = torch.tensor(ids, dtype=torch.long)
+        self.model.check_cond(cond)  # one-line error when an id is out of range
+        names = [self.classes[i] if i < len(self.classes) else str(i) for i in ids]
+        return cond.to(self.device), names
 
-class DQPipeline(RQPipeline):
-    """The same door for a DQ-Transformer (`RQPipeline` loads either kind)."""
+    # ------------------------------------------------------------------ drawing
+    @torch.no_grad()
+    def sample(self, cond: Tensor, sampling: SamplingConfig | None = None,
+               generator: torch.Generator | PerSampleSeeds | None = None, batch_size: int = 64,
+               ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Codes sampled and decoded batch by batch: codes (B, H, W, D) (a DQ-Transformer
+        gives packed DQ-VAE code maps, (B, 2Hc, 2Hc, 2)), images (B, 3, R, R) in [-1, 1]."""
+        sampling = sampling or SamplingConfig()
+        self.model.check_vae(self.vae)
+        if sampling.compile and not self.family.compiled_sampling:
+            raise ConfigError(f"--compile is for RQ-Transformers: sample a "
+                              f"{self.family.name}-Transformer without it")  # fmt: skip
+        was_training = self.model.training
+        codes, images = [], []
+        for s in range(0, cond.shape[0], batch_size):
+            c = self.family.sample(self.model, cond[s : s + batch_size], sampling,
+                                   _part(generator, s, batch_size))  # fmt: skip
+            codes.append(c)
+            images.append(self.vae.decode_codes(c).clamp(-1, 1))
+        self.model.train(was_training)
+        return torch.cat(codes), torch.cat(images)
+
+    def stream(self, cond: Tensor, out: str | Path, sampling: SamplingConfig | None = None,
+               generator=None, batch_size: int = 64, indices: Sequence[int] | None = None,
+               ) -> Iterator[Tensor]:  # fmt: skip
+        """Sample `cond` batch by batch, write each image to OUT/NNNNNN_<class>.png and yield
+        the batch: memory stays at one batch however many samples are drawn. `indices`
+        number the files (default 0, 1, ...): a torchrun rank drawing its share names them
+        globally."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        indices = list(range(cond.shape[0])) if indices is None else list(indices)
+        for s in tqdm(range(0, cond.shape[0], batch_size), desc="sample", leave=False):
+            c = cond[s : s + batch_size]
+            images = self.sample(c, sampling, _part(generator, s, batch_size), batch_size)[1]
+            images = images.cpu()
+            for i, (img, k) in enumerate(zip(images, c.tolist())):
+                save_image(img, out / f"{indices[s + i]:06d}_{self._file_name(k)}.png")
+            yield images
+
+    def _file_name(self, k) -> str:
+        if self.conditioning != "class":
+            return "text" if self.conditioning == "text" else "sample"
+        return self.classes[k] if k < len(self.classes) else str(k)
+
+    @torch.no_grad()
+    def best_of(self, cond: Tensor, score: Scorer, acceptance: float,
+                sampling: SamplingConfig | None = None, generator=None, batch_size: int = 64,
+                ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Selection by a scorer: for each distinct condition with n rows in `cond`, draw
+        ceil(n / acceptance) candidates and keep the n that `score(images, row)` ranks
+        highest (`row` indexes `cond` at one row of that condition). Output follows the
+        order of `cond`."""
+        if not 0 < acceptance <= 1:
+            raise ConfigError(f"acceptance rate must be in (0, 1], got {acceptance}")
+        codes = images = None
+        groups, inverse = cond.unique(dim=0, return_inverse=True)
+        for g in range(len(groups)):
+            where = (inverse == g).nonzero().squeeze(1)
+            m = math.ceil(len(where) / acceptance - 1e-9)  # 1/3 must give 3n, not 3n+1
+            full = cond[where[:1]].expand(m, *cond.shape[1:])
+            cand_codes, cand = self.sample(full, sampling, generator, batch_size)
+            keep = score(cand, int(where[0])).topk(len(where)).indices
+            if images is None:
+                codes = cand_codes.new_empty(len(cond), *cand_codes.shape[1:])
+                images = cand.new_empty(len(cond), *cand.shape[1:])
+            codes[where], images[where] = cand_codes[keep], cand[keep]
+        return codes, images
+
+    def rejection_sample(self, cond: Tensor, classifier: torch.nn.Module, acceptance: float,
+                         sampling=None, generator=None, batch_size: int = 64):  # fmt: skip
+        """The paper's rejection sampling: of ceil(n / acceptance) candidates per class keep
+        the n that `classifier` finds most likely to be the requested class."""
+
+        def score(images: Tensor, row: int) -> Tensor:
+            return classifier(images).softmax(-1)[:, int(cond[row])]
+
+        return self.best_of(cond, score, acceptance, sampling, generator, batch_size)
+
+    def clip_rerank(self, cond: Tensor, texts: list[str], scorer, candidates: int,
+                    sampling=None, generator=None, batch_size: int = 64):  # fmt: skip
+        """CLIP re-ranking (best of `candidates` per image): `texts[i]` describes row i of
+        `cond` (its prompt, or a caption built from its class); `scorer` is a CLIPScorer."""
+        if candidates < 1:
+            raise ConfigError(
+                f"CLIP re-ranking needs at least 1 candidate per image, got {candidates}"
+            )
+
+        def score(images: Tensor, row: int) -> Tensor:
+            return scorer.similarity(images, [texts[row]] * len(images)).to(images.device)
+
+        return self.best_of(cond, score, 1 / candidates, sampling, generator, batch_size)
+
+
+def _class_id(label: int | str, classes: Sequence[str], num_classes: int) -> int:
+    if isinstance(label, str) and label in classes:
+        return classes.index(label)
+    if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):
+        return int(label)
+    names = ", ".join(f"{i}={name}" for i, name in enumerate(classes)) or "none recorded"
+    raise ConfigError(f"unknown class {label!r}: use an id 0..{num_classes - 1} or a name "
+                      f"({names})")  # fmt: skip
+
+
+def _part(generator, start: int, size: int):
+    """What samples start..start+size draw from: their seeds, or the shared generator."""
+    if isinstance(generator, PerSampleSeeds):
+        return generator[start : start + size]
+    return generator

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from rqgen.pipeline import RQPipeline
-from rqgen.stage1.dqvae import DQVAE
 from rqgen.utils.images import class_rows, enlarge, labelled_row, make_grid, to_pil
 
 ALL_CLASSES = "all classes"
@@ -24,7 +23,7 @@ def coarse_to_fine(pipe: RQPipeline, codes: torch.Tensor) -> Image.Image | None:
     """The decodings of Ẑ(1) … Ẑ(D) of one code map, side by side (None for a DQ-VAE, whose
     codes have no depth)."""
     vae = pipe.vae
-    if isinstance(vae, DQVAE):
+    if not pipe.family.residual:
         return None
     codes = codes[:1].to(next(vae.parameters()).device)
     depths = range(1, vae.config.code_depth + 1)
@@ -54,24 +53,25 @@ def sample_grid(out, per_row: int, cell: int = 64) -> Image.Image:
     return canvas
 
 
-def generate(pipe: RQPipeline, choice: str, prompt: str, cfg: float, top_k: int, top_p: float,
-             seed: int, n: int) -> tuple[Image.Image, Image.Image | None, str]:  # fmt: skip
+def generate(
+    pipe: RQPipeline, choice: str, prompt: str, guidance_scale: float, top_k: int, top_p: float,
+    seed: int, n: int,
+) -> tuple[Image.Image, Image.Image | None, str]:  # fmt: skip
     """What the Generate button does: the samples (one class per row), the first one's
     coarse-to-fine strip, and a one-line status."""
     top_k = int(top_k) if top_k and int(top_k) > 0 else None
     top_p = float(top_p) if top_p and float(top_p) < 1.0 else None
-    kw = dict(cfg=float(cfg), top_k=top_k, top_p=top_p, seed=int(seed))
-    c = pipe.model.config
-    n, text = int(n), bool(getattr(c, "text_vocab_size", 0))
-    if text:
+    kw = dict(guidance_scale=float(guidance_scale), top_k=top_k, top_p=top_p, seed=int(seed))
+    k, n = pipe.model.config.num_classes, int(n)
+    if pipe.conditioning == "text":
         out = pipe(prompt=prompt or "a photo", num_images=n, **kw)
-    elif c.num_classes and choice != ALL_CLASSES:
+    elif pipe.conditioning == "class" and choice != ALL_CLASSES:
         out = pipe(class_labels=[choice], num_images=n, **kw)
-    elif c.num_classes:  # every class in turn, class-major
-        out = pipe(class_labels=sorted(i % c.num_classes for i in range(n)), **kw)
+    elif pipe.conditioning == "class":  # every class in turn, class-major
+        out = pipe(class_labels=sorted(i % k for i in range(n)), **kw)
     else:
         out = pipe(num_images=n, **kw)
-    status = f"{len(out.images)} sample(s), seed {seed}, guidance {cfg}"
+    status = f"{len(out.images)} sample(s), seed {seed}, guidance {guidance_scale}"
     return sample_grid(out, per_row=min(n, 8)), coarse_to_fine(pipe, out.codes), status
 
 
@@ -80,8 +80,7 @@ def build_app(pipe: RQPipeline):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    c = pipe.model.config
-    text = bool(getattr(c, "text_vocab_size", 0))
+    c, text = pipe.model.config, pipe.conditioning == "text"
     with gr.Blocks(title="rqgen") as app:
         gr.Markdown(f"### rqgen: sampling `{pipe.source}`")
         with gr.Row():
@@ -90,8 +89,8 @@ def build_app(pipe: RQPipeline):
                 choice = gr.Dropdown([ALL_CLASSES, *pipe.classes], value=ALL_CLASSES,
                                      label="class", visible=classes)  # fmt: skip
                 prompt = gr.Textbox(label="prompt", value="a photo", visible=text)
-                cfg = gr.Slider(1.0, 8.0, value=2.0 if c.num_classes or text else 1.0,
-                                step=0.5, label="guidance scale (1 = off)")  # fmt: skip
+                scale = gr.Slider(1.0, 8.0, value=2.0 if c.num_classes or text else 1.0,
+                                  step=0.5, label="guidance scale (1 = off)")  # fmt: skip
                 top_k = gr.Number(value=0, precision=0, label="top-k (0 = all codes)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
                 seed = gr.Number(value=0, precision=0, label="seed")
@@ -105,7 +104,7 @@ def build_app(pipe: RQPipeline):
                 gr.Markdown("**Coarse to fine**: the first sample decoded from its first 1, 2, "
                             "… D codes (Ẑ(1) … Ẑ(D))")  # fmt: skip
                 strip = gr.Image(show_label=False, elem_id="strip", format="png")
-        button.click(lambda *a: generate(pipe, *a), [choice, prompt, cfg, top_k, top_p, seed, n],
+        button.click(lambda *a: generate(pipe, *a), [choice, prompt, scale, top_k, top_p, seed, n],
                      [gallery, strip, status])  # fmt: skip
     return app
 
@@ -116,7 +115,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: str | N
     import gradio as gr
 
     pipe = RQPipeline.from_pretrained(model, device=device)
-    pipe.source = str(model)
     app = build_app(pipe)
     theme = gr.themes.Default(font=["system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # fmt: skip

@@ -6,7 +6,7 @@ from test_rq_transformer import _FakeVAE, make
 
 from rqgen.errors import CheckpointError, ConfigError
 from rqgen.evaluate.clip import CLIPScorer
-from rqgen.stage2.sampling import clip_rerank, sample_images
+from rqgen.pipeline import RQPipeline
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +81,20 @@ def test_rerank_keeps_the_best_candidates_of_the_same_draw():
     vae = _FakeVAE(m)
     cond = torch.tensor([1, 1, 1, 0, 0])
     texts = ["bright", "bright", "bright", "dark", "dark"]
-    codes, kept = clip_rerank(vae, m, cond, texts, _BrightnessScorer(), 4,
-                              generator=torch.Generator().manual_seed(3))  # fmt: skip
+    pipe = RQPipeline(m, vae)
+    codes, kept = pipe.clip_rerank(cond, texts, _BrightnessScorer(), 4,
+                                   generator=torch.Generator().manual_seed(3))  # fmt: skip
     assert kept.shape == (5, 3, 4, 4) and codes.shape == (5, 3, 3, 3)
     # the same generator state draws the same 4·n candidates: class 0 first (sorted groups)
     g = torch.Generator().manual_seed(3)
-    cand0 = sample_images(vae, m, torch.zeros(8, dtype=torch.long), generator=g)
-    cand1 = sample_images(vae, m, torch.ones(12, dtype=torch.long), generator=g)
+    cand0 = pipe.sample(torch.zeros(8, dtype=torch.long), generator=g)[1]
+    cand1 = pipe.sample(torch.ones(12, dtype=torch.long), generator=g)[1]
     darkest = cand0.mean((1, 2, 3)).sort().values[:2]
     brightest = cand1.mean((1, 2, 3)).sort(descending=True).values[:3]
     torch.testing.assert_close(kept[3:].mean((1, 2, 3)), darkest)
     torch.testing.assert_close(kept[:3].mean((1, 2, 3)), brightest)
     with pytest.raises(ConfigError, match="at least 1 candidate"):
-        clip_rerank(vae, m, cond, texts, _BrightnessScorer(), 0)
+        pipe.clip_rerank(cond, texts, _BrightnessScorer(), 0)
 
 
 @pytest.fixture(scope="module")

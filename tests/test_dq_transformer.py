@@ -210,7 +210,7 @@ def test_per_sample_seeds_make_each_dq_sample_independent_of_its_batch():
     from rqgen.stage2.guidance import PerSampleSeeds
 
     m, cond = model(), torch.tensor([0, 1, 2, 1])
-    cfg = SamplingConfig(cfg_scale=2.0)
+    cfg = SamplingConfig(guidance_scale=2.0)
     seeds = PerSampleSeeds([5, 6, 7, 8])
     whole = sample_dq_codes(m, cond, cfg, seeds)
     assert torch.equal(sample_dq_codes(m, cond[1:3], cfg, seeds[1:3]), whole[1:3])

@@ -40,11 +40,11 @@ def test_changing_a_code_never_changes_earlier_logits():
             assert not torch.allclose(flat_base[:, k + 1 :], flat_new[:, k + 1 :])
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_cached_and_uncached_sampling_give_identical_codes(cfg_scale):
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_cached_and_uncached_sampling_give_identical_codes(guidance_scale):
     m = make()
     cond = torch.tensor([0, 1, 2, 3])  # 3 = the null class (unconditional)
-    cfg = SamplingConfig(temperature=1.3, top_k=[8, 12, 16], top_p=0.95, cfg_scale=cfg_scale)
+    cfg = SamplingConfig(1.3, [8, 12, 16], 0.95, guidance_scale)
     a = sample_codes(m, cond, cfg, torch.Generator().manual_seed(7), use_cache=True)
     b = sample_codes(m, cond, cfg, torch.Generator().manual_seed(7), use_cache=False)
     assert a.shape == (4, 3, 3, 3)
@@ -75,7 +75,7 @@ def test_cached_sampler_equals_uncached_reference(kw):
         cond = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(0))
     else:
         cond = torch.tensor([0, 1, 2]) if c.num_classes else torch.zeros(3, dtype=torch.long)
-    for cfg in (SamplingConfig(top_k=1), SamplingConfig(temperature=1.5, cfg_scale=2.0)):
+    for cfg in (SamplingConfig(top_k=1), SamplingConfig(temperature=1.5, guidance_scale=2.0)):
         a = sample_codes(m, cond, cfg, torch.Generator().manual_seed(3), use_cache=True)
         b = sample_codes(m, cond, cfg, torch.Generator().manual_seed(3), use_cache=False)
         assert a.shape == (3, *c.code_shape)
@@ -100,9 +100,9 @@ def test_compiled_sampler_equals_uncached_reference(kw):
         cond = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(0))
     else:
         cond = torch.tensor([0, 1, 2])
-    cfg = SamplingConfig(temperature=1.5, cfg_scale=2.0)
+    cfg = SamplingConfig(temperature=1.5, guidance_scale=2.0)
     ref = sample_codes(m, cond, cfg, torch.Generator().manual_seed(3), use_cache=False)
-    compiled = SamplingConfig(temperature=1.5, cfg_scale=2.0, compile=True)
+    compiled = SamplingConfig(temperature=1.5, guidance_scale=2.0, compile=True)
     for _ in range(2):  # the second call reuses the compiled steps and their caches
         out = sample_codes(m, cond, compiled, torch.Generator().manual_seed(3))
         assert torch.equal(out, ref)
@@ -154,8 +154,8 @@ def test_text_conditioning_shapes_loss_and_sampling():
     assert logits.shape == (2, 9, 3, 16) and text_logits.shape == (2, 4, 20)
     loss, parts = m.loss(torch.randint(16, (2, 9, 3)), text)
     assert set(parts) == {"img_loss", "text_loss"} and torch.isfinite(loss)
-    a = sample_codes(m, text, SamplingConfig(cfg_scale=2.0), torch.Generator().manual_seed(0))
-    b = sample_codes(m, text, SamplingConfig(cfg_scale=2.0), torch.Generator().manual_seed(0),
+    a = sample_codes(m, text, SamplingConfig(guidance_scale=2.0), torch.Generator().manual_seed(0))
+    b = sample_codes(m, text, SamplingConfig(guidance_scale=2.0), torch.Generator().manual_seed(0),
                      use_cache=False)  # fmt: skip
     assert torch.equal(a, b)
 
@@ -213,21 +213,22 @@ class _Brightness(torch.nn.Module):
 
 
 def test_rejection_sampling_keeps_the_most_likely_candidates():
-    from rqgen.stage2.sampling import rejection_sample, sample_images
+    from rqgen.pipeline import RQPipeline
 
     m = make()
     vae = _FakeVAE(m)
+    pipe = RQPipeline(m, vae)
     cond = torch.tensor([1, 0, 1, 1, 0])
     gen = torch.Generator().manual_seed(0)
-    codes, kept = rejection_sample(vae, m, cond, _Brightness(), 0.25, generator=gen)
+    codes, kept = pipe.rejection_sample(cond, _Brightness(), 0.25, generator=gen)
     assert kept.shape == (5, 3, 4, 4) and codes.shape == (5, 3, 3, 3)
     torch.testing.assert_close(vae.decode_codes(codes), kept)
-    plain = sample_images(vae, m, torch.ones(40, dtype=torch.long), generator=gen)
+    plain = pipe.sample(torch.ones(40, dtype=torch.long), generator=gen)[1]
     # the 3 kept class-1 images are brighter than a typical unfiltered class-1 sample
     assert kept[cond == 1].mean() > plain.mean() + 0.05
     assert kept[cond == 0].mean() < kept[cond == 1].mean()
     with pytest.raises(ConfigError, match="acceptance"):
-        rejection_sample(vae, m, cond, _Brightness(), 0.0)
+        pipe.rejection_sample(cond, _Brightness(), 0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -248,7 +249,7 @@ def test_low_precision_logits_stay_within_tolerance_of_fp32(dtype):
     assert tv.max() < 0.02
     # and the cached sampler runs in that precision, drawing valid codes
     half = copy.deepcopy(m).to(dtype)
-    out = sample_codes(half, cond, SamplingConfig(top_k=8, cfg_scale=2.0),
+    out = sample_codes(half, cond, SamplingConfig(top_k=8, guidance_scale=2.0),
                        torch.Generator().manual_seed(0))  # fmt: skip
     assert out.shape == (3, 4, 4, 4) and out.min() >= 0 and out.max() < 64
 
@@ -271,13 +272,13 @@ def test_paper_presets_have_the_papers_parameter_counts(name):
     assert t.batch_size == (16 if "ffhq" in name else 2048)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
-def test_per_sample_seeds_make_each_sample_independent_of_its_batch(cfg_scale):
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_per_sample_seeds_make_each_sample_independent_of_its_batch(guidance_scale):
     from rqgen.stage2.guidance import PerSampleSeeds
 
     m = make(shape=(2, 2, 3))
     cond = torch.tensor([0, 1, 2, 0, 1])
-    cfg = SamplingConfig(cfg_scale=cfg_scale, top_k=8)
+    cfg = SamplingConfig(guidance_scale=guidance_scale, top_k=8)
     seeds = PerSampleSeeds([10, 11, 12, 13, 14])
     whole = sample_codes(m, cond, cfg, seeds)
     # any part of the batch, in any batch: the same codes for the same seeds

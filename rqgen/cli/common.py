@@ -72,3 +72,25 @@ def per_depth(kind):
 
     parse.rule = one.rule
     return parse
+
+
+def add_sampling(p) -> None:
+    """The sampling options of `sample` and `eval-gen`, read back by `sampling_config`."""
+    p.add_argument("--top-k", type=per_depth(int), help="K, or one per depth: 64,32,16,16")
+    p.add_argument("--top-p", type=per_depth(float), help="P, or one per depth")
+    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0,
+                   help="softmax temperature of every depth")  # fmt: skip
+    p.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=number(float, 0),
+                   default=1.0, help="classifier-free guidance scale (1: off)")  # fmt: skip
+    p.add_argument("--seed", type=number(int, 0), default=0, help="the same seed, the same images")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images sampled at once")
+    add_device(p)
+    add_dtype(p)
+    add_compile(p)
+
+
+def sampling_config(args):
+    from rqgen.stage2.guidance import SamplingConfig
+
+    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.guidance_scale,
+                          args.compile)  # fmt: skip

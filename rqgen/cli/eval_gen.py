@@ -15,14 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from rqgen.cli.common import (
-    POSITIVE_INT,
-    add_compile,
-    add_device,
-    add_dtype,
-    number,
-    per_depth,
-)
+from rqgen.cli.common import POSITIVE_INT, add_device, add_sampling, number, sampling_config
 
 
 def add_eval_gen(sub) -> None:
@@ -47,16 +40,8 @@ def add_eval_gen(sub) -> None:
     p.add_argument(
         "--resolution", type=number(int, 8), help="image size for --ref/--samples folders"
     )
-    p.add_argument("--top-k", type=per_depth(int))
-    p.add_argument("--top-p", type=per_depth(float))
-    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0)
-    p.add_argument("--cfg", type=number(float, 0), default=1.0)
-    p.add_argument("--seed", type=number(int, 0), default=0)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--json", action="store_true")
-    add_device(p)
-    add_dtype(p)
-    add_compile(p)
+    add_sampling(p)
     p.set_defaults(func=cmd_eval_gen)
 
 
@@ -91,58 +76,55 @@ def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool,
     return _indexed(batches, mine), len(data)
 
 
-def _conditions(args, model, tokenizer):
+def _conditions(args, pipe):
     """The condition of every sample (all ranks: cheap) and its captions (text models)."""
-    import torch
-
     from rqgen.errors import ConfigError, DataError
     from rqgen.utils.files import read_text
 
-    c, k = model.config, model.config.num_classes
-    if args.prompts and not c.text_vocab_size:
+    kind = pipe.conditioning
+    if args.prompts and kind != "text":
         raise ConfigError("--prompts is for text-conditional models; this one is not")
     if args.per_class is not None and args.n is not None:
         raise ConfigError("give --n or --per-class (N per class), not both")
     n = args.n or 1000
-    if c.text_vocab_size:
+    if kind == "text":
         if not args.prompts:
             raise ConfigError("text-conditional model: pass --prompts FILE (one per line)")
         lines = [t.strip() for t in read_text(args.prompts, "--prompts").splitlines() if t.strip()]
         if not lines:
             raise DataError(f"no captions in '{args.prompts}'")
         texts = [lines[i % len(lines)] for i in range(n)]
-        return tokenizer.encode(texts), texts
+        return pipe.conditions(prompt=texts)[0], texts
     if args.per_class is not None:
-        if not k:
+        if kind != "class":
             raise ConfigError("--per-class needs a class-conditional model")
-        return torch.arange(k).repeat_interleave(args.per_class), None
-    if k:
-        return torch.arange(n) % k, None  # every class in turn: balanced up to one
-    return torch.full((n,), model.null_class), None
+        k = pipe.model.config.num_classes
+        ids = [c for c in range(k) for _ in range(args.per_class)]
+        return pipe.conditions(ids)[0], None
+    return pipe.conditions(num_images=n)[0], None  # classes in turn: balanced up to one
 
 
 def _sample_share(args, rt, result: dict):
     """This rank's samples, drawn with per-index seeds and written as PNGs, as (indices,
     batch) pairs; the total count; the resolution."""
+    from rqgen.pipeline import RQPipeline
     from rqgen.stage2.guidance import PerSampleSeeds
-    from rqgen.stage2.sampling import SamplingConfig, load_for_sampling, stream_samples
     from rqgen.utils.files import check_writable_dir
 
-    model, vae, meta, tokenizer = load_for_sampling(args.model, None, rt.device, args.dtype)
-    cond, texts = _conditions(args, model, tokenizer)
+    pipe = RQPipeline.from_pretrained(args.model, None, rt.device, args.dtype)
+    cond, texts = _conditions(args, pipe)
     out = Path(args.out) if args.out else Path(args.model) / "samples_eval"
     check_writable_dir(out)  # before sampling, not after it
-    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg, args.compile)
+    sampling = sampling_config(args)
     mine = list(range(rt.rank, len(cond), rt.world_size))
     seeds = PerSampleSeeds([args.seed * 1_000_003 + i for i in mine])
-    images = stream_samples(vae, model, cond[mine].to(rt.device), cfg, seeds, args.batch_size,
-                            out, meta.get("classes") or [], indices=mine)  # fmt: skip
+    images = pipe.stream(cond[mine], out, sampling, seeds, args.batch_size, indices=mine)
     if texts is not None:
         images = _with_clip_score(images, [texts[i] for i in mine], args.clip, rt.device, result)
-    result.update(samples=str(out), sampling=dict(vars(cfg)), model=str(args.model))
+    result.update(samples=str(out), sampling=dict(vars(sampling)), model=str(args.model))
     if cond.dim() == 1:
         result["per_class"] = {str(c): int((cond == c).sum()) for c in cond.unique().tolist()}
-    return _indexed(images, mine), len(cond), vae.config.resolution
+    return _indexed(images, mine), len(cond), pipe.vae.config.resolution
 
 
 def _with_clip_score(images, texts: list[str], clip: str | None, device, result: dict):

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from rqgen.cli.common import (
     POSITIVE_INT,
-    add_compile,
     add_device,
-    add_dtype,
+    add_sampling,
     device_for,
     number,
-    per_depth,
+    sampling_config,
 )
 
 
@@ -23,15 +22,6 @@ def add_sample(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--class", dest="cls", help="class id or name (default: all classes in turn)")
     g.add_argument("--prompt", help="caption, for text-conditional models")
-    p.add_argument("--top-k", type=per_depth(int), help="K, or one per depth: 64,32,16,16")
-    p.add_argument("--top-p", type=per_depth(float), help="P, or one per depth")
-    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0,
-                   help="softmax temperature of every depth")  # fmt: skip
-    p.add_argument(
-        "--cfg", type=number(float, 0), default=1.0, help="classifier-free guidance scale"
-    )
-    p.add_argument("--seed", type=number(int, 0), default=0, help="the same seed, the same images")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images sampled at once")
     p.add_argument(
         "--out", required=True, help="FILE.png (or .jpg, .webp): one grid; else a folder of PNGs"
     )
@@ -53,18 +43,8 @@ def add_sample(sub) -> None:
         "(or 'a photo of a CLASS'); needs local CLIP weights",
     )  # fmt: skip
     p.add_argument("--clip", help="local CLIP directory (default: $RQGEN_CLIP, then hub cache)")
-    add_device(p)
-    add_dtype(p)
-    add_compile(p)
+    add_sampling(p)
     p.set_defaults(func=cmd_sample)
-
-
-def sample_conditions(model, meta, tokenizer, n: int, cls: str | None, prompt: str | None):
-    """Condition tensor for n samples, and a name per sample for file names."""
-    from rqgen.pipeline import conditions
-
-    return conditions(model, meta.get("classes") or [], tokenizer, n,
-                      None if cls is None else [cls], prompt)  # fmt: skip
 
 
 def cmd_sample(args) -> int:
@@ -73,11 +53,9 @@ def cmd_sample(args) -> int:
     from PIL import Image
 
     from rqgen.errors import ConfigError
-    from rqgen.stage2.sampling import SamplingConfig, generate, load_for_sampling, rejection_sample
+    from rqgen.pipeline import RQPipeline
+    from rqgen.utils.files import atomic_write, check_output_file, check_writable_dir
     from rqgen.utils.images import class_rows, save_grid, save_image
-
-    device = device_for(args.device)
-    from rqgen.utils.files import check_output_file, check_writable_dir
 
     out = Path(args.out)  # checked before any sampling, not found unwritable after it
     grid = out.suffix.lower() in Image.registered_extensions()  # x.png, x.jpg, x.webp: a grid
@@ -87,38 +65,35 @@ def cmd_sample(args) -> int:
         check_writable_dir(out)
     if args.save_codes:
         check_output_file(Path(args.save_codes))
-    model, vae, meta, tokenizer = load_for_sampling(args.model, args.vae, device, args.dtype)
-    cond, names = sample_conditions(model, meta, tokenizer, args.n, args.cls, args.prompt)
-    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.cfg, args.compile)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    cond = cond.to(device)
     if args.accept is not None and args.clip_rerank is not None:
         raise ConfigError("choose one of --accept and --clip-rerank")
+    device = device_for(args.device)
+    pipe = RQPipeline.from_pretrained(args.model, args.vae, device, args.dtype)
+    labels = None if args.cls is None else [args.cls]
+    cond, names = pipe.conditions(labels, args.prompt, args.n)
+    sampling, gen = sampling_config(args), torch.Generator(device).manual_seed(args.seed)
     if args.clip_rerank is not None:
         from rqgen.evaluate.clip import CLIPScorer
-        from rqgen.stage2.sampling import clip_rerank
 
-        if model.config.num_classes == 0 and not getattr(model.config, "text_vocab_size", 0):
+        if pipe.conditioning == "none":
             raise ConfigError("--clip-rerank needs a text or class-conditional model")
         scorer = CLIPScorer.load(args.clip, device)  # before sampling: fail fast
         texts = [args.prompt or f"a photo of a {name}" for name in names]
-        codes, images = clip_rerank(
-            vae, model, cond, texts, scorer, args.clip_rerank, cfg, gen, args.batch_size
-        )
+        codes, images = pipe.clip_rerank(cond, texts, scorer, args.clip_rerank, sampling, gen,
+                                         args.batch_size)  # fmt: skip
     elif args.accept is not None:
         from rqgen.evaluate.digits import load_or_train
         from rqgen.utils.paths import cache_dir
 
         classifier = load_or_train(cache_dir() / "classifiers", device)
-        codes, images = rejection_sample(
-            vae, model, cond, classifier, args.accept, cfg, gen, args.batch_size
-        )
+        codes, images = pipe.rejection_sample(cond, classifier, args.accept, sampling, gen,
+                                              args.batch_size)  # fmt: skip
     else:
-        codes, images = generate(vae, model, cond, cfg, gen, args.batch_size)
+        codes, images = pipe.sample(cond, sampling, gen, args.batch_size)
     images = images.cpu()
-    upscale = max(1, 128 // vae.config.resolution)
+    upscale = max(1, 128 // pipe.vae.config.resolution)
     shown, nrow = images, 8
-    if model.config.num_classes and cond.dim() == 1:  # one row per class, as everywhere
+    if pipe.conditioning == "class":  # one row per class, as everywhere
         shown, nrow = class_rows(images, cond.tolist())
     if grid:
         save_grid(shown, out, nrow=nrow, upscale=upscale)
@@ -127,8 +102,6 @@ def cmd_sample(args) -> int:
             save_image(img, out / f"{i:05d}_{name}.png", upscale=upscale)
         save_grid(shown, out / "grid.png", nrow=nrow, upscale=upscale)
     if args.save_codes:
-        from rqgen.utils.files import atomic_write
-
         array = codes.cpu().numpy()
 
         def write(tmp):

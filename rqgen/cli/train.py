@@ -50,13 +50,14 @@ def _run_training(args, load_experiment, train):
 
 
 def cmd_train_vae(args) -> int:
-    from rqgen.configs import DQVAEExperiment, load_vae_experiment
+    from rqgen.configs import load_vae_experiment
+    from rqgen.family import family_of
     from rqgen.train.vae import train_vae
 
     kind = []
 
     def train(exp):
-        kind.append("DQVAE" if isinstance(exp, DQVAEExperiment) else "RQVAE")
+        kind.append(family_of(exp).vae.__name__)
         return train_vae(exp, args.data, args.out, args.val_data, args.device)
 
     out = _run_training(args, load_vae_experiment, train)

@@ -225,3 +225,39 @@ def _check_transformer(m) -> None:
     for name, heads in (("heads", m.heads), ("depth_heads", m.depth_heads)):
         if heads and m.width % heads:
             raise ConfigError(f"model.width={m.width} must be divisible by model.{name}={heads}")
+
+
+def check_run(exp, world_size: int, captions: str | None = None) -> None:
+    """What an experiment asks of the run: a batch that splits over the processes, captions
+    only for text models, FSDP without a weight EMA."""
+    m, t = exp.model, exp.train
+    if t.batch_size % (world_size * t.grad_accum):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum "
+            f"= {world_size} × {t.grad_accum}"
+        )
+    conditioning = getattr(m, "conditioning", None)
+    if conditioning is None:  # an autoencoder
+        return
+    if conditioning not in ("class", "none", "text"):
+        raise ConfigError(f"model.conditioning={conditioning!r}: use class, none or text")
+    if captions and conditioning != "text":
+        raise ConfigError(f"--captions is for text-conditional models, and this one is "
+                          f"model.conditioning={conditioning}: add model.conditioning=text "
+                          "or drop --captions")  # fmt: skip
+    if t.fsdp and t.ema_decay > 0:
+        raise ConfigError("train.ema_decay is not supported with train.fsdp yet: set "
+                          "train.ema_decay=0, or train without FSDP")  # fmt: skip
+
+
+def check_family(exp, family) -> None:
+    """A transformer experiment against the family of the VAE it models (rqgen.family)."""
+    m, t = exp.model, exp.train
+    if m.conditioning == "text" and not family.text:
+        raise ConfigError(f"{family.name}-Transformer is class-conditional or unconditional: "
+                          "use model.conditioning=class or none")  # fmt: skip
+    if not family.residual and (t.soft_labels or t.stochastic_codes):
+        raise ConfigError(
+            f"a {family.name}-VAE gives one code per cell: set train.soft_labels=false "
+            "train.stochastic_codes=false (or use --config dq-ar-tiny)"
+        )

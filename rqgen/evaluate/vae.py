@@ -15,6 +15,7 @@ from tqdm import tqdm
 from rqgen.errors import DataError
 from rqgen.evaluate.fid import FIDMeter, inception_fid_available
 from rqgen.evaluate.recon import CodeStats, psnr, ssim
+from rqgen.family import family_of
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage1.rqvae import RQVAE
 from rqgen.utils.images import (
@@ -80,7 +81,7 @@ def evaluate_vae(
         dataset = Subset(dataset, range(limit))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     D, K = vae.config.code_depth, vae.config.codebook_size
-    dq = isinstance(vae, DQVAE)
+    dq = not family_of(vae).residual  # dynamic granularity: fine mask, variable length
     stats = CodeStats(K)
     tokens = fine = 0.0
     sums = {"psnr": 0.0, "ssim": 0.0, "ref": 0.0, "unquantized": 0.0}
@@ -183,17 +184,18 @@ def write_reconstructions(
     D = vae.config.code_depth
     upscale = max(1, 128 // vae.config.resolution)  # tiny images are enlarged for viewing
     written = []
+    dq = not family_of(vae).residual
     for s in range(0, len(images), batch_size):
         x = images[s : s + batch_size].to(device)
         codes = vae.encode_to_codes(x)
         steps = [vae.decode_codes(codes, d).clamp(-1, 1) for d in range(1, D + 1)]
-        if isinstance(vae, DQVAE):
+        if dq:
             fine = unpack_codes(codes)[1].cpu()
             shown = granularity_overlay(torch.cat([x.cpu(), steps[-1].cpu()]),
                                         torch.cat([fine, fine]), upscale)  # fmt: skip
         for i, name in enumerate(names[s : s + batch_size]):
             pair = torch.stack([x[i], steps[-1][i]])
-            if isinstance(vae, DQVAE):
+            if dq:
                 pair_file = out_dir / f"{name}_pair.png"
                 written.append(save_grid(pair, pair_file, nrow=2, upscale=upscale))
                 both = torch.stack([shown[i], shown[len(x) + i]])

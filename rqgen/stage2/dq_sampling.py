@@ -42,7 +42,7 @@ def sample_dq_codes(
     model.check_cond(cond)
     c, v = model.config, model.config.vocab
     dev, n = cond.device, cond.shape[0]
-    guided = cfg.cfg_scale != 1.0
+    guided = cfg.guidance_scale != 1.0
     cond_all = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
     reps = cond_all.shape[0] // n
     L = c.max_length
@@ -83,7 +83,7 @@ def sample_dq_codes(
         h = h_all[:, -1]
 
         # ---- next position: drawn in the coarse phase, forced otherwise
-        logits = guide(model.coarse_pos_head(h).float(), n, cfg.cfg_scale)
+        logits = guide(model.coarse_pos_head(h).float(), n, cfg.guidance_scale)
         allowed = torch.zeros_like(logits, dtype=torch.bool)
         allowed[:, : v.n_coarse] = cell_ids[None] > last[:, None]  # ascending, never repeated
         allowed[:, v.position_eos(False)] = True

@@ -43,10 +43,6 @@ class DQTransformerConfig:
     vae_fingerprint: str = ""  # hash of the DQ-VAE codebook the model was trained on
 
     @property
-    def text_vocab_size(self) -> int:  # no text conditioning (tools check this field)
-        return 0
-
-    @property
     def vocab(self) -> DQVocab:
         return DQVocab(self.codebook_size, self.coarse_size)
 

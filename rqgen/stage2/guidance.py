@@ -15,7 +15,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | Sequence[int] | None = None  # one value, or one per depth
     top_p: float | Sequence[float] | None = None
-    cfg_scale: float = 1.0  # classifier-free guidance; 1.0 = off
+    guidance_scale: float = 1.0  # classifier-free guidance; 1.0 = off
     # fixed-shape steps over static KV caches, torch.compile'd (CUDA graphs on GPU)
     compile: bool = False
 
@@ -110,7 +110,7 @@ def guide(logits: Tensor, n: int, scale: float) -> Tensor:
 def next_code(logits: Tensor, d: int, cfg: SamplingConfig, n: int, generator) -> Tensor:
     """One code per condition from the logits of depth (or step) d: guidance, temperature,
     top-k / top-p, then one draw."""
-    logits = guide(logits.float(), n, cfg.cfg_scale)
+    logits = guide(logits.float(), n, cfg.guidance_scale)
     # a huge guidance scale or a tiny temperature overflows to +inf, and several +inf make
     # softmax NaN (garbage codes without a word): saturate at the largest float instead, so
     # the draw becomes the greedy choice it tends to

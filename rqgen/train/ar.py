@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from rqgen.configs import ARExperiment, ar_transformer_config
+from rqgen.configs import ARExperiment
+from rqgen.configs.validate import check_family, check_run
 from rqgen.data import describe
 from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
 from rqgen.errors import ConfigError
+from rqgen.family import family_of
+from rqgen.pipeline import RQPipeline
 from rqgen.stage1 import load_vae
-from rqgen.stage1.dqvae import DQVAE
-from rqgen.stage2.dq_transformer import DQTransformer
-from rqgen.stage2.rq_transformer import RQTransformer, codebook_fingerprint
+from rqgen.stage2.guidance import SamplingConfig
+from rqgen.stage2.rq_transformer import codebook_fingerprint
 from rqgen.train.ar_data import build_ar_data
 from rqgen.train.ema import WeightEMA
 from rqgen.train.metrics import MetricsLog
@@ -51,80 +53,65 @@ class ARTrainer(Trainer):
     def __init__(self, exp: ARExperiment, vae_dir: str | Path, data: str, out: str | Path,
                  rt: Runtime, captions: str | None = None, quiet: bool = False):  # fmt: skip
         self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
-        m, t = exp.model, exp.train
-        self._set_precision(t.precision)
-        if m.conditioning not in ("class", "none", "text"):
-            raise ConfigError(f"model.conditioning={m.conditioning!r}: use class, none or text")
-        if captions and m.conditioning != "text":
-            raise ConfigError(f"--captions is for text-conditional models, and this one is "
-                              f"model.conditioning={m.conditioning}: add model.conditioning=text "
-                              "or drop --captions")  # fmt: skip
-        if t.batch_size % (rt.world_size * t.grad_accum):
-            raise ConfigError(
-                f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum"
-            )
-        if t.fsdp and t.ema_decay > 0:
-            raise ConfigError("train.ema_decay is not supported with train.fsdp yet: set "
-                              "train.ema_decay=0, or train without FSDP")  # fmt: skip
-        self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
-        self.vae_dir = Path(vae_dir)
-        self.vae = load_vae(vae_dir).to(rt.device).eval()
+        self._set_precision(exp.train.precision)
+        check_run(exp, rt.world_size, captions)
+        self.micro_batch = exp.train.batch_size // (rt.world_size * exp.train.grad_accum)
+        self._load_vae(Path(vae_dir))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._build_data(captions)
+        self._build_model()
+        self._build_optimizer()
+        self.step, self.best, self.bad_evals = 0, math.inf, 0
+        self.resume_or_seed()
+        self.log = MetricsLog(self.out, rt.is_main)
+
+    def _load_vae(self, vae_dir: Path) -> None:
+        """The frozen VAE, its family, and whether OUT holds a run of this experiment on it
+        (rank 0 decides, before any extraction)."""
+        self.vae_dir = vae_dir
+        self.vae = load_vae(vae_dir).to(self.rt.device).eval()
+        self.family = family_of(self.vae)
+        check_family(self.exp, self.family)
         self.vae_fingerprint = codebook_fingerprint(self.vae.quantizer.codebook)
         self.state = TrainState(self.out)
-        ident = {"vae_fingerprint": self.vae_fingerprint}  # checked before any extraction
-        self.resume_changes = from_rank0(
-            rt, lambda: self.state.check_resume(exp, data, ident) if self.state.exists() else []
-        )
-        self.is_dq = isinstance(self.vae, DQVAE)
-        if self.is_dq and m.conditioning == "text":
-            raise ConfigError("DQ-Transformer is class-conditional or unconditional: "
-                              "use model.conditioning=class or none")  # fmt: skip
-        if self.is_dq and (t.soft_labels or t.stochastic_codes):
-            raise ConfigError(
-                "a DQ-VAE gives one code per cell: set train.soft_labels=false "
-                "train.stochastic_codes=false (or use --config dq-ar-tiny)"
-            )
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.train_data = build_ar_data(exp, self.vae, data, self.out, rt, captions, quiet,
-                                        1 if self.is_dq else self.vae.quantizer.depth)  # fmt: skip
-        d = self.train_data
-        self.store, self.train_set, self.val_set = d.store, d.train_set, d.val_set
-        self.classes, self.tokenizer, self.taus = d.classes, d.tokenizer, d.taus
-        n_classes = d.num_classes
+        ident = {"vae_fingerprint": self.vae_fingerprint}
+        self.resume_changes = from_rank0(self.rt, lambda: self.state.check_resume(
+            self.exp, self.data, ident) if self.state.exists() else [])  # fmt: skip
 
+    def _build_data(self, captions: str | None) -> None:
+        """The feature store, the train / validation split, classes, tokenizer and τ."""
+        d = build_ar_data(self.exp, self.vae, self.data, self.out, self.rt, captions,
+                          self.quiet, self.family.code_depth(self.vae))  # fmt: skip
+        self.train_data, self.store = d, d.store
+        self.train_set, self.val_set = d.train_set, d.val_set
+        self.classes, self.tokenizer, self.taus = d.classes, d.tokenizer, d.taus
+
+    def _build_model(self) -> None:
+        """The family's transformer (the same init on every rank), its EMA and its wrapper."""
+        t = self.exp.train
         seed_everything(t.seed)
-        if self.is_dq:
-            self.model = DQTransformer.for_vae(
-                self.vae, width=m.width, heads=m.heads, position_layers=m.position_layers,
-                content_layers=m.content_layers, dropout=m.dropout,
-                num_classes=n_classes,
-            ).to(rt.device)  # fmt: skip
-        else:
-            q, text = self.vae.quantizer, m.conditioning == "text"
-            cfg = ar_transformer_config(
-                m, q.codebook_size, self.vae.config.code_shape, q.dim, n_classes,
-                self.tokenizer.vocab_size if text else 0, shared_codebook=q.shared_codebook,
-                vae_fingerprint=self.vae_fingerprint,
-                text_pad_id=self.tokenizer.pad_id if text else 0,
-            )  # fmt: skip
-            self.model = RQTransformer(cfg, q.codebook).to(rt.device)
-        self.model.conditions_checked = True  # labels checked above, at the store
+        model = self.family.build(self.exp.model, self.vae, self.train_data.num_classes,
+                                  self.tokenizer)  # fmt: skip
+        self.model = model.to(self.rt.device)
+        self.model.conditions_checked = True  # labels checked at the store
         self.model_class = type(self.model)  # FSDP swaps the class for a sharded subclass
-        self.step, self.best, self.bad_evals = 0, math.inf, 0
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.model_ddp = wrap(self.model, rt, t.fsdp, t.activation_checkpointing, self.precision)
+        self.model_ddp = wrap(self.model, self.rt, t.fsdp, t.activation_checkpointing,
+                              self.precision)  # fmt: skip
         # train.compile: the forward compiled (the backward follows through AOTAutograd)
         self.forward = torch.compile(self.model_ddp) if t.compile else self.model_ddp
-        # after wrapping: FSDP replaces the parameters by their shards
+
+    def _build_optimizer(self) -> None:
+        """AdamW, weight decay on matrices but not on embeddings, norms and biases (built
+        after wrapping: FSDP replaces the parameters by their shards)."""
+        t = self.exp.train
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=rt.device.type == "cuda",
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.rt.device.type == "cuda",
         )  # fmt: skip
-        self.resume_or_seed()
-        self.log = MetricsLog(self.out, rt.is_main)
 
     # ------------------------------------------------------------------ checkpoints
     def state_counters(self) -> dict:
@@ -182,7 +169,7 @@ class ARTrainer(Trainer):
         item already is its token streams: trimmed to the longest sequence of the batch."""
         if self.store.meta["kind"] == "codes":  # hard labels: the stored argmin codes
             return z, None
-        if self.is_dq:
+        if self.store.meta["kind"] == "dq":  # token streams
             pad = self.model.config.vocab.content_pad
             length = int((z[:, 0] != pad).sum(1).max())
             return z[:, :, :length], None
@@ -258,7 +245,7 @@ class ARTrainer(Trainer):
             s = starts[min(j, len(starts) - 1)]
             z, cond = self.val_set.batch(s, s + self.micro_batch)
             z, cond = z.to(rt.device), cond.to(rt.device)
-            stored = self.is_dq or self.store.meta["kind"] == "codes"
+            stored = self.store.meta["kind"] in ("codes", "dq")
             codes = (
                 self._codes_and_targets(z, None)[0] if stored else self.vae.quantizer.quantize(z)[0]
             )
@@ -275,17 +262,8 @@ class ARTrainer(Trainer):
 
     # ------------------------------------------------------------------ loop hooks
     def describe(self) -> str:
-        c = self.model.config
-        n_params = sum(p.numel() for p in self.model.parameters())
-        if self.is_dq:
-            what = (f"DQ-Transformer ({n_params / 1e6:.1f}M params, {c.position_layers}+"
-                    f"{c.content_layers} layers, width {c.width}) on {describe(self.data)} "
-                    f"codes (coarse {c.coarse_size}², fine {2 * c.coarse_size}²)")  # fmt: skip
-        else:
-            what = (f"RQ-Transformer ({n_params / 1e6:.1f}M params, {c.spatial_layers}+"
-                    f"{c.depth_layers} layers, width {c.width}) on {describe(self.data)} "
-                    f"codes {tuple(c.code_shape)}")  # fmt: skip
-        return f"{what}, {len(self.train_set)} train / {len(self.val_set)} val"
+        return (f"{self.family.describe(self.model)} on {describe(self.data)} codes, "
+                f"{len(self.train_set)} train / {len(self.val_set)} val")  # fmt: skip
 
     def periodic(self, last: bool, bar) -> bool:
         t = self.exp.train
@@ -302,22 +280,21 @@ class ARTrainer(Trainer):
     @torch.no_grad()
     def write_samples(self, per_row: int = 8) -> None:
         """A grid sampled from the current weights, one row per class (the first 8; one row
-        per caption of the first training images for text models), to OUT/samples and
+        per caption of the first held-out images for text models), to OUT/samples and
         TensorBoard. Main process only; skipped under FSDP, whose weights are sharded."""
         if not self.rt.is_main or is_sharded(self.model):
             return
-        from rqgen.stage2.sampling import SamplingConfig, generate
-
-        model, m = self.public_model(), self.model.config
-        if self.exp.model.conditioning == "text":  # captions of held-out images
-            cond = self.val_set.cond[:4].repeat_interleave(per_row, 0)
-        elif m.num_classes:
-            cond = torch.arange(min(m.num_classes, 8)).repeat_interleave(per_row)
+        pipe = RQPipeline(self.public_model(), self.vae, {"classes": self.classes},
+                          self.tokenizer)  # fmt: skip
+        if pipe.conditioning == "text":  # the held-out captions, already tokenized
+            cond = self.val_set.cond[:4].repeat_interleave(per_row, 0).to(self.rt.device)
+        elif pipe.conditioning == "class":
+            rows = min(self.model.config.num_classes, 8)
+            cond, _ = pipe.conditions([c for c in range(rows) for _ in range(per_row)])
         else:
-            cond = torch.full((2 * per_row,), model.null_class)
+            cond, _ = pipe.conditions(num_images=2 * per_row)
         gen = torch.Generator(self.rt.device).manual_seed(0)  # the same noise at every step
-        _, images = generate(self.vae, model.eval(), cond.to(self.rt.device), SamplingConfig(),
-                             gen, batch_size=64)  # fmt: skip
+        _, images = pipe.sample(cond, SamplingConfig(), gen)
         self.model.train()
         grid = make_grid(images.cpu(), nrow=per_row)
         save_image(grid, self.out / "samples" / f"samples_{self.step:07d}.png",

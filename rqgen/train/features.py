@@ -41,7 +41,8 @@ from rqgen.data.folder import ImageFolder
 from rqgen.data.shards import Shards
 from rqgen.distributed import from_rank0, meet_after
 from rqgen.errors import DataError
-from rqgen.stage1.dqvae import DQVAE, unpack_codes
+from rqgen.family import family_of
+from rqgen.stage1.dqvae import unpack_codes
 from rqgen.stage2.dq_sequence import DQVocab, to_sequence
 from rqgen.stage2.dq_transformer import stack_sequence
 from rqgen.train.views import ShardViews
@@ -92,8 +93,8 @@ class StoreKey:
 def store_kind(vae: torch.nn.Module, soft_labels: bool, stochastic_codes: bool) -> str:
     """fp16 features where codes are drawn or soft targets computed at every step; else the
     argmin codes themselves (int16), which is all hard-label training reads."""
-    if isinstance(vae, DQVAE):
-        return "dq"
+    if not family_of(vae).residual:
+        return "dq"  # the token streams of each image
     return "features" if soft_labels or stochastic_codes else "codes"
 
 

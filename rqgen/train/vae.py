@@ -18,13 +18,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import IterableDataset
 
 from rqgen.configs import DQVAEExperiment, VAEExperiment
+from rqgen.configs.validate import check_run
 from rqgen.data import build_dataset, describe
 from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
-from rqgen.errors import ConfigError
 from rqgen.evaluate import psnr
-from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
+from rqgen.family import family_of
 from rqgen.stage1.losses import LPIPS, NLayerDiscriminator, Stage1Loss
-from rqgen.stage1.rqvae import RQVAE
 from rqgen.train.data import run_dataset
 from rqgen.train.ema import WeightEMA
 from rqgen.train.metrics import MetricsLog
@@ -85,11 +84,7 @@ class VAETrainer(Trainer):
         t, m = exp.train, exp.model
         self._set_precision(t.precision)
         self.scaler_d = self._new_scaler()  # the discriminator's losses have their own scale
-        if t.batch_size % (rt.world_size * t.grad_accum):
-            raise ConfigError(
-                f"train.batch_size={t.batch_size} must be divisible by processes × grad_accum "
-                f"= {rt.world_size} × {t.grad_accum}"
-            )
+        check_run(exp, rt.world_size)
         self.micro_batch = t.batch_size // (rt.world_size * t.grad_accum)
         self.state = TrainState(self.out)
         self.resume_changes = from_rank0(
@@ -97,8 +92,8 @@ class VAETrainer(Trainer):
         )
 
         seed_everything(t.seed)  # identical init on every rank, and across reruns
-        self.is_dq = isinstance(m, DQVAEConfig)
-        self.model = (DQVAE(m) if self.is_dq else RQVAE(m)).to(rt.device)
+        self.family = family_of(m)
+        self.model = self.family.vae(m).to(rt.device)
         lpips = LPIPS.from_pretrained().to(rt.device) if t.perceptual_weight > 0 else None
         self.use_gan = t.adversarial_weight > 0
         self.disc = (
@@ -128,7 +123,7 @@ class VAETrainer(Trainer):
             n = t.val_batches * self.micro_batch * rt.world_size
             self.val_set = list(itertools.islice(self.val_set, n))
         self.log = MetricsLog(self.out, rt.is_main)
-        if self.is_dq and self.model.needs_router_fit:
+        if not self.family.residual and self.model.needs_router_fit:
             self._fit_entropy_router()
 
     def _fit_entropy_router(self, max_images: int = 50_000) -> None:
@@ -232,7 +227,7 @@ class VAETrainer(Trainer):
                 out = model(x)
             xr = out.reconstruction.float().clamp(-1, 1)
             sums[0] += psnr(xr, x).double().sum()
-            if self.is_dq:
+            if not self.family.residual:  # the share of fine cells
                 sums[1] += out.fine_mask.flatten(1).double().mean(1).sum()
             sums[2] += len(x)
             if first is None:
@@ -245,7 +240,7 @@ class VAETrainer(Trainer):
             save_image(grid, self.out / "samples" / f"recon_{self.step:07d}.png")
             self.log.image("reconstructions", grid, self.step)
         result = {"val_psnr": float(sums[0] / sums[2])}
-        if self.is_dq:
+        if not self.family.residual:
             result["val_fine_fraction"] = float(sums[1] / sums[2])
         return result
 
@@ -263,8 +258,10 @@ class VAETrainer(Trainer):
     # ------------------------------------------------------------------ loop hooks
     def describe(self) -> str:
         m = self.exp.model
-        what = (f"DQ-VAE coarse {m.coarse_size}² / fine {m.fine_size}² ({m.router} router, "
-                f"r={m.fine_fraction})" if self.is_dq else f"RQ-VAE {m.code_shape}")  # fmt: skip
+        what = f"RQ-VAE {m.code_shape}"
+        if not self.family.residual:
+            what = (f"DQ-VAE coarse {m.coarse_size}² / fine {m.fine_size}² ({m.router} router, "
+                    f"r={m.fine_fraction})")  # fmt: skip
         return f"{what} K={m.codebook_size} on {describe(self.data)}"
 
     def log_extra(self) -> dict[str, float]:

@@ -1,0 +1,110 @@
+"""The two model families, and everything in which they differ, in one place.
+
+RQ: an RQ-VAE's (H, W, D) residual code stacks, modelled by an RQ-Transformer (spatial +
+depth transformer, soft labels and stochastic codes of Eq. 15, text or class conditions).
+DQ: a DQ-VAE's code map of dynamic granularity, flattened into token streams and modelled
+by a DQ-Transformer (position + content transformer, hard codes, class conditions).
+
+Code outside this module asks `family_of(model)` (a VAE, a transformer, either's config or
+model_type) and calls what it holds; no `isinstance` on the model classes elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from rqgen.configs.stage2 import ARModelConfig, ar_transformer_config
+from rqgen.errors import CheckpointError
+from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
+from rqgen.stage1.rqvae import RQVAE, RQVAEConfig
+from rqgen.stage2.dq_sampling import sample_dq_codes
+from rqgen.stage2.dq_transformer import DQTransformer, DQTransformerConfig
+from rqgen.stage2.guidance import SamplingConfig
+from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig, codebook_fingerprint
+from rqgen.stage2.sampling import sample_codes
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family is made of, and what it can do."""
+
+    name: str  # "RQ" | "DQ": RQ-VAE / RQ-Transformer, DQ-VAE / DQ-Transformer
+    vae: type[nn.Module]
+    vae_config: type
+    transformer: type[nn.Module]
+    transformer_config: type
+    residual: bool  # codes have a residual depth: coarse-to-fine Ẑ(d), soft labels (Eq. 15)
+    text: bool  # the transformer can be text-conditional
+    compiled_sampling: bool  # a fixed-shape, compiled sampler exists
+
+    @property
+    def types(self) -> tuple[str, str]:
+        """The model_type of the VAE and of the transformer."""
+        return self.vae.model_type, self.transformer.model_type
+
+    def code_depth(self, vae) -> int:
+        """Codes per position a soft target covers (1: one code per token)."""
+        return vae.quantizer.depth if self.residual else 1
+
+    def conditioning(self, config) -> str:
+        """class | text | none, from a transformer config."""
+        if self.text and config.text_vocab_size:
+            return "text"
+        return "class" if config.num_classes else "none"
+
+    def build(self, m: ARModelConfig, vae, num_classes: int, tokenizer=None) -> nn.Module:
+        """A fresh transformer for the user's choices `m` over `vae`'s codes."""
+        fingerprint = codebook_fingerprint(vae.quantizer.codebook)
+        if not self.residual:
+            return DQTransformer(DQTransformerConfig(
+                codebook_size=vae.config.codebook_size, coarse_size=vae.config.coarse_size,
+                width=m.width, heads=m.heads, position_layers=m.position_layers,
+                content_layers=m.content_layers, dropout=m.dropout, num_classes=num_classes,
+                vae_fingerprint=fingerprint,
+            ))  # fmt: skip
+        q, text = vae.quantizer, m.conditioning == "text"
+        cfg = ar_transformer_config(
+            m, q.codebook_size, vae.config.code_shape, q.dim, num_classes,
+            tokenizer.vocab_size if text else 0, shared_codebook=q.shared_codebook,
+            vae_fingerprint=fingerprint, text_pad_id=tokenizer.pad_id if text else 0,
+        )  # fmt: skip
+        return RQTransformer(cfg, q.codebook)
+
+    def sample(self, model, cond: Tensor, sampling: SamplingConfig, generator) -> Tensor:
+        """Code maps for conditions `cond`: (B, H, W, D), or packed DQ maps (B, 2Hc, 2Hc, 2)."""
+        if self.residual:
+            return sample_codes(model, cond, sampling, generator)
+        return sample_dq_codes(model, cond, sampling, generator)
+
+    def describe(self, model) -> str:
+        c, n = model.config, sum(p.numel() for p in model.parameters())
+        if self.residual:
+            return (f"RQ-Transformer ({n / 1e6:.1f}M params, {c.spatial_layers}+"
+                    f"{c.depth_layers} layers, width {c.width})")  # fmt: skip
+        return (f"DQ-Transformer ({n / 1e6:.1f}M params, {c.position_layers}+"
+                f"{c.content_layers} layers, width {c.width})")  # fmt: skip
+
+
+RQ = Family("RQ", RQVAE, RQVAEConfig, RQTransformer, RQTransformerConfig, True, True, True)
+DQ = Family("DQ", DQVAE, DQVAEConfig, DQTransformer, DQTransformerConfig, False, False, False)
+FAMILIES = (RQ, DQ)
+
+
+def family_of(thing) -> Family:
+    """The family of a VAE, a transformer, either's config (or experiment), or a model_type."""
+    if isinstance(thing, str):
+        for f in FAMILIES:
+            if thing in f.types:
+                return f
+        raise CheckpointError(f"{thing!r} is not a model of rqgen: expected one of "
+                              f"{', '.join(t for f in FAMILIES for t in f.types)}")  # fmt: skip
+    kind = type(thing)
+    for f in FAMILIES:
+        if issubclass(kind, (f.vae, f.transformer, f.vae_config, f.transformer_config)):
+            return f
+    model = getattr(thing, "model", None)  # an experiment: its model config
+    if model is not None and not isinstance(model, nn.Module):
+        return family_of(model)
+    raise TypeError(f"{kind.__name__} belongs to no model family")
