@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from rqgen.errors import CheckpointError
+from rqgen.errors import CheckpointError, ConfigError
 from rqgen.utils.files import atomic_write
 
 CONFIG_NAME = "config.json"
@@ -75,8 +75,10 @@ def _check_types(config, source: Path) -> None:
         if value is None and "None" in str(f.type):
             continue
         if not _KINDS.get(kind, lambda v: True)(value):
-            raise CheckpointError(f"{source}: {f.name}={value!r} is not a valid {kind}; the "
-                                  "checkpoint is corrupt or was edited by hand")  # fmt: skip
+            raise CheckpointError(
+                f"{source}: {f.name}={value!r} is not a valid {kind}; the "
+                "checkpoint is corrupt or was edited by hand"
+            )
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -115,8 +117,9 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike, apply
             + "; ".join(parts)
             + ": the directory mixes files from different models"
         )
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()),
-               None)  # fmt: skip
+    bad = next(
+        (k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None
+    )
     if bad is not None:
         raise CheckpointError(
             f"weights in {path} hold NaN or infinite values (e.g. {bad}): the run diverged "
@@ -147,8 +150,8 @@ class Pretrained:
     def config_from_dict(cls, raw: dict, source: Path | str = "config") -> Any:
         """The config dataclass from its JSON form, with every field's type checked and,
         where the field has a validation rule, its range (`source` names the file)."""
+        # here, not at the top: the configs import the models, which import this module
         from rqgen.configs.validate import RULES, check_fields
-        from rqgen.errors import ConfigError
 
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = sorted(set(raw) - fields)

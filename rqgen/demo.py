@@ -16,12 +16,18 @@ from pathlib import Path
 
 import torch
 
-from rqgen.configs import load_vae_experiment
+from rqgen.configs import load_ar_experiment, load_vae_experiment
 from rqgen.data import build_dataset
+from rqgen.evaluate.digits import heldout_accuracy, load_or_train, score_digits
 from rqgen.evaluate.vae import evaluate_vae, write_reconstructions
+from rqgen.pipeline import RQPipeline
 from rqgen.stage1.rqvae import RQVAE
+from rqgen.stage2.guidance import SamplingConfig
+from rqgen.train.ar import train_ar
 from rqgen.train.vae import train_vae
 from rqgen.utils.device import resolve_device
+from rqgen.utils.images import save_grid
+from rqgen.utils.paths import cache_dir
 
 DEMO_STEPS = 300  # about 6 minutes on 2 CPU cores
 
@@ -85,13 +91,6 @@ def run_demo(
     """Stage 1 + stage 2 on the bundled digits: tiny32 RQ-VAE, class-conditional RQ-Transformer
     (with `dq`: dq-tiny32 DQ-VAE and DQ-Transformer, same steps and batch), a grid of
     samples for every class, scored by a classifier trained on real digits."""
-    from rqgen.configs import load_ar_experiment
-    from rqgen.evaluate.digits import heldout_accuracy, load_or_train, score_digits
-    from rqgen.pipeline import RQPipeline
-    from rqgen.stage2.guidance import SamplingConfig
-    from rqgen.train.ar import train_ar
-    from rqgen.utils.images import save_grid
-    from rqgen.utils.paths import cache_dir
 
     start = time.time()
     exp = load_vae_experiment(
@@ -100,7 +99,7 @@ def run_demo(
             f"train.steps={vae_steps or DIGITS_VAE_STEPS}",
             *DIGITS_VAE_OVERRIDES,
             *([] if dq else DIGITS_RQVAE_OVERRIDES),
-        ],  # fmt: skip
+        ],
     )
     vae_dir = train_vae(exp, "bundled:digits", out / "vae", device=device)
     ar_exp = load_ar_experiment(
@@ -144,7 +143,7 @@ def run_demo(
                 "fine_fraction",
             )
             if k in stage1
-        },  # fmt: skip
+        },
         "classifier_heldout_accuracy": classifier_acc,
         "sampling": {"top_k": DEMO_TOP_K, "guidance_scale": {"samples": 1.0, "samples_cfg2": 2.0}},
         "generation": results,
@@ -158,9 +157,13 @@ def run_demo(
     print(f"  reconstructions  {out / 'reconstructions'}")
     for name, r in results.items():
         u = unfiltered[name]
-        print(f"  {name} (top-k {DEMO_TOP_K}): classifier accuracy {r['accuracy']:.1%}, "
-              f"Fréchet distance {r['frechet_distance']:.2f}  (without top-k: "
-              f"{u['accuracy']:.1%}, {u['frechet_distance']:.2f})")  # fmt: skip
-    print(f"  in a browser     .venv/bin/rqgen serve --model {out / 'ar'}   "
-          "(then open http://127.0.0.1:7860)")  # fmt: skip
+        print(
+            f"  {name} (top-k {DEMO_TOP_K}): classifier accuracy {r['accuracy']:.1%}, "
+            f"Fréchet distance {r['frechet_distance']:.2f}  (without top-k: "
+            f"{u['accuracy']:.1%}, {u['frechet_distance']:.2f})"
+        )
+    print(
+        f"  in a browser     .venv/bin/rqgen serve --model {out / 'ar'}   "
+        "(then open http://127.0.0.1:7860)"
+    )
     return metrics

@@ -58,18 +58,31 @@ class Family:
         """A fresh transformer for the user's choices `m` over `vae`'s codes."""
         fingerprint = codebook_fingerprint(vae.quantizer.codebook)
         if not self.residual:
-            return DQTransformer(DQTransformerConfig(
-                codebook_size=vae.config.codebook_size, coarse_size=vae.config.coarse_size,
-                width=m.width, heads=m.heads, position_layers=m.position_layers,
-                content_layers=m.content_layers, dropout=m.dropout, num_classes=num_classes,
-                vae_fingerprint=fingerprint,
-            ))  # fmt: skip
+            return DQTransformer(
+                DQTransformerConfig(
+                    codebook_size=vae.config.codebook_size,
+                    coarse_size=vae.config.coarse_size,
+                    width=m.width,
+                    heads=m.heads,
+                    position_layers=m.position_layers,
+                    content_layers=m.content_layers,
+                    dropout=m.dropout,
+                    num_classes=num_classes,
+                    vae_fingerprint=fingerprint,
+                )
+            )
         q, text = vae.quantizer, m.conditioning == "text"
         cfg = ar_transformer_config(
-            m, q.codebook_size, vae.config.code_shape, q.dim, num_classes,
-            tokenizer.vocab_size if text else 0, shared_codebook=q.shared_codebook,
-            vae_fingerprint=fingerprint, text_pad_id=tokenizer.pad_id if text else 0,
-        )  # fmt: skip
+            m,
+            q.codebook_size,
+            vae.config.code_shape,
+            q.dim,
+            num_classes,
+            tokenizer.vocab_size if text else 0,
+            shared_codebook=q.shared_codebook,
+            vae_fingerprint=fingerprint,
+            text_pad_id=tokenizer.pad_id if text else 0,
+        )
         return RQTransformer(cfg, q.codebook)
 
     def sample(self, model, cond: Tensor, sampling: SamplingConfig, generator) -> Tensor:
@@ -81,10 +94,14 @@ class Family:
     def describe(self, model) -> str:
         c, n = model.config, sum(p.numel() for p in model.parameters())
         if self.residual:
-            return (f"RQ-Transformer ({n / 1e6:.1f}M params, {c.spatial_layers}+"
-                    f"{c.depth_layers} layers, width {c.width})")  # fmt: skip
-        return (f"DQ-Transformer ({n / 1e6:.1f}M params, {c.position_layers}+"
-                f"{c.content_layers} layers, width {c.width})")  # fmt: skip
+            return (
+                f"RQ-Transformer ({n / 1e6:.1f}M params, {c.spatial_layers}+"
+                f"{c.depth_layers} layers, width {c.width})"
+            )
+        return (
+            f"DQ-Transformer ({n / 1e6:.1f}M params, {c.position_layers}+"
+            f"{c.content_layers} layers, width {c.width})"
+        )
 
 
 RQ = Family("RQ", RQVAE, RQVAEConfig, RQTransformer, RQTransformerConfig, True, True, True)
@@ -98,8 +115,10 @@ def family_of(thing) -> Family:
         for f in FAMILIES:
             if thing in f.types:
                 return f
-        raise CheckpointError(f"{thing!r} is not a model of rqgen: expected one of "
-                              f"{', '.join(t for f in FAMILIES for t in f.types)}")  # fmt: skip
+        raise CheckpointError(
+            f"{thing!r} is not a model of rqgen: expected one of "
+            f"{', '.join(t for f in FAMILIES for t in f.types)}"
+        )
     kind = type(thing)
     for f in FAMILIES:
         if issubclass(kind, (f.vae, f.transformer, f.vae_config, f.transformer_config)):

@@ -53,9 +53,13 @@ class RQPipeline:
         self.source = ""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, vae: str | Path | None = None,
-                        device: str | torch.device = "auto", dtype: str = "auto",
-                        ) -> RQPipeline:  # fmt: skip
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        vae: str | Path | None = None,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+    ) -> RQPipeline:
         """The transformer directory written by `rqgen train-ar` (its VAE is found from what
         it records, or given as `vae`). `dtype` (fp32, bf16, fp16, or auto: bf16 on CUDA)
         is the transformer's: its weights and KV caches are cast, logits are sampled in
@@ -124,8 +128,9 @@ class RQPipeline:
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels]
         if temperature <= 0 or guidance_scale < 0:
-            raise ConfigError(f"temperature={temperature} must be > 0 and "
-                              f"guidance_scale={guidance_scale} ≥ 0")  # fmt: skip
+            raise ConfigError(
+                f"temperature={temperature} must be > 0 and guidance_scale={guidance_scale} ≥ 0"
+            )
         cond, names = self.conditions(class_labels, prompt, num_images)
         generator = torch.Generator(self.device)
         if seed is None:
@@ -138,9 +143,12 @@ class RQPipeline:
         return PipelineOutput([to_pil(x) for x in pixels], codes.cpu(), pixels, names)
 
     # ------------------------------------------------------------------ requests
-    def conditions(self, class_labels: Sequence[int | str] | None = None,
-                   prompt: str | Sequence[str] | None = None, num_images: int | None = None,
-                   ) -> tuple[Tensor, list[str]]:  # fmt: skip
+    def conditions(
+        self,
+        class_labels: Sequence[int | str] | None = None,
+        prompt: str | Sequence[str] | None = None,
+        num_images: int | None = None,
+    ) -> tuple[Tensor, list[str]]:
         """The condition tensor of a request, on the pipeline's device, and a name per
         sample. Classes are ids or names; without labels a class-conditional model cycles
         through every class (`num_images` images, default one per class)."""
@@ -173,29 +181,42 @@ class RQPipeline:
 
     # ------------------------------------------------------------------ drawing
     @torch.no_grad()
-    def sample(self, cond: Tensor, sampling: SamplingConfig | None = None,
-               generator: torch.Generator | PerSampleSeeds | None = None, batch_size: int = 64,
-               ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def sample(
+        self,
+        cond: Tensor,
+        sampling: SamplingConfig | None = None,
+        generator: torch.Generator | PerSampleSeeds | None = None,
+        batch_size: int = 64,
+    ) -> tuple[Tensor, Tensor]:
         """Codes sampled and decoded batch by batch: codes (B, H, W, D) (a DQ-Transformer
         gives packed DQ-VAE code maps, (B, 2Hc, 2Hc, 2)), images (B, 3, R, R) in [-1, 1]."""
         sampling = sampling or SamplingConfig()
         self.model.check_vae(self.vae)
         if sampling.compile and not self.family.compiled_sampling:
-            raise ConfigError(f"--compile is for RQ-Transformers: sample a "
-                              f"{self.family.name}-Transformer without it")  # fmt: skip
+            raise ConfigError(
+                f"--compile is for RQ-Transformers: sample a "
+                f"{self.family.name}-Transformer without it"
+            )
         was_training = self.model.training
         codes, images = [], []
         for s in range(0, cond.shape[0], batch_size):
-            c = self.family.sample(self.model, cond[s : s + batch_size], sampling,
-                                   _part(generator, s, batch_size))  # fmt: skip
+            c = self.family.sample(
+                self.model, cond[s : s + batch_size], sampling, _part(generator, s, batch_size)
+            )
             codes.append(c)
             images.append(self.vae.decode_codes(c).clamp(-1, 1))
         self.model.train(was_training)
         return torch.cat(codes), torch.cat(images)
 
-    def stream(self, cond: Tensor, out: str | Path, sampling: SamplingConfig | None = None,
-               generator=None, batch_size: int = 64, indices: Sequence[int] | None = None,
-               ) -> Iterator[Tensor]:  # fmt: skip
+    def stream(
+        self,
+        cond: Tensor,
+        out: str | Path,
+        sampling: SamplingConfig | None = None,
+        generator=None,
+        batch_size: int = 64,
+        indices: Sequence[int] | None = None,
+    ) -> Iterator[Tensor]:
         """Sample `cond` batch by batch, write each image to OUT/NNNNNN_<class>.png and yield
         the batch: memory stays at one batch however many samples are drawn. `indices`
         number the files (default 0, 1, ...): a torchrun rank drawing its share names them
@@ -217,9 +238,15 @@ class RQPipeline:
         return self.classes[k] if k < len(self.classes) else str(k)
 
     @torch.no_grad()
-    def best_of(self, cond: Tensor, score: Scorer, acceptance: float,
-                sampling: SamplingConfig | None = None, generator=None, batch_size: int = 64,
-                ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def best_of(
+        self,
+        cond: Tensor,
+        score: Scorer,
+        acceptance: float,
+        sampling: SamplingConfig | None = None,
+        generator=None,
+        batch_size: int = 64,
+    ) -> tuple[Tensor, Tensor]:
         """Selection by a scorer: for each distinct condition with n rows in `cond`, draw
         ceil(n / acceptance) candidates and keep the n that `score(images, row)` ranks
         highest (`row` indexes `cond` at one row of that condition). Output follows the
@@ -240,8 +267,15 @@ class RQPipeline:
             codes[where], images[where] = cand_codes[keep], cand[keep]
         return codes, images
 
-    def rejection_sample(self, cond: Tensor, classifier: torch.nn.Module, acceptance: float,
-                         sampling=None, generator=None, batch_size: int = 64):  # fmt: skip
+    def rejection_sample(
+        self,
+        cond: Tensor,
+        classifier: torch.nn.Module,
+        acceptance: float,
+        sampling=None,
+        generator=None,
+        batch_size: int = 64,
+    ):
         """The paper's rejection sampling: of ceil(n / acceptance) candidates per class keep
         the n that `classifier` finds most likely to be the requested class."""
 
@@ -250,8 +284,16 @@ class RQPipeline:
 
         return self.best_of(cond, score, acceptance, sampling, generator, batch_size)
 
-    def clip_rerank(self, cond: Tensor, texts: list[str], scorer, candidates: int,
-                    sampling=None, generator=None, batch_size: int = 64):  # fmt: skip
+    def clip_rerank(
+        self,
+        cond: Tensor,
+        texts: list[str],
+        scorer,
+        candidates: int,
+        sampling=None,
+        generator=None,
+        batch_size: int = 64,
+    ):
         """CLIP re-ranking (best of `candidates` per image): `texts[i]` describes row i of
         `cond` (its prompt, or a caption built from its class); `scorer` is a CLIPScorer."""
         if candidates < 1:
@@ -271,8 +313,9 @@ def _class_id(label: int | str, classes: Sequence[str], num_classes: int) -> int
     if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):
         return int(label)
     names = ", ".join(f"{i}={name}" for i, name in enumerate(classes)) or "none recorded"
-    raise ConfigError(f"unknown class {label!r}: use an id 0..{num_classes - 1} or a name "
-                      f"({names})")  # fmt: skip
+    raise ConfigError(
+        f"unknown class {label!r}: use an id 0..{num_classes - 1} or a name ({names})"
+    )
 
 
 def _part(generator, start: int, size: int):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from rqgen.pipeline import RQPipeline
 from rqgen.utils.images import class_rows, enlarge, labelled_row, make_grid, to_pil
@@ -36,7 +36,6 @@ def coarse_to_fine(pipe: RQPipeline, codes: torch.Tensor) -> Image.Image | None:
 def sample_grid(out, per_row: int, cell: int = 64) -> Image.Image:
     """The samples as one picture, one class per row (the class name at its left), as
     `rqgen sample` and the demo draw them."""
-    from PIL import ImageDraw, ImageFont
 
     names = list(dict.fromkeys(out.names))  # row order: first appearance (class-major input)
     ids = [names.index(n) for n in out.names]
@@ -54,9 +53,15 @@ def sample_grid(out, per_row: int, cell: int = 64) -> Image.Image:
 
 
 def generate(
-    pipe: RQPipeline, choice: str, prompt: str, guidance_scale: float, top_k: int, top_p: float,
-    seed: int, n: int,
-) -> tuple[Image.Image, Image.Image | None, str]:  # fmt: skip
+    pipe: RQPipeline,
+    choice: str,
+    prompt: str,
+    guidance_scale: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    n: int,
+) -> tuple[Image.Image, Image.Image | None, str]:
     """What the Generate button does: the samples (one class per row), the first one's
     coarse-to-fine strip, and a one-line status."""
     top_k = int(top_k) if top_k and int(top_k) > 0 else None
@@ -86,11 +91,17 @@ def build_app(pipe: RQPipeline):
         with gr.Row():
             with gr.Column(scale=1):
                 classes = bool(c.num_classes) and not text
-                choice = gr.Dropdown([ALL_CLASSES, *pipe.classes], value=ALL_CLASSES,
-                                     label="class", visible=classes)  # fmt: skip
+                choice = gr.Dropdown(
+                    [ALL_CLASSES, *pipe.classes], value=ALL_CLASSES, label="class", visible=classes
+                )
                 prompt = gr.Textbox(label="prompt", value="a photo", visible=text)
-                scale = gr.Slider(1.0, 8.0, value=2.0 if c.num_classes or text else 1.0,
-                                  step=0.5, label="guidance scale (1 = off)")  # fmt: skip
+                scale = gr.Slider(
+                    1.0,
+                    8.0,
+                    value=2.0 if c.num_classes or text else 1.0,
+                    step=0.5,
+                    label="guidance scale (1 = off)",
+                )
                 top_k = gr.Number(value=0, precision=0, label="top-k (0 = all codes)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
                 seed = gr.Number(value=0, precision=0, label="seed")
@@ -101,26 +112,44 @@ def build_app(pipe: RQPipeline):
             with gr.Column(scale=2):
                 gr.Markdown("**Samples**, one class per row")
                 gallery = gr.Image(show_label=False, elem_id="samples", format="png")
-                gr.Markdown("**Coarse to fine**: the first sample decoded from its first 1, 2, "
-                            "… D codes (Ẑ(1) … Ẑ(D))")  # fmt: skip
+                gr.Markdown(
+                    "**Coarse to fine**: the first sample decoded from its first 1, 2, "
+                    "… D codes (Ẑ(1) … Ẑ(D))"
+                )
                 strip = gr.Image(show_label=False, elem_id="strip", format="png")
-        button.click(lambda *a: generate(pipe, *a), [choice, prompt, scale, top_k, top_p, seed, n],
-                     [gallery, strip, status])  # fmt: skip
+        button.click(
+            lambda *a: generate(pipe, *a),
+            [choice, prompt, scale, top_k, top_p, seed, n],
+            [gallery, strip, status],
+        )
     return app
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: str | None = None,
-          block: bool = True):  # fmt: skip
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    device: str | None = None,
+    block: bool = True,
+):
     """Load the model and start the app; returns (app, url) when not blocking."""
     import gradio as gr
 
     pipe = RQPipeline.from_pretrained(model, device=device)
     app = build_app(pipe)
-    theme = gr.themes.Default(font=["system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # fmt: skip
-    _, url, _ = app.launch(server_name=host, server_port=port, share=False, quiet=True,
-                           prevent_thread_lock=True, ssr_mode=False, theme=theme,
-                           footer_links=[])  # fmt: skip
+    theme = gr.themes.Default(
+        font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    _, url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        quiet=True,
+        prevent_thread_lock=True,
+        ssr_mode=False,
+        theme=theme,
+        footer_links=[],
+    )
     print(f"rqgen: serving {model} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
     if block:
         app.block_thread()

@@ -8,6 +8,9 @@ import argparse
 import sys
 import time
 
+from tqdm import tqdm
+
+from rqgen import __version__
 from rqgen.cli import convert, data, eval_gen, evaluate, sample, train
 from rqgen.errors import Interrupted, RqgenError
 
@@ -38,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rqgen", description="Residual-quantized autoregressive image generation."
     )
-    from rqgen import __version__
 
     parser.add_argument("--version", action="version", version=f"rqgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +77,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _close_progress_bars() -> None:
     """A bar left open by the failure would share its line with the error message."""
-    from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
@@ -84,9 +85,12 @@ def _close_progress_bars() -> None:
 def _out_of_memory(e: BaseException) -> int:
     _close_progress_bars()
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    print(f"rqgen: error: out of memory ({first[:160]}): lower train.batch_size (or raise "
-          "train.grad_accum) for training, --batch-size for sampling and evaluation; the last "
-          "checkpoint is intact", file=sys.stderr)  # fmt: skip
+    print(
+        f"rqgen: error: out of memory ({first[:160]}): lower train.batch_size (or raise "
+        "train.grad_accum) for training, --batch-size for sampling and evaluation; the last "
+        "checkpoint is intact",
+        file=sys.stderr,
+    )
     return 2
 
 

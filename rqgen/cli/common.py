@@ -6,12 +6,20 @@ from __future__ import annotations
 import argparse
 import math
 
+from rqgen.configs.validate import Rule
+from rqgen.stage2.guidance import SamplingConfig
+from rqgen.utils.device import resolve_device
 
-def number(kind=int, low: float | None = None, high: float | None = None,
-           open_low: bool = False, open_high: bool = False):  # fmt: skip
+
+def number(
+    kind=int,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+):
     """An argparse type: `kind` within [low, high] (open ends where asked), else one line
     naming the range."""
-    from rqgen.configs.validate import Rule
 
     rule = Rule("int" if kind is int else "float", low, high, open_low, open_high)
 
@@ -33,30 +41,33 @@ POSITIVE_INT = number(int, 1)
 
 def add_device(p) -> None:
     p.add_argument(
-        "--device", default="auto",
+        "--device",
+        default="auto",
         help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process "
         "takes cuda:LOCAL_RANK (default: auto)",
-    )  # fmt: skip
+    )
 
 
 def add_compile(p) -> None:
     p.add_argument(
-        "--compile", action="store_true",
+        "--compile",
+        action="store_true",
         help="compile the sampler's per-step networks (fixed shapes over static KV caches; "
         "CUDA graphs on GPU). The first batch pays the compilation (~30 s on CPU)",
-    )  # fmt: skip
+    )
 
 
 def add_dtype(p) -> None:
     p.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
         help="the transformer's precision while sampling; auto: bf16 on CUDA, fp32 on CPU "
         "(whose bf16 is emulated and slower) (default: auto)",
-    )  # fmt: skip
+    )
 
 
 def device_for(name: str | None):
-    from rqgen.utils.device import resolve_device
 
     return resolve_device(name)
 
@@ -78,10 +89,20 @@ def add_sampling(p) -> None:
     """The sampling options of `sample` and `eval-gen`, read back by `sampling_config`."""
     p.add_argument("--top-k", type=per_depth(int), help="K, or one per depth: 64,32,16,16")
     p.add_argument("--top-p", type=per_depth(float), help="P, or one per depth")
-    p.add_argument("--temperature", type=number(float, 0, open_low=True), default=1.0,
-                   help="softmax temperature of every depth")  # fmt: skip
-    p.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=number(float, 0),
-                   default=1.0, help="classifier-free guidance scale (1: off)")  # fmt: skip
+    p.add_argument(
+        "--temperature",
+        type=number(float, 0, open_low=True),
+        default=1.0,
+        help="softmax temperature of every depth",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        "--cfg",
+        dest="guidance_scale",
+        type=number(float, 0),
+        default=1.0,
+        help="classifier-free guidance scale (1: off)",
+    )
     p.add_argument("--seed", type=number(int, 0), default=0, help="the same seed, the same images")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images sampled at once")
     add_device(p)
@@ -90,7 +111,7 @@ def add_sampling(p) -> None:
 
 
 def sampling_config(args):
-    from rqgen.stage2.guidance import SamplingConfig
 
-    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.guidance_scale,
-                          args.compile)  # fmt: skip
+    return SamplingConfig(
+        args.temperature, args.top_k, args.top_p, args.guidance_scale, args.compile
+    )

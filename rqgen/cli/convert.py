@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from rqgen.convert.official import convert_stage1, convert_stage2, load_official_config
+from rqgen.errors import ConfigError
+from rqgen.stage2.text import TextTokenizer
 
 
 def add_convert_official(sub) -> None:
@@ -20,17 +25,11 @@ def add_convert_official(sub) -> None:
 
 
 def cmd_convert_official(args) -> int:
-    import os
-
-    from rqgen.convert.official import convert_stage1, convert_stage2, load_official_config
-    from rqgen.errors import ConfigError
 
     out = Path(args.out)
     vae = convert_stage1(args.stage1, args.ema)  # everything is checked before writing
     tokenizer = None
     if args.bpe_vocab or args.bpe_merges:
-        from rqgen.stage2.text import TextTokenizer
-
         if not (args.bpe_vocab and args.bpe_merges):
             raise ConfigError("pass both --bpe-vocab and --bpe-merges")
         tokenizer = TextTokenizer.from_official(args.bpe_vocab, args.bpe_merges)
@@ -49,9 +48,15 @@ def cmd_convert_official(args) -> int:
         conf = load_official_config(args.stage2)
         # the top-k / top-p / temperature the official scripts sample this model with
         sampling = conf.get("sampling") or conf.get("experiment", {}).get("sample") or {}
-        model.save_pretrained(out / "ar", vae=vae_rel, conditioning=conditioning, classes=[],
-                              source=str(args.stage2), converted_from="official",
-                              official_sampling=sampling)  # fmt: skip
+        model.save_pretrained(
+            out / "ar",
+            vae=vae_rel,
+            conditioning=conditioning,
+            classes=[],
+            source=str(args.stage2),
+            converted_from="official",
+            official_sampling=sampling,
+        )
         if model.config.text_vocab_size:
             tokenizer.length = model.config.text_length
             tokenizer.save(out / "ar")

@@ -15,7 +15,31 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
 from rqgen.cli.common import POSITIVE_INT, add_device, add_sampling, number, sampling_config
+from rqgen.cli.evaluate import check_finite
+from rqgen.data import build_dataset
+from rqgen.data.shards import is_shards
+from rqgen.distributed import Runtime, gather_objects, init_runtime, meet_after, shutdown_runtime
+from rqgen.errors import CheckpointError, ConfigError, DataError
+from rqgen.evaluate.clip import CLIPScorer
+from rqgen.evaluate.generation import (
+    FeatureStats,
+    build_evaluator,
+    check_digits_like,
+    frechet_distance,
+    inception_score,
+    kernel_distance,
+    merge_shares,
+    share_stats,
+)
+from rqgen.pipeline import RQPipeline
+from rqgen.stage2.guidance import PerSampleSeeds
+from rqgen.utils.device import resolve_device
+from rqgen.utils.files import check_output_file, check_writable_dir, read_text
 
 
 def add_eval_gen(sub) -> None:
@@ -25,18 +49,25 @@ def add_eval_gen(sub) -> None:
     src.add_argument("--model", help="RQ-Transformer directory: sample, stream to --out, score")
     p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
     p.add_argument(
-        "--n", "--num-samples", dest="n", type=POSITIVE_INT,
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=POSITIVE_INT,
         help="samples to draw with --model (default: 1000); under torchrun write "
         "--num-samples (torchrun's own parser takes --n for one of its options)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--per-class", type=POSITIVE_INT, help="class-balanced: this many samples per class"
     )
     p.add_argument("--prompts", help="text models: a file of captions, one per line (cycled)")
     p.add_argument("--clip", help="local CLIP directory for the CLIP score of text models")
     p.add_argument("--out", help="where --model writes its PNGs (default: MODEL/samples_eval)")
-    p.add_argument("--features", choices=["inception", "digits"], default="inception",
-                   help="evaluator network (inception: local torch-fidelity weights)")  # fmt: skip
+    p.add_argument(
+        "--features",
+        choices=["inception", "digits"],
+        default="inception",
+        help="evaluator network (inception: local torch-fidelity weights)",
+    )
     p.add_argument(
         "--resolution", type=number(int, 8), help="image size for --ref/--samples folders"
     )
@@ -52,21 +83,15 @@ def _indexed(batches: Iterator, indices: list[int]) -> Iterator[tuple[list[int],
         start += len(batch)
 
 
-def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool,
-                split: str = "val"):  # fmt: skip
+def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool, split: str = "val"):
     """This rank's share of a data source as (indices, batch) pairs, and its size."""
-    from torch.utils.data import DataLoader, Subset
-    from tqdm import tqdm
-
-    from rqgen.data import build_dataset
-    from rqgen.data.shards import is_shards
-    from rqgen.errors import DataError
-    from rqgen.evaluate.generation import check_digits_like
 
     if is_shards(src):  # the KID rows are chosen by index: that needs the count up front
-        raise DataError(f"{src}: reference statistics are read from a folder, prepared "
-                        "data or bundled:NAME, not from tar shards yet (unpack a sample of "
-                        "them)")  # fmt: skip
+        raise DataError(
+            f"{src}: reference statistics are read from a folder, prepared "
+            "data or bundled:NAME, not from tar shards yet (unpack a sample of "
+            "them)"
+        )
     data = build_dataset(src, resolution, split=split, labels=False)
     mine = list(range(rt.rank, len(data), rt.world_size))
     loader = DataLoader(Subset(data, mine), batch_size=batch_size, shuffle=False)
@@ -78,8 +103,6 @@ def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool,
 
 def _conditions(args, pipe):
     """The condition of every sample (all ranks: cheap) and its captions (text models)."""
-    from rqgen.errors import ConfigError, DataError
-    from rqgen.utils.files import read_text
 
     kind = pipe.conditioning
     if args.prompts and kind != "text":
@@ -107,9 +130,6 @@ def _conditions(args, pipe):
 def _sample_share(args, rt, result: dict):
     """This rank's samples, drawn with per-index seeds and written as PNGs, as (indices,
     batch) pairs; the total count; the resolution."""
-    from rqgen.pipeline import RQPipeline
-    from rqgen.stage2.guidance import PerSampleSeeds
-    from rqgen.utils.files import check_writable_dir
 
     pipe = RQPipeline.from_pretrained(args.model, None, rt.device, args.dtype)
     cond, texts = _conditions(args, pipe)
@@ -130,8 +150,6 @@ def _sample_share(args, rt, result: dict):
 def _with_clip_score(images, texts: list[str], clip: str | None, device, result: dict):
     """Pass image batches through, collecting CLIP similarity to their captions in `result`;
     without local CLIP weights, `clip_score` is null with the reason."""
-    from rqgen.errors import CheckpointError
-    from rqgen.evaluate.clip import CLIPScorer
 
     try:
         scorer = CLIPScorer.load(clip, device)
@@ -150,8 +168,6 @@ def _with_clip_score(images, texts: list[str], clip: str | None, device, result:
 
 def _runtime(device: str):
     """Under torchrun: the process group (this rank's device); else a single process."""
-    from rqgen.distributed import Runtime, init_runtime
-    from rqgen.utils.device import resolve_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return init_runtime(device)
@@ -161,7 +177,6 @@ def _runtime(device: str):
 def _on_ranks(device: str, body):
     """body(rt) in one process, or on every torchrun rank; the process group is closed
     after it (with no barrier after an error: another rank may be stuck)."""
-    from rqgen.distributed import shutdown_runtime
 
     rt = _runtime(device)
     try:
@@ -176,8 +191,6 @@ def _on_ranks(device: str, body):
 def _evaluator(args, rt):
     """The evaluator on every rank; rank 0 builds it first, as it may train the digits
     classifier and cache it for the others."""
-    from rqgen.distributed import meet_after
-    from rqgen.evaluate.generation import build_evaluator
 
     build = lambda: build_evaluator(args.features, rt.device)  # noqa: E731
     first = meet_after(rt, lambda: build() if rt.is_main else None)
@@ -187,12 +200,11 @@ def _evaluator(args, rt):
 
 def _data_stats(src: str, resolution: int, evaluator, rt, args, split: str = "val"):
     """Feature statistics of a data source, each rank scoring its share."""
-    from rqgen.distributed import gather_objects, meet_after
-    from rqgen.evaluate.generation import merge_shares, share_stats
 
     def share():
-        data, n = _data_share(src, resolution, rt, args.batch_size, args.features == "digits",
-                              split)  # fmt: skip
+        data, n = _data_share(
+            src, resolution, rt, args.batch_size, args.features == "digits", split
+        )
         return share_stats(data, evaluator, n), n
 
     mine, n = meet_after(rt, share)
@@ -207,19 +219,6 @@ def cmd_eval_gen(args) -> int:
 
 
 def _eval_gen(args, rt) -> dict:
-    import torch
-
-    from rqgen.cli.evaluate import check_finite
-    from rqgen.distributed import gather_objects, meet_after
-    from rqgen.errors import DataError
-    from rqgen.evaluate.generation import (
-        FeatureStats,
-        frechet_distance,
-        inception_score,
-        kernel_distance,
-        merge_shares,
-        share_stats,
-    )
 
     evaluator = _evaluator(args, rt)
     result: dict = {"evaluator": evaluator.name, "world_size": rt.world_size}
@@ -253,10 +252,16 @@ def _eval_gen(args, rt) -> dict:
         ref = _data_stats(args.ref, args.resolution or resolution, evaluator, rt, args)
     kid, kid_std = kernel_distance(ref, fake)
     name = evaluator.score_names()
-    result.update({
-        "reference": ref.source or str(args.ref), "n_reference": ref.n, "n_samples": fake.n,
-        name["fd"]: frechet_distance(ref, fake), name["kd"]: kid, name["kd"] + "_std": kid_std,
-    })  # fmt: skip
+    result.update(
+        {
+            "reference": ref.source or str(args.ref),
+            "n_reference": ref.n,
+            "n_samples": fake.n,
+            name["fd"]: frechet_distance(ref, fake),
+            name["kd"]: kid,
+            name["kd"] + "_std": kid_std,
+        }
+    )
     if logits is not None:
         result[name["is"]], result[name["is"] + "_std"] = inception_score(logits)
     clips = [s["clip"] for s in shares if s.get("clip") is not None]
@@ -275,9 +280,11 @@ def _report(result: dict, as_json: bool) -> None:
     kid_std = result[name["kd"] + "_std"]
     spread = f" ± {kid_std:.5f}" if kid_std is not None else ""
     kd = "KID" if name["kd"] == "kid" else f"KD({short})"
-    print(f"{name['label']} {result[name['fd']]:.3f}  {kd} {result[name['kd']]:.5f}{spread}  "
-          f"({result['n_samples']} samples vs {result['n_reference']} reference images of "
-          f"{result['reference']}; {full}; {result['world_size']} process(es))")  # fmt: skip
+    print(
+        f"{name['label']} {result[name['fd']]:.3f}  {kd} {result[name['kd']]:.5f}{spread}  "
+        f"({result['n_samples']} samples vs {result['n_reference']} reference images of "
+        f"{result['reference']}; {full}; {result['world_size']} process(es))"
+    )
 
 
 def add_fid_stats(sub) -> None:
@@ -295,8 +302,6 @@ def add_fid_stats(sub) -> None:
 def cmd_fid_stats(args) -> int:
     """The statistics eval-gen computes of a reference, once, to a file (the same KID rows,
     chosen by index; each torchrun rank scores its share)."""
-    from rqgen.errors import ConfigError
-    from rqgen.utils.files import check_output_file
 
     if Path(args.out).suffix != ".npz":  # eval-gen --ref tells statistics from data by it
         raise ConfigError(f"--out {args.out}: statistics files end in .npz (e.g. ref.npz)")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
 
 from rqgen.cli.common import (
     POSITIVE_INT,
     add_device,
     device_for,
 )
+from rqgen.data import build_dataset, load_image
+from rqgen.data.folder import DECODE_ERRORS
+from rqgen.errors import DataError, RqgenError
+from rqgen.evaluate.vae import evaluate_vae, write_reconstructions
+from rqgen.stage1 import load_vae
+from rqgen.utils.files import check_writable_dir
 
 
 def add_eval_vae(sub) -> None:
@@ -27,9 +36,6 @@ def add_eval_vae(sub) -> None:
 def check_finite(result: dict, what: str) -> None:
     """A score that is NaN or infinite is an error, not a number printed with exit 0. A
     spread (`*_std`) undefined for too few samples becomes null instead."""
-    import math
-
-    from rqgen.errors import RqgenError
 
     for key, value in result.items():
         if key.endswith("_std") and isinstance(value, float) and not math.isfinite(value):
@@ -37,14 +43,13 @@ def check_finite(result: dict, what: str) -> None:
             continue
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise RqgenError(f"{what}: {key} is {value}, not a finite number: the model or the "
-                             "data gives non-finite outputs")  # fmt: skip
+            raise RqgenError(
+                f"{what}: {key} is {value}, not a finite number: the model or the "
+                "data gives non-finite outputs"
+            )
 
 
 def cmd_eval_vae(args) -> int:
-    from rqgen.data import build_dataset
-    from rqgen.evaluate.vae import evaluate_vae
-    from rqgen.stage1 import load_vae
 
     vae = load_vae(args.vae)
     data = build_dataset(args.data, vae.config.resolution, split="val")
@@ -81,11 +86,6 @@ def add_reconstruct(sub) -> None:
 
 def load_inputs(src: str, resolution: int, limit: int):
     """An image file, a folder or a bundled set -> (images (N,3,R,R), names)."""
-    import torch
-
-    from rqgen.data import build_dataset, load_image
-    from rqgen.data.folder import DECODE_ERRORS
-    from rqgen.errors import DataError
 
     path = Path(src)
     if path.is_file():
@@ -102,9 +102,6 @@ def load_inputs(src: str, resolution: int, limit: int):
 
 
 def cmd_reconstruct(args) -> int:
-    from rqgen.evaluate.vae import write_reconstructions
-    from rqgen.stage1 import load_vae
-    from rqgen.utils.files import check_writable_dir
 
     check_writable_dir(Path(args.out))
     vae = load_vae(args.vae)

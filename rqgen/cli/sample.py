@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 from rqgen.cli.common import (
     POSITIVE_INT,
     add_device,
@@ -12,6 +16,15 @@ from rqgen.cli.common import (
     number,
     sampling_config,
 )
+from rqgen.demo import run_demo, run_photos_demo
+from rqgen.errors import ConfigError
+from rqgen.evaluate.clip import CLIPScorer
+from rqgen.evaluate.digits import load_or_train
+from rqgen.pipeline import RQPipeline
+from rqgen.serve import serve
+from rqgen.utils.files import atomic_write, check_output_file, check_writable_dir
+from rqgen.utils.images import class_rows, save_grid, save_image
+from rqgen.utils.paths import cache_dir
 
 
 def add_sample(sub) -> None:
@@ -38,24 +51,18 @@ def add_sample(sub) -> None:
         help="classifier for --accept (digits: trained once on the bundled digits, cached)",
     )
     p.add_argument(
-        "--clip-rerank", type=POSITIVE_INT, metavar="N",
+        "--clip-rerank",
+        type=POSITIVE_INT,
+        metavar="N",
         help="CLIP re-ranking: best of N candidates per image, scored against the prompt "
         "(or 'a photo of a CLASS'); needs local CLIP weights",
-    )  # fmt: skip
+    )
     p.add_argument("--clip", help="local CLIP directory (default: $RQGEN_CLIP, then hub cache)")
     add_sampling(p)
     p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from rqgen.errors import ConfigError
-    from rqgen.pipeline import RQPipeline
-    from rqgen.utils.files import atomic_write, check_output_file, check_writable_dir
-    from rqgen.utils.images import class_rows, save_grid, save_image
 
     out = Path(args.out)  # checked before any sampling, not found unwritable after it
     grid = out.suffix.lower() in Image.registered_extensions()  # x.png, x.jpg, x.webp: a grid
@@ -73,21 +80,18 @@ def cmd_sample(args) -> int:
     cond, names = pipe.conditions(labels, args.prompt, args.n)
     sampling, gen = sampling_config(args), torch.Generator(device).manual_seed(args.seed)
     if args.clip_rerank is not None:
-        from rqgen.evaluate.clip import CLIPScorer
-
         if pipe.conditioning == "none":
             raise ConfigError("--clip-rerank needs a text or class-conditional model")
         scorer = CLIPScorer.load(args.clip, device)  # before sampling: fail fast
         texts = [args.prompt or f"a photo of a {name}" for name in names]
-        codes, images = pipe.clip_rerank(cond, texts, scorer, args.clip_rerank, sampling, gen,
-                                         args.batch_size)  # fmt: skip
+        codes, images = pipe.clip_rerank(
+            cond, texts, scorer, args.clip_rerank, sampling, gen, args.batch_size
+        )
     elif args.accept is not None:
-        from rqgen.evaluate.digits import load_or_train
-        from rqgen.utils.paths import cache_dir
-
         classifier = load_or_train(cache_dir() / "classifiers", device)
-        codes, images = pipe.rejection_sample(cond, classifier, args.accept, sampling, gen,
-                                              args.batch_size)  # fmt: skip
+        codes, images = pipe.rejection_sample(
+            cond, classifier, args.accept, sampling, gen, args.batch_size
+        )
     else:
         codes, images = pipe.sample(cond, sampling, gen, args.batch_size)
     images = images.cpu()
@@ -116,15 +120,17 @@ def cmd_sample(args) -> int:
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="a browser demo of a trained transformer (Gradio)")
     p.add_argument("--model", required=True, help="directory written by train-ar")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (0.0.0.0 exposes it to the network)")  # fmt: skip
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 exposes it to the network)",
+    )
     p.add_argument("--port", type=number(int, 1, 65535), default=7860)
     add_device(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
-    from rqgen.serve import serve
 
     serve(args.model, args.host, args.port, args.device)
     return 0
@@ -140,9 +146,11 @@ def add_demo(sub) -> None:
         "--ar-steps", type=POSITIVE_INT, default=None, help="RQ-Transformer steps (digits)"
     )
     p.add_argument(
-        "--task", choices=["digits", "photos"], default="digits",
+        "--task",
+        choices=["digits", "photos"],
+        default="digits",
         help="digits: RQ-VAE + RQ-Transformer on bundled digits; photos: the RQ-VAE on photos",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--dq", action="store_true", help="digits with DQ-VAE + DQ-Transformer (same budget)"
     )
@@ -151,7 +159,6 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from rqgen.demo import run_demo, run_photos_demo
 
     if args.task == "digits":
         run_demo(Path(args.out), args.steps, args.ar_steps, dq=args.dq, device=args.device)

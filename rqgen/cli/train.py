@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+from rqgen.checkpoint import read_config
 from rqgen.cli.common import POSITIVE_INT, add_device, number
+from rqgen.configs import (
+    PAPER_MODELS,
+    ar_transformer_config,
+    load_ar_experiment,
+    load_vae_experiment,
+)
+from rqgen.distributed import shutdown_runtime
+from rqgen.errors import ConfigError
+from rqgen.family import family_of
+from rqgen.train.ar import train_ar
+from rqgen.train.plan import GiB, plan, recommend
+from rqgen.train.vae import train_vae
 
 
 def add_train_vae(sub) -> None:
     p = sub.add_parser("train-vae", help="train (or resume) an RQ-VAE or a DQ-VAE")
-    _training_args(p, "tiny32", "tiny32, imagenet256, ffhq256, dq-tiny32, dq-imagenet256",
-                   "model.code_depth=8 train.lr=1e-4")  # fmt: skip
+    _training_args(
+        p,
+        "tiny32",
+        "tiny32, imagenet256, ffhq256, dq-tiny32, dq-imagenet256",
+        "model.code_depth=8 train.lr=1e-4",
+    )
     p.add_argument("--val-data", help="held-out images scored during training")
     p.set_defaults(func=cmd_train_vae)
 
@@ -26,7 +46,6 @@ def _training_args(p, default: str, presets: str, example: str) -> None:
 
 
 def _is_rank0() -> bool:
-    import os
 
     return os.environ.get("RANK", "0") == "0"
 
@@ -34,7 +53,6 @@ def _is_rank0() -> bool:
 def _run_training(args, load_experiment, train):
     """Config from preset/file + overrides, then train(exp); the process group is always
     torn down so torchrun workers exit cleanly on errors too."""
-    from rqgen.distributed import shutdown_runtime
 
     overrides = list(args.overrides) + (
         [f"train.steps={args.steps}"] if args.steps is not None else []
@@ -50,9 +68,6 @@ def _run_training(args, load_experiment, train):
 
 
 def cmd_train_vae(args) -> int:
-    from rqgen.configs import load_vae_experiment
-    from rqgen.family import family_of
-    from rqgen.train.vae import train_vae
 
     kind = []
 
@@ -76,8 +91,6 @@ def add_train_ar(sub) -> None:
 
 
 def cmd_train_ar(args) -> int:
-    from rqgen.configs import load_ar_experiment
-    from rqgen.train.ar import train_ar
 
     out = _run_training(
         args,
@@ -104,31 +117,35 @@ def add_plan(sub) -> None:
     p.add_argument(
         "--batch", type=POSITIVE_INT, help="global batch (default: the config's train.batch_size)"
     )
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16",
-                   help="training precision (default: bf16, as on GPUs)")  # fmt: skip
-    p.add_argument("--vae", help="size the model for this RQ-VAE's codes (default: the paper's "
-                   "RQ-VAE for a paper preset, else 8x8x4 codes, K 16384, 256 dims)")  # fmt: skip
-    p.add_argument("--classes", type=POSITIVE_INT, default=1000,
-                   help="classes of a class-conditional model without a paper preset")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="bf16",
+        help="training precision (default: bf16, as on GPUs)",
+    )
+    p.add_argument(
+        "--vae",
+        help="size the model for this RQ-VAE's codes (default: the paper's "
+        "RQ-VAE for a paper preset, else 8x8x4 codes, K 16384, 256 dims)",
+    )
+    p.add_argument(
+        "--classes",
+        type=POSITIVE_INT,
+        default=1000,
+        help="classes of a class-conditional model without a paper preset",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model.spatial_layers=30")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args) -> int:
-    import json
-
-    from rqgen.configs import PAPER_MODELS, ar_transformer_config, load_ar_experiment
-    from rqgen.errors import ConfigError
-    from rqgen.train.plan import GiB, plan, recommend
 
     if args.gpus < 1 or args.gpu_mem <= 0:
         raise ConfigError(f"--gpus must be ≥ 1 and --gpu-mem > 0 (got {args.gpus}, {args.gpu_mem})")
     exp = load_ar_experiment(args.config, list(args.overrides))
     paper = PAPER_MODELS.get(args.config)
     if args.vae:
-        from rqgen.checkpoint import read_config
-
         v = read_config(args.vae)
         K, shape, dim = v["codebook_size"], v["code_shape"], v["embed_dim"]
         source = f"the RQ-VAE in {args.vae}"
@@ -142,21 +159,31 @@ def cmd_plan(args) -> int:
     result = plan(cfg, args.gpus, args.gpu_mem, args.precision, exp.train.soft_labels)
     result["recommendation"] = recommend(result, args.gpus, batch)
     if args.json:
-        head = {"config": args.config, "gpus": args.gpus, "gpu_mem_gib": args.gpu_mem,
-                "global_batch": batch, "precision": args.precision}  # fmt: skip
+        head = {
+            "config": args.config,
+            "gpus": args.gpus,
+            "gpu_mem_gib": args.gpu_mem,
+            "global_batch": batch,
+            "precision": args.precision,
+        }
         print(json.dumps({**head, **result}, indent=2))
         return 0
     m = exp.model
-    print(f"{args.config}: {result['params'] / 1e6:,.0f}M parameters ({m.spatial_layers}+"
-          f"{m.depth_layers} layers, width {m.width}), codes {tuple(shape)}, K {K} ({source}); "
-          f"{args.precision}, global batch {batch} on {args.gpus} × {args.gpu_mem:g} GiB"
-          )  # fmt: skip
+    print(
+        f"{args.config}: {result['params'] / 1e6:,.0f}M parameters ({m.spatial_layers}+"
+        f"{m.depth_layers} layers, width {m.width}), codes {tuple(shape)}, K {K} ({source}); "
+        f"{args.precision}, global batch {batch} on {args.gpus} × {args.gpu_mem:g} GiB"
+    )
     gb = lambda b: f"{b / GiB:,.1f} GiB"  # noqa: E731
-    print(f"  fp32 weights {gb(result['weights_bytes'])}, gradients {gb(result['grads_bytes'])}, "
-          f"AdamW state {gb(result['optimizer_bytes'])}")  # fmt: skip
+    print(
+        f"  fp32 weights {gb(result['weights_bytes'])}, gradients {gb(result['grads_bytes'])}, "
+        f"AdamW state {gb(result['optimizer_bytes'])}"
+    )
     print(f"  {'strategy':<22}{'states/GPU':>14}{'act./sample':>14}{'max batch/GPU':>15}")
     for s in result["strategies"]:
-        print(f"  {s['name']:<22}{gb(s['state_bytes_per_gpu']):>14}"
-              f"{gb(s['activation_bytes_per_sample']):>14}{s['max_micro_batch']:>15}")  # fmt: skip
+        print(
+            f"  {s['name']:<22}{gb(s['state_bytes_per_gpu']):>14}"
+            f"{gb(s['activation_bytes_per_sample']):>14}{s['max_micro_batch']:>15}"
+        )
     print(f"  use: {result['recommendation']}")
     return 0

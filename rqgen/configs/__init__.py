@@ -123,12 +123,27 @@ def _rq_consumer(resolution: int) -> VAEExperiment:
     # channel width, attention at the 8×8 latent. LPIPS and the PatchGAN are on as in the
     # paper (LPIPS needs the VGG16 files, see the README; or train.perceptual_weight=0).
     levels = {64: [1, 1, 2, 2], 128: [1, 1, 2, 2, 4]}[resolution]
-    model = RQVAEConfig(resolution=resolution, ch=64 if resolution == 64 else 128,
-                        ch_mult=levels, num_res_blocks=2, attn_resolutions=[8], z_channels=256,
-                        embed_dim=256, codebook_size=2048, code_depth=4)  # fmt: skip
-    train = VAETrainConfig(steps=100_000, batch_size=64 if resolution == 64 else 32, lr=1e-4,
-                           warmup_steps=500, perceptual_weight=1.0, disc_start=20_000,
-                           ckpt_every=2000, sample_every=2000)  # fmt: skip
+    model = RQVAEConfig(
+        resolution=resolution,
+        ch=64 if resolution == 64 else 128,
+        ch_mult=levels,
+        num_res_blocks=2,
+        attn_resolutions=[8],
+        z_channels=256,
+        embed_dim=256,
+        codebook_size=2048,
+        code_depth=4,
+    )
+    train = VAETrainConfig(
+        steps=100_000,
+        batch_size=64 if resolution == 64 else 32,
+        lr=1e-4,
+        warmup_steps=500,
+        perceptual_weight=1.0,
+        disc_start=20_000,
+        ckpt_every=2000,
+        sample_every=2000,
+    )
     return VAEExperiment(model, train)
 
 
@@ -174,8 +189,9 @@ def _dq_tiny32() -> DQVAEExperiment:
 def _dq_imagenet256() -> DQVAEExperiment:
     # The reference ImageNet DQ-VAE: entropy router, r = 0.5, 16×16 coarse / 32×32 fine,
     # K = 1024 × 256, 3-layer PatchGAN.
-    return DQVAEExperiment(DQVAEConfig(), VAETrainConfig(batch_size=32, lr=4.5e-6 * 32,
-                                                        disc_layers=3))  # fmt: skip
+    return DQVAEExperiment(
+        DQVAEConfig(), VAETrainConfig(batch_size=32, lr=4.5e-6 * 32, disc_layers=3)
+    )
 
 
 PRESETS = {
@@ -225,8 +241,9 @@ def _load(config: str, presets: dict, default, overrides: list[str] | None):
         if config not in presets:
             raw = read_yaml(config)
             if not isinstance(raw, dict):
-                raise ConfigError(f"{config} must hold model: and train: sections, not "
-                                  f"{type(raw).__name__}")  # fmt: skip
+                raise ConfigError(
+                    f"{config} must hold model: and train: sections, not {type(raw).__name__}"
+                )
             cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
         if overrides:
             bad = [o for o in overrides if "=" not in o]

@@ -100,9 +100,16 @@ def _ar_consumer(width: int, heads: int, spatial_layers: int) -> ARExperiment:
     # stochastic codes, AdamW 5e-4 cosine) at a width that trains in a day.
     return ARExperiment(
         ARModelConfig(width=width, heads=heads, spatial_layers=spatial_layers, depth_layers=4),
-        ARTrainConfig(steps=100_000, batch_size=128, warmup_steps=2000, eval_every=2000,
-                      ckpt_every=2000, sample_every=2000, precision="auto"),
-    )  # fmt: skip
+        ARTrainConfig(
+            steps=100_000,
+            batch_size=128,
+            warmup_steps=2000,
+            eval_every=2000,
+            ckpt_every=2000,
+            sample_every=2000,
+            precision="auto",
+        ),
+    )
 
 
 def _dq_ar_tiny() -> ARExperiment:
@@ -135,13 +142,20 @@ class PaperModel:
         # A.3: AdamW(0.9, 0.95), lr 5e-4 cosine, wd 1e-4, clip 1.0 (ARTrainConfig defaults)
         text = self.conditioning == "text"
         return ARExperiment(
-            ARModelConfig(width=self.width, heads=self.heads, spatial_layers=self.spatial_layers,
-                          depth_layers=self.depth_layers, dropout=self.dropout,
-                          conditioning=self.conditioning, text_vocab_size=16384 if text else 4096,
-                          text_length=32),
-            ARTrainConfig(batch_size=self.batch_size, tau=self.tau,
-                          patience=5 if self.batch_size == 16 else 0),
-        )  # fmt: skip
+            ARModelConfig(
+                width=self.width,
+                heads=self.heads,
+                spatial_layers=self.spatial_layers,
+                depth_layers=self.depth_layers,
+                dropout=self.dropout,
+                conditioning=self.conditioning,
+                text_vocab_size=16384 if text else 4096,
+                text_length=32,
+            ),
+            ARTrainConfig(
+                batch_size=self.batch_size, tau=self.tau, patience=5 if self.batch_size == 16 else 0
+            ),
+        )
 
     def transformer_config(self) -> RQTransformerConfig:
         """The full model config, as `train-ar` would build it from the paper's RQ-VAE."""
@@ -163,18 +177,14 @@ PAPER_MODELS = {
     "ar-lsun-cat-612m": PaperModel(612e6, 1280, 20, 26, 4),
     "ar-lsun-bedroom-612m": PaperModel(612e6, 1280, 20, 26, 4),
     "ar-lsun-church-370m": PaperModel(370e6, 1024, 16, 24, 4),
-    "ar-ffhq-370m": PaperModel(
-        355e6, 1024, 16, 24, 4, codebook_size=2048, tau=1.0, batch_size=16
-    ),  # fmt: skip
+    "ar-ffhq-370m": PaperModel(355e6, 1024, 16, 24, 4, codebook_size=2048, tau=1.0, batch_size=16),
     "ar-imagenet-480m": PaperModel(480e6, 1536, 24, 12, 4, conditioning="class", num_classes=1000),
     "ar-imagenet-821m": PaperModel(821e6, 1536, 24, 24, 4, conditioning="class", num_classes=1000),
-    "ar-imagenet-1.4b": PaperModel(
-        1388e6, 1536, 24, 42, 6, conditioning="class", num_classes=1000
-    ),  # fmt: skip
+    "ar-imagenet-1.4b": PaperModel(1388e6, 1536, 24, 42, 6, conditioning="class", num_classes=1000),
     # A.3: dropout 0.3 for the 3.8B model only
     "ar-imagenet-3.8b": PaperModel(
         3822e6, 2560, 40, 42, 6, conditioning="class", num_classes=1000, dropout=0.3
-    ),  # fmt: skip
+    ),
     "ar-cc3m-654m": PaperModel(654e6, 1280, 20, 26, 4, conditioning="text"),
 }
 
@@ -194,15 +204,28 @@ AR_PRESETS = {
 
 
 def ar_transformer_config(
-    m: ARModelConfig, codebook_size: int, code_shape: list[int], embed_dim: int,
-    num_classes: int = 0, text_vocab_size: int = 0, **extra,
-) -> RQTransformerConfig:  # fmt: skip
+    m: ARModelConfig,
+    codebook_size: int,
+    code_shape: list[int],
+    embed_dim: int,
+    num_classes: int = 0,
+    text_vocab_size: int = 0,
+    **extra,
+) -> RQTransformerConfig:
     """The RQ-Transformer config for the user's choices `m` and an RQ-VAE's codes."""
     return RQTransformerConfig(
-        codebook_size=codebook_size, code_shape=list(code_shape), embed_dim=embed_dim,
-        width=m.width, heads=m.heads, depth_heads=m.depth_heads, spatial_layers=m.spatial_layers,
-        depth_layers=m.depth_layers, dropout=m.dropout,
+        codebook_size=codebook_size,
+        code_shape=list(code_shape),
+        embed_dim=embed_dim,
+        width=m.width,
+        heads=m.heads,
+        depth_heads=m.depth_heads,
+        spatial_layers=m.spatial_layers,
+        depth_layers=m.depth_layers,
+        dropout=m.dropout,
         num_classes=num_classes if m.conditioning == "class" else 0,
         text_vocab_size=text_vocab_size if m.conditioning == "text" else 0,
-        text_length=m.text_length, text_loss_weight=m.text_loss_weight, **extra,
-    )  # fmt: skip
+        text_length=m.text_length,
+        text_loss_weight=m.text_loss_weight,
+        **extra,
+    )

@@ -31,8 +31,9 @@ class Rule:
 
     def describe(self) -> str:
         if self.kind == "choice":
-            return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
-                                         for c in self.choices)
+            return "one of " + ", ".join(
+                str(c).lower() if isinstance(c, bool) else str(c) for c in self.choices
+            )
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
@@ -64,9 +65,13 @@ class Rule:
         if self.kind == "choice":
             return v in self.choices
         if self.kind == "ints":
-            return (isinstance(v, list) and len(v) >= self.min_items
-                    and all(isinstance(x, int) and not isinstance(x, bool) and self._in_range(x)
-                            for x in v))  # fmt: skip
+            return (
+                isinstance(v, list)
+                and len(v) >= self.min_items
+                and all(
+                    isinstance(x, int) and not isinstance(x, bool) and self._in_range(x) for x in v
+                )
+            )
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return False
         if self.kind == "int" and not isinstance(v, int):
@@ -110,54 +115,105 @@ LEVELS = Rule("ints", low=1, min_items=1)  # channel multipliers
 RESOLUTIONS = Rule("ints", low=1)  # attention resolutions (may be empty)
 
 _AUTOENCODER = {
-    "resolution": count(8), "in_channels": count(), "ch": count(), "ch_mult": LEVELS,
-    "num_res_blocks": count(0), "attn_resolutions": RESOLUTIONS, "dropout": unit(),
-    "z_channels": count(), "embed_dim": count(), "codebook_size": count(2),
-    "decay": unit(open_low=True), "commitment_weight": non_negative(),
+    "resolution": count(8),
+    "in_channels": count(),
+    "ch": count(),
+    "ch_mult": LEVELS,
+    "num_res_blocks": count(0),
+    "attn_resolutions": RESOLUTIONS,
+    "dropout": unit(),
+    "z_channels": count(),
+    "embed_dim": count(),
+    "codebook_size": count(2),
+    "decay": unit(open_low=True),
+    "commitment_weight": non_negative(),
     "restart_unused_codes": FLAG,
-}  # fmt: skip
+}
 
 _TRAINING = {  # what both stages' training configs share
-    "steps": count(), "batch_size": count(), "grad_accum": count(), "lr": positive(),
-    "beta1": unit(), "beta2": unit(), "warmup_steps": count(0), "grad_clip": non_negative(),
-    "ema_decay": unit(), "precision": PRECISION, "seed": count(0), "dist_timeout": positive(),
-    "num_workers": count(-1), "log_every": count(), "ckpt_every": count(),
-}  # fmt: skip
+    "steps": count(),
+    "batch_size": count(),
+    "grad_accum": count(),
+    "lr": positive(),
+    "beta1": unit(),
+    "beta2": unit(),
+    "warmup_steps": count(0),
+    "grad_clip": non_negative(),
+    "ema_decay": unit(),
+    "precision": PRECISION,
+    "seed": count(0),
+    "dist_timeout": positive(),
+    "num_workers": count(-1),
+    "log_every": count(),
+    "ckpt_every": count(),
+}
 
 RULES: dict[str, dict[str, Rule]] = {
-    "RQVAEConfig": _AUTOENCODER | {
-        "code_depth": count(), "shared_codebook": FLAG, "norm_groups": count(0),
-        "zero_init_residual": FLAG, "patch_shortcut": FLAG,
+    "RQVAEConfig": _AUTOENCODER
+    | {
+        "code_depth": count(),
+        "shared_codebook": FLAG,
+        "norm_groups": count(0),
+        "zero_init_residual": FLAG,
+        "patch_shortcut": FLAG,
     },
-    "DQVAEConfig": _AUTOENCODER | {
-        "ch_mult": Rule("ints", low=1, min_items=2), "decoder_ch_mult": LEVELS,
+    "DQVAEConfig": _AUTOENCODER
+    | {
+        "ch_mult": Rule("ints", low=1, min_items=2),
+        "decoder_ch_mult": LEVELS,
         "decoder_attn_resolutions": RESOLUTIONS,
         "router": Rule("choice", choices=("entropy", "learned")),
-        "fine_fraction": unit(open_low=True), "budget_weight": non_negative(),
+        "fine_fraction": unit(open_low=True),
+        "budget_weight": non_negative(),
         "entropy_bins": count(2),
     },
-    "VAETrainConfig": _TRAINING | {
-        "adam_eps": positive(), "perceptual_weight": non_negative(),
-        "adversarial_weight": non_negative(), "disc_start": count(0), "disc_ndf": count(),
-        "disc_layers": count(), "sample_every": count(), "val_batches": count(0),
+    "VAETrainConfig": _TRAINING
+    | {
+        "adam_eps": positive(),
+        "perceptual_weight": non_negative(),
+        "adversarial_weight": non_negative(),
+        "disc_start": count(0),
+        "disc_ndf": count(),
+        "disc_layers": count(),
+        "sample_every": count(),
+        "val_batches": count(0),
         "lr_schedule": Rule("choice", choices=("constant", "cosine")),
     },
     "ARModelConfig": {
-        "width": count(), "heads": count(), "depth_heads": count(0), "spatial_layers": count(),
-        "depth_layers": count(0), "position_layers": count(), "content_layers": count(),
-        "dropout": unit(), "conditioning": Rule("choice", choices=("class", "none", "text")),
-        "text_length": count(2), "text_vocab_size": count(8), "text_loss_weight": unit(),
+        "width": count(),
+        "heads": count(),
+        "depth_heads": count(0),
+        "spatial_layers": count(),
+        "depth_layers": count(0),
+        "position_layers": count(),
+        "content_layers": count(),
+        "dropout": unit(),
+        "conditioning": Rule("choice", choices=("class", "none", "text")),
+        "text_length": count(2),
+        "text_vocab_size": count(8),
+        "text_loss_weight": unit(),
     },
-    "ARTrainConfig": _TRAINING | {
-        "weight_decay": non_negative(), "min_lr_ratio": unit(open_high=False),
-        "soft_labels": FLAG, "stochastic_codes": FLAG, "tau": positive(), "cond_dropout": unit(),
+    "ARTrainConfig": _TRAINING
+    | {
+        "weight_decay": non_negative(),
+        "min_lr_ratio": unit(open_high=False),
+        "soft_labels": FLAG,
+        "stochastic_codes": FLAG,
+        "tau": positive(),
+        "cond_dropout": unit(),
         "tau_unit": Rule("choice", choices=("quantization_error", "absolute")),
-        "val_fraction": unit(), "eval_every": count(), "patience": count(0), "fsdp": FSDP,
+        "val_fraction": unit(),
+        "eval_every": count(),
+        "patience": count(0),
+        "fsdp": FSDP,
         "sample_every": count(),
-        "activation_checkpointing": FLAG, "compile": FLAG, "extract_workers": count(-1),
-        "feature_crops": Rule("int", low=1, high=10), "features": Rule("str"),
+        "activation_checkpointing": FLAG,
+        "compile": FLAG,
+        "extract_workers": count(-1),
+        "feature_crops": Rule("int", low=1, high=10),
+        "features": Rule("str"),
     },
-}  # fmt: skip
+}
 
 
 def check_fields(obj, section: str) -> None:
@@ -182,11 +238,14 @@ def check_experiment(exp) -> None:
     check_fields(exp.train, "train")
     m, t = exp.model, exp.train
     if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by "
-                          f"train.grad_accum={t.grad_accum}")  # fmt: skip
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}"
+        )
     if getattr(t, "feature_crops", 1) not in (1, 2, 10):
-        raise ConfigError(f"train.feature_crops={t.feature_crops}: use 1 (centre crop), 2 (centre "
-                          "+ mirror) or 10 (ten-crop)")  # fmt: skip
+        raise ConfigError(
+            f"train.feature_crops={t.feature_crops}: use 1 (centre crop), 2 (centre "
+            "+ mirror) or 10 (ten-crop)"
+        )
     if hasattr(m, "resolution"):
         _check_autoencoder(m)
     else:
@@ -204,8 +263,10 @@ def _check_autoencoder(m) -> None:
     unused = sorted(set(m.attn_resolutions) - reached)
     if unused:
         levels = sorted(reached, reverse=True)
-        raise ConfigError(f"model.attn_resolutions={_show(m.attn_resolutions)}: {unused} is not "
-                          f"a resolution of the encoder ({levels})")  # fmt: skip
+        raise ConfigError(
+            f"model.attn_resolutions={_show(m.attn_resolutions)}: {unused} is not "
+            f"a resolution of the encoder ({levels})"
+        )
     if hasattr(m, "decoder_ch_mult") and len(m.decoder_ch_mult) != len(m.ch_mult) - 1:
         raise ConfigError(
             f"model.decoder_ch_mult={_show(m.decoder_ch_mult)} needs {len(m.ch_mult) - 1} levels "
@@ -242,20 +303,26 @@ def check_run(exp, world_size: int, captions: str | None = None) -> None:
     if conditioning not in ("class", "none", "text"):
         raise ConfigError(f"model.conditioning={conditioning!r}: use class, none or text")
     if captions and conditioning != "text":
-        raise ConfigError(f"--captions is for text-conditional models, and this one is "
-                          f"model.conditioning={conditioning}: add model.conditioning=text "
-                          "or drop --captions")  # fmt: skip
+        raise ConfigError(
+            f"--captions is for text-conditional models, and this one is "
+            f"model.conditioning={conditioning}: add model.conditioning=text "
+            "or drop --captions"
+        )
     if t.fsdp and t.ema_decay > 0:
-        raise ConfigError("train.ema_decay is not supported with train.fsdp yet: set "
-                          "train.ema_decay=0, or train without FSDP")  # fmt: skip
+        raise ConfigError(
+            "train.ema_decay is not supported with train.fsdp yet: set "
+            "train.ema_decay=0, or train without FSDP"
+        )
 
 
 def check_family(exp, family) -> None:
     """A transformer experiment against the family of the VAE it models (rqgen.family)."""
     m, t = exp.model, exp.train
     if m.conditioning == "text" and not family.text:
-        raise ConfigError(f"{family.name}-Transformer is class-conditional or unconditional: "
-                          "use model.conditioning=class or none")  # fmt: skip
+        raise ConfigError(
+            f"{family.name}-Transformer is class-conditional or unconditional: "
+            "use model.conditioning=class or none"
+        )
     if not family.residual and (t.soft_labels or t.stochastic_codes):
         raise ConfigError(
             f"a {family.name}-VAE gives one code per cell: set train.soft_labels=false "

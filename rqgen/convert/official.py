@@ -106,14 +106,23 @@ def stage1_config(arch: dict) -> RQVAEConfig:
     try:
         h, w, d = hp["code_shape"]
         cfg = RQVAEConfig(
-            resolution=dd["resolution"], in_channels=dd.get("in_channels", 3), ch=dd["ch"],
-            ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-            attn_resolutions=list(dd["attn_resolutions"]), dropout=dd.get("dropout", 0.0),
-            z_channels=dd["z_channels"], embed_dim=hp["embed_dim"], codebook_size=hp["n_embed"],
-            code_depth=d, shared_codebook=hp.get("shared_codebook", True),
-            decay=hp.get("decay", 0.99), commitment_weight=hp.get("latent_loss_weight", 0.25),
-            restart_unused_codes=hp.get("restart_unused_codes", True), norm_groups=32,
-        )  # fmt: skip
+            resolution=dd["resolution"],
+            in_channels=dd.get("in_channels", 3),
+            ch=dd["ch"],
+            ch_mult=list(dd["ch_mult"]),
+            num_res_blocks=dd["num_res_blocks"],
+            attn_resolutions=list(dd["attn_resolutions"]),
+            dropout=dd.get("dropout", 0.0),
+            z_channels=dd["z_channels"],
+            embed_dim=hp["embed_dim"],
+            codebook_size=hp["n_embed"],
+            code_depth=d,
+            shared_codebook=hp.get("shared_codebook", True),
+            decay=hp.get("decay", 0.99),
+            commitment_weight=hp.get("latent_loss_weight", 0.25),
+            restart_unused_codes=hp.get("restart_unused_codes", True),
+            norm_groups=32,
+        )
     except KeyError as e:
         raise CheckpointError(f"official stage-1 config lacks arch.{e.args[0]}") from e
     if (h, w) != (cfg.latent_size, cfg.latent_size):
@@ -176,18 +185,22 @@ def stage2_config(arch: dict, vae: RQVAE) -> RQTransformerConfig:
         )
         heads_body, heads_head = arch["body"]["block"]["n_head"], arch["head"]["block"]["n_head"]
         cfg = RQTransformerConfig(
-            codebook_size=vocab, code_shape=[h, w, d], embed_dim=arch.get("input_embed_dim")
-            or vae.config.embed_dim, shared_codebook=vae.config.shared_codebook,
-            width=arch["embed_dim"], heads=heads_body,
+            codebook_size=vocab,
+            code_shape=[h, w, d],
+            embed_dim=arch.get("input_embed_dim") or vae.config.embed_dim,
+            shared_codebook=vae.config.shared_codebook,
+            width=arch["embed_dim"],
+            heads=heads_body,
             depth_heads=heads_head if heads_head != heads_body else 0,
             spatial_layers=arch["body"]["n_layer"],
-            depth_layers=arch["head"]["n_layer"], dropout=0.0,
+            depth_layers=arch["head"]["n_layer"],
+            dropout=0.0,
             num_classes=n_cond if (len_cond == 1 and n_cond > 1) else 0,
             text_vocab_size=n_cond if len_cond > 1 else 0,
             text_length=len_cond if len_cond > 1 else 32,
             text_loss_weight=0.1,  # official: 0.9·image + 0.1·text, as ours
             vae_fingerprint=codebook_fingerprint(vae.quantizer.codebook),
-        )  # fmt: skip
+        )
     except KeyError as e:
         raise CheckpointError(f"official stage-2 config lacks arch.{e.args[0]}") from e
     if vocab != vae.config.codebook_size or list(cfg.code_shape) != list(vae.config.code_shape):
@@ -219,8 +232,9 @@ def convert_stage2_state(state: dict[str, Tensor], cfg: RQTransformerConfig, vae
     return out
 
 
-def convert_stage2(directory: str | Path, vae: RQVAE, ema: bool = False,
-                   tokenizer=None) -> RQTransformer:  # fmt: skip
+def convert_stage2(
+    directory: str | Path, vae: RQVAE, ema: bool = False, tokenizer=None
+) -> RQTransformer:
     """An official stage-2 directory -> our RQTransformer; text models need the official BPE
     as a `TextTokenizer` (`TextTokenizer.from_official`)."""
     conf = load_official_config(directory)

@@ -19,8 +19,17 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # Everything PIL raises for a bad file (its plugins raise these, and Image.open the bomb
 # error); other exceptions are bugs and should surface.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError,
-                  TypeError, KeyError, Image.DecompressionBombError)  # fmt: skip
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    MemoryError,
+    IndexError,
+    TypeError,
+    KeyError,
+    Image.DecompressionBombError,
+)
 
 # Larger images are skipped before they are decoded (a 12000×10000 PNG would take a minute
 # per load and gigabytes of memory): RQGEN_MAX_PIXELS raises or lowers the cap.
@@ -133,8 +142,12 @@ class Listing:
         top = [p.relative_to(root).parts[0] if p.parent != root else None for p in paths]
         classes = sorted({t for t in top if t is not None}) if labels else []
         ids = {name: i for i, name in enumerate(classes)}
-        return Listing(str(root), [str(p.relative_to(root)) for p in paths],
-                       [ids.get(t, -1) for t in top], classes)  # fmt: skip
+        return Listing(
+            str(root),
+            [str(p.relative_to(root)) for p in paths],
+            [ids.get(t, -1) for t in top],
+            classes,
+        )
 
 
 class ImageFolder(Dataset):
@@ -148,8 +161,15 @@ class ImageFolder(Dataset):
     counted (`failures`).
     """
 
-    def __init__(self, root: str | Path, resolution: int, train: bool = True, labels: bool = True,
-                 listing: Listing | None = None, verify: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        train: bool = True,
+        labels: bool = True,
+        listing: Listing | None = None,
+        verify: bool = True,
+    ):
         self.root = Path(root).expanduser()
         self.resolution = int(resolution)
         self.train = train
@@ -268,8 +288,12 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
     return img.resize(size, Image.Resampling.BICUBIC)
 
 
-def crop(img: Image.Image, resolution: int, random_crop: bool = False,
-         generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def crop(
+    img: Image.Image,
+    resolution: int,
+    random_crop: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """An RGB image whose short side is `resolution` -> (3, R, R) in [-1, 1]: the centre
     square, or a random one with a random horizontal flip (drawn from `generator`)."""
     r, (w, h) = resolution, img.size

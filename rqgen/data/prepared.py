@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,7 +46,9 @@ from rqgen.data.folder import (
     resize_short_side,
 )
 from rqgen.errors import DataError
+from rqgen.utils.device import available_cores
 from rqgen.utils.files import umask_mode
+from rqgen.utils.paths import cache_dir
 
 FORMAT, VERSION, MANIFEST = "rqgen-prepared", 1, "manifest.json"
 # a folder whose images have a short side this many times the resolution or more is
@@ -73,8 +76,13 @@ def _file_list(paths: list[Path], root: Path) -> list[list]:
     return out
 
 
-def prepare(src: str | Path, out: str | Path, resolution: int, workers: int | None = None,
-            quiet: bool = False) -> Path:  # fmt: skip
+def prepare(
+    src: str | Path,
+    out: str | Path,
+    resolution: int,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> Path:
     """Decode every image under `src` once, short side resized to `resolution`, into the
     prepared directory `out` (replaced atomically if it exists). Returns `out`."""
     folder = ImageFolder(src, resolution, train=False, labels=True)
@@ -96,9 +104,9 @@ def prepare(src: str | Path, out: str | Path, resolution: int, workers: int | No
     return out
 
 
-def _write(folder: ImageFolder, tmp: Path, resolution: int, workers: int | None,
-           quiet: bool) -> None:  # fmt: skip
-    from rqgen.utils.device import available_cores
+def _write(
+    folder: ImageFolder, tmp: Path, resolution: int, workers: int | None, quiet: bool
+) -> None:
 
     jobs = [(str(p), resolution) for p in folder.paths]
     workers = workers or max(1, available_cores())
@@ -119,20 +127,30 @@ def _write(folder: ImageFolder, tmp: Path, resolution: int, workers: int | None,
         raise DataError(f"none of the images under '{folder.root}' could be decoded")
     if skipped:
         first, why = skipped[0]
-        warnings.warn(f"skipped {len(skipped)} image(s) that failed to decode (e.g. {first}: "
-                      f"{why})", UnreadableImageWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"skipped {len(skipped)} image(s) that failed to decode (e.g. {first}: {why})",
+            UnreadableImageWarning,
+            stacklevel=3,
+        )
     paths = [folder.paths[i] for i in kept]
     np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64))
     np.save(tmp / "labels.npy", np.asarray([folder.labels[i] for i in kept], dtype=np.int64))
-    captions = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file()
-                else None for p in paths]  # fmt: skip
+    captions = [
+        p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None
+        for p in paths
+    ]
     (tmp / "captions.json").write_text(json.dumps(captions))
     manifest = {
-        "format": FORMAT, "version": VERSION, "resolution": resolution, "count": len(kept),
-        "classes": folder.classes, "source": str(folder.root.resolve()),
+        "format": FORMAT,
+        "version": VERSION,
+        "resolution": resolution,
+        "count": len(kept),
+        "classes": folder.classes,
+        "source": str(folder.root.resolve()),
         "files": _file_list(paths, folder.root),
-        "skipped": len(folder.skipped) + len(skipped), "bytes": offset,
-    }  # fmt: skip
+        "skipped": len(folder.skipped) + len(skipped),
+        "bytes": offset,
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest))
     for f in tmp.iterdir():
         f.chmod(umask_mode())
@@ -143,8 +161,7 @@ class PreparedImages(Dataset):
     file is memory-mapped in each process on first use (DataLoader workers included), so
     memory does not grow with the dataset."""
 
-    def __init__(self, root: str | Path, resolution: int, train: bool = True,
-                 labels: bool = True):  # fmt: skip
+    def __init__(self, root: str | Path, resolution: int, train: bool = True, labels: bool = True):
         self.root = Path(root)
         try:
             m = json.loads((self.root / MANIFEST).read_text())
@@ -154,8 +171,9 @@ class PreparedImages(Dataset):
             label_ids = np.load(self.root / "labels.npy")
             captions = json.loads((self.root / "captions.json").read_text())
         except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"'{self.root}' is not readable prepared data ({e}): run rqgen "
-                            "prepare again") from e  # fmt: skip
+            raise DataError(
+                f"'{self.root}' is not readable prepared data ({e}): run rqgen prepare again"
+            ) from e
         if m["resolution"] < resolution:
             raise DataError(
                 f"'{self.root}' was prepared at {m['resolution']} px and this model needs "
@@ -224,7 +242,6 @@ def cached_preparation(root: Path, resolution: int, quiet: bool = False) -> Path
     """The prepared copy of `root` at `resolution` in the cache, made on first use; keyed by
     the folder, its files' sizes and mtimes, and the resolution, so a changed folder is
     prepared again. Concurrent processes (torchrun ranks) wait on a lock for the first."""
-    from rqgen.utils.paths import cache_dir
 
     root = root.resolve()
     files = _file_list(_scan(root), root)
@@ -234,11 +251,12 @@ def cached_preparation(root: Path, resolution: int, quiet: bool = False) -> Path
     with open(out.parent / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other ranks wait here for the first
         if not is_prepared(out):
-            import sys
-
             side = large_images(root, resolution)
-            print(f"rqgen: the images under {root} have a short side of ~{side} px for "
-                  f"{resolution} px training: decoding them once into {out} (rqgen prepare "
-                  "does this ahead of time)", file=sys.stderr)  # fmt: skip
+            print(
+                f"rqgen: the images under {root} have a short side of ~{side} px for "
+                f"{resolution} px training: decoding them once into {out} (rqgen prepare "
+                "does this ahead of time)",
+                file=sys.stderr,
+            )
             prepare(root, out, resolution, quiet=quiet)
     return out

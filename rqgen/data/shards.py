@@ -21,6 +21,7 @@ import random
 from collections.abc import Iterator
 
 import torch
+from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rqgen.data.folder import DECODE_ERRORS, crop, decode_resized
@@ -32,7 +33,6 @@ SHUFFLE_BUFFER = 1000  # samples: shards are written in order, so shuffle within
 
 
 def _expand(src: str) -> list[str]:
-    from braceexpand import braceexpand
 
     return [u for part in src.split("::") for u in braceexpand(part.strip())]
 
@@ -55,8 +55,10 @@ def shard_urls(src: str) -> list[str]:
         raise DataError(f"'{bad[0]}' in --data {src} is not a tar shard (.tar, .tar.gz, .tgz)")
     missing = [u for u in urls if _local(u) and not os.path.isfile(os.path.expanduser(u))]
     if missing:
-        raise DataError(f"{len(missing)} of the {len(urls)} shards of --data {src} do not exist "
-                        f"(e.g. {missing[0]}): check the path and the brace range")  # fmt: skip
+        raise DataError(
+            f"{len(missing)} of the {len(urls)} shards of --data {src} do not exist "
+            f"(e.g. {missing[0]}): check the path and the brace range"
+        )
     return [os.path.expanduser(u) if _local(u) else u for u in urls]
 
 
@@ -163,6 +165,8 @@ class ShardStream(IterableDataset):
                     readable += 1
                     yield item[0], item[1]
             if not readable:  # else this loop would read the same nothing for ever
-                raise DataError(f"no readable image sample in the shards of --data "
-                                f"{self.shards.src} (reader {me} of {consumers})")  # fmt: skip
+                raise DataError(
+                    f"no readable image sample in the shards of --data "
+                    f"{self.shards.src} (reader {me} of {consumers})"
+                )
             epoch += 1

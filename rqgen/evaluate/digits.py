@@ -23,10 +23,17 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.AvgPool2d(2),  # the digits carry 8×8 of information: 16 px is plenty
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(128, num_classes)
         self.num_features = 128
 
@@ -98,8 +105,9 @@ def load_or_train(cache: str | Path, device="cpu", steps: int = 300) -> DigitCla
 
 
 @torch.no_grad()
-def score_digits(classifier: DigitClassifier, samples: Tensor, requested: Tensor,
-                 reference: Tensor) -> dict[str, float]:  # fmt: skip
+def score_digits(
+    classifier: DigitClassifier, samples: Tensor, requested: Tensor, reference: Tensor
+) -> dict[str, float]:
     """Accuracy of the requested classes, and the Fréchet distance to `reference` digits in
     the classifier's feature space."""
     classifier.eval()

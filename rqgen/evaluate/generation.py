@@ -24,16 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rqgen.errors import ConfigError, DataError
+from rqgen.errors import CheckpointError, ConfigError, DataError
+from rqgen.evaluate.digits import DigitFeatures, load_or_train
 from rqgen.evaluate.fid import _Precomputed as _Identity  # features already computed
+from rqgen.evaluate.fid import find_inception_weights, inception_fid_available
 from rqgen.utils.files import atomic_write
+from rqgen.utils.paths import cache_dir
 
 
 class Evaluator(nn.Module):
     """features(images) -> (B, F) and, if `has_logits`, logits(images) -> (B, classes)."""
 
-    def __init__(self, name: str, features: nn.Module, logits: nn.Module | None = None,
-                 input_size: int | None = None, short: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        features: nn.Module,
+        logits: nn.Module | None = None,
+        input_size: int | None = None,
+        short: str = "",
+    ) -> None:
         super().__init__()
         self.name, self.feature_net, self.logit_net = name, features.eval(), logits
         self.input_size = input_size  # resize to this many pixels first (None: as given)
@@ -83,17 +92,11 @@ class _Uint8Inception(nn.Module):
 def build_evaluator(name: str, device="cpu", cache: str | Path | None = None) -> Evaluator:
     """`inception` (local torch-fidelity weights) or `digits` (the bundled-digits CNN)."""
     if name == "digits":
-        from rqgen.evaluate.digits import DigitFeatures, load_or_train
-        from rqgen.utils.paths import cache_dir
-
         clf = load_or_train(Path(cache or cache_dir()) / "classifiers", device)
         name = "digits-cnn (rqgen bundled-digits classifier, 128-d)"
         return Evaluator(name, DigitFeatures(clf), clf, input_size=32, short="digits").to(device)
     if name == "inception":
         from torchmetrics.image.fid import NoTrainInceptionV3
-
-        from rqgen.errors import CheckpointError
-        from rqgen.evaluate.fid import find_inception_weights, inception_fid_available
 
         ok, reason = inception_fid_available()
         if not ok:
@@ -101,9 +104,12 @@ def build_evaluator(name: str, device="cpu", cache: str | Path | None = None) ->
         path = str(find_inception_weights())
         feats = NoTrainInceptionV3("inception-v3-compat", ["2048"], path)
         logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], path)
-        return Evaluator("torch-fidelity InceptionV3 2015-12-05 (pool3 2048-d)",
-                         _Uint8Inception(feats), _Uint8Inception(logits),
-                         short="inception").to(device)  # fmt: skip
+        return Evaluator(
+            "torch-fidelity InceptionV3 2015-12-05 (pool3 2048-d)",
+            _Uint8Inception(feats),
+            _Uint8Inception(logits),
+            short="inception",
+        ).to(device)
     raise ConfigError(f"unknown evaluator {name!r}: use inception or digits")
 
 
@@ -154,8 +160,15 @@ class FeatureStats:
 
         def write(tmp):
             with open(tmp, "wb") as f:  # a handle: numpy would append .npz to a name
-                np.savez(f, mu=self.mu, sigma=self.sigma, subset=self.subset.astype(np.float32),
-                         n=self.n, evaluator=self.evaluator, source=self.source)  # fmt: skip
+                np.savez(
+                    f,
+                    mu=self.mu,
+                    sigma=self.sigma,
+                    subset=self.subset.astype(np.float32),
+                    n=self.n,
+                    evaluator=self.evaluator,
+                    source=self.source,
+                )
 
         atomic_write(path, write, needed_bytes=self.sigma.nbytes + self.subset.nbytes)
         return path
@@ -165,8 +178,14 @@ class FeatureStats:
         try:
             # our own handle: numpy leaves its file open when the zip is corrupt
             with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-                return cls(str(z["evaluator"]), int(z["n"]), z["mu"], z["sigma"],
-                           z["subset"].astype(np.float64), str(z["source"]))  # fmt: skip
+                return cls(
+                    str(z["evaluator"]),
+                    int(z["n"]),
+                    z["mu"],
+                    z["sigma"],
+                    z["subset"].astype(np.float64),
+                    str(z["source"]),
+                )
         except (OSError, KeyError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:
             raise DataError(f"'{path}' is not a statistics file written by rqgen fid-stats") from e
 
@@ -247,8 +266,9 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 
 
-def kernel_distance(a: FeatureStats, b: FeatureStats, subsets: int = 100,
-                    subset_size: int = 1000) -> tuple[float, float]:  # fmt: skip
+def kernel_distance(
+    a: FeatureStats, b: FeatureStats, subsets: int = 100, subset_size: int = 1000
+) -> tuple[float, float]:
     """KID (polynomial-kernel MMD², Bińkowski et al. 2018) by torchmetrics on the kept rows."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -257,8 +277,12 @@ def kernel_distance(a: FeatureStats, b: FeatureStats, subsets: int = 100,
         raise DataError("KID needs at least 2 images on each side")
     # sync_on_compute=False: under torchrun the features are merged already (merge_shares);
     # torchmetrics would gather them from every rank once more
-    kid = KernelInceptionDistance(feature=_Identity(a.subset.shape[1]), subsets=subsets,
-                                  subset_size=size, sync_on_compute=False)  # fmt: skip
+    kid = KernelInceptionDistance(
+        feature=_Identity(a.subset.shape[1]),
+        subsets=subsets,
+        subset_size=size,
+        sync_on_compute=False,
+    )
     kid.update(torch.from_numpy(a.subset), real=True)
     kid.update(torch.from_numpy(b.subset), real=False)
     with torch.random.fork_rng(devices=[]):  # its subsets come from the global RNG: fix them,
@@ -282,9 +306,12 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
 
 
 def stats_of(
-    images: Iterable[Tensor], evaluator: Evaluator, keep: int = 10_000, source: str = "",
+    images: Iterable[Tensor],
+    evaluator: Evaluator,
+    keep: int = 10_000,
+    source: str = "",
     with_logits: bool = False,
-) -> tuple[FeatureStats, Tensor | None]:  # fmt: skip
+) -> tuple[FeatureStats, Tensor | None]:
     """Feature statistics of an iterable of [-1, 1] image batches (and their logits)."""
     acc, logits = StatsAccumulator(keep), []
     for batch in images:
@@ -295,9 +322,12 @@ def stats_of(
 
 
 def share_stats(
-    images: Iterable[tuple[list[int], Tensor]], evaluator: Evaluator, total: int,
-    keep: int = 10_000, with_logits: bool = False,
-) -> dict:  # fmt: skip
+    images: Iterable[tuple[list[int], Tensor]],
+    evaluator: Evaluator,
+    total: int,
+    keep: int = 10_000,
+    with_logits: bool = False,
+) -> dict:
     """One process's share of `total` numbered images ((indices, batch) pairs, e.g. one
     torchrun rank's): its sums, KID rows and logits, to be merged by `merge_shares`."""
     acc, logits, seen = StatsAccumulator(keep, total=total), [], []
@@ -309,8 +339,9 @@ def share_stats(
     return {"acc": acc.shares(), "seen": seen, "logits": torch.cat(logits) if logits else None}
 
 
-def merge_shares(shares: list[dict], evaluator: Evaluator, total: int, keep: int = 10_000,
-                 source: str = "") -> tuple[FeatureStats, Tensor | None]:  # fmt: skip
+def merge_shares(
+    shares: list[dict], evaluator: Evaluator, total: int, keep: int = 10_000, source: str = ""
+) -> tuple[FeatureStats, Tensor | None]:
     """Every process's share -> the statistics of all images and their logits in index
     order: what one process computes over them all, up to the order of float64 sums."""
     acc = StatsAccumulator(keep, total=total)

@@ -155,14 +155,19 @@ def coarse_to_fine_strip(x: torch.Tensor, partials: list[torch.Tensor], upscale:
     """Image x, then the decodings of its partial sums Ẑ(1) ... Ẑ(D) captioned with their
     PSNR; under each, |x - decoding| magnified ERROR_GAIN times (black: exact)."""
     scores = psnr(torch.stack(partials), x.expand(len(partials), *x.shape)).tolist()
-    labels = ["input"] + [f"depth 1-{d}  {p:.1f} dB" if d > 1 else f"depth 1  {p:.1f} dB"
-                          for d, p in enumerate(scores, 1)]  # fmt: skip
+    labels = ["input"] + [
+        f"depth 1-{d}  {p:.1f} dB" if d > 1 else f"depth 1  {p:.1f} dB"
+        for d, p in enumerate(scores, 1)
+    ]
     errors = [error_map(x, x_hat, ERROR_GAIN) for x_hat in [x, *partials]]
-    return stack_rows([
-        labelled_row(torch.stack([x, *partials]), labels, upscale),
-        labelled_row(torch.stack(errors), [f"error x{ERROR_GAIN}"] + [""] * len(partials),
-                     upscale),
-    ])  # fmt: skip
+    return stack_rows(
+        [
+            labelled_row(torch.stack([x, *partials]), labels, upscale),
+            labelled_row(
+                torch.stack(errors), [f"error x{ERROR_GAIN}"] + [""] * len(partials), upscale
+            ),
+        ]
+    )
 
 
 @torch.no_grad()
@@ -191,17 +196,23 @@ def write_reconstructions(
         steps = [vae.decode_codes(codes, d).clamp(-1, 1) for d in range(1, D + 1)]
         if dq:
             fine = unpack_codes(codes)[1].cpu()
-            shown = granularity_overlay(torch.cat([x.cpu(), steps[-1].cpu()]),
-                                        torch.cat([fine, fine]), upscale)  # fmt: skip
+            shown = granularity_overlay(
+                torch.cat([x.cpu(), steps[-1].cpu()]), torch.cat([fine, fine]), upscale
+            )
         for i, name in enumerate(names[s : s + batch_size]):
             pair = torch.stack([x[i], steps[-1][i]])
             if dq:
                 pair_file = out_dir / f"{name}_pair.png"
                 written.append(save_grid(pair, pair_file, nrow=2, upscale=upscale))
                 both = torch.stack([shown[i], shown[len(x) + i]])
-                written.append(save_labelled_grid(
-                    both, out_dir / f"{name}_granularity.png", ["input", "reconstruction"],
-                    legend=GRANULARITY_LEGEND))  # fmt: skip
+                written.append(
+                    save_labelled_grid(
+                        both,
+                        out_dir / f"{name}_granularity.png",
+                        ["input", "reconstruction"],
+                        legend=GRANULARITY_LEGEND,
+                    )
+                )
                 continue
             written.append(save_grid(pair, out_dir / f"{name}_pair.png", nrow=2, upscale=upscale))
             strip = coarse_to_fine_strip(x[i], [st[i] for st in steps], upscale)

@@ -313,10 +313,12 @@ class ResidualQuantizer(nn.Module):
             dead = (self.cluster_size[c] < self.restart_threshold)[:, None]
             vectors = dist.random_rows(self._pool(residuals, c), self.codebook_size)
             self.codebook[c] = torch.where(dead, vectors, self.codebook[c])
-            self.embed_sum[c] = torch.where(dead, vectors * self.restart_threshold,
-                                            self.embed_sum[c])  # fmt: skip
-            self.cluster_size[c] = torch.where(dead[:, 0], self.restart_threshold,
-                                               self.cluster_size[c])  # fmt: skip
+            self.embed_sum[c] = torch.where(
+                dead, vectors * self.restart_threshold, self.embed_sum[c]
+            )
+            self.cluster_size[c] = torch.where(
+                dead[:, 0], self.restart_threshold, self.cluster_size[c]
+            )
 
     def extra_repr(self) -> str:
         kind = "shared" if self.shared_codebook else "separate"

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from rqgen.checkpoint import read_config
 from rqgen.errors import CheckpointError
+from rqgen.stage1.dqvae import DQVAE
+from rqgen.stage1.rqvae import RQVAE
 
 
 def load_vae(directory: str | Path, map_location: str = "cpu"):
     """An RQ-VAE or DQ-VAE from a `save_pretrained` directory, whichever it holds."""
-    from rqgen.stage1.dqvae import DQVAE
-    from rqgen.stage1.rqvae import RQVAE
 
     kind = read_config(directory).get("model_type")
     classes = {RQVAE.model_type: RQVAE, DQVAE.model_type: DQVAE}

@@ -77,8 +77,14 @@ class LearnedRouter(nn.Module):
     (1 − r)-quantile of the training margins (EMA 0.9: they move as the router learns),
     averaged over ranks: held-out fractions then follow r."""
 
-    def __init__(self, coarse_channels: int, fine_channels: int, fine_fraction: float = 0.5,
-                 budget_weight: float = 10.0, hidden: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        coarse_channels: int,
+        fine_channels: int,
+        fine_fraction: float = 0.5,
+        budget_weight: float = 10.0,
+        hidden: int | None = None,
+    ) -> None:
         super().__init__()
         if not 0 <= fine_fraction <= 1:
             raise ConfigError(f"fine fraction must be in [0, 1], got {fine_fraction}")

@@ -172,8 +172,9 @@ class DQVAE(nn.Module, Pretrained):
         if c.router == "entropy":
             self.router = EntropyRouter(c.coarse_size, c.fine_fraction, c.entropy_bins)
         else:
-            self.router = LearnedRouter(c.z_channels, c.z_channels, c.fine_fraction,
-                                        c.budget_weight)  # fmt: skip
+            self.router = LearnedRouter(
+                c.z_channels, c.z_channels, c.fine_fraction, c.budget_weight
+            )
         self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
         self.quantizer = ResidualQuantizer(

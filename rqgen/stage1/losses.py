@@ -275,14 +275,20 @@ class Stage1Loss(nn.Module):
     gradients never reach the discriminator's reducer; `discriminator_loss` takes whatever
     module trains it (its DDP wrapper)."""
 
-    def __init__(self, perceptual_weight: float, adversarial_weight: float,
-                 lpips: LPIPS | None, disc: nn.Module | None):  # fmt: skip
+    def __init__(
+        self,
+        perceptual_weight: float,
+        adversarial_weight: float,
+        lpips: LPIPS | None,
+        disc: nn.Module | None,
+    ):
         super().__init__()
         self.perceptual_weight, self.adversarial_weight = perceptual_weight, adversarial_weight
         self.lpips, self.disc = lpips, disc
 
-    def forward(self, x: torch.Tensor, out, last_layer: torch.Tensor,
-                adversarial: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, out, last_layer: torch.Tensor, adversarial: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, detached parts) of a model output `out` (reconstruction, commitment_loss,
         and for DQ-VAE budget_loss / fine_mask) for the images `x`."""
         xr = out.reconstruction.float()
@@ -295,8 +301,10 @@ class Stage1Loss(nn.Module):
         loss = nll + out.commitment_loss  # + β Σ_d ||Z - sg[Ẑ(d)]||² (Eq. 7)
         if hasattr(out, "budget_loss"):  # DQ-VAE's learned router (0 for the entropy one)
             loss = loss + out.budget_loss
-            parts |= {"budget": out.budget_loss.detach(),
-                      "fine_fraction": out.fine_mask.detach().float().mean()}  # fmt: skip
+            parts |= {
+                "budget": out.budget_loss.detach(),
+                "fine_fraction": out.fine_mask.detach().float().mean(),
+            }
         if adversarial:
             self.disc.requires_grad_(False)
             g_loss = generator_adv_loss(self.disc(xr))
@@ -306,9 +314,9 @@ class Stage1Loss(nn.Module):
         parts |= {"commit": out.commitment_loss.detach(), "loss": loss.detach()}
         return loss, parts
 
-    def discriminator_loss(self, disc: nn.Module, x: torch.Tensor,
-                           xr: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def discriminator_loss(
+        self, disc: nn.Module, x: torch.Tensor, xr: torch.Tensor
+    ) -> torch.Tensor:
         """Hinge loss of the discriminator on real `x` and detached reconstructions `xr`."""
         self.disc.requires_grad_(True)
         return hinge_d_loss(disc(x), disc(xr.detach()))
-

@@ -88,8 +88,9 @@ class StaticKVCache(nn.Module):
     5x slower). Zero-filled, not empty: masked positions get weight 0, and 0 × NaN is NaN.
     """
 
-    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
-                 device, dtype):  # fmt: skip
+    def __init__(
+        self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype
+    ):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
         self.layers = nn.ModuleList(_LayerKV(shape, device, dtype) for _ in range(layers))
@@ -207,11 +208,16 @@ class Transformer(nn.Module):
     def new_static_cache(self, batch: int, max_len: int) -> StaticKVCache:
         p = next(self.parameters(), None)
         device, dtype = (p.device, p.dtype) if p is not None else ("cpu", torch.float32)
-        return StaticKVCache(len(self.blocks), batch, self.heads, max_len,
-                             self.width // self.heads, device, dtype)  # fmt: skip
+        return StaticKVCache(
+            len(self.blocks), batch, self.heads, max_len, self.width // self.heads, device, dtype
+        )
 
-    def forward(self, x: Tensor, cache: list[KVCache] | StaticKVCache | None = None,
-                pos: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        x: Tensor,
+        cache: list[KVCache] | StaticKVCache | None = None,
+        pos: Tensor | None = None,
+    ) -> Tensor:
         """x (B, t, C); with a list of `KVCache`s the t tokens follow those cached, with a
         `StaticKVCache` they sit at positions pos.. (pos: 0-dim long tensor)."""
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()

@@ -68,8 +68,9 @@ class StaticDecoder(nn.Module):
         device = next(model.parameters()).device
         # one 0-dim tensor per position, each its own storage: views of one arange would
         # differ in storage offset, which compiled code guards on (a recompile per position)
-        self.positions = [torch.tensor(i, device=device)
-                          for i in range(max(c.cond_length + c.T, c.D))]  # fmt: skip
+        self.positions = [
+            torch.tensor(i, device=device) for i in range(max(c.cond_length + c.T, c.D))
+        ]
         self._spatial_fn, self._depth_fn = self._spatial, self._depth
         if compiled:
             _allow_one_more_compilation()

@@ -93,12 +93,16 @@ def to_sequence(codes: Tensor, fine_mask: Tensor, vocab: DQVocab) -> DQSequence:
         fine_cells = [p for i, f in enumerate(fine) if f for p in vocab.fine_positions_of_region(i)]
         c_codes = [int(flat[b, vocab.fine_positions_of_region(i)[0]]) for i in coarse_regions]
         f_codes = flat[b, fine_cells].tolist() if fine_cells else []
-        content = ([vocab.content_sos, *c_codes, vocab.content_eos]
-                   + [vocab.content_sos, *f_codes, vocab.content_eos])  # fmt: skip
-        position = (
-            [vocab.position_sos(False), *coarse_regions, vocab.position_eos(False)]
-            + [vocab.position_sos(True), *fine_cells, vocab.position_eos(True)]
-        )  # fmt: skip
+        content = [vocab.content_sos, *c_codes, vocab.content_eos] + [
+            vocab.content_sos,
+            *f_codes,
+            vocab.content_eos,
+        ]
+        position = [vocab.position_sos(False), *coarse_regions, vocab.position_eos(False)] + [
+            vocab.position_sos(True),
+            *fine_cells,
+            vocab.position_eos(True),
+        ]
         segment = [0] * (len(c_codes) + 2) + [1] * (len(f_codes) + 2)
         rows.append((content, position, segment))
     L = max(len(r[0]) for r in rows)

@@ -132,8 +132,14 @@ class DQTransformer(nn.Module, Pretrained):
     def loss(self, seq: Tensor | DQSequence, cond: Tensor, soft_targets=None):
         return self.loss_from_logits(*self(seq, cond), seq, cond, soft_targets)
 
-    def loss_from_logits(self, content_logits: Tensor, pos_logits: Tensor,
-                         seq: Tensor | DQSequence, cond: Tensor, soft_targets=None):  # fmt: skip
+    def loss_from_logits(
+        self,
+        content_logits: Tensor,
+        pos_logits: Tensor,
+        seq: Tensor | DQSequence,
+        cond: Tensor,
+        soft_targets=None,
+    ):
         """CE(content) + ½·[CE(coarse positions) + CE(fine positions)], pads ignored."""
         if soft_targets is not None:
             raise ConfigError("DQ-Transformer trains on hard codes: set train.soft_labels=false")
@@ -154,9 +160,14 @@ class DQTransformer(nn.Module, Pretrained):
     def check_vae(self, vae) -> None:
         """One-line error when `vae` is not the DQ-VAE this transformer was trained with."""
         c, v = self.config, vae.config
-        check_pairing(vae, "DQ-VAE", "K, coarse grid", c.vae_fingerprint,
-                      (c.codebook_size, c.coarse_size),
-                      (v.codebook_size, getattr(v, "coarse_size", None)))  # fmt: skip
+        check_pairing(
+            vae,
+            "DQ-VAE",
+            "K, coarse grid",
+            c.vae_fingerprint,
+            (c.codebook_size, c.coarse_size),
+            (v.codebook_size, getattr(v, "coarse_size", None)),
+        )
 
     @classmethod
     def for_vae(cls, vae, **overrides) -> DQTransformer:

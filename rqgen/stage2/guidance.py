@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rqgen.errors import ConfigError
+
 
 @dataclass
 class SamplingConfig:
@@ -22,7 +24,6 @@ class SamplingConfig:
     def check(self, depth: int) -> None:
         """Per-depth values must give one value per depth: a list of another length would be
         cut short or fail mid-sampling."""
-        from rqgen.errors import ConfigError
 
         for name, value in (("top_k", self.top_k), ("top_p", self.top_p)):
             if isinstance(value, Sequence) and len(value) != depth:
@@ -70,8 +71,9 @@ class Draws:
     from a table of `count` uniforms per sample drawn up front from each sample's stream."""
 
     def __init__(self, seeds: PerSampleSeeds, count: int, device):
-        self.table = torch.stack([torch.rand(count, generator=torch.Generator().manual_seed(s))
-                                  for s in seeds.seeds]).to(device)  # fmt: skip
+        self.table = torch.stack(
+            [torch.rand(count, generator=torch.Generator().manual_seed(s)) for s in seeds.seeds]
+        ).to(device)
         self.k = 0
 
     @staticmethod

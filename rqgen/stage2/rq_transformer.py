@@ -224,8 +224,9 @@ class RQTransformer(nn.Module, Pretrained):
         if text_logits is None:
             return img, parts
         w = self.config.text_loss_weight
-        txt = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]).float(),
-                              cond[:, 1:].reshape(-1))  # fmt: skip
+        txt = F.cross_entropy(
+            text_logits.reshape(-1, text_logits.shape[-1]).float(), cond[:, 1:].reshape(-1)
+        )
         parts["text_loss"] = txt.detach()
         return (1 - w) * img + w * txt, parts
 
@@ -233,9 +234,14 @@ class RQTransformer(nn.Module, Pretrained):
     def check_vae(self, vae) -> None:
         """One-line error when `vae` is not the RQ-VAE this transformer was trained with."""
         c, q = self.config, vae.quantizer
-        check_pairing(vae, "RQ-VAE", "K, code shape, dim", c.vae_fingerprint,
-                      (c.codebook_size, list(c.code_shape), c.embed_dim),
-                      (q.codebook_size, list(vae.config.code_shape), q.dim))  # fmt: skip
+        check_pairing(
+            vae,
+            "RQ-VAE",
+            "K, code shape, dim",
+            c.vae_fingerprint,
+            (c.codebook_size, list(c.code_shape), c.embed_dim),
+            (q.codebook_size, list(vae.config.code_shape), q.dim),
+        )
 
     @classmethod
     def for_vae(cls, vae, **overrides) -> RQTransformer:

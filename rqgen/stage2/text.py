@@ -10,7 +10,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    CharBPETokenizer,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 from rqgen.errors import CheckpointError
 
@@ -29,9 +37,11 @@ class TextTokenizer:
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.decoder = decoders.BPEDecoder(suffix="</w>")
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[PAD, UNK], end_of_word_suffix="</w>",
+            vocab_size=vocab_size,
+            special_tokens=[PAD, UNK],
+            end_of_word_suffix="</w>",
             show_progress=False,
-        )  # fmt: skip
+        )
         tok.train_from_iterator(list(captions), trainer)
         return cls(tok, length)
 
@@ -41,7 +51,6 @@ class TextTokenizer:
     ) -> TextTokenizer:
         """The official release's BPE (`bpe-16k-vocab.json`, `bpe-16k-merges.txt`): a
         lowercasing character-level BPE, with `[PAD]` appended as the official code does."""
-        from tokenizers import CharBPETokenizer
 
         for f in (vocab, merges):
             if not Path(f).is_file():
@@ -95,6 +104,8 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{path} is not a tokenizer file rqgen can read ({first}); "
-                                  "the checkpoint is corrupt") from e  # fmt: skip
+            raise CheckpointError(
+                f"{path} is not a tokenizer file rqgen can read ({first}); "
+                "the checkpoint is corrupt"
+            ) from e
         return cls(tok, length)

@@ -50,8 +50,16 @@ from rqgen.utils.images import make_grid, save_image
 class ARTrainer(Trainer):
     name = "train-ar"
 
-    def __init__(self, exp: ARExperiment, vae_dir: str | Path, data: str, out: str | Path,
-                 rt: Runtime, captions: str | None = None, quiet: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        exp: ARExperiment,
+        vae_dir: str | Path,
+        data: str,
+        out: str | Path,
+        rt: Runtime,
+        captions: str | None = None,
+        quiet: bool = False,
+    ):
         self.exp, self.data, self.out, self.rt, self.quiet = exp, data, Path(out), rt, quiet
         self._set_precision(exp.train.precision)
         check_run(exp, rt.world_size, captions)
@@ -75,13 +83,25 @@ class ARTrainer(Trainer):
         self.vae_fingerprint = codebook_fingerprint(self.vae.quantizer.codebook)
         self.state = TrainState(self.out)
         ident = {"vae_fingerprint": self.vae_fingerprint}
-        self.resume_changes = from_rank0(self.rt, lambda: self.state.check_resume(
-            self.exp, self.data, ident) if self.state.exists() else [])  # fmt: skip
+        self.resume_changes = from_rank0(
+            self.rt,
+            lambda: (
+                self.state.check_resume(self.exp, self.data, ident) if self.state.exists() else []
+            ),
+        )
 
     def _build_data(self, captions: str | None) -> None:
         """The feature store, the train / validation split, classes, tokenizer and τ."""
-        d = build_ar_data(self.exp, self.vae, self.data, self.out, self.rt, captions,
-                          self.quiet, self.family.code_depth(self.vae))  # fmt: skip
+        d = build_ar_data(
+            self.exp,
+            self.vae,
+            self.data,
+            self.out,
+            self.rt,
+            captions,
+            self.quiet,
+            self.family.code_depth(self.vae),
+        )
         self.train_data, self.store = d, d.store
         self.train_set, self.val_set = d.train_set, d.val_set
         self.classes, self.tokenizer, self.taus = d.classes, d.tokenizer, d.taus
@@ -90,14 +110,16 @@ class ARTrainer(Trainer):
         """The family's transformer (the same init on every rank), its EMA and its wrapper."""
         t = self.exp.train
         seed_everything(t.seed)
-        model = self.family.build(self.exp.model, self.vae, self.train_data.num_classes,
-                                  self.tokenizer)  # fmt: skip
+        model = self.family.build(
+            self.exp.model, self.vae, self.train_data.num_classes, self.tokenizer
+        )
         self.model = model.to(self.rt.device)
         self.model.conditions_checked = True  # labels checked at the store
         self.model_class = type(self.model)  # FSDP swaps the class for a sharded subclass
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.model_ddp = wrap(self.model, self.rt, t.fsdp, t.activation_checkpointing,
-                              self.precision)  # fmt: skip
+        self.model_ddp = wrap(
+            self.model, self.rt, t.fsdp, t.activation_checkpointing, self.precision
+        )
         # train.compile: the forward compiled (the backward follows through AOTAutograd)
         self.forward = torch.compile(self.model_ddp) if t.compile else self.model_ddp
 
@@ -108,10 +130,14 @@ class ARTrainer(Trainer):
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "emb" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "emb" in n]
         self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.rt.device.type == "cuda",
-        )  # fmt: skip
+            [
+                {"params": decay, "weight_decay": t.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            fused=self.rt.device.type == "cuda",
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def state_counters(self) -> dict:
@@ -128,9 +154,11 @@ class ARTrainer(Trainer):
             if ("opt_full" in s) != sharded:  # the two layouts of the optimizer state
                 was = "sharded (FSDP)" if "opt_full" in s else "unsharded (one process or DDP)"
                 how = "with" if "opt_full" in s else "without"
-                raise ConfigError(f"{self.out} holds a run whose optimizer state is {was}: "
-                                  f"resume it {how} train.fsdp=true under torchrun, or "
-                                  "choose a new --out")  # fmt: skip
+                raise ConfigError(
+                    f"{self.out} holds a run whose optimizer state is {was}: "
+                    f"resume it {how} train.fsdp=true under torchrun, or "
+                    "choose a new --out"
+                )
             if sharded:
                 load_full_optimizer_state(self.model, self.opt, s["opt_full"])
             else:
@@ -156,10 +184,15 @@ class ARTrainer(Trainer):
                 model = self.public_model()
             vae = os.path.relpath(self.vae_dir.resolve(), self.out.resolve())
             model.save_pretrained(
-                self.out, vae=vae, classes=self.classes, conditioning=self.exp.model.conditioning,
-                train=dataclasses.asdict(self.exp.train), data=self.data, step=self.step,
+                self.out,
+                vae=vae,
+                classes=self.classes,
+                conditioning=self.exp.model.conditioning,
+                train=dataclasses.asdict(self.exp.train),
+                data=self.data,
+                step=self.step,
                 val_loss=self.best,
-            )  # fmt: skip
+            )
 
         meet_after(self.rt, write)
 
@@ -252,8 +285,12 @@ class ARTrainer(Trainer):
             with self._autocast():  # as training computes it
                 loss, _ = model.loss(codes, cond)
             if j < len(starts):
-                sums += torch.stack([loss.detach().double() * len(z),
-                                     torch.tensor(len(z), dtype=torch.float64, device=rt.device)])
+                sums += torch.stack(
+                    [
+                        loss.detach().double() * len(z),
+                        torch.tensor(len(z), dtype=torch.float64, device=rt.device),
+                    ]
+                )
         if rt.world_size > 1:
             torch_dist.all_reduce(sums)
             torch_dist.broadcast(sums, 0)  # bit-identical on every rank: same decisions
@@ -262,8 +299,10 @@ class ARTrainer(Trainer):
 
     # ------------------------------------------------------------------ loop hooks
     def describe(self) -> str:
-        return (f"{self.family.describe(self.model)} on {describe(self.data)} codes, "
-                f"{len(self.train_set)} train / {len(self.val_set)} val")  # fmt: skip
+        return (
+            f"{self.family.describe(self.model)} on {describe(self.data)} codes, "
+            f"{len(self.train_set)} train / {len(self.val_set)} val"
+        )
 
     def periodic(self, last: bool, bar) -> bool:
         t = self.exp.train
@@ -273,8 +312,10 @@ class ARTrainer(Trainer):
         if self.step % t.sample_every == 0 or last:
             meet_after(self.rt, self.write_samples)  # rank 0 samples, the others wait
         if stop and self.rt.is_main and not self.quiet:
-            print(f"rqgen: early stop at step {self.step}: no better val loss in "
-                  f"{t.patience} evaluations (best {self.best:.4f})")  # fmt: skip
+            print(
+                f"rqgen: early stop at step {self.step}: no better val loss in "
+                f"{t.patience} evaluations (best {self.best:.4f})"
+            )
         return stop
 
     @torch.no_grad()
@@ -284,8 +325,7 @@ class ARTrainer(Trainer):
         TensorBoard. Main process only; skipped under FSDP, whose weights are sharded."""
         if not self.rt.is_main or is_sharded(self.model):
             return
-        pipe = RQPipeline(self.public_model(), self.vae, {"classes": self.classes},
-                          self.tokenizer)  # fmt: skip
+        pipe = RQPipeline(self.public_model(), self.vae, {"classes": self.classes}, self.tokenizer)
         if pipe.conditioning == "text":  # the held-out captions, already tokenized
             cond = self.val_set.cond[:4].repeat_interleave(per_row, 0).to(self.rt.device)
         elif pipe.conditioning == "class":
@@ -297,8 +337,11 @@ class ARTrainer(Trainer):
         _, images = pipe.sample(cond, SamplingConfig(), gen)
         self.model.train()
         grid = make_grid(images.cpu(), nrow=per_row)
-        save_image(grid, self.out / "samples" / f"samples_{self.step:07d}.png",
-                   upscale=max(1, 128 // self.vae.config.resolution))  # fmt: skip
+        save_image(
+            grid,
+            self.out / "samples" / f"samples_{self.step:07d}.png",
+            upscale=max(1, 128 // self.vae.config.resolution),
+        )
         self.log.image("samples", grid, self.step)
 
     def _evaluate(self, bar) -> bool:

@@ -29,10 +29,9 @@ from rqgen.train.features import (
     build_store,
     save_npy,
     source_fingerprint,
-    store_kind,
     vae_fingerprint,
 )
-from rqgen.train.views import views_dataset
+from rqgen.train.views import store_kind, views_dataset
 from rqgen.utils.device import use_cpu_budget
 
 
@@ -47,8 +46,9 @@ class ARData:
     taus: list[float]  # τ per depth (one for DQ)
 
 
-def build_ar_data(exp, vae, data: str, out: Path, rt: Runtime, captions: str | None,
-                  quiet: bool, depths: int) -> ARData:  # fmt: skip
+def build_ar_data(
+    exp, vae, data: str, out: Path, rt: Runtime, captions: str | None, quiet: bool, depths: int
+) -> ARData:
     """The run's data, extracted into its store first when needed. `depths`: how many τ the
     codes need (the RQ-VAE's depth D, 1 for DQ)."""
     m, t = exp.model, exp.train
@@ -119,8 +119,9 @@ def _features(exp, vae, dataset, data: str, out: Path, rt: Runtime, quiet: bool)
     return build_store(root, key, vae, views, rt, workers=workers, quiet=quiet)
 
 
-def _temperatures(t, quantizer, store: FeatureStore, train_set: StoreView, out: Path,
-                  rt: Runtime, depths: int) -> list[float]:  # fmt: skip
+def _temperatures(
+    t, quantizer, store: FeatureStore, train_set: StoreView, out: Path, rt: Runtime, depths: int
+) -> list[float]:
     """τ per depth (Eq. 15): train.tau, times the mean squared quantization error of each
     depth over the first 256 training items with tau_unit=quantization_error."""
     if store.meta["kind"] != "features" or t.tau_unit == "absolute":
@@ -144,8 +145,9 @@ def _temperatures(t, quantizer, store: FeatureStore, train_set: StoreView, out: 
     return [t.tau * max(e, 1e-12) for e in saved["per_depth"]]
 
 
-def _text_tokens(m, store: FeatureStore, dataset, captions: str | None, out: Path,
-                 rt: Runtime) -> tuple[TextTokenizer, torch.Tensor]:  # fmt: skip
+def _text_tokens(
+    m, store: FeatureStore, dataset, captions: str | None, out: Path, rt: Runtime
+) -> tuple[TextTokenizer, torch.Tensor]:
     """Captions tokenized by this run's BPE (trained on them by rank 0, once)."""
     path = out / "text_tokens.npy"
     texts = lambda: _captions(store, dataset, captions)  # noqa: E731

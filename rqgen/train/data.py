@@ -146,10 +146,13 @@ def batch_stream(
 ) -> Iterator:
     """Endless iterator of this rank's micro-batches, starting at global micro-step start_step."""
     if isinstance(dataset, Shards):  # tar shards: a stream split by rank and worker
-        loader = DataLoader(dataset.stream(rt.rank, rt.world_size, start_step),
-                            batch_size=global_batch // rt.world_size, num_workers=workers,
-                            worker_init_fn=_ignore_stop_signals,
-                            pin_memory=rt.device.type == "cuda")  # fmt: skip
+        loader = DataLoader(
+            dataset.stream(rt.rank, rt.world_size, start_step),
+            batch_size=global_batch // rt.world_size,
+            num_workers=workers,
+            worker_init_fn=_ignore_stop_signals,
+            pin_memory=rt.device.type == "cuda",
+        )
         return iter(loader)
     sampler = ShardedBatchSampler(
         len(dataset), global_batch, rt.rank, rt.world_size, seed, start_step

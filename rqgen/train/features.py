@@ -41,11 +41,7 @@ from rqgen.data.folder import ImageFolder
 from rqgen.data.shards import Shards
 from rqgen.distributed import from_rank0, meet_after
 from rqgen.errors import DataError
-from rqgen.family import family_of
-from rqgen.stage1.dqvae import unpack_codes
-from rqgen.stage2.dq_sequence import DQVocab, to_sequence
-from rqgen.stage2.dq_transformer import stack_sequence
-from rqgen.train.views import ShardViews
+from rqgen.train.views import ShardViews, encode_views
 from rqgen.utils.files import atomic_write
 
 CHUNK_ITEMS = 1024  # images per chunk file: 32 MiB of fp16 8×8×256 features
@@ -90,34 +86,6 @@ class StoreKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def store_kind(vae: torch.nn.Module, soft_labels: bool, stochastic_codes: bool) -> str:
-    """fp16 features where codes are drawn or soft targets computed at every step; else the
-    argmin codes themselves (int16), which is all hard-label training reads."""
-    if not family_of(vae).residual:
-        return "dq"  # the token streams of each image
-    return "features" if soft_labels or stochastic_codes else "codes"
-
-
-@torch.no_grad()
-def encode_views(vae: torch.nn.Module, x: Tensor, kind: str) -> np.ndarray:
-    """(B, V, C, R, R) images -> (B, V, *item) array in the store's dtype."""
-    b, v = x.shape[:2]
-    x = x.flatten(0, 1)
-    if kind == "dq":
-        vocab = DQVocab(vae.config.codebook_size, vae.config.coarse_size)
-        codes, fine = unpack_codes(vae.encode_to_codes(x).cpu())
-        seq = stack_sequence(to_sequence(codes, fine, vocab))
-        pad = torch.tensor([vocab.content_pad, vocab.position_pad(True), 1])[None, :, None]
-        missing = 4 * vocab.n_coarse + 4 - seq.shape[2]  # pad to the longest possible
-        out = torch.cat([seq, pad.expand(len(seq), 3, missing)], 2).to(torch.int32)
-    elif kind == "codes":
-        out = vae.quantizer.quantize(vae.encode(x))[0].cpu()
-        out = out.to(torch.int16 if vae.quantizer.codebook_size <= 2**15 else torch.int32)
-    else:
-        out = vae.encode(x).cpu().to(torch.float16)
-    return out.reshape(b, v, *out.shape[1:]).numpy()
-
-
 class FeatureStore:
     """A finished store, read by positioned reads; private memory is the labels (16 bytes
     per image) and the batch being read."""
@@ -128,8 +96,10 @@ class FeatureStore:
             meta = json.loads((self.path / "store.json").read_text())
             ys = [np.load(self.path / f"y-{c:05d}.npy") for c in range(meta["chunks"])]
         except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"feature store {self.path} is unreadable ({e}): delete it and "
-                            "train again to extract it anew") from e  # fmt: skip
+            raise DataError(
+                f"feature store {self.path} is unreadable ({e}): delete it and "
+                "train again to extract it anew"
+            ) from e
         self.meta = meta
         self.crops, self.shape = meta["crops"], tuple(meta["item_shape"])
         self.dtype = np.dtype(meta["dtype"])
@@ -235,19 +205,33 @@ def _stream_npy(tmp: str, batches, n: int, vae, device, kind: str, ys: list) -> 
         for x, label, ok in batches:
             z = encode_views(vae, x.to(device), kind)
             if not ys:  # the header needs the item shape: known from the first batch
-                header = {"descr": np.lib.format.dtype_to_descr(z.dtype),
-                          "fortran_order": False, "shape": (n, *z.shape[1:])}  # fmt: skip
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(z.dtype),
+                    "fortran_order": False,
+                    "shape": (n, *z.shape[1:]),
+                }
                 np.lib.format.write_array_header_1_0(f, header)
             f.write(np.ascontiguousarray(z).tobytes())
             ys.append(torch.stack([label, ok], 1).numpy().astype(np.int64))
 
 
-def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, path: Path,
-                   device, batch_size: int, workers: int, bar) -> None:  # fmt: skip
+def _encode_chunks(
+    vae,
+    views,
+    chunks: list[int],
+    chunk_items: int,
+    kind: str,
+    path: Path,
+    device,
+    batch_size: int,
+    workers: int,
+    bar,
+) -> None:
     """Encode and write the given chunks: ranges of `chunk_items` images of a dataset, or
     whole tar shards. Batches start at a chunk's first image, whatever the rank."""
-    empty = encode_views(vae, torch.zeros(1, 1, 3, views.resolution, views.resolution,
-                                          device=device), kind)[:0]  # fmt: skip
+    empty = encode_views(
+        vae, torch.zeros(1, 1, 3, views.resolution, views.resolution, device=device), kind
+    )[:0]
     if isinstance(views, ShardViews):
         views.chunks, views.batch_size = chunks, batch_size
         parts: dict[int, list] = {}
@@ -255,12 +239,14 @@ def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, p
             if batch is not None:
                 x, label, ok, captions = batch
                 y = torch.stack([label, ok], 1).numpy().astype(np.int64)
-                parts.setdefault(c, []).append((encode_views(vae, x.to(device), kind), y,
-                                                list(captions)))  # fmt: skip
+                parts.setdefault(c, []).append(
+                    (encode_views(vae, x.to(device), kind), y, list(captions))
+                )
             if last:
                 done = parts.pop(c, [])
-                z = np.concatenate([empty.reshape(0, views.crops, *empty.shape[2:])]
-                                   + [p[0] for p in done])  # fmt: skip
+                z = np.concatenate(
+                    [empty.reshape(0, views.crops, *empty.shape[2:])] + [p[0] for p in done]
+                )
                 y = np.concatenate([np.zeros((0, 2), np.int64)] + [p[1] for p in done])
                 _write_chunk(path, c, z, y, [t for p in done for t in p[2]])
                 bar.update(1)
@@ -269,8 +255,9 @@ def _encode_chunks(vae, views, chunks: list[int], chunk_items: int, kind: str, p
         items = range(c * chunk_items, min(len(views), (c + 1) * chunk_items))
         loader = DataLoader(Subset(views, items), batch_size=batch_size, num_workers=workers)
         ys: list[np.ndarray] = []
-        write = functools.partial(_stream_npy, batches=loader, n=len(items), vae=vae,
-                                  device=device, kind=kind, ys=ys)  # fmt: skip
+        write = functools.partial(
+            _stream_npy, batches=loader, n=len(items), vae=vae, device=device, kind=kind, ys=ys
+        )
         atomic_write(path / f"z-{c:05d}.npy", write)
         save_npy(path / f"y-{c:05d}.npy", np.concatenate(ys))  # y last: it marks the chunk done
         bar.update(1)
@@ -282,9 +269,18 @@ def deal_chunks(missing: list[int], world: int) -> list[list[int]]:
     return [missing[r::world] for r in range(world)]
 
 
-def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_size: int = 64,
-                workers: int = 0, chunk_items: int = CHUNK_ITEMS,
-                quiet: bool = False) -> FeatureStore:  # fmt: skip
+def build_store(
+    root: Path,
+    key: StoreKey,
+    vae,
+    views: Dataset,
+    rt,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    chunk_items: int = CHUNK_ITEMS,
+    quiet: bool = False,
+) -> FeatureStore:
     """Open the store for `key` under `root`, extracting what is missing first. Rank 0
     decides whether the store is complete and deals out the missing chunks; each rank
     encodes its share, the ranks meet in the store (extraction takes hours, longer than any
@@ -306,18 +302,30 @@ def build_store(root: Path, key: StoreKey, vae, views: Dataset, rt, *, batch_siz
 
     def extract() -> None:
         path.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=len(mine), desc="extract features", unit="chunk", leave=False,
-                  disable=quiet or not rt.is_main) as bar:  # fmt: skip
-            _encode_chunks(vae, views, mine, chunk_items, key.kind, path, rt.device,
-                           batch_size, workers, bar)  # fmt: skip
+        with tqdm(
+            total=len(mine),
+            desc="extract features",
+            unit="chunk",
+            leave=False,
+            disable=quiet or not rt.is_main,
+        ) as bar:
+            _encode_chunks(
+                vae, views, mine, chunk_items, key.kind, path, rt.device, batch_size, workers, bar
+            )
 
     def finish() -> None:
         first = np.load(path / "z-00000.npy", mmap_mode="r")
         items = sum(len(np.load(path / f"y-{c:05d}.npy", mmap_mode="r")) for c in range(chunks))
-        meta = {"key": asdict(key), "items": items, "crops": key.crops, "chunks": chunks,
-                "chunk_items": None if sharded else chunk_items,
-                "item_shape": list(first.shape[2:]), "dtype": first.dtype.str,
-                "kind": key.kind}  # fmt: skip
+        meta = {
+            "key": asdict(key),
+            "items": items,
+            "crops": key.crops,
+            "chunks": chunks,
+            "chunk_items": None if sharded else chunk_items,
+            "item_shape": list(first.shape[2:]),
+            "dtype": first.dtype.str,
+            "kind": key.kind,
+        }
         write_json(path / "store.json", meta)
 
     meet_after(rt, extract)
@@ -330,8 +338,14 @@ class StoreView(Dataset):
     and epoch (drawn from seed, epoch and index, so a resume reads the same ones), evaluation
     the centre view."""
 
-    def __init__(self, store: FeatureStore, indices: np.ndarray, cond: Tensor, seed: int = 0,
-                 random_views: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        store: FeatureStore,
+        indices: np.ndarray,
+        cond: Tensor,
+        seed: int = 0,
+        random_views: bool = False,
+    ):
         self.store, self.indices, self.cond = store, np.asarray(indices), cond
         self.seed, self.random_views, self.epoch = seed, random_views and store.crops > 1, 0
 

@@ -54,14 +54,17 @@ def hybrid_mesh(rt) -> DeviceMesh:
     the gradient all-reduce of the replicas crosses nodes."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
     if local < 1 or rt.world_size % local:
-        raise ConfigError(f"train.fsdp=hybrid needs the same number of processes on every node "
-                          f"({rt.world_size} processes, {local} on this node)")  # fmt: skip
+        raise ConfigError(
+            f"train.fsdp=hybrid needs the same number of processes on every node "
+            f"({rt.world_size} processes, {local} on this node)"
+        )
     shape = (rt.world_size // local, local)
     return init_device_mesh(rt.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
-def wrap(model: nn.Module, rt, fsdp: bool | str, checkpointing: bool,
-         precision: str = "fp32") -> nn.Module:  # fmt: skip
+def wrap(
+    model: nn.Module, rt, fsdp: bool | str, checkpointing: bool, precision: str = "fp32"
+) -> nn.Module:
     """The module to train: `model` itself (one process, or FSDP, which shards in place) or
     its DDP wrapper. Call before creating the optimizer: FSDP replaces the parameters."""
     for t in transformers(model):

@@ -57,8 +57,9 @@ class Strategy:
         return max(0, int(free // self.activation_bytes))
 
 
-def activation_bytes(cfg: RQTransformerConfig, precision: str, soft_labels: bool,
-                     checkpointing: bool) -> float:  # fmt: skip
+def activation_bytes(
+    cfg: RQTransformerConfig, precision: str, soft_labels: bool, checkpointing: bool
+) -> float:
     """Bytes per sample of one training step's saved activations."""
     act = 4 if precision == "fp32" else 2
     C = cfg.width
@@ -79,8 +80,13 @@ def activation_bytes(cfg: RQTransformerConfig, precision: str, soft_labels: bool
     return kept + logits + embed + recompute
 
 
-def plan(cfg: RQTransformerConfig, gpus: int, gpu_mem_gb: float, precision: str = "bf16",
-         soft_labels: bool = True) -> dict:  # fmt: skip
+def plan(
+    cfg: RQTransformerConfig,
+    gpus: int,
+    gpu_mem_gb: float,
+    precision: str = "bf16",
+    soft_labels: bool = True,
+) -> dict:
     """Every strategy's bytes per GPU and largest micro-batch for `gpus` GPUs of
     `gpu_mem_gb` GiB."""
     params, block = count_params(cfg)
@@ -90,8 +96,12 @@ def plan(cfg: RQTransformerConfig, gpus: int, gpu_mem_gb: float, precision: str 
     # gradient before the reduce-scatter
     gathered = 2 * block * (act_dtype + 4)
     strategies = []
-    options = (("DDP", False, False), ("DDP + checkpointing", False, True),
-               ("FSDP", True, False), ("FSDP + checkpointing", True, True))  # fmt: skip
+    options = (
+        ("DDP", False, False),
+        ("DDP + checkpointing", False, True),
+        ("FSDP", True, False),
+        ("FSDP + checkpointing", True, True),
+    )
     for name, sharded, ckpt in options:
         per_sample = activation_bytes(cfg, precision, soft_labels, ckpt)
         st = state / gpus + gathered if sharded else state
@@ -110,7 +120,7 @@ def plan(cfg: RQTransformerConfig, gpus: int, gpu_mem_gb: float, precision: str 
                 "max_micro_batch": s.max_micro_batch(gpu_bytes),
             }
             for s in strategies
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -128,7 +138,9 @@ def recommend(result: dict, gpus: int, global_batch: int | None) -> str:
                 return f"{s['name']}, micro-batch {per_gpu} per GPU, no gradient accumulation"
         best = max(fitting, key=lambda s: s["max_micro_batch"])
         accum = math.ceil(per_gpu / best["max_micro_batch"])
-        return (f"{best['name']}, train.grad_accum={accum} (micro-batch "
-                f"{math.ceil(per_gpu / accum)} per GPU)")  # fmt: skip
+        return (
+            f"{best['name']}, train.grad_accum={accum} (micro-batch "
+            f"{math.ceil(per_gpu / accum)} per GPU)"
+        )
     s = fitting[0]
     return f"{s['name']}, up to {s['max_micro_batch']} samples per GPU"

@@ -40,8 +40,9 @@ SINGLE_FILE = "shard-00001-model-00001-of-00001.safetensors"  # the name DCP giv
 RUNTIME_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
-def _tensors(modules: dict[str, nn.Module], optimizers: Optimizers,
-             plain: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict]:  # fmt: skip
+def _tensors(
+    modules: dict[str, nn.Module], optimizers: Optimizers, plain: dict[str, dict[str, Tensor]]
+) -> tuple[dict[str, Tensor], dict]:
     """Flat {name: tensor} of everything (sharded where the model is), and the optimizers'
     param groups."""
     flat: dict[str, Tensor] = {}
@@ -68,8 +69,13 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def save(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
-         plain: dict[str, dict[str, Tensor]], distributed: bool) -> dict:  # fmt: skip
+def save(
+    path: Path,
+    modules: dict[str, nn.Module],
+    optimizers: Optimizers,
+    plain: dict[str, dict[str, Tensor]],
+    distributed: bool,
+) -> dict:
     """Every rank: write this rank's shards into the directory `path`. Returns the
     optimizers' param groups (JSON-able) for the caller to keep."""
     flat, groups = _tensors(modules, optimizers, plain)
@@ -82,8 +88,14 @@ def save(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
     return {name: [_jsonable(g) for g in gs] for name, gs in groups.items()}
 
 
-def load(path: Path, modules: dict[str, nn.Module], optimizers: Optimizers,
-         plain: dict[str, dict[str, Tensor]], groups: dict, distributed: bool) -> None:  # fmt: skip
+def load(
+    path: Path,
+    modules: dict[str, nn.Module],
+    optimizers: Optimizers,
+    plain: dict[str, dict[str, Tensor]],
+    groups: dict,
+    distributed: bool,
+) -> None:
     """Every rank: read into `modules`, `optimizers` and the `plain` tensors in place, each
     rank only its own slices. A parameter that had no optimizer state when saved (it never
     had a gradient) gets none now."""
@@ -124,8 +136,11 @@ def read_full(path: Path, prefix: str = "") -> dict[str, Tensor]:
     converting a state; training reads its own slices through `load`)."""
     reader = HuggingFaceStorageReader(str(path))
     meta = reader.read_metadata().state_dict_metadata
-    out = {k: torch.empty(m.size, dtype=m.properties.dtype)
-           for k, m in meta.items() if k.startswith(prefix)}  # fmt: skip
+    out = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith(prefix)
+    }
     with _single_process_quiet():
         dcp.load(out, storage_reader=reader, no_dist=True)
     return {k[len(prefix) :]: v for k, v in out.items()}
@@ -139,8 +154,9 @@ def _single_process_quiet():
         yield
 
 
-def _restore_optimizer(module: nn.Module, opt: torch.optim.Optimizer, loaded: dict,
-                       name: str, groups: list[dict]) -> None:  # fmt: skip
+def _restore_optimizer(
+    module: nn.Module, opt: torch.optim.Optimizer, loaded: dict, name: str, groups: list[dict]
+) -> None:
     """The optimizer's own state tensors were the targets of the load (loaded in place):
     only the parameters that had no saved state lose theirs, and the hyper-parameters come
     from `groups`. No second copy of the moments is made."""
@@ -151,11 +167,15 @@ def _restore_optimizer(module: nn.Module, opt: torch.optim.Optimizer, loaded: di
         for fqn, entries in current["state"].items()
     )
     if not in_place:  # an optimizer that hands out copies: load them through torch's door
-        state = {fqn: {k: loaded[f"{name}.{fqn}.{k}"] for k in entries}
-                 for fqn, entries in current["state"].items()
-                 if all(f"{name}.{fqn}.{k}" in loaded for k in entries)}  # fmt: skip
-        param_groups = [{**_from_json(g), **{k: cur[k] for k in RUNTIME_KEYS if k in cur}}
-                        for g, cur in zip(groups, current["param_groups"])]  # fmt: skip
+        state = {
+            fqn: {k: loaded[f"{name}.{fqn}.{k}"] for k in entries}
+            for fqn, entries in current["state"].items()
+            if all(f"{name}.{fqn}.{k}" in loaded for k in entries)
+        }
+        param_groups = [
+            {**_from_json(g), **{k: cur[k] for k in RUNTIME_KEYS if k in cur}}
+            for g, cur in zip(groups, current["param_groups"])
+        ]
         opt.state.clear()
         set_optimizer_state_dict(module, opt, {"state": state, "param_groups": param_groups})
         return
@@ -163,8 +183,9 @@ def _restore_optimizer(module: nn.Module, opt: torch.optim.Optimizer, loaded: di
         if not all(f"{name}.{fqn}.{k}" in loaded for k in entries):
             opt.state.pop(params[fqn], None)  # it never had a gradient when saved
     for group, saved in zip(opt.param_groups, groups):
-        group.update({k: v for k, v in _from_json(saved).items()
-                      if k != "params" and k not in RUNTIME_KEYS})  # fmt: skip
+        group.update(
+            {k: v for k, v in _from_json(saved).items() if k != "params" and k not in RUNTIME_KEYS}
+        )
 
 
 def _is_optim(key: str, optimizers: Optimizers) -> bool:

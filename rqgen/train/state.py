@@ -78,11 +78,23 @@ def restore_rng(saved: dict, rt: Runtime, seed: int, step: int) -> None:
 
 # Training settings a resumed run may change: how long and how it reports and checkpoints,
 # not what it optimises (batch, learning rate, losses, precision... define the run).
-RESUMABLE = frozenset({
-    "steps", "log_every", "ckpt_every", "eval_every", "sample_every", "val_batches",
-    "patience", "num_workers", "dist_timeout", "compile", "activation_checkpointing",
-    "extract_workers", "features",
-})  # fmt: skip
+RESUMABLE = frozenset(
+    {
+        "steps",
+        "log_every",
+        "ckpt_every",
+        "eval_every",
+        "sample_every",
+        "val_batches",
+        "patience",
+        "num_workers",
+        "dist_timeout",
+        "compile",
+        "activation_checkpointing",
+        "extract_workers",
+        "features",
+    }
+)
 
 
 class TrainState:
@@ -109,9 +121,16 @@ class TrainState:
         # A crash between the two renames in save() leaves only train_state.old.
         return self.dir if _complete(self.dir) else self.dir.with_suffix(".old")
 
-    def save(self, rt: Runtime, modules: dict[str, nn.Module], optimizers: sharded.Optimizers,
-             plain: dict[str, dict[str, Tensor]], counters: dict, rngs: list[dict],
-             meta: dict) -> None:  # fmt: skip
+    def save(
+        self,
+        rt: Runtime,
+        modules: dict[str, nn.Module],
+        optimizers: sharded.Optimizers,
+        plain: dict[str, dict[str, Tensor]],
+        counters: dict,
+        rngs: list[dict],
+        meta: dict,
+    ) -> None:
         """Every rank. A failed write (a full disk) removes the partial copy, leaves the
         previous state as it was, and says so in one line with the bytes it needs."""
         tmp = self.dir.with_suffix(".tmp")
@@ -122,8 +141,10 @@ class TrainState:
 
         from_rank0(rt, fresh)
         try:
-            groups, failure = sharded.save(tmp / "shards", modules, optimizers, plain,
-                                           rt.world_size > 1), None  # fmt: skip
+            groups, failure = (
+                sharded.save(tmp / "shards", modules, optimizers, plain, rt.world_size > 1),
+                None,
+            )
         except (OSError, RuntimeError, DiskFullError, CheckpointException) as e:
             groups, failure = {}, _first_cause(e)
         failures = gather_objects(None if failure is None else repr(failure), rt)
@@ -156,8 +177,13 @@ class TrainState:
 
         from_rank0(rt, finish)
 
-    def load(self, rt: Runtime, modules: dict[str, nn.Module], optimizers: sharded.Optimizers,
-             plain: dict[str, dict[str, Tensor]]) -> dict:  # fmt: skip
+    def load(
+        self,
+        rt: Runtime,
+        modules: dict[str, nn.Module],
+        optimizers: sharded.Optimizers,
+        plain: dict[str, dict[str, Tensor]],
+    ) -> dict:
         """Every rank: weights, optimizer states and plain tensors in place (each rank its
         slices), and the counters with every saved rank's RNG (`rng_ranks`). An earlier
         layout returns its state.pt dict, for the trainer to restore the optimizers from."""
@@ -166,16 +192,20 @@ class TrainState:
             return self._load_legacy(modules, rt.device)
         try:
             state = json.loads((d / "state.json").read_text())
-            sharded.load(d / "shards", modules, optimizers, plain, state.pop("optimizers"),
-                         rt.world_size > 1)  # fmt: skip
+            sharded.load(
+                d / "shards", modules, optimizers, plain, state.pop("optimizers"), rt.world_size > 1
+            )
             rngs = load_file(str(d / "rng.safetensors"))
         except (OSError, RuntimeError, KeyError, ValueError, CheckpointException) as e:
             why = str(_first_cause(e)).strip().splitlines()[0]
-            raise CheckpointError(f"{d} is not a training state rqgen can read ({why}); "
-                                  f"remove {d} to start the run over") from None  # fmt: skip
+            raise CheckpointError(
+                f"{d} is not a training state rqgen can read ({why}); "
+                f"remove {d} to start the run over"
+            ) from None
         n = 1 + max(int(k.split(".")[0]) for k in rngs)
-        ranks = [{k.split(".")[1]: v for k, v in rngs.items() if k.startswith(f"{r}.")}
-                 for r in range(n)]  # fmt: skip
+        ranks = [
+            {k.split(".")[1]: v for k, v in rngs.items() if k.startswith(f"{r}.")} for r in range(n)
+        ]
         return {**state, "rng_ranks": ranks}
 
     def meta(self) -> dict:
@@ -183,8 +213,9 @@ class TrainState:
         try:
             return json.loads(path.read_text())
         except (ValueError, OSError) as e:
-            raise CheckpointError(f"{path} is unreadable ({e}); remove {path.parent} to start "
-                                  "the run over") from e  # fmt: skip
+            raise CheckpointError(
+                f"{path} is unreadable ({e}); remove {path.parent} to start the run over"
+            ) from e
 
     def check_same_model(self, model_config) -> None:
         """Refuse to resume a run whose model config (a dataclass) differs from the one asked
@@ -207,13 +238,17 @@ class TrainState:
         meta = self.meta()
         run = self.dir.parent
         if meta.get("data", data) != data:
-            raise ConfigError(f"{run} was trained on --data {meta['data']}, not {data}: resume "
-                              "with the same --data or choose a new --out")  # fmt: skip
+            raise ConfigError(
+                f"{run} was trained on --data {meta['data']}, not {data}: resume "
+                "with the same --data or choose a new --out"
+            )
         for key, value in (identity or {}).items():
             if key in meta and meta[key] != value:
-                raise ConfigError(f"{run} was trained with another {key.replace('_', ' ')} "
-                                  f"({meta[key]}, now {value}): resume with the same one or "
-                                  "choose a new --out")  # fmt: skip
+                raise ConfigError(
+                    f"{run} was trained with another {key.replace('_', ' ')} "
+                    f"({meta[key]}, now {value}): resume with the same one or "
+                    "choose a new --out"
+                )
         wanted = dataclasses.asdict(exp.train)
         saved = {**dataclasses.asdict(type(exp.train)()), **meta["experiment"].get("train", {})}
         changed = [k for k in wanted if saved.get(k) != wanted[k]]

@@ -154,8 +154,9 @@ class Trainer:
         if not from_rank0(self.rt, self.state.exists):
             seed_everything(rank_seed(seed, self.rt.rank, 0))
             return
-        saved = self.state.load(self.rt, self.state_modules(), self.state_optimizers(),
-                                self.state_tensors())  # fmt: skip
+        saved = self.state.load(
+            self.rt, self.state_modules(), self.state_optimizers(), self.state_tensors()
+        )
         self.restore(saved)
         self.step = int(saved["step"])
         restore_rng(saved, self.rt, seed, self.step)
@@ -173,11 +174,21 @@ class Trainer:
         """Every rank writes its shards and its RNG state (as the training stream left
         it); rank 0 writes the rest; then the public directory is refreshed."""
         rngs = gather_objects(rng or rng_state(self.rt.device), self.rt)
-        meta = {"experiment": dataclasses.asdict(self.exp), "data": self.data,
-                "step": self.step, **self.state_meta()}  # fmt: skip
-        self.state.save(self.rt, self.state_modules(), self.state_optimizers(),
-                        self.state_tensors(), {**self.state_counters(), "step": self.step},
-                        rngs, meta)  # fmt: skip
+        meta = {
+            "experiment": dataclasses.asdict(self.exp),
+            "data": self.data,
+            "step": self.step,
+            **self.state_meta(),
+        }
+        self.state.save(
+            self.rt,
+            self.state_modules(),
+            self.state_optimizers(),
+            self.state_tensors(),
+            {**self.state_counters(), "step": self.step},
+            rngs,
+            meta,
+        )
         self.export()
 
     # ------------------------------------------------------------------ the loop
@@ -185,15 +196,28 @@ class Trainer:
         t, rt = self.exp.train, self.rt
         workers, threads = use_cpu_budget(t.num_workers, rt.device)
         if rt.is_main and not self.quiet:
-            print(f"rqgen: training {self.describe()} -> {self.out} (step {self.step} to "
-                  f"{t.steps}, {rt.world_size} process(es), micro-batch {self.micro_batch}, "
-                  f"{workers} loader worker(s), {threads} thread(s))")  # fmt: skip
+            print(
+                f"rqgen: training {self.describe()} -> {self.out} (step {self.step} to "
+                f"{t.steps}, {rt.world_size} process(es), micro-batch {self.micro_batch}, "
+                f"{workers} loader worker(s), {threads} thread(s))"
+            )
         self.announce_resume()
-        stream = batch_stream(self.train_set, self.micro_batch * rt.world_size, rt, t.seed,
-                              self.step * t.grad_accum, workers)  # fmt: skip
+        stream = batch_stream(
+            self.train_set,
+            self.micro_batch * rt.world_size,
+            rt,
+            t.seed,
+            self.step * t.grad_accum,
+            workers,
+        )
         self.model.train()
-        bar = tqdm(total=t.steps, initial=self.step, desc=self.name, dynamic_ncols=True,
-                   disable=not rt.is_main or self.quiet)  # fmt: skip
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            desc=self.name,
+            dynamic_ncols=True,
+            disable=not rt.is_main or self.quiet,
+        )
         try:
             with self.stop_signals():
                 self._loop(stream, bar)

@@ -34,8 +34,9 @@ from rqgen.train.trainer import Trainer, scheduled_lr
 from rqgen.utils.images import make_grid, save_image
 
 
-def fit_entropy_router(model, dataset, rt: Runtime, seed: int,
-                       max_images: int = 50_000) -> tuple[float, int]:  # fmt: skip
+def fit_entropy_router(
+    model, dataset, rt: Runtime, seed: int, max_images: int = 50_000
+) -> tuple[float, int]:
     """Fit the entropy router's threshold once, on rank 0, over a fixed-seed pass of the
     training images (its crops depend neither on the rank nor on the run's RNG, which is
     left as it was), then broadcast it: every rank routes every region alike."""
@@ -102,8 +103,9 @@ class VAETrainer(Trainer):
             else None
         )
         self.loss = Stage1Loss(t.perceptual_weight, t.adversarial_weight, lpips, self.disc)
-        adam = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
-                    fused=rt.device.type == "cuda")  # fmt: skip
+        adam = dict(
+            lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=rt.device.type == "cuda"
+        )
         self.opt = torch.optim.Adam(self.model.parameters(), **adam)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), **adam) if self.use_gan else None
         self.ema = WeightEMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
@@ -128,11 +130,14 @@ class VAETrainer(Trainer):
 
     def _fit_entropy_router(self, max_images: int = 50_000) -> None:
         """DQ-VAE's entropy threshold, from the training images: see fit_entropy_router."""
-        th, n = fit_entropy_router(self.model, self.train_set, self.rt, self.exp.train.seed,
-                                   max_images)  # fmt: skip
+        th, n = fit_entropy_router(
+            self.model, self.train_set, self.rt, self.exp.train.seed, max_images
+        )
         if self.rt.is_main and not self.quiet:
-            print(f"rqgen: entropy router threshold {th:.4f} nats (fine fraction "
-                  f"{self.exp.model.fine_fraction} on {n} training images)")  # fmt: skip
+            print(
+                f"rqgen: entropy router threshold {th:.4f} nats (fine fraction "
+                f"{self.exp.model.fine_fraction} on {n} training images)"
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def state_modules(self) -> dict:
@@ -163,9 +168,11 @@ class VAETrainer(Trainer):
     def _write_public(self) -> None:
         if self.rt.is_main:
             self.public_model().save_pretrained(
-                self.out, train=dataclasses.asdict(self.exp.train), data=self.data,
+                self.out,
+                train=dataclasses.asdict(self.exp.train),
+                data=self.data,
                 step=self.step,
-            )  # fmt: skip
+            )
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batches) -> dict[str, torch.Tensor]:
@@ -260,8 +267,10 @@ class VAETrainer(Trainer):
         m = self.exp.model
         what = f"RQ-VAE {m.code_shape}"
         if not self.family.residual:
-            what = (f"DQ-VAE coarse {m.coarse_size}² / fine {m.fine_size}² ({m.router} router, "
-                    f"r={m.fine_fraction})")  # fmt: skip
+            what = (
+                f"DQ-VAE coarse {m.coarse_size}² / fine {m.fine_size}² ({m.router} router, "
+                f"r={m.fine_fraction})"
+            )
         return f"{what} K={m.codebook_size} on {describe(self.data)}"
 
     def log_extra(self) -> dict[str, float]:

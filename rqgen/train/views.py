@@ -1,9 +1,11 @@
-"""What the feature extraction reads: each training image as the crop policy's views
-(the centre; the centre and its mirror; ten-crop), decoded deterministically, with whether
-it could be read."""
+"""What the feature extraction reads and writes: each training image as the crop policy's
+views (the centre; the centre and its mirror; ten-crop), decoded deterministically, with
+whether it could be read; and what the VAE makes of the views (`store_kind`,
+`encode_views`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
@@ -12,6 +14,10 @@ from rqgen.data import build_dataset
 from rqgen.data.folder import DECODE_ERRORS, ImageFolder, load_image
 from rqgen.data.prepared import PreparedImages
 from rqgen.data.shards import Shards, worker_share
+from rqgen.family import family_of
+from rqgen.stage1.dqvae import unpack_codes
+from rqgen.stage2.dq_sequence import DQVocab, to_sequence
+from rqgen.stage2.dq_transformer import stack_sequence
 
 TEN_CROP_SCALE = 1.125  # ten-crop cuts R×R squares out of the image resized to 1.125·R
 
@@ -102,3 +108,31 @@ def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed
     else:
         base = dataset
     return _Views(base, resolution, crops)
+
+
+def store_kind(vae: torch.nn.Module, soft_labels: bool, stochastic_codes: bool) -> str:
+    """fp16 features where codes are drawn or soft targets computed at every step; else the
+    argmin codes themselves (int16), which is all hard-label training reads."""
+    if not family_of(vae).residual:
+        return "dq"  # the token streams of each image
+    return "features" if soft_labels or stochastic_codes else "codes"
+
+
+@torch.no_grad()
+def encode_views(vae: torch.nn.Module, x: Tensor, kind: str) -> np.ndarray:
+    """(B, V, C, R, R) images -> (B, V, *item) array in the store's dtype."""
+    b, v = x.shape[:2]
+    x = x.flatten(0, 1)
+    if kind == "dq":
+        vocab = DQVocab(vae.config.codebook_size, vae.config.coarse_size)
+        codes, fine = unpack_codes(vae.encode_to_codes(x).cpu())
+        seq = stack_sequence(to_sequence(codes, fine, vocab))
+        pad = torch.tensor([vocab.content_pad, vocab.position_pad(True), 1])[None, :, None]
+        missing = 4 * vocab.n_coarse + 4 - seq.shape[2]  # pad to the longest possible
+        out = torch.cat([seq, pad.expand(len(seq), 3, missing)], 2).to(torch.int32)
+    elif kind == "codes":
+        out = vae.quantizer.quantize(vae.encode(x))[0].cpu()
+        out = out.to(torch.int16 if vae.quantizer.codebook_size <= 2**15 else torch.int32)
+    else:
+        out = vae.encode(x).cpu().to(torch.float16)
+    return out.reshape(b, v, *out.shape[1:]).numpy()

@@ -112,8 +112,9 @@ def available_cores() -> int:
     return n
 
 
-def cpu_budget(workers: int, local_world_size: int | None = None,
-               device: torch.device | None = None) -> tuple[int, int]:  # fmt: skip
+def cpu_budget(
+    workers: int, local_world_size: int | None = None, device: torch.device | None = None
+) -> tuple[int, int]:
     """(data-loader workers, torch threads) for one training process, never more busy
     threads than cores: the cores are shared by the ranks on this machine, then split
     between loader workers and torch's compute threads.

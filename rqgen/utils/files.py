@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
-from rqgen.errors import CheckpointError, ConfigError, RqgenError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
+
+from rqgen.errors import CheckpointError, ConfigError, DataError, RqgenError
 
 
 class DiskFullError(RqgenError):
@@ -58,7 +63,6 @@ def atomic_write(path: str | os.PathLike, write, needed_bytes: int | None = None
 
 def read_text(path: Path | str, what: str) -> str:
     """A user's text file (captions, prompts), or one line saying why it cannot be read."""
-    from rqgen.errors import DataError
 
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -72,9 +76,6 @@ def read_text(path: Path | str, what: str) -> str:
 
 def read_yaml(path: Path | str, what: str = "config") -> dict:
     """A YAML (or JSON) file as plain containers, safe loading only (no python tags)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
 
     try:
         return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -93,15 +94,14 @@ def check_output_dir(out: Path, model_types: tuple[str, ...], what: str) -> None
         raise ConfigError(f"--out {out} is a file, not a directory: choose a directory")
     config = out / "config.json"
     if config.is_file():
-        import json
-
         try:
             kind = json.loads(config.read_text()).get("model_type")
         except (ValueError, OSError, AttributeError) as e:
             raise CheckpointError(f"{config} is unreadable ({e}): choose another --out") from e
         if kind not in model_types:
-            raise ConfigError(f"--out {out} holds a {kind!r} model, not a {what}: choose "
-                              "another --out")  # fmt: skip
+            raise ConfigError(
+                f"--out {out} holds a {kind!r} model, not a {what}: choose another --out"
+            )
     check_writable_dir(out)
 
 
@@ -116,10 +116,12 @@ def check_writable_dir(directory: Path) -> None:
         probe.unlink()
     except OSError as e:
         blocker = next((p for p in [directory, *directory.parents] if p.exists()), None)
-        why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
-               else e.strerror or str(e))  # fmt: skip
-        raise ConfigError(f"cannot write to {directory}: {why}: choose another output "
-                          "path") from e  # fmt: skip
+        why = (
+            f"{blocker} is a file, not a folder"
+            if blocker is not None and not blocker.is_dir()
+            else e.strerror or str(e)
+        )
+        raise ConfigError(f"cannot write to {directory}: {why}: choose another output path") from e
 
 
 def check_output_file(path: Path) -> None:
@@ -145,8 +147,11 @@ class RunLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 # no flock on this filesystem (Lustre without -o flock: ENOSYS; some NFS
                 # setups: ENOLCK): nothing guards the directory, and nobody else holds it
-                warnings.warn(f"{directory} cannot be locked ({os.strerror(e.errno)}): "
-                              "make sure no other run trains into it", stacklevel=2)
+                warnings.warn(
+                    f"{directory} cannot be locked ({os.strerror(e.errno)}): "
+                    "make sure no other run trains into it",
+                    stacklevel=2,
+                )
                 self._write_pid()
                 return
             holder = os.read(self.fd, 32).decode(errors="replace").strip() or "unknown"

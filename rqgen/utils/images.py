@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from rqgen.utils.files import atomic_write
 
@@ -68,18 +68,25 @@ def save_pil(img: Image.Image, path: str | Path) -> Path:
 
 
 def save_labelled_grid(
-    images: torch.Tensor, path: str | Path, labels: list[str], upscale: int = 1,
+    images: torch.Tensor,
+    path: str | Path,
+    labels: list[str],
+    upscale: int = 1,
     legend: str | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """`labelled_row` written to `path`."""
     return save_pil(labelled_row(images, labels, upscale, legend), path)
 
 
-def labelled_row(images: torch.Tensor, labels: list[str], upscale: int = 1,
-                 legend: str | None = None, pad: int = 2) -> Image.Image:  # fmt: skip
+def labelled_row(
+    images: torch.Tensor,
+    labels: list[str],
+    upscale: int = 1,
+    legend: str | None = None,
+    pad: int = 2,
+) -> Image.Image:
     """One row of images with a caption over each (e.g. "input", "depth 1" ...) and an
     optional legend line under them."""
-    from PIL import ImageDraw, ImageFont
 
     grid = enlarge(to_pil(make_grid(images, nrow=len(images), pad=pad)), upscale)
     font = ImageFont.load_default()
@@ -92,8 +99,7 @@ def labelled_row(images: torch.Tensor, labels: list[str], upscale: int = 1,
     w = images.shape[-1]
     for i, text in enumerate(labels):
         centre = (pad + i * (w + pad) + w / 2) * upscale
-        draw.text((centre - draw.textlength(text, font=font) / 2, 1), text, fill="black",
-                  font=font)  # fmt: skip
+        draw.text((centre - draw.textlength(text, font=font) / 2, 1), text, fill="black", font=font)
     if legend:
         draw.text((4, grid.height + band + 1), legend, fill="black", font=font)
     return canvas
