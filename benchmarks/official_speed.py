@@ -142,8 +142,8 @@ def matmul_floor(model, batch: int):
                     lin(b.mlp[2].weight, b.mlp[2].bias)]  # fmt: skip
         return out
 
-    spatial = weights(model.body_transformer.blocks)
-    depth = weights(model.head_transformer.blocks)
+    spatial = weights(model.spatial_transformer.blocks)
+    depth = weights(model.depth_transformer.blocks)
     head = lin(model.classifier[1].weight, model.classifier[1].bias)
     inp = lin(model.input_mlp.weight, model.input_mlp.bias)
     hmlp = lin(model.head_mlp.weight, model.head_mlp.bias)

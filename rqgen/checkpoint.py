@@ -87,6 +87,16 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
     atomic_write(path, lambda tmp: save_file(tensors, tmp), needed_bytes=size)
 
 
+def current_name(key: str, former: dict[str, str]) -> str:
+    """`key` with the module names a model has since renamed (`former`: old -> new, matched
+    as whole dotted segments anywhere in the key, so prefixed keys of a train state too)."""
+    return ".".join(former.get(p, p) for p in key.split(".")) if former else key
+
+
+def current_names(state: dict, former: dict[str, str]) -> dict:
+    return {current_name(k, former): v for k, v in state.items()}
+
+
 def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike, apply=None) -> None:
     """Strict load that names what does not match instead of a wall of text. `apply(state)`
     replaces `module.load_state_dict` (a sharded model loads through its own door)."""
@@ -94,6 +104,7 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike, apply
         state = load_file(str(path))
     except Exception as e:  # safetensors raises several types for truncated files
         raise CheckpointError(f"cannot read weights {path}: {e}") from e
+    state = current_names(state, getattr(module, "former_names", {}))
     own = module.state_dict()
     optional = set(getattr(module, "optional_state", ()))  # may be absent from older files
     missing = sorted(set(own) - set(state) - optional)

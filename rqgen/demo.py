@@ -62,16 +62,14 @@ def run_photos_demo(out: Path, steps: int | None = None, device: str | None = "a
     return result
 
 
-# Sized to finish in about 6 minutes on 2 CPU cores: batch 32 halves the step time of both
-# stages, and dropout is off because CPU dropout costs ~15% of a step and 600 steps on 1.5k
-# digits do not overfit. 600 prior steps instead of 400 cost ~90 s and lift the unfiltered
-# samples recognised from 68% to 79% (500 samples each; 97% with the top-k below).
+# Sized to finish in minutes on 2 CPU cores: batch 32, dropout off (costly on CPU, and 600
+# steps on 1.5k digits do not overfit), 600 prior steps rather than 400 (more samples
+# recognised); the measurements: benchmarks/results/design_notes.md.
 DIGITS_VAE_STEPS, DIGITS_AR_STEPS = 150, 600
 DIGITS_VAE_OVERRIDES = ["train.batch_size=32", "train.num_workers=0"]
 # The digits RQ-VAE keeps the paper's architecture (no patch shortcut): with the shortcut its
-# codes reconstruct far better (44.7 vs 36.1 dB held out) but carry more of each digit's
-# pixels, and the 400-step prior then samples worse (one demo run: 42% / 63% recognised
-# without / with guidance; without the shortcut 69% / 95%).
+# codes reconstruct far better but carry more of each digit's pixels, and the short-trained
+# prior then samples worse (benchmarks/results/design_notes.md).
 DIGITS_RQVAE_OVERRIDES = ["model.patch_shortcut=false"]
 DIGITS_AR_OVERRIDES = ["train.batch_size=32", "model.dropout=0.0"]
 # The demo samples from the 64 likeliest codes, as the paper samples with top-k (and top-p,

@@ -196,7 +196,7 @@ def test_spatial_and_depth_transformers_may_have_different_head_counts(vae, tmp_
     )
     model = convert_stage2(d, vae)
     assert model.config.heads == 4 and model.config.depth_heads == 2
-    body, head = model.body_transformer.blocks[0].attn, model.head_transformer.blocks[0].attn
+    body, head = model.spatial_transformer.blocks[0].attn, model.depth_transformer.blocks[0].attn
     assert (body.heads, head.heads) == (4, 2)
     x = torch.randn(3, 5, model.config.width)
     with torch.no_grad():

@@ -25,7 +25,7 @@ def test_activation_checkpointing_leaves_loss_and_gradients_unchanged():
     codes, cond = torch.randint(32, (4, 9, 4)), torch.tensor([0, 1, 2, 3])
 
     def loss_and_grads(checkpointing: bool):
-        for t in (model.body_transformer, model.head_transformer):
+        for t in (model.spatial_transformer, model.depth_transformer):
             t.checkpointing = checkpointing
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout masks: recomputation must replay them

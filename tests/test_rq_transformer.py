@@ -180,7 +180,7 @@ def test_overfits_a_handful_of_code_maps():
 def test_flat_baseline_is_the_same_model_with_no_depth_layers():
     # A VQ code map 4×4×1 with every layer spatial: a plain GPT over 16 tokens.
     m = make(shape=(4, 4, 1), depth_layers=0)
-    assert len(m.head_transformer.blocks) == 0
+    assert len(m.depth_transformer.blocks) == 0
     cond = torch.tensor([0, 1])
     a = sample_codes(m, cond, SamplingConfig(), torch.Generator().manual_seed(0))
     b = sample_codes(m, cond, SamplingConfig(), torch.Generator().manual_seed(0), use_cache=False)
@@ -304,3 +304,41 @@ def test_each_compiled_decoder_raises_the_recompile_limit():
             StaticDecoder.for_model(m, batch, compiled=True)
             StaticDecoder.for_model(m, batch, compiled=True)  # kept: no second compilation
         assert getattr(dynamo, name) >= 8 + 12
+
+
+def _with_former_names(state: dict) -> dict:
+    back = {new: old for old, new in RQTransformer.former_names.items()}
+    return {".".join(back.get(p, p) for p in k.split(".")): v for k, v in state.items()}
+
+
+def test_checkpoints_and_train_states_with_the_former_module_names_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rqgen.train import sharded
+
+    m = make()
+    m.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    old = _with_former_names(load_file(str(weights)))
+    assert any(k.startswith("body_transformer.") for k in old)
+    save_file(old, str(weights))  # as rqgen wrote it before the rename
+    loaded = RQTransformer.from_pretrained(tmp_path / "m")
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    opt = torch.optim.AdamW(m.parameters())
+    m.loss(torch.randint(0, 16, (2, 3, 3, 3)), torch.tensor([0, 1]))[0].backward()
+    opt.step()
+    groups = sharded.save(tmp_path / "s", {"model": m}, {"opt": (m, opt)}, {}, False)
+    file = tmp_path / "s" / sharded.SINGLE_FILE
+    save_file(_with_former_names(load_file(str(file))), str(file))
+    fresh = make()
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    sharded.load(tmp_path / "s", {"model": fresh}, {"opt": (fresh, fresh_opt)}, {}, groups, False)
+    for k, v in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    p, q = dict(m.named_parameters()), dict(fresh.named_parameters())
+    moved = [k for k in p if k.startswith("spatial_transformer.")]
+    assert moved and all(
+        torch.equal(opt.state[p[k]]["exp_avg"], fresh_opt.state[q[k]]["exp_avg"]) for k in moved
+    )

@@ -46,9 +46,8 @@ class ARTrainConfig:
     # divides the squared distances of depth d by the training features' mean squared
     # distance to their nearest code at d, so that tau means the same on any feature scale
     # (0.5: a code one mean quantization error farther than the nearest gets e^-2 of its
-    # weight). Not the default: over 3 seeds on the digits it sampled little better than
-    # one-hot training (class accuracy +6 +- 13 points), absolute tau = 0.5 far better
-    # (+49 +- 14; benchmarks/results/digits_soft_labels.md)
+    # weight). Not the default: on the digits it sampled little better than one-hot
+    # training, absolute tau = 0.5 far better (benchmarks/results/digits_soft_labels.md)
     tau_unit: str = "absolute"
     cond_dropout: float = 0.1  # condition replaced by the null one: enables CFG
     val_fraction: float = 0.05

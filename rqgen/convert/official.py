@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rqgen.checkpoint import current_names
 from rqgen.errors import CheckpointError
 from rqgen.stage1.rqvae import RQVAE, RQVAEConfig
 from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig, codebook_fingerprint
@@ -224,6 +225,7 @@ def convert_stage2_state(state: dict[str, Tensor], cfg: RQTransformerConfig, vae
             if k.startswith(old):
                 k = new + k[len(old) :]
         out[k] = v
+    out = current_names(out, RQTransformer.former_names)
     if cfg.num_classes and "cond_emb.weight" in out:
         emb = out["cond_emb.weight"]
         # our null class: untrained in official models; the mean keeps it in distribution

@@ -111,8 +111,9 @@ class ResidualQuantizer(nn.Module):
         cb = self.codebook[c]
         cb_sq = cb.pow(2).sum(1)
         # Chunks of ~2 MB of distances stay in cache between the matmul that writes them and
-        # the argmin that reads them (1.3-1.5x faster than one 32 MB block at K = 512), but
-        # never fewer than min_rows rows: each chunk reads the whole codebook again.
+        # the argmin that reads them (faster than one large block: benchmarks/results/
+        # design_notes.md), but never fewer than min_rows rows: each chunk reads the whole
+        # codebook again.
         rows = max(self.min_rows, self.max_distance_elements // self.codebook_size)
         out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         for s in range(0, x.shape[0], rows):

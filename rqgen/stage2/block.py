@@ -1,7 +1,7 @@
-"""ONE pre-LN transformer block with a preallocated KV cache and SDPA attention.
-
-Every autoregressive model here (the spatial and depth transformers of RQ-Transformer, the
-flat VQ baseline, DQ-Transformer) is a `Transformer` of these blocks. Module names follow the
+"""The causal `Transformer` every autoregressive model here is built of (the spatial and
+depth transformers of RQ-Transformer, the flat VQ baseline, DQ-Transformer): pre-LN blocks
+with SDPA attention, and the two KV caches the samplers use (growing, and static for the
+compiled sampler). Module names follow the
 official RQ-Transformer (`ln1, ln2, attn.{query,key,value,proj}, mlp.0, mlp.2`) so its weights
 map one to one.
 """
@@ -17,9 +17,10 @@ from torch.utils.checkpoint import checkpoint
 def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None, owner) -> Tensor:
     """F.linear, except for one or two rows on CPU without autograd (a batch-1 sampling
     step, or batch 1 with guidance): there a weight at least as wide as it is deep goes
-    through a cached (in, out) copy, which the BLAS matrix-vector product reads 1.3-2.9x
-    faster than nn.Linear's (out, in) layout on this CPU class (narrow weights are slower
-    that way and keep theirs). The copy lives on `owner`, rebuilt when the weight changes."""
+    through a cached (in, out) copy, which the BLAS matrix-vector product reads faster than
+    nn.Linear's (out, in) layout on the CPUs measured (benchmarks/results/design_notes.md;
+    narrow weights are slower that way and keep theirs). The copy lives on `owner`, rebuilt
+    when the weight changes."""
     if (
         x.device.type != "cpu"
         or weight.shape[0] < weight.shape[1]

@@ -18,22 +18,22 @@ class EagerDecoder:
     def __init__(self, model: RQTransformer, batch: int):
         c = model.config
         self.model = model
-        self.spatial_cache = model.body_transformer.new_cache(batch, c.cond_length + c.T - 1)
-        self.depth_cache = model.head_transformer.new_cache(batch, c.D)
+        self.spatial_cache = model.spatial_transformer.new_cache(batch, c.cond_length + c.T - 1)
+        self.depth_cache = model.depth_transformer.new_cache(batch, c.D)
 
     def prefill(self, x: Tensor) -> Tensor:
         """The condition tokens (B, L, C) -> h of the last one (B, C)."""
-        return self.model.body_transformer(x, self.spatial_cache)[:, -1]
+        return self.model.spatial_transformer(x, self.spatial_cache)[:, -1]
 
     def spatial_step(self, x: Tensor, position: int) -> Tensor:
-        return self.model.body_transformer(x, self.spatial_cache)[:, -1]
+        return self.model.spatial_transformer(x, self.spatial_cache)[:, -1]
 
     def depth_step(self, v: Tensor, depth: int) -> Tensor:
         """Logits of code `depth` at the current position (a new position at depth 0)."""
         if depth == 0:
             for layer_cache in self.depth_cache:
                 layer_cache.reset()
-        return self.model.classifier(self.model.head_transformer(v, self.depth_cache)[:, -1])
+        return self.model.classifier(self.model.depth_transformer(v, self.depth_cache)[:, -1])
 
 
 _COMPILED_DECODERS = 0
@@ -63,8 +63,10 @@ class StaticDecoder(nn.Module):
         super().__init__()
         c = model.config
         self.model = model
-        self.spatial_cache = model.body_transformer.new_static_cache(batch, c.cond_length + c.T - 1)
-        self.depth_cache = model.head_transformer.new_static_cache(batch, c.D)
+        self.spatial_cache = model.spatial_transformer.new_static_cache(
+            batch, c.cond_length + c.T - 1
+        )
+        self.depth_cache = model.depth_transformer.new_static_cache(batch, c.D)
         device = next(model.parameters()).device
         # one 0-dim tensor per position, each its own storage: views of one arange would
         # differ in storage offset, which compiled code guards on (a recompile per position)
@@ -80,7 +82,7 @@ class StaticDecoder(nn.Module):
 
     def prefill(self, x: Tensor) -> Tensor:
         """The condition tokens (B, L, C) at positions 0..L-1 -> h of the last (B, C)."""
-        return self.model.body_transformer(x, self.spatial_cache, self.positions[0])[:, -1]
+        return self.model.spatial_transformer(x, self.spatial_cache, self.positions[0])[:, -1]
 
     def spatial_step(self, x: Tensor, position: int) -> Tensor:
         return self._spatial_fn(x, self.positions[position])
@@ -89,10 +91,10 @@ class StaticDecoder(nn.Module):
         return self._depth_fn(v, self.positions[depth])
 
     def _spatial(self, x: Tensor, pos: Tensor) -> Tensor:
-        return self.model.body_transformer(x, self.spatial_cache, pos)[:, -1]
+        return self.model.spatial_transformer(x, self.spatial_cache, pos)[:, -1]
 
     def _depth(self, v: Tensor, pos: Tensor) -> Tensor:
-        return self.model.classifier(self.model.head_transformer(v, self.depth_cache, pos)[:, -1])
+        return self.model.classifier(self.model.depth_transformer(v, self.depth_cache, pos)[:, -1])
 
     @staticmethod
     def for_model(model: RQTransformer, batch: int, compiled: bool) -> StaticDecoder:

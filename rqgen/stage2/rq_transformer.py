@@ -95,6 +95,12 @@ class RQTransformer(nn.Module, Pretrained):
     # would read the ids back from the GPU (a host synchronisation, a graph break).
     conditions_checked = False
     config_class = RQTransformerConfig
+    # the official code's module names, which rqgen's checkpoints used before: they load
+    # (and official checkpoints convert) through this one mapping
+    former_names = {
+        "body_transformer": "spatial_transformer",
+        "head_transformer": "depth_transformer",
+    }
 
     def __init__(self, config: RQTransformerConfig, codebook: Tensor | None = None):
         super().__init__()
@@ -122,8 +128,8 @@ class RQTransformer(nn.Module, Pretrained):
             # classes 0..N-1 and, last, the null condition (unconditional start / CFG)
             self.cond_emb = nn.Embedding(c.num_classes + 1, C)
         self.embed_drop = nn.Dropout(c.dropout)
-        self.body_transformer = Transformer(C, c.spatial_layers, c.heads, c.dropout)
-        self.head_transformer = Transformer(C, c.depth_layers, c.heads_depth, c.dropout)
+        self.spatial_transformer = Transformer(C, c.spatial_layers, c.heads, c.dropout)
+        self.depth_transformer = Transformer(C, c.depth_layers, c.heads_depth, c.dropout)
         self.classifier = nn.Sequential(nn.LayerNorm(C), RowLinear(C, c.codebook_size))
         gpt_init(self, c.spatial_layers + c.depth_layers)
         for p in (self.pos_emb_hw, self.pos_emb_d, self.pos_emb_cond):
@@ -187,10 +193,10 @@ class RQTransformer(nn.Module, Pretrained):
         L = prefix.shape[1]
         # Eq. 10: the condition (or start) token, then the codes of positions 0..T-2
         x = torch.cat([prefix, self.spatial_inputs(codes[:, :-1])], 1)
-        h = self.body_transformer(self.embed_drop(x))  # (B, L + T - 1, C)
+        h = self.spatial_transformer(self.embed_drop(x))  # (B, L + T - 1, C)
         h_img = h[:, L - 1 :]  # the output at token L-1+t predicts position t
         v = self.depth_inputs(h_img.reshape(B * c.T, -1), codes.reshape(B * c.T, c.D)[:, :-1])
-        out = self.head_transformer(self.embed_drop(v))  # (B·T, D, C)
+        out = self.depth_transformer(self.embed_drop(v))  # (B·T, D, C)
         logits = self.classifier(out).view(B, c.T, c.D, c.codebook_size)
         text_logits = self.cond_classifier(h[:, : L - 1]) if c.text_vocab_size else None
         return logits, text_logits

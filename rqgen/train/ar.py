@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from rqgen.checkpoint import current_name, current_names
 from rqgen.configs import ARExperiment
 from rqgen.configs.validate import check_family, check_run
 from rqgen.data import describe
@@ -159,12 +160,22 @@ class ARTrainer(Trainer):
                     f"resume it {how} train.fsdp=true under torchrun, or "
                     "choose a new --out"
                 )
+            former = getattr(self.model, "former_names", {})
             if sharded:
-                load_full_optimizer_state(self.model, self.opt, s["opt_full"])
+                opt = s["opt_full"]
+                groups = [
+                    {**g, "params": [current_name(p, former) for p in g["params"]]}
+                    for g in opt["param_groups"]
+                ]
+                state = current_names(opt["state"], former)
+                load_full_optimizer_state(
+                    self.model, self.opt, {"state": state, "param_groups": groups}
+                )
             else:
                 self.opt.load_state_dict(s["opt"])
             if self.ema is not None and "ema" in s:
-                self.ema.shadow = {k: v.to(self.rt.device) for k, v in s["ema"].items()}
+                ema = current_names(s["ema"], former)
+                self.ema.shadow = {k: v.to(self.rt.device) for k, v in ema.items()}
         self._load_scaler(self.scaler, s.get("scaler"))
         self.best, self.bad_evals = float(s["best"]), int(s["bad"])
 

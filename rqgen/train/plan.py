@@ -40,7 +40,7 @@ def count_params(cfg: RQTransformerConfig) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     block = max(
         sum(p.numel() for p in b.parameters())
-        for t in (model.body_transformer, model.head_transformer)
+        for t in (model.spatial_transformer, model.depth_transformer)
         for b in t.blocks
     )
     return total, block

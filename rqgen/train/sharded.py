@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from rqgen.checkpoint import save_state_dict
+from rqgen.checkpoint import current_name, save_state_dict
 
 Optimizers = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
 SINGLE_FILE = "shard-00001-model-00001-of-00001.safetensors"  # the name DCP gives rank 0's
@@ -102,18 +102,20 @@ def load(
     reader = HuggingFaceStorageReader(str(path))
     saved = set(reader.read_metadata().state_dict_metadata)
     flat, _ = _tensors(modules, optimizers, plain)
-    missing = sorted(k for k in flat if k not in saved and not _is_optim(k, optimizers))
+    stored = _stored_names(flat, saved, [*modules.values(), *(m for m, _ in optimizers.values())])
+    missing = sorted(k for k in flat if stored[k] not in saved and not _is_optim(k, optimizers))
     if missing:
         raise KeyError(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
-    wanted = {k: v for k, v in flat.items() if k in saved}
+    wanted = {k: v for k, v in flat.items() if stored[k] in saved}
     files = sorted(path.glob("*.safetensors"))
     whole = None if distributed or len(files) != 1 else load_file(str(files[0]))
-    if whole is not None and all(whole[k].shape == v.shape for k, v in wanted.items()):
+    if whole is not None and all(whole[stored[k]].shape == v.shape for k, v in wanted.items()):
         for k, v in wanted.items():  # one file of whole tensors, read by one process
-            v.copy_(whole[k])
+            v.copy_(whole[stored[k]])
     else:  # slices of several ranks' files, each rank reading the overlap with its own
         with _single_process_quiet():
-            dcp.load(wanted, storage_reader=reader, no_dist=not distributed)
+            by_file = {stored[k]: v for k, v in wanted.items()}
+            dcp.load(by_file, storage_reader=reader, no_dist=not distributed)
     del whole
     # The plain tensors (an EMA) were the load's targets themselves; the modules' state
     # dicts may be views or copies depending on the wrapper, so they go through torch's door.
@@ -124,6 +126,16 @@ def load(
         set_model_state_dict(module, sd, options=options)
     for name, (module, opt) in optimizers.items():
         _restore_optimizer(module, opt, wanted, name, groups[name])
+
+
+def _stored_names(flat: dict, saved: set[str], models: list[nn.Module]) -> dict[str, str]:
+    """The name each tensor has in the state: its own, or the one it had before a module
+    was renamed (a state written before the rename resumes)."""
+    former: dict[str, str] = {}
+    for m in models:
+        former |= getattr(m, "former_names", {})
+    back = {new: old for old, new in former.items()}
+    return {k: k if k in saved else current_name(k, back) for k in flat}
 
 
 # DCP logs a debug event per tensor and call to a logger it sets to DEBUG: thousands of
@@ -173,7 +185,7 @@ def _restore_optimizer(
             if all(f"{name}.{fqn}.{k}" in loaded for k in entries)
         }
         param_groups = [
-            {**_from_json(g), **{k: cur[k] for k in RUNTIME_KEYS if k in cur}}
+            {**_from_json(g), **{k: cur[k] for k in (*RUNTIME_KEYS, "params") if k in cur}}
             for g, cur in zip(groups, current["param_groups"])
         ]
         opt.state.clear()
