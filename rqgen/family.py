@@ -72,7 +72,7 @@ class Family:
                 )
             )
         q, text = vae.quantizer, m.conditioning == "text"
-        cfg = ar_transformer_config(
+        config = ar_transformer_config(
             m,
             q.codebook_size,
             vae.config.code_shape,
@@ -83,7 +83,7 @@ class Family:
             vae_fingerprint=fingerprint,
             text_pad_id=tokenizer.pad_id if text else 0,
         )
-        return RQTransformer(cfg, q.codebook)
+        return RQTransformer(config, q.codebook)
 
     def sample(self, model, cond: Tensor, sampling: SamplingConfig, generator) -> Tensor:
         """Code maps for conditions `cond`: (B, H, W, D), or packed DQ maps (B, 2Hc, 2Hc, 2)."""

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from rqgen.errors import ConfigError
-from rqgen.stage2.decoders import StaticDecoder
 from rqgen.stage2.guidance import SamplingConfig, filter_logits
 from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig
-from rqgen.stage2.sampling import _guided_cond, _sample_cached, sample_codes
+from rqgen.stage2.sampling import StaticDecoder, _guided_cond, _sample_cached, sample_codes
 
 
 def make(num_classes=3, text_vocab_size=0, K=16, shape=(3, 3, 3), depth_layers=2, **kw):

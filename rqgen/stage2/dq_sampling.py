@@ -29,20 +29,20 @@ COARSE, COARSE_END, FINE, DONE = 0, 1, 2, 3
 def sample_dq_codes(
     model: DQTransformer,
     cond: Tensor,
-    cfg: SamplingConfig | None = None,
+    sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     return_sequence: bool = False,
 ) -> Tensor | tuple[Tensor, DQSequence]:
     """Packed code maps (B, 2Hc, 2Hc, 2) for class ids `cond` (B,) (the null class for an
     unconditional model); with `return_sequence`, also the sampled token streams."""
-    cfg = cfg or SamplingConfig()
-    cfg.check(1)  # one code per step, whatever its granularity
+    sampling = sampling or SamplingConfig()
+    sampling.check(1)  # one code per step, whatever its granularity
     model.eval()
     model.check_cond(cond)
     c, v = model.config, model.config.vocab
     dev, n = cond.device, cond.shape[0]
-    guided = cfg.guidance_scale != 1.0
+    guided = sampling.guidance_scale != 1.0
     cond_all = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
     reps = cond_all.shape[0] // n
     L = c.max_length
@@ -83,11 +83,11 @@ def sample_dq_codes(
         h = h_all[:, -1]
 
         # ---- next position: drawn in the coarse phase, forced otherwise
-        logits = guide(model.coarse_pos_head(h).float(), n, cfg.guidance_scale)
+        logits = guide(model.coarse_pos_head(h).float(), n, sampling.guidance_scale)
         allowed = torch.zeros_like(logits, dtype=torch.bool)
         allowed[:, : v.n_coarse] = cell_ids[None] > last[:, None]  # ascending, never repeated
         allowed[:, v.position_eos(False)] = True
-        logits = logits.masked_fill(~allowed, float("-inf")) / max(cfg.temperature, 1e-5)
+        logits = logits.masked_fill(~allowed, float("-inf")) / max(sampling.temperature, 1e-5)
         drawn = draw(logits, generator)
         fine_pos = fine_order[rows, k.clamp(max=v.n_fine - 1)]
         fine_pos = torch.where(k < n_fine_cells, fine_pos, v.position_eos(True))
@@ -107,7 +107,7 @@ def sample_dq_codes(
             nxt = _rows(seq, 1, t + 2, reps)
             y = h_all + model.position_embedding(nxt.position, nxt.segment)
             g = model.content_transformer(y)[:, -1]
-        code = next_code(model.content_head(g)[:, : c.codebook_size], 0, cfg, n, generator)
+        code = next_code(model.content_head(g)[:, : c.codebook_size], 0, sampling, n, generator)
         is_eos = (p_next == v.position_eos(False)) & (phase == COARSE)
         is_eos |= (p_next == v.position_eos(True)) & (phase == FINE)
         c_next = torch.where(is_eos, v.content_eos, code)

@@ -171,13 +171,13 @@ class DQTransformer(nn.Module, Pretrained):
 
     @classmethod
     def for_vae(cls, vae, **overrides) -> DQTransformer:
-        cfg = DQTransformerConfig(
+        config = DQTransformerConfig(
             codebook_size=vae.config.codebook_size,
             coarse_size=vae.config.coarse_size,
             vae_fingerprint=codebook_fingerprint(vae.quantizer.codebook),
             **overrides,
         )
-        return cls(cfg)
+        return cls(config)
 
 
 def as_sequence(seq: Tensor | DQSequence) -> DQSequence:

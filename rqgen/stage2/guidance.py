@@ -109,14 +109,16 @@ def guide(logits: Tensor, n: int, scale: float) -> Tensor:
     return uncond + scale * (cond - uncond)
 
 
-def next_code(logits: Tensor, d: int, cfg: SamplingConfig, n: int, generator) -> Tensor:
+def next_code(logits: Tensor, d: int, sampling: SamplingConfig, n: int, generator) -> Tensor:
     """One code per condition from the logits of depth (or step) d: guidance, temperature,
     top-k / top-p, then one draw."""
-    logits = guide(logits.float(), n, cfg.guidance_scale)
+    logits = guide(logits.float(), n, sampling.guidance_scale)
     # a huge guidance scale or a tiny temperature overflows to +inf, and several +inf make
     # softmax NaN (garbage codes without a word): saturate at the largest float instead, so
     # the draw becomes the greedy choice it tends to
     big = torch.finfo(torch.float32).max
-    logits = (logits / max(cfg.temperature, 1e-5)).clamp_(-big, big)
-    logits = filter_logits(logits, cfg.at_depth(cfg.top_k, d), cfg.at_depth(cfg.top_p, d))
+    logits = (logits / max(sampling.temperature, 1e-5)).clamp_(-big, big)
+    logits = filter_logits(
+        logits, sampling.at_depth(sampling.top_k, d), sampling.at_depth(sampling.top_p, d)
+    )
     return draw(logits, generator)

@@ -253,7 +253,7 @@ class RQTransformer(nn.Module, Pretrained):
     def for_vae(cls, vae, **overrides) -> RQTransformer:
         """A transformer sized for `vae`'s codes, holding a copy of its frozen codebook."""
         q = vae.quantizer
-        cfg = RQTransformerConfig(
+        config = RQTransformerConfig(
             codebook_size=q.codebook_size,
             code_shape=list(vae.config.code_shape),
             embed_dim=q.dim,
@@ -261,4 +261,4 @@ class RQTransformer(nn.Module, Pretrained):
             vae_fingerprint=codebook_fingerprint(q.codebook),
             **overrides,
         )
-        return cls(cfg, q.codebook)
+        return cls(config, q.codebook)
