@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from rqgen.checkpoint import read_config
 from rqgen.errors import CheckpointError, ConfigError
 from rqgen.family import FAMILIES, Family, family_of
+from rqgen.hub import resolve
 from rqgen.stage1 import load_vae
 from rqgen.stage2.guidance import PerSampleSeeds, SamplingConfig
 from rqgen.stage2.text import TextTokenizer
@@ -38,7 +40,7 @@ Scorer = Callable[[Tensor, int], Tensor]  # (candidate images, row of cond) -> o
 
 @dataclass
 class PipelineOutput:
-    images: list[Image.Image]  # one PIL image per sample
+    images: list[Image.Image] | Tensor | np.ndarray  # as output_type asked (PIL by default)
     codes: Tensor  # the sampled code maps (B, H, W, D) (DQ: packed (B, 2Hc, 2Hc, 2))
     pixels: Tensor  # (B, 3, R, R) in [-1, 1], on the CPU
     names: list[str]  # the class name (or "prompt" / "sample") of each image
@@ -59,12 +61,15 @@ class RQPipeline:
         vae: str | Path | None = None,
         device: str | torch.device = "auto",
         dtype: str = "auto",
+        local_files_only: bool = False,
     ) -> RQPipeline:
-        """The transformer directory written by `rqgen train-ar` (its VAE is found from what
-        it records, or given as `vae`). `dtype` (fp32, bf16, fp16, or auto: bf16 on CUDA)
-        is the transformer's: its weights and KV caches are cast, logits are sampled in
-        fp32, and the VAE decodes in fp32."""
+        """The transformer directory written by `rqgen train-ar`, or a hub repository
+        'org/name[@revision]' pushed by `rqgen push` (its VAE is found from what it
+        records, or given as `vae`, a directory or repository). `dtype` (fp32, bf16, fp16,
+        or auto: bf16 on CUDA) is the transformer's: its weights and KV caches are cast,
+        logits are sampled in fp32, and the VAE decodes in fp32."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
+        path = resolve(path, local_files_only)
         meta = read_config(path)
         families = {f.transformer.model_type: f for f in FAMILIES}
         if meta.get("model_type") not in families:
@@ -78,7 +83,7 @@ class RQPipeline:
             if "vae" not in meta:
                 raise CheckpointError(f"'{path}' does not record its VAE: pass --vae DIR")
             vae = Path(path) / meta["vae"]
-        vae_model = load_vae(vae, map_location=dev)
+        vae_model = load_vae(vae, map_location=dev, local_files_only=local_files_only)
         model.check_vae(vae_model)  # before the cast: the fingerprint is of the fp32 codebook
         model.to(PRECISIONS[resolve_precision(dtype, dev)])
         tokenizer = None
@@ -119,28 +124,59 @@ class RQPipeline:
         top_k: int | Sequence[int] | None = None,
         top_p: float | Sequence[float] | None = None,
         temperature: float = 1.0,
-        seed: int | None = None,
+        generator: torch.Generator | int | None = None,
+        num_images_per_prompt: int | None = None,
+        output_type: str = "pil",
         batch_size: int = 64,
         compile: bool = False,
+        seed: int | None = None,
     ) -> PipelineOutput:
-        """Images for `class_labels` (ids or names; one image each, or `num_images` cycled
-        through them), a `prompt` (text models), or `num_images` unconditional samples."""
+        """Images for `class_labels` (ids or names; one image each, `num_images_per_prompt`
+        each, or `num_images` cycled through them), a `prompt` (text models), or
+        `num_images` unconditional samples. `generator`: a torch.Generator on the
+        pipeline's device, or a seed (`seed` is the same); `output_type` sets what
+        `.images` holds: "pil" (PIL images), "pt" ((B, 3, R, R) tensor in [0, 1]) or "np"
+        ((B, R, R, 3) float array in [0, 1])."""
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels]
         if temperature <= 0 or guidance_scale < 0:
             raise ConfigError(
                 f"temperature={temperature} must be > 0 and guidance_scale={guidance_scale} ≥ 0"
             )
+        if output_type not in ("pil", "pt", "np"):
+            raise ConfigError(f"output_type={output_type!r}: use pil, pt or np")
+        if num_images_per_prompt is not None:
+            if num_images is not None:
+                raise ConfigError("give num_images or num_images_per_prompt, not both")
+            if num_images_per_prompt < 1:
+                raise ConfigError(f"num_images_per_prompt={num_images_per_prompt}: must be ≥ 1")
+            class_labels, prompt, num_images = _each(class_labels, prompt, num_images_per_prompt)
         cond, names = self.conditions(class_labels, prompt, num_images)
-        generator = torch.Generator(self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
         sampling = SamplingConfig(temperature, top_k, top_p, guidance_scale, compile)
-        codes, pixels = self.sample(cond, sampling, generator, batch_size)
+        codes, pixels = self.sample(cond, sampling, self._generator(generator, seed), batch_size)
         pixels = pixels.float().cpu()
-        return PipelineOutput([to_pil(x) for x in pixels], codes.cpu(), pixels, names)
+        unit = (pixels + 1) / 2
+        images = {
+            "pil": lambda: [to_pil(x) for x in pixels],
+            "pt": lambda: unit,
+            "np": lambda: unit.permute(0, 2, 3, 1).numpy(),
+        }[output_type]()
+        return PipelineOutput(images, codes.cpu(), pixels, names)
+
+    def _generator(self, generator: torch.Generator | int | None, seed: int | None):
+        if isinstance(generator, torch.Generator):
+            if seed is not None:
+                raise ConfigError("give a generator or a seed, not both")
+            return generator
+        if generator is not None and seed is not None:
+            raise ConfigError("give a generator or a seed, not both")
+        seed = generator if generator is not None else seed
+        g = torch.Generator(self.device)
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(seed))
+        return g
 
     # ------------------------------------------------------------------ requests
     def conditions(
@@ -305,6 +341,16 @@ class RQPipeline:
             return scorer.similarity(images, [texts[row]] * len(images)).to(images.device)
 
         return self.best_of(cond, score, 1 / candidates, sampling, generator, batch_size)
+
+
+def _each(class_labels, prompt, per: int):
+    """`per` images of each class label or prompt (or `per` unconditional ones)."""
+    if prompt is not None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return class_labels, [p for p in prompts for _ in range(per)], None
+    if class_labels is not None:
+        return [c for c in class_labels for _ in range(per)], None, None
+    return None, None, per
 
 
 def _class_id(label: int | str, classes: Sequence[str], num_classes: int) -> int:

@@ -4,6 +4,7 @@ conditions."""
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +42,25 @@ def test_same_seed_same_images_and_bad_requests_are_one_line(class_ar):
         pipe(num_images=0)
     with pytest.raises(ConfigError, match="class id 12 is out of range"):
         pipe(class_labels=[12])
+
+
+def test_diffusers_names_give_the_same_images_in_every_output_type(class_ar):
+    pipe = RQPipeline.from_pretrained(class_ar, device="cpu")
+    a = pipe(class_labels=[3, 7], num_images_per_prompt=2, generator=5)
+    assert a.names == ["3", "3", "7", "7"] and len(a.images) == 4
+    b = pipe(class_labels=[3, 3, 7, 7], seed=5)  # the seed alias, the same request spelled out
+    assert torch.equal(a.pixels, b.pixels) and a.codes.tolist() == b.codes.tolist()
+    g = torch.Generator().manual_seed(5)
+    pt = pipe(class_labels=[3, 3, 7, 7], generator=g, output_type="pt")
+    assert torch.equal(pt.images, (a.pixels + 1) / 2)
+    arr = pipe(class_labels=[3, 3, 7, 7], generator=5, output_type="np").images
+    assert arr.shape == (4, 32, 32, 3)
+    assert np.array_equal(arr, pt.images.permute(0, 2, 3, 1).numpy())
+    assert (np.asarray(a.images[0]) == np.asarray(b.images[0])).all()
+    for bad, match in (
+        (dict(output_type="latent"), "output_type='latent'"),
+        (dict(num_images=2, num_images_per_prompt=2), "not both"),
+        (dict(generator=torch.Generator(), seed=1), "not both"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            pipe(class_labels=[3], **bad)
