@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rqgen.errors import CheckpointError, ConfigError
+from rqgen.hub import resolve
 from rqgen.utils.files import atomic_write
 
 CONFIG_NAME = "config.json"
@@ -181,8 +182,12 @@ class Pretrained:
         return config
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu"):
-        directory = Path(directory)
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str = "cpu", local_files_only: bool = False
+    ):
+        """A model directory written by `save_pretrained`, or a hub repository 'org/name'
+        (optionally '@revision'), read through huggingface_hub's cache."""
+        directory = resolve(directory, local_files_only)
         raw = read_config(directory)
         if raw.get("model_type") != cls.model_type:
             raise CheckpointError(

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         sample.add_serve,
         sample.add_demo,
         convert.add_convert_official,
+        convert.add_push,
         eval_gen.add_eval_gen,
         eval_gen.add_fid_stats,
     ):

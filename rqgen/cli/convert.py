@@ -1,4 +1,5 @@
-"""`convert-official`: the official RQ-VAE / RQ-Transformer checkpoints as rqgen models."""
+"""`convert-official`: the official RQ-VAE / RQ-Transformer checkpoints as rqgen models;
+`push`: a model directory to the Hugging Face hub."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from rqgen.convert.official import convert_stage1, convert_stage2, load_official_config
 from rqgen.errors import ConfigError
+from rqgen.hub import push
 from rqgen.stage2.text import TextTokenizer
 
 
@@ -61,4 +63,20 @@ def cmd_convert_official(args) -> int:
             tokenizer.length = model.config.text_length
             tokenizer.save(out / "ar")
         print(f"rqgen: wrote {out / 'ar'} (RQ-Transformer, {conditioning}-conditional)")
+    return 0
+
+
+def add_push(sub) -> None:
+    p = sub.add_parser("push", help="upload a model directory to the Hugging Face hub")
+    p.add_argument("--model", required=True, help="a directory written by train-vae / train-ar")
+    p.add_argument("--repo", required=True, help="org/name on the hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args) -> int:
+    """The token comes from `hf auth login` or $HF_TOKEN, as for every hub tool."""
+    url = push(args.model, args.repo, private=args.private, message=args.message)
+    print(f"rqgen: pushed {args.model} to {args.repo} ({url})")
     return 0
