@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import httpx
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
@@ -25,8 +26,15 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from rqgen.errors import CheckpointError
+from rqgen.errors import CheckpointError, RqgenError
 
+# huggingface_hub raises the errors of the HTTP library it is built on (httpx; httpx2 in later
+# releases): their base is the HTTPError among the bases of its own error
+HTTP_ERRORS = (
+    OSError,
+    httpx.HTTPError,
+    *(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError"),
+)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 FILES = ["*.json", "*.safetensors", "*.md", "vae/*"]  # what a model directory holds
 
@@ -58,14 +66,17 @@ def resolve(name: str | os.PathLike, local_files_only: bool = False) -> Path:
             library_name="rqgen",
         )
     except LocalEntryNotFoundError:
+        how = "offline" if local_files_only or offline() else "the hub could not be reached"
         raise CheckpointError(
-            f"{name} is not in the hub cache {cache} and the hub is not reachable (offline): "
+            f"{name}: no such local directory, and not in the hub cache {cache} ({how}): "
             "download it once online, or pass a local directory"
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise CheckpointError(f"{name}: no such model on the hub ({type(e).__name__})") from None
-    except HfHubHTTPError as e:
-        raise CheckpointError(f"{name}: the hub answered {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{name}: no such local directory, nor a model on the hub ({type(e).__name__})"
+        ) from None
+    except HTTP_ERRORS as e:
+        raise CheckpointError(f"{name}: reading it from the hub failed: {_first_line(e)}") from None
     return Path(path)
 
 
@@ -92,14 +103,27 @@ def push(
                 raise CheckpointError(f"{model_dir} records its VAE at {vae_dir}, which is gone")
             _stage(vae_dir, staged / "vae")
             (staged / "config.json").write_text(json.dumps({**meta, "vae": "vae"}, indent=2) + "\n")
+        if offline():
+            raise RqgenError(f"HF_HUB_OFFLINE is set: unset it to push {model_dir} to {repo}")
         api = HfApi(token=token)
-        api.create_repo(repo, private=private, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo,
-            folder_path=staged,
-            commit_message=message or f"Upload {meta.get('model_type', 'model')} with rqgen",
-        )
+        try:
+            api.create_repo(repo, private=private, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo,
+                folder_path=staged,
+                commit_message=message or f"Upload {meta.get('model_type', 'model')} with rqgen",
+            )
+        except (*HTTP_ERRORS, ValueError) as e:
+            raise RqgenError(
+                f"pushing {model_dir} to {repo} failed: {_first_line(e)} (log in with "
+                "`hf auth login` or set HF_TOKEN; nothing was committed)"
+            ) from None
     return str(info)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _stage(src: Path, dst: Path) -> None:

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import errno
 import hashlib
+import importlib
 import json
 import pickle
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_failures import one_line_error
@@ -430,6 +432,7 @@ BASE = {  # a valid command line per command, to which one bad option is added
         "--out",
         w.tmp / "g",
     ],  # fmt: skip
+    "push": lambda w: ["push", "--model", w.bad("missing"), "--repo", "org/name"],
     "fid-stats": lambda w: [
         "fid-stats",
         "bundled:digits:val",
@@ -603,7 +606,23 @@ def _fault_cases() -> list[Case]:
         Case("train-vae/out of memory",
              BASE["train-vae"],
              fault=lambda mp: mp.setattr(torch.Tensor, "backward", _oom)),
+        Case("push/--model missing", BASE["push"], expect=("missing", "not a model directory")),
+        Case("push/offline", lambda w: _set_flag(BASE["push"](w), "--model", w.ar),
+             expect=("HF_HUB_OFFLINE",), fault=lambda mp: mp.setenv("HF_HUB_OFFLINE", "1")),
+        Case("push/the hub unreachable", lambda w: _set_flag(BASE["push"](w), "--model", w.ar),
+             expect=("pushing", "failed", "nothing was committed"),
+             fault=lambda mp: mp.setattr(HTTP_LIB.HTTPTransport, "handle_request", _unreachable)),
     ]  # fmt: skip
+
+
+# the HTTP library huggingface_hub is built on (httpx, or httpx2 in later releases)
+HTTP_LIB = importlib.import_module(
+    next(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError").__module__.split(".")[0]
+)
+
+
+def _unreachable(*args, **kwargs):
+    raise HTTP_LIB.ConnectError("[Errno -3] Temporary failure in name resolution")
 
 
 def _oom(*args, **kwargs):

@@ -57,10 +57,13 @@ def test_a_cached_repository_samples_offline_and_a_missing_one_is_one_line(
     for name in ("org/digits", f"org/digits@{COMMIT}"):
         hub = RQPipeline.from_pretrained(name, device="cpu")(class_labels=[3, 7], seed=1)
         assert torch.equal(hub.pixels, local.pixels) and hub.names == local.names
-    direct = RQVAE.from_pretrained(vae)
-    for k, v in direct.state_dict().items():  # a model class reads the same cache
-        assert torch.equal(RQPipeline.from_pretrained("org/digits").vae.state_dict()[k], v)
-    with pytest.raises(CheckpointError, match=r"org/missing is not in the hub cache .*cache"):
+    files = {n: vae / n for n in ("config.json", "model.safetensors")}
+    _cache_repo(tmp_path / "cache", "org/digits-vae", files)  # a model class reads it too
+    hub_vae, direct = RQVAE.from_pretrained("org/digits-vae"), RQVAE.from_pretrained(vae)
+    for k, v in direct.state_dict().items():
+        assert torch.equal(hub_vae.state_dict()[k], v)
+    missing = r"org/missing: no such local directory, and not in the hub cache .*cache \(offline\)"
+    with pytest.raises(CheckpointError, match=missing):
         RQPipeline.from_pretrained("org/missing", device="cpu")
 
 
