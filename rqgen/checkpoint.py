@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from rqgen.card import write_card
 from rqgen.errors import CheckpointError, ConfigError
 from rqgen.hub import resolve
 from rqgen.utils.files import atomic_write
@@ -156,6 +157,7 @@ class Pretrained:
         save_state_dict(self.state_dict(), directory / WEIGHTS_NAME)
         cfg = {"model_type": self.model_type, "config": dataclasses.asdict(self.config), **extra}
         write_json(directory / CONFIG_NAME, cfg)
+        write_card(directory, sum(p.numel() for p in self.parameters()))
         return directory
 
     @classmethod

@@ -67,7 +67,8 @@ def test_save_and_load_round_trip(tmp_path):
     vae(x)  # data-init the codebook and take one EMA step
     vae.eval()
     vae.save_pretrained(tmp_path / "m")
-    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors"}
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert files == {"config.json", "model.safetensors", "README.md"}
     loaded = RQVAE.from_pretrained(tmp_path / "m")
     assert loaded.config == vae.config
     assert torch.equal(loaded.encode_to_codes(x), vae.encode_to_codes(x))

@@ -10,7 +10,7 @@ import time
 
 from tqdm import tqdm
 
-from rqgen import __version__
+from rqgen import __version__, card
 from rqgen.cli import convert, data, eval_gen, evaluate, sample, train
 from rqgen.errors import Interrupted, RqgenError
 
@@ -106,6 +106,7 @@ def one_line(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    card.running_command(sys.argv[1:] if argv is None else argv)  # what model cards quote
     args = parse(argv)
     start = time.time()
     try:

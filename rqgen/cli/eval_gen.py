@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from rqgen.cli.common import POSITIVE_INT, add_device, add_sampling, number, sampling_config
-from rqgen.cli.evaluate import check_finite
+from rqgen.cli.evaluate import check_finite, keep_score
 from rqgen.data import build_dataset
 from rqgen.data.shards import is_shards
 from rqgen.distributed import Runtime, gather_objects, init_runtime, meet_after, shutdown_runtime
@@ -214,8 +214,22 @@ def _data_stats(src: str, resolution: int, evaluator, rt, args, split: str = "va
 def cmd_eval_gen(args) -> int:
     rt, result = _on_ranks(args.device, lambda rt: _eval_gen(args, rt))
     if rt.is_main:
+        protocol = (
+            f"eval-gen ({result['evaluator']}) against {result['reference']}, "
+            f"{result['n_samples']} samples, {_sampling_words(result)}"
+        )
         _report(result, args.json)
+        if args.model:
+            keep_score(args.model, protocol, result)
     return 0
+
+
+def _sampling_words(result: dict) -> str:
+    s = result.get("sampling", {})
+    return (
+        f"guidance {s.get('guidance_scale')}, top-k {s.get('top_k')}, top-p "
+        f"{s.get('top_p')}, temperature {s.get('temperature')}"
+    )
 
 
 def _eval_gen(args, rt) -> dict:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
+from rqgen.card import record_evaluation
 from rqgen.cli.common import (
     POSITIVE_INT,
     add_device,
@@ -69,7 +71,20 @@ def cmd_eval_vae(args) -> int:
     else:
         for k, v in result.items():
             print(f"{k:>22}: {v}")
+    limit = f", the first {args.limit} images" if args.limit else ""
+    keep_score(args.vae, f"eval-vae on {args.data}{limit}", result)
     return 0
+
+
+def keep_score(model: str, protocol: str, result: dict) -> None:
+    """The scores into a local model directory's card (a hub model's cache is left alone);
+    a directory that cannot be written gets a warning, the scores are already printed."""
+    if not (Path(model) / "config.json").is_file():
+        return
+    try:
+        record_evaluation(model, protocol, result)
+    except OSError as e:
+        print(f"rqgen: warning: scores not added to {model}'s card ({e})", file=sys.stderr)
 
 
 def add_reconstruct(sub) -> None:

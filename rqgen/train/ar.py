@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from rqgen.card import command
 from rqgen.checkpoint import current_name, current_names
 from rqgen.configs import ARExperiment
 from rqgen.configs.validate import check_family, check_run
@@ -201,6 +202,8 @@ class ARTrainer(Trainer):
                 conditioning=self.exp.model.conditioning,
                 train=dataclasses.asdict(self.exp.train),
                 data=self.data,
+                data_fingerprint=self.store.meta["key"]["source"],
+                command=command(),
                 step=self.step,
                 val_loss=self.best,
             )

@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import IterableDataset
 
+from rqgen.card import command
 from rqgen.configs import DQVAEExperiment, VAEExperiment
 from rqgen.configs.validate import check_run
 from rqgen.data import build_dataset, describe
@@ -172,6 +173,7 @@ class VAETrainer(Trainer):
                 train=dataclasses.asdict(self.exp.train),
                 data=self.data,
                 step=self.step,
+                command=command(),
             )
 
     # ------------------------------------------------------------------ one step
