@@ -58,6 +58,10 @@ class VAETrainConfig:
     ckpt_every: int = 500
     sample_every: int = 500
     val_batches: int = 4  # held-out global micro-batches scored each sample_every, split over ranks
+    # fine-tuning: start from this model's weights (a directory or hub repository, an rqgen
+    # or converted official model) with a fresh optimizer and schedule; "": from scratch
+    init_from: str = ""
+    freeze_codebook: bool = False  # keep the codebook fixed: transformers on it stay valid
 
 
 @dataclass

@@ -71,6 +71,9 @@ class ARTrainConfig:
     features: str = ""  # feature store directory, shared between runs; "": OUT/features
     log_every: int = 10
     ckpt_every: int = 500
+    # fine-tuning: start from this transformer's weights (directory or hub repository); a
+    # new number of classes re-initialises the class embedding only; "": from scratch
+    init_from: str = ""
 
 
 @dataclass

@@ -178,6 +178,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "sample_every": count(),
         "val_batches": count(0),
         "lr_schedule": Rule("choice", choices=("constant", "cosine")),
+        "init_from": TEXT,
+        "freeze_codebook": FLAG,
     },
     "ARModelConfig": {
         "width": count(),
@@ -212,6 +214,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "extract_workers": count(-1),
         "feature_crops": Rule("int", low=1, high=10),
         "features": Rule("str"),
+        "init_from": TEXT,
     },
 }
 
@@ -299,7 +302,17 @@ def check_run(exp, world_size: int, captions: str | None = None) -> None:
         )
     conditioning = getattr(m, "conditioning", None)
     if conditioning is None:  # an autoencoder
+        if t.freeze_codebook and not t.init_from:
+            raise ConfigError(
+                "train.freeze_codebook keeps a trained codebook: give "
+                "train.init_from=DIR (or drop train.freeze_codebook)"
+            )
         return
+    if t.init_from and conditioning == "text":
+        raise ConfigError(
+            "train.init_from is not supported for text-conditional models yet "
+            "(the caption tokenizer is trained anew): train from scratch"
+        )
     if conditioning not in ("class", "none", "text"):
         raise ConfigError(f"model.conditioning={conditioning!r}: use class, none or text")
     if captions and conditioning != "text":

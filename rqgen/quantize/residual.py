@@ -85,6 +85,7 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(not init_from_data))
 
     _known_initialized = False  # `initialized` as last read on the host
+    frozen = False  # True: the codebook stays as it is (no EMA update, no restart) in training
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._known_initialized = False  # a loaded state may be uninitialised
@@ -176,7 +177,7 @@ class ResidualQuantizer(nn.Module):
                 )
             zhat = partials[-1]
             quantized = zf + (zhat - zf).detach()  # straight-through estimator
-            if self.training:
+            if self.training and not self.frozen:
                 with torch.no_grad():
                     self._ema_update(residuals, codes, w)
         return QuantizerOutput(

@@ -312,6 +312,9 @@ class ARTrainer(Trainer):
         return float(sums[0] / sums[1])
 
     # ------------------------------------------------------------------ loop hooks
+    def init_source(self, name: str) -> torch.nn.Module:
+        return self.family.transformer.from_pretrained(name, map_location=self.rt.device)
+
     def describe(self) -> str:
         return (
             f"{self.family.describe(self.model)} on {describe(self.data)} codes, "

@@ -117,9 +117,12 @@ def load_weights(model: nn.Module, path: Path) -> None:
     if not is_sharded(model):
         load_state_dict_into(model, path)
         return
-    options = _options(cpu_offload=False)
-    apply = lambda sd: set_model_state_dict(model, sd, options=options)  # noqa: E731
-    load_state_dict_into(model, path, apply=apply)
+    load_state_dict_into(model, path, apply=lambda sd: load_state(model, sd))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Full tensors (the same on every rank) into a sharded model: each rank keeps its shard."""
+    set_model_state_dict(model, state, options=_options(cpu_offload=False))
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,10 +29,12 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rqgen.distributed import Runtime, from_rank0, gather_objects
+from rqgen.distributed import Runtime, from_rank0, gather_objects, meet_after
 from rqgen.errors import Interrupted, TrainingError
+from rqgen.hub import resolve
 from rqgen.train.data import batch_stream
 from rqgen.train.ema import WeightEMA
+from rqgen.train.init import start_from
 from rqgen.train.metrics import MetricsLog
 from rqgen.train.state import (
     TrainState,
@@ -153,6 +155,7 @@ class Trainer:
         seed = self.exp.train.seed
         if not from_rank0(self.rt, self.state.exists):
             seed_everything(rank_seed(seed, self.rt.rank, 0))
+            self._start_weights()
             return
         saved = self.state.load(
             self.rt, self.state_modules(), self.state_optimizers(), self.state_tensors()
@@ -160,6 +163,25 @@ class Trainer:
         self.restore(saved)
         self.step = int(saved["step"])
         restore_rng(saved, self.rt, seed, self.step)
+
+    def _start_weights(self) -> None:
+        """Fine-tuning: the weights of train.init_from into the fresh model. Rank 0 fetches
+        it first (a hub model is downloaded once), then every rank reads its own copy; an
+        error on any rank stops every rank."""
+        name = self.exp.train.init_from
+        if not name:
+            return
+        meet_after(self.rt, lambda: resolve(name) if self.rt.is_main else None)
+        source = meet_after(self.rt, lambda: self.init_source(name))
+        start_from(self.model, source, name, adapt=self.name == "train-ar")
+        if self.ema is not None:  # the average starts at the starting weights
+            self.ema = WeightEMA(self.model, self.ema.decay)
+        if self.rt.is_main and not self.quiet:
+            print(f"rqgen: starting from the weights of {name} (fresh optimizer, step 0)")
+
+    def init_source(self, name: str) -> nn.Module:
+        """The model train.init_from names (each trainer knows its kind)."""
+        raise NotImplementedError
 
     def public_model(self) -> nn.Module:
         """The model to save and score: a copy holding the EMA weights when EMA is on."""

@@ -24,6 +24,7 @@ from rqgen.data import build_dataset, describe
 from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
 from rqgen.evaluate import psnr
 from rqgen.family import family_of
+from rqgen.stage1 import load_vae
 from rqgen.stage1.losses import LPIPS, NLayerDiscriminator, Stage1Loss
 from rqgen.train.data import run_dataset
 from rqgen.train.ema import WeightEMA
@@ -96,6 +97,7 @@ class VAETrainer(Trainer):
         seed_everything(t.seed)  # identical init on every rank, and across reruns
         self.family = family_of(m)
         self.model = self.family.vae(m).to(rt.device)
+        self.model.quantizer.frozen = t.freeze_codebook
         lpips = LPIPS.from_pretrained().to(rt.device) if t.perceptual_weight > 0 else None
         self.use_gan = t.adversarial_weight > 0
         self.disc = (
@@ -265,6 +267,9 @@ class VAETrainer(Trainer):
         return float(err)
 
     # ------------------------------------------------------------------ loop hooks
+    def init_source(self, name: str) -> torch.nn.Module:
+        return load_vae(name, map_location=self.rt.device)
+
     def describe(self) -> str:
         m = self.exp.model
         what = f"RQ-VAE {m.code_shape}"
