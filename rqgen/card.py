@@ -131,7 +131,9 @@ def _card(name: str, meta: dict, evals: dict, params: int | None) -> str:
         )
         lines.append(f"- {protocol}: {shown}")
     if lines[-1] == "":
-        lines.append("Not evaluated yet: `rqgen eval-vae` / `rqgen eval-gen` add their scores.")
+        lines.append(
+            "Not evaluated yet: `rqgen eval-vae --card` / `rqgen eval-gen --card` add scores."
+        )
     cls = "RQPipeline" if kind.endswith("transformer") else title.replace("-", "")
     lines += ["", "## Use", "", "```python", f"from rqgen import {cls}", ""]
     lines += [f'model = {cls}.from_pretrained("{name}")  # this directory, or its hub repository']

@@ -36,6 +36,7 @@ HTTP_ERRORS = (
     *(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError"),
 )
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+BUNDLED = Path(__file__).resolve().parent / "bundled"  # models shipped in the package
 FILES = ["*.json", "*.safetensors", "*.md", "vae/*"]  # what a model directory holds
 
 
@@ -50,8 +51,11 @@ def offline() -> bool:
 
 
 def resolve(name: str | os.PathLike, local_files_only: bool = False) -> Path:
-    """The local directory of a model: `name` itself, or the cache snapshot of a hub
-    repository (downloaded unless offline)."""
+    """The local directory of a model: `name` itself, a model shipped in the package
+    (`bundled:NAME`), or the cache snapshot of a hub repository (downloaded unless
+    offline)."""
+    if str(name).startswith("bundled:"):
+        return bundled(str(name))
     if not is_repo_id(name):
         return Path(name)
     repo, _, revision = str(name).partition("@")
@@ -78,6 +82,19 @@ def resolve(name: str | os.PathLike, local_files_only: bool = False) -> Path:
     except HTTP_ERRORS as e:
         raise CheckpointError(f"{name}: reading it from the hub failed: {_first_line(e)}") from None
     return Path(path)
+
+
+def bundled(name: str) -> Path:
+    """bundled:NAME, a model shipped inside the package (benchmarks/bundled_models.py)."""
+    path = BUNDLED / name.removeprefix("bundled:")
+    if not (path / "config.json").is_file():
+        have = sorted(
+            f"bundled:{p.name}" for p in BUNDLED.glob("*") if (p / "config.json").is_file()
+        )
+        raise CheckpointError(
+            f"{name} is not a model shipped with rqgen (there are: {', '.join(have) or 'none'})"
+        )
+    return path
 
 
 def push(

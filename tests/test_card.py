@@ -20,7 +20,7 @@ def test_a_trained_vae_has_a_card_that_evaluations_fill_in(vae, tmp_path):
     assert "| code shape (H, W, D) | 8 × 8 × 4 |" in card and "| codebook size K | 32 |" in card
     assert "Not evaluated yet" in card
     r = rqgen("eval-vae", "--vae", model, "--data", "bundled:digits:val", "--limit", 16,
-              "--no-rfid", "--json")  # fmt: skip
+              "--no-rfid", "--json", "--card")  # fmt: skip
     psnr = json.loads(r.stdout)["psnr"]
     card = (model / CARD_NAME).read_text()
     line = next(x for x in card.splitlines() if x.startswith("- eval-vae on bundled:digits:val"))

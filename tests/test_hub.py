@@ -73,6 +73,8 @@ def test_push_sends_the_model_with_its_vae_in_one_commit(class_ar, tmp_path, mon
     def hub(request: httpx.Request) -> httpx.Response:
         sent.append(request)
         path = request.url.path
+        if path == "/api/validate-yaml":  # the card's metadata, checked before the commit
+            return httpx.Response(200, json={"errors": [], "warnings": []})
         if path == "/api/repos/create":
             return httpx.Response(200, json={"url": "https://huggingface.co/org/digits"})
         if path.endswith("/preupload/main"):
@@ -104,9 +106,8 @@ def test_push_sends_the_model_with_its_vae_in_one_commit(class_ar, tmp_path, mon
         if d["key"] == "file"
     }
     ar, vae, config = _pushed_layout(class_ar)
-    assert {"config.json", "model.safetensors", "vae/config.json", "vae/model.safetensors"} <= set(
-        files
-    )
+    wanted = {"config.json", "model.safetensors", "README.md", "vae/config.json", "vae/README.md"}
+    assert wanted <= set(files)
     assert not any(p.startswith(("train_state", "samples", "features")) for p in files)
     assert json.loads(files["config.json"]) == config  # the VAE found inside the repository
     assert files["model.safetensors"] == (ar / "model.safetensors").read_bytes()
@@ -114,6 +115,7 @@ def test_push_sends_the_model_with_its_vae_in_one_commit(class_ar, tmp_path, mon
     calls = [
         (r.method, r.url.path) for r in sent if r.url.path.startswith(("/api/repos", "/api/models"))
     ]
+    assert ("POST", "/api/validate-yaml") in [(r.method, r.url.path) for r in sent]
     assert calls == [
         ("POST", "/api/repos/create"),
         ("POST", "/api/models/org/digits/preupload/main"),

@@ -72,6 +72,11 @@ def add_eval_gen(sub) -> None:
         "--resolution", type=number(int, 8), help="image size for --ref/--samples folders"
     )
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--card",
+        action="store_true",
+        help="also add the scores, named by protocol, to the model's card (README.md)",
+    )
     add_sampling(p)
     p.set_defaults(func=cmd_eval_gen)
 
@@ -219,7 +224,7 @@ def cmd_eval_gen(args) -> int:
             f"{result['n_samples']} samples, {_sampling_words(result)}"
         )
         _report(result, args.json)
-        if args.model:
+        if args.model and args.card:
             keep_score(args.model, protocol, result)
     return 0
 

@@ -32,6 +32,11 @@ def add_eval_vae(sub) -> None:
     add_device(p)
     p.add_argument("--no-rfid", action="store_true", help="skip rFID even if Inception is present")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument(
+        "--card",
+        action="store_true",
+        help="also add the scores, named by protocol, to the model's card (README.md)",
+    )
     p.set_defaults(func=cmd_eval_vae)
 
 
@@ -71,15 +76,20 @@ def cmd_eval_vae(args) -> int:
     else:
         for k, v in result.items():
             print(f"{k:>22}: {v}")
-    limit = f", the first {args.limit} images" if args.limit else ""
-    keep_score(args.vae, f"eval-vae on {args.data}{limit}", result)
+    if args.card:
+        limit = f", the first {args.limit} images" if args.limit else ""
+        keep_score(args.vae, f"eval-vae on {args.data}{limit}", result)
     return 0
 
 
 def keep_score(model: str, protocol: str, result: dict) -> None:
-    """The scores into a local model directory's card (a hub model's cache is left alone);
-    a directory that cannot be written gets a warning, the scores are already printed."""
+    """The scores into a local model directory's card (--card; a hub model's cache is left
+    alone); a directory that cannot be written gets a warning, the scores are already
+    printed."""
     if not (Path(model) / "config.json").is_file():
+        print(
+            f"rqgen: warning: {model} is not a local directory: no card to add to", file=sys.stderr
+        )
         return
     try:
         record_evaluation(model, protocol, result)
