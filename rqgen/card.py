@@ -67,7 +67,7 @@ def write_card(directory: str | os.PathLike, params: int | None = None) -> Path:
     evals = json.loads(evals_path.read_text()) if evals_path.is_file() else {}
     if params is None:
         params = meta.get("parameters")
-    text = _card(directory.name, meta, evals, params)
+    text = _card(meta.get("load_as", directory.name), meta, evals, params)
     atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory / CARD_NAME
 

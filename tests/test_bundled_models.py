@@ -1,0 +1,26 @@
+"""The models shipped in the package: a first sample with no training, loaded like any
+model (benchmarks/bundled_models.py trains them and records their scores)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train_vae import rqgen
+
+from rqgen import RQPipeline
+from rqgen.errors import CheckpointError
+from rqgen.evaluate.digits import load_or_train
+
+
+def test_bundled_digits_sample_sevens_from_the_cli_and_python(tmp_path, rqgen_cache):
+    rqgen("sample", "--model", "bundled:digits", "--class", 7, "--n", 16, "--device", "cpu",
+          "--out", tmp_path / "s.png", "--save-codes", tmp_path / "c.npy")  # fmt: skip
+    assert Image.open(tmp_path / "s.png").size[0] > 0 and np.load(tmp_path / "c.npy").shape[0] == 16
+    pipe = RQPipeline.from_pretrained("bundled:digits", device="cpu")
+    out = pipe(class_labels=[7], num_images_per_prompt=16, top_k=64, seed=0, output_type="pt")
+    classifier = load_or_train(rqgen_cache["RQGEN_CACHE"] + "/classifiers")
+    sevens = float((classifier(out.pixels).argmax(1) == 7).float().mean())
+    assert sevens >= 0.75, sevens  # they look like sevens to a classifier of real digits
+    with pytest.raises(CheckpointError, match=r"bundled:nope is not a model shipped .*digits"):
+        RQPipeline.from_pretrained("bundled:nope")
+    torch.testing.assert_close(pipe.model.codebook, pipe.vae.quantizer.codebook)
