@@ -180,3 +180,18 @@ def test_a_training_step_reads_from_the_device_once(vae, tmp_path, monkeypatch):
     assert calls == ["tolist in trainer.py"]  # the NaN / stop flag, once per optimizer step
     logged = trainer.mean_over_ranks(metrics)  # at logging steps: one more read, of all
     assert len(calls) == 2 and set(logged) >= {"loss", "img_loss", "grad_norm"}
+
+
+def test_a_folder_without_classes_trains_an_unconditional_model_and_resumes(vae, tmp_path):
+    walls = tmp_path / "walls"
+    walls.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(walls / f"{i}.png")
+    r = rqgen("train-ar", "--vae", vae, "--data", walls, "--out", tmp_path / "ar", "--steps", 2,
+              "--device", "cpu", *AR_TINY)  # fmt: skip
+    assert "has no class labels (no subfolders): training an unconditional model" in r.stdout
+    assert json.loads((tmp_path / "ar" / "config.json").read_text())["conditioning"] == "none"
+    again = rqgen("train-ar", "--vae", vae, "--data", walls, "--out", tmp_path / "ar", "--steps",
+                  4, "--device", "cpu", *AR_TINY)  # fmt: skip
+    assert "resuming at step" in again.stdout  # the same decision: the run continues

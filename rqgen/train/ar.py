@@ -32,7 +32,7 @@ from rqgen.pipeline import RQPipeline
 from rqgen.stage1 import load_vae
 from rqgen.stage2.guidance import SamplingConfig
 from rqgen.stage2.rq_transformer import codebook_fingerprint
-from rqgen.train.ar_data import build_ar_data
+from rqgen.train.ar_data import build_ar_data, list_ar_data
 from rqgen.train.ema import WeightEMA
 from rqgen.train.metrics import MetricsLog
 from rqgen.train.output import claim_output
@@ -68,6 +68,8 @@ class ARTrainer(Trainer):
         self.micro_batch = exp.train.batch_size // (rt.world_size * exp.train.grad_accum)
         self._load_vae(Path(vae_dir))
         self.out.mkdir(parents=True, exist_ok=True)
+        self.dataset = list_ar_data(exp, self.vae, data, self.out, rt, quiet)
+        self._check_resume()
         self._build_data(captions)
         self._build_model()
         self._build_optimizer()
@@ -76,13 +78,16 @@ class ARTrainer(Trainer):
         self.log = MetricsLog(self.out, rt.is_main)
 
     def _load_vae(self, vae_dir: Path) -> None:
-        """The frozen VAE, its family, and whether OUT holds a run of this experiment on it
-        (rank 0 decides, before any extraction)."""
+        """The frozen VAE and its family."""
         self.vae_dir = vae_dir
         self.vae = load_vae(vae_dir).to(self.rt.device).eval()
         self.family = family_of(self.vae)
         check_family(self.exp, self.family)
         self.vae_fingerprint = codebook_fingerprint(self.vae.quantizer.codebook)
+
+    def _check_resume(self) -> None:
+        """Whether OUT holds a run of this experiment on this VAE (rank 0 decides, before
+        any extraction)."""
         self.state = TrainState(self.out)
         ident = {"vae_fingerprint": self.vae_fingerprint}
         self.resume_changes = from_rank0(
@@ -97,6 +102,7 @@ class ARTrainer(Trainer):
         d = build_ar_data(
             self.exp,
             self.vae,
+            self.dataset,
             self.data,
             self.out,
             self.rt,

@@ -47,19 +47,20 @@ class ARData:
 
 
 def build_ar_data(
-    exp, vae, data: str, out: Path, rt: Runtime, captions: str | None, quiet: bool, depths: int
+    exp,
+    vae,
+    dataset,
+    data: str,
+    out: Path,
+    rt: Runtime,
+    captions: str | None,
+    quiet: bool,
+    depths: int,
 ) -> ARData:
-    """The run's data, extracted into its store first when needed. `depths`: how many τ the
-    codes need (the RQ-VAE's depth D, 1 for DQ)."""
+    """The run's data (`dataset`: its listing, from `list_ar_data`), extracted into its
+    store first when needed. `depths`: how many τ the codes need (D; 1 for DQ)."""
     m, t = exp.model, exp.train
-    # listed once, no image opened: extraction marks unreadable ones (left out, not
-    # replaced by a neighbour), and a resume reads the stored features only
-    dataset = run_dataset(data, vae.config.resolution, t.seed, out, rt)
     n_classes = getattr(dataset, "num_classes", 0)
-    if m.conditioning == "class" and n_classes == 0 and not isinstance(dataset, Shards):
-        raise ConfigError(
-            f"{data} has no class labels (no subfolders): use model.conditioning=none"
-        )
     store = _features(exp, vae, dataset, data, out, rt, quiet)
     usable = np.flatnonzero(store.readable)
     if len(usable) == 0:
@@ -99,6 +100,23 @@ def build_ar_data(
     taus = _temperatures(t, vae.quantizer, store, train_set, out, rt, depths)
     n_classes = n_classes if m.conditioning == "class" else 0
     return ARData(store, train_set, val_set, classes, n_classes, tokenizer, taus)
+
+
+def list_ar_data(exp, vae, data: str, out: Path, rt: Runtime, quiet: bool):
+    """The data source listed once (rank 0 decides; no image opened: extraction marks the
+    unreadable ones, and a resume reads the stored features only). A class-conditional
+    experiment on data without class labels becomes unconditional, and says so: it is
+    decided before the resume check, so a rerun decides the same."""
+    dataset = run_dataset(data, vae.config.resolution, exp.train.seed, out, rt)
+    unlabelled = getattr(dataset, "num_classes", 0) == 0 and not isinstance(dataset, Shards)
+    if exp.model.conditioning == "class" and unlabelled:
+        exp.model.conditioning = "none"
+        if rt.is_main and not quiet:
+            print(
+                f"rqgen: {data} has no class labels (no subfolders): training an "
+                "unconditional model (model.conditioning=none)"
+            )
+    return dataset
 
 
 def _features(exp, vae, dataset, data: str, out: Path, rt: Runtime, quiet: bool) -> FeatureStore:
