@@ -24,3 +24,11 @@ def test_bundled_digits_sample_sevens_from_the_cli_and_python(tmp_path, rqgen_ca
     with pytest.raises(CheckpointError, match=r"bundled:nope is not a model shipped .*digits"):
         RQPipeline.from_pretrained("bundled:nope")
     torch.testing.assert_close(pipe.model.codebook, pipe.vae.quantizer.codebook)
+
+
+def test_eval_gen_of_a_shipped_model_needs_an_out_folder(tmp_path, rqgen_cache):
+    args = ["eval-gen", "--model", "bundled:digits", "--n", 4, "--ref", "bundled:digits:val",
+            "--features", "digits", "--device", "cpu"]  # fmt: skip
+    r = rqgen(*args, check=False, env_extra=rqgen_cache)
+    assert r.returncode != 0 and "give --out DIR" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

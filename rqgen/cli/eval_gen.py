@@ -138,6 +138,10 @@ def _sample_share(args, rt, result: dict):
 
     pipe = RQPipeline.from_pretrained(args.model, None, rt.device, args.dtype)
     cond, texts = _conditions(args, pipe)
+    if not args.out and not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(
+            f"--model {args.model} is not a local directory: give --out DIR for the samples"
+        )
     out = Path(args.out) if args.out else Path(args.model) / "samples_eval"
     check_writable_dir(out)  # before sampling, not after it
     sampling = sampling_config(args)
