@@ -143,9 +143,19 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "evaluations.json",
+    "tokenizer.json",
+)
+
+
 def _stage(src: Path, dst: Path) -> None:
-    """The files of a model directory, without training leftovers (train state, logs)."""
+    """The files that make the model (MODEL_FILES): no training leftovers such as the train
+    state, logs or the data listing, which names the user's files."""
     dst.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file() and (f.suffix in (".json", ".safetensors", ".md")):
-            shutil.copy2(f, dst / f.name)
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

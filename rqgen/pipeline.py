@@ -164,12 +164,10 @@ class RQPipeline:
         return PipelineOutput(images, codes.cpu(), pixels, names)
 
     def _generator(self, generator: torch.Generator | int | None, seed: int | None):
-        if isinstance(generator, torch.Generator):
-            if seed is not None:
-                raise ConfigError("give a generator or a seed, not both")
-            return generator
         if generator is not None and seed is not None:
             raise ConfigError("give a generator or a seed, not both")
+        if isinstance(generator, torch.Generator):
+            return generator
         seed = generator if generator is not None else seed
         g = torch.Generator(self.device)
         if seed is None:

@@ -26,7 +26,7 @@ def start_from(model: nn.Module, source: nn.Module, name: str, adapt: bool = Fal
             f"train.init_from={name} holds a {source.model_type}, not a {model.model_type}: "
             "start from a model of the same kind"
         )
-    own = {k: v for k, v in model.state_dict().items()}
+    own = model.state_dict()
     theirs = source.state_dict()
     state: dict[str, Tensor] = {}
     for key, mine in own.items():
