@@ -56,20 +56,15 @@ class Family:
 
     def build(self, m: ARModelConfig, vae, num_classes: int, tokenizer=None) -> nn.Module:
         """A fresh transformer for the user's choices `m` over `vae`'s codes."""
-        fingerprint = codebook_fingerprint(vae.quantizer.codebook)
         if not self.residual:
-            return DQTransformer(
-                DQTransformerConfig(
-                    codebook_size=vae.config.codebook_size,
-                    coarse_size=vae.config.coarse_size,
-                    width=m.width,
-                    heads=m.heads,
-                    position_layers=m.position_layers,
-                    content_layers=m.content_layers,
-                    dropout=m.dropout,
-                    num_classes=num_classes,
-                    vae_fingerprint=fingerprint,
-                )
+            return DQTransformer.for_vae(
+                vae,
+                width=m.width,
+                heads=m.heads,
+                position_layers=m.position_layers,
+                content_layers=m.content_layers,
+                dropout=m.dropout,
+                num_classes=num_classes,
             )
         q, text = vae.quantizer, m.conditioning == "text"
         config = ar_transformer_config(
@@ -80,7 +75,7 @@ class Family:
             num_classes,
             tokenizer.vocab_size if text else 0,
             shared_codebook=q.shared_codebook,
-            vae_fingerprint=fingerprint,
+            vae_fingerprint=codebook_fingerprint(q.codebook),
             text_pad_id=tokenizer.pad_id if text else 0,
         )
         return RQTransformer(config, q.codebook)
