@@ -188,3 +188,50 @@ def test_each_chunk_is_opened_once_per_process_and_batches_read_by_chunk(tmp_pat
     )
     assert torch.equal(torch.cat([c for _, c in loaded]), torch.arange(N_IMAGES))
     store.close()
+
+
+def test_a_small_folder_stores_the_centre_and_random_crops_drawn_from_the_seed(tmp_path):
+    from rqgen.data.folder import ImageFolder, load_image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):  # wide images: a 32 px crop can move along 17 columns
+        Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    folder = ImageFolder(tmp_path, 32, train=False)
+    assert V.choose_crops(folder) == V.MAX_VIEWS and V.choose_crops(BundledDigits(32)) == 1
+    assert [V.views_for(n) for n in (12, 1000, 5000, 10**6)] == [64, 8, 1, 1]
+    views = V.views_dataset(folder, str(tmp_path), 32, 6, seed=0)
+    x, _, ok = views[1]
+    assert x.shape == (6, 3, 32, 32) and ok == 1
+    assert torch.equal(x[0], load_image(folder.paths[1], 32))  # view 0: the centre
+    assert torch.equal(views[1][0], x)  # drawn from the seed and the index: reproducible
+    assert not torch.equal(V.views_dataset(folder, "", 32, 6, seed=1)[1][0], x)
+    full = torch.from_numpy(np.array(Image.open(folder.paths[1]).convert("RGB"))).permute(2, 0, 1)
+    windows = [full[:, :, o : o + 32].float() / 127.5 - 1 for o in range(17)]
+    where = set()
+    for v in x[1:]:  # each view is a window of the image, or its mirror
+        hits = [(o, f) for o, w in enumerate(windows) for f in (0, 1)
+                if torch.allclose(v, w.flip(-1) if f else w, atol=1e-6)]  # fmt: skip
+        assert len(hits) == 1
+        where |= set(hits)
+    assert len(where) > 1
+    with pytest.raises(F.DataError, match="random views"):
+        V.views_dataset(BundledDigits(32), "bundled:digits", 32, 6, seed=0)
+    fixed = F.StoreKey("s", 32, 2, "v", "codes")
+    assert fixed.digest() == F.StoreKey("s", 32, 2, "v", "codes", seed=5).digest()
+    assert (
+        F.StoreKey("s", 32, 6, "v", "codes").digest()
+        != F.StoreKey("s", 32, 6, "v", "codes", seed=5).digest()
+    )
+
+    torch.manual_seed(0)
+    vae = RQVAE(TINY_VAE).eval()
+    key = F.StoreKey("folder", 32, 6, F.vae_fingerprint(vae), "codes")
+    store = F.build_store(tmp_path / "store", key, vae, views,
+                          Runtime(0, 1, torch.device("cpu")), quiet=True)  # fmt: skip
+    maps = {store.read(i, v).numpy().tobytes() for i in range(3) for v in range(6)}
+    assert store.distinct(np.arange(3)) == len(maps) > 3
+    assert store.distinct(np.arange(1)) == len(
+        {store.read(0, v).numpy().tobytes() for v in range(6)}
+    )

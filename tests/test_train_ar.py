@@ -1,6 +1,7 @@
 """Stage 2 end to end through the CLI: each conditioning path trains and samples."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -187,10 +188,15 @@ def test_a_folder_without_classes_trains_an_unconditional_model_and_resumes(vae,
     walls.mkdir()
     rng = np.random.default_rng(0)
     for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(walls / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(walls / f"{i}.png")
     r = rqgen("train-ar", "--vae", vae, "--data", walls, "--out", tmp_path / "ar", "--steps", 2,
               "--device", "cpu", *AR_TINY)  # fmt: skip
     assert "has no class labels (no subfolders): training an unconditional model" in r.stdout
+    assert "12 images: stage 2 stores the centre and 63 random crops/flips of each" in r.stdout
+    seen = re.search(
+        r"training sees (\d+) distinct (?:code|feature) maps \((\d+) images × 64 view", r.stdout
+    )
+    assert seen and int(seen[1]) > 4 * int(seen[2]), r.stdout  # many more code maps than images
     assert json.loads((tmp_path / "ar" / "config.json").read_text())["conditioning"] == "none"
     again = rqgen("train-ar", "--vae", vae, "--data", walls, "--out", tmp_path / "ar", "--steps",
                   4, "--device", "cpu", *AR_TINY)  # fmt: skip

@@ -66,8 +66,10 @@ class ARTrainConfig:
     num_workers: int = 0  # training reads stored features (cheap); extraction: see below
     extract_workers: int = -1  # data-loader workers of feature extraction; -1: from the cores
     # views stored per image: 1 the centre crop, 2 centre + mirror, 10 ten-crop (4 corners
-    # and centre of the image at 1.125x, each mirrored); training draws one per epoch
-    feature_crops: int = 1
+    # and centre of the image at 1.125x, each mirrored); any other N up to 64: the centre and
+    # N - 1 random crops and flips as stage 1 draws them (image folders); 0: chosen from the
+    # folder's size (train/views.py: choose_crops). Training draws one view per epoch.
+    feature_crops: int = 0
     features: str = ""  # feature store directory, shared between runs; "": OUT/features
     log_every: int = 10
     ckpt_every: int = 500

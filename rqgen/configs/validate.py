@@ -212,7 +212,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "activation_checkpointing": FLAG,
         "compile": FLAG,
         "extract_workers": count(-1),
-        "feature_crops": Rule("int", low=1, high=10),
+        "feature_crops": Rule("int", low=0, high=64),
         "features": Rule("str"),
         "init_from": TEXT,
     },
@@ -243,11 +243,6 @@ def check_experiment(exp) -> None:
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}"
-        )
-    if getattr(t, "feature_crops", 1) not in (1, 2, 10):
-        raise ConfigError(
-            f"train.feature_crops={t.feature_crops}: use 1 (centre crop), 2 (centre "
-            "+ mirror) or 10 (ten-crop)"
         )
     if hasattr(m, "resolution"):
         _check_autoencoder(m)

@@ -31,8 +31,10 @@ from rqgen.train.features import (
     source_fingerprint,
     vae_fingerprint,
 )
-from rqgen.train.views import store_kind, views_dataset
+from rqgen.train.views import FIXED_CROPS, choose_crops, store_kind, views_dataset
 from rqgen.utils.device import use_cpu_budget
+
+COUNT_LIMIT = 65536  # views counted for the "distinct code maps" line; more: not said
 
 
 @dataclass
@@ -96,6 +98,12 @@ def build_ar_data(
     n_val = max(1, int(len(perm) * t.val_fraction)) if t.val_fraction > 0 else 0
     val, train = perm[:n_val], perm[n_val:]
     train_set = StoreView(store, train, cond[train], t.seed, random_views=True)
+    if rt.is_main and not quiet and len(train) * store.crops <= COUNT_LIMIT:
+        what = "code maps" if store.meta["kind"] != "features" else "feature maps"
+        print(
+            f"rqgen: training sees {store.distinct(train)} distinct {what} "
+            f"({len(train)} images × {store.crops} view(s))"
+        )
     val_set = StoreView(store, val, cond[val])
     taus = _temperatures(t, vae.quantizer, store, train_set, out, rt, depths)
     n_classes = n_classes if m.conditioning == "class" else 0
@@ -106,8 +114,18 @@ def list_ar_data(exp, vae, data: str, out: Path, rt: Runtime, quiet: bool):
     """The data source listed once (rank 0 decides; no image opened: extraction marks the
     unreadable ones, and a resume reads the stored features only). A class-conditional
     experiment on data without class labels becomes unconditional, and says so: it is
-    decided before the resume check, so a rerun decides the same."""
+    decided before the resume check, so a rerun decides the same; so are the stored views
+    per image with train.feature_crops=0 (views.choose_crops: the folder's size)."""
     dataset = run_dataset(data, vae.config.resolution, exp.train.seed, out, rt)
+    t = exp.train
+    if t.feature_crops == 0:
+        t.feature_crops = choose_crops(dataset)
+        if t.feature_crops > 1 and rt.is_main and not quiet:
+            print(
+                f"rqgen: {len(dataset)} images: stage 2 stores the centre and "
+                f"{t.feature_crops - 1} random crops/flips of each "
+                "(train.feature_crops=1 for the centre only)"
+            )
     unlabelled = getattr(dataset, "num_classes", 0) == 0 and not isinstance(dataset, Shards)
     if exp.model.conditioning == "class" and unlabelled:
         exp.model.conditioning = "none"
@@ -130,6 +148,7 @@ def _features(exp, vae, dataset, data: str, out: Path, rt: Runtime, quiet: bool)
         crops=t.feature_crops,
         vae=vae_fingerprint(vae),
         kind=store_kind(vae, t.soft_labels, t.stochastic_codes),
+        seed=0 if t.feature_crops in FIXED_CROPS else t.seed,
     )
     views = meet_after(rt, lambda: views_dataset(dataset, data, res, t.feature_crops, t.seed))
     root = Path(t.features).expanduser() if t.features else out / "features"

@@ -41,7 +41,7 @@ from rqgen.data.folder import ImageFolder
 from rqgen.data.shards import Shards
 from rqgen.distributed import from_rank0, meet_after
 from rqgen.errors import DataError
-from rqgen.train.views import ShardViews, encode_views
+from rqgen.train.views import FIXED_CROPS, ShardViews, encode_views
 from rqgen.utils.files import atomic_write
 
 CHUNK_ITEMS = 1024  # images per chunk file: 32 MiB of fp16 8×8×256 features
@@ -77,13 +77,17 @@ def source_fingerprint(dataset: Dataset, data: str, seed: int) -> str:
 class StoreKey:
     source: str  # source_fingerprint
     resolution: int
-    crops: int  # crop policy: 1, 2 or 10 views per image
+    crops: int  # crop policy: views per image (views.py)
     vae: str  # vae_fingerprint
     kind: str  # features | codes | dq
     version: int = STORE_VERSION
+    seed: int = 0  # what random views are drawn from (a fixed policy has none)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        what = asdict(self)
+        if self.crops in FIXED_CROPS:  # as before random views existed: stores stay found
+            del what["seed"]
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class FeatureStore:
@@ -166,6 +170,16 @@ class FeatureStore:
             c, pos = where[j]
             out[j] = self._item(os.pread(self._fd(c), self.item_bytes, pos))
         return out
+
+    def distinct(self, indices: np.ndarray) -> int:
+        """How many different items (code maps, or feature maps) the views of images
+        `indices` hold: what training can tell apart, counted from the stored bytes."""
+        seen = set()
+        for i in indices:
+            for v in range(self.crops):
+                c, pos = self._locate(int(i), v)
+                seen.add(hashlib.blake2b(os.pread(self._fd(c), self.item_bytes, pos)).digest())
+        return len(seen)
 
     def close(self) -> None:
         if self._pid == os.getpid():

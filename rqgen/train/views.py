@@ -1,6 +1,7 @@
 """What the feature extraction reads and writes: each training image as the crop policy's
-views (the centre; the centre and its mirror; ten-crop), decoded deterministically, with
-whether it could be read; and what the VAE makes of the views (`store_kind`,
+views (the centre; the centre and its mirror; ten-crop; the centre and random crops and
+flips), decoded deterministically, with whether it could be read; how many views a folder
+gets (`choose_crops`); and what the VAE makes of the views (`store_kind`,
 `encode_views`)."""
 
 from __future__ import annotations
@@ -11,15 +12,40 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
 from rqgen.data import build_dataset
-from rqgen.data.folder import DECODE_ERRORS, ImageFolder, load_image
+from rqgen.data.folder import DECODE_ERRORS, ImageFolder, crop, decode_resized
 from rqgen.data.prepared import PreparedImages
 from rqgen.data.shards import Shards, worker_share
+from rqgen.errors import DataError
 from rqgen.family import family_of
 from rqgen.stage1.dqvae import unpack_codes
 from rqgen.stage2.dq_sequence import DQVocab, to_sequence
 from rqgen.stage2.dq_transformer import stack_sequence
 
 TEN_CROP_SCALE = 1.125  # ten-crop cuts R×R squares out of the image resized to 1.125·R
+FIXED_CROPS = (1, 2, 10)  # the deterministic policies; other counts draw random views
+# A small folder gets more views per image, up to VIEW_BUDGET views in all and MAX_VIEWS
+# per image: 12 photos would otherwise give stage 2 twelve code maps to learn from.
+VIEW_BUDGET, MAX_VIEWS = 8192, 64
+
+
+def choose_crops(dataset: Dataset) -> int:
+    """Views per image for train.feature_crops=0: random views for image folders (prepared
+    or not) with fewer than VIEW_BUDGET / 2 images, else the centre crop. Bundled sets and
+    tar shards keep the centre: their sources already vary (or are too big to multiply)."""
+    return views_for(len(dataset)) if isinstance(dataset, (ImageFolder, PreparedImages)) else 1
+
+
+def views_for(images: int) -> int:
+    return max(1, min(MAX_VIEWS, VIEW_BUDGET // max(1, images)))
+
+
+def random_views(img, resolution: int, crops: int, seed: list[int]) -> Tensor:
+    """(crops, C, R, R): the centre square of `img` (short side R), then crops - 1 random
+    squares with random flips as stage 1 draws them, from a generator seeded by `seed`."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    views = [crop(img, resolution)]
+    views += [crop(img, resolution, random_crop=True, generator=gen) for _ in range(crops - 1)]
+    return torch.stack(views)
 
 
 def crop_views(x: Tensor, resolution: int, crops: int) -> Tensor:
@@ -38,27 +64,31 @@ def crop_views(x: Tensor, resolution: int, crops: int) -> Tensor:
 
 
 class _Views(Dataset):
-    """Deterministic views of every image of the run's dataset, and whether it could be read
-    (an unreadable file gets zeros and is left out of training, not replaced)."""
+    """Deterministic views of every image of the run's dataset (random ones drawn from the
+    seed and the index), and whether it could be read (an unreadable file gets zeros and is
+    left out of training, not replaced)."""
 
-    def __init__(self, dataset: Dataset, resolution: int, crops: int):
-        self.dataset, self.resolution, self.crops = dataset, resolution, crops
+    def __init__(self, dataset: Dataset, resolution: int, crops: int, seed: int = 0):
+        self.dataset, self.resolution, self.crops, self.seed = dataset, resolution, crops, seed
         self.size = round(resolution * TEN_CROP_SCALE) if crops == 10 else resolution
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        ds, ok = self.dataset, 1
+        ds, r, fixed = self.dataset, self.resolution, self.crops in FIXED_CROPS
         if isinstance(ds, ImageFolder):  # load the file itself: no fallback to a neighbour
             try:
-                x = load_image(ds.paths[i], self.size)
+                img = decode_resized(ds.paths[i], self.size)
             except DECODE_ERRORS:
-                x, ok = torch.zeros(3, self.size, self.size), 0
+                return torch.zeros(self.crops, 3, r, r), int(ds.labels[i]), 0
+            x = crop(img, self.size) if fixed else random_views(img, r, self.crops, [self.seed, i])
             label = ds.labels[i]
+        elif not fixed:  # prepared images (views_dataset allows nothing else)
+            x, label = random_views(ds.image(i), r, self.crops, [self.seed, i]), ds.labels[i]
         else:
             x, label = ds[i]
-        return crop_views(x, self.resolution, self.crops), int(label), ok
+        return (crop_views(x, r, self.crops) if fixed else x), int(label), 1
 
 
 class ShardViews(IterableDataset):
@@ -94,9 +124,14 @@ def _collate(batch: list) -> tuple | None:
 
 
 def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed: int) -> Dataset:
-    """The run's images as extraction sees them: centred (no random crop or flip), at the
-    size the crop policy cuts its views from."""
+    """The run's images as extraction sees them: decoded without the loader's random crop or
+    flip, at the size the crop policy cuts its views from."""
     size = round(resolution * TEN_CROP_SCALE) if crops == 10 else resolution
+    if crops not in FIXED_CROPS and not isinstance(dataset, (ImageFolder, PreparedImages)):
+        raise DataError(
+            f"train.feature_crops={crops} (random views) reads image folders; for {data} "
+            "use 1 (centre), 2 (centre + mirror) or 10 (ten-crop)"
+        )
     if isinstance(dataset, Shards):
         return ShardViews(Shards(dataset.src, size, seed=seed), resolution, crops)
     if isinstance(dataset, ImageFolder):
@@ -107,7 +142,7 @@ def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed
         base = build_dataset(data, size, "train", seed=seed)
     else:
         base = dataset
-    return _Views(base, resolution, crops)
+    return _Views(base, resolution, crops, seed)
 
 
 def store_kind(vae: torch.nn.Module, soft_labels: bool, stochastic_codes: bool) -> str:
