@@ -56,7 +56,7 @@ def record_evaluation(directory: str | os.PathLike, name: str, result: dict) -> 
     write_card(directory)
 
 
-def write_card(directory: str | os.PathLike, params: int | None = None) -> Path:
+def write_card(directory: str | os.PathLike) -> Path:
     """(Re)write DIR/README.md from DIR/config.json and DIR/evaluations.json."""
     directory = Path(directory)
     try:
@@ -65,9 +65,7 @@ def write_card(directory: str | os.PathLike, params: int | None = None) -> Path:
         raise CheckpointError(f"{directory}: no readable config.json for its card ({e})") from e
     evals_path = directory / EVALUATIONS_NAME
     evals = json.loads(evals_path.read_text()) if evals_path.is_file() else {}
-    if params is None:
-        params = meta.get("parameters")
-    text = _card(meta.get("load_as", directory.name), meta, evals, params)
+    text = _card(meta.get("load_as", directory.name), meta, evals, meta.get("parameters"))
     atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory / CARD_NAME
 

@@ -155,9 +155,10 @@ class Pretrained:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_state_dict(self.state_dict(), directory / WEIGHTS_NAME)
-        cfg = {"model_type": self.model_type, "config": dataclasses.asdict(self.config), **extra}
+        cfg = {"model_type": self.model_type, "config": dataclasses.asdict(self.config)}
+        cfg = {**cfg, "parameters": sum(p.numel() for p in self.parameters()), **extra}
         write_json(directory / CONFIG_NAME, cfg)
-        write_card(directory, sum(p.numel() for p in self.parameters()))
+        write_card(directory)  # and again by each evaluation, from config.json
         return directory
 
     @classmethod

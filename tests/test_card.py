@@ -26,4 +26,4 @@ def test_a_trained_vae_has_a_card_that_evaluations_fill_in(vae, tmp_path):
     line = next(x for x in card.splitlines() if x.startswith("- eval-vae on bundled:digits:val"))
     assert "the first 16 images" in line and f"psnr {psnr:.4g}" in line
     kept = json.loads((model / "evaluations.json").read_text())
-    assert kept["eval-vae on bundled:digits:val, the first 16 images"]["psnr"] == psnr
+    assert kept["eval-vae on bundled:digits:val, the first 16 images (rqgen)"]["psnr"] == psnr

@@ -9,12 +9,11 @@ from torch import nn
 
 from rqgen.data import BundledDigits
 from rqgen.errors import CheckpointError
-from rqgen.evaluate.generation import (
-    Evaluator,
+from rqgen.evaluate.generation import Evaluator, build_evaluator
+from rqgen.evaluate.stats import (
     FeatureStats,
     StatsAccumulator,
     _Identity,
-    build_evaluator,
     frechet_distance,
     inception_score,
     kernel_distance,
@@ -27,7 +26,7 @@ def small_evaluator() -> Evaluator:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())  # fmt: skip
-    return Evaluator("test-net", net, nn.Sequential(net, nn.Linear(128, 10)))
+    return Evaluator("test-net", net, nn.Linear(128, 10), spatial=net[2])
 
 
 def digits(n=400) -> torch.Tensor:
@@ -44,8 +43,8 @@ def test_streamed_statistics_equal_the_batch_formula():
     np.testing.assert_allclose(s.mu, f.mean(0).numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(s.sigma, np.cov(f.numpy(), rowvar=False), rtol=1e-9, atol=1e-9)
     assert s.n == 1000 and s.subset.shape == (100, 6)
-    rows = {tuple(r) for r in f.numpy().round(8)}
-    assert all(tuple(r) in rows for r in s.subset.round(8))  # a subset of the real rows
+    rows = {tuple(r) for r in f.float().numpy()}  # rows are kept in float32
+    assert all(tuple(r) in rows for r in s.subset)  # a subset of the real rows
 
 
 def test_fid_is_zero_on_itself_matches_torchmetrics_and_grows_with_noise():
@@ -126,6 +125,36 @@ def test_eval_gen_cli_balanced_streamed_and_self_consistent(tmp_path, rqgen_cach
     r = rqgen("eval-gen", "--samples", real, "--ref", stats, "--features", "digits",
               "--resolution", 32, "--json", env_extra=env)  # fmt: skip
     assert abs(json.loads(r.stdout)["fd_digits"]) < 0.05
+    # the ADM protocol: the held-out digits as an ADM reference batch, the samples written as
+    # an ADM sample batch, the features behind every score saved
+    from rqgen.evaluate.adm import read_batch, write_batch
+    from rqgen.utils.images import to_uint8
+
+    held = torch.stack([val[i][0] for i in range(len(val))])
+    write_batch(tmp_path / "ref_batch.npz", [to_uint8(held)], len(held), 32)
+    r = rqgen("eval-gen", "--model", ar, "--per-class", 3, "--ref", tmp_path / "ref_batch.npz",
+              "--features", "digits", "--out", out, "--json", "--protocol", "adm", "--save-npz",
+              tmp_path / "s.npz", "--save-features", tmp_path / "f.npz", env_extra=env)  # fmt: skip
+    adm = json.loads(r.stdout)
+    assert adm["protocol"]["name"] == "adm" and adm["n_reference"] == len(held)
+    assert {"fd_digits", "sfd_digits", "is_digits", "precision_digits", "recall_digits"} <= set(adm)
+    assert "kd_digits" not in adm and 0 <= adm["precision_digits"] <= 1
+    assert adm["fd_digits"] == pytest.approx(res["fd_digits"], rel=0.05)  # ref: 8-bit rounded
+    batch = read_batch(tmp_path / "s.npz")
+    assert batch.shape == (30, 32, 32, 3) and list(batch.labels) == [c for c in range(10)
+                                                                     for _ in range(3)]  # fmt: skip
+    from PIL import Image
+
+    first = np.asarray(Image.open(out / "000000_0.png").convert("RGB"))
+    assert np.array_equal(next(batch.batches(1))[0], first)  # the PNG, exactly
+    with np.load(tmp_path / "f.npz") as f:
+        assert f["sample_features"].shape == (30, 128) and f["ref_features"].shape[0] == len(held)
+        recomputed = frechet_distance(
+            FeatureStats("d", 30, f["ref_mu"], f["ref_sigma"], f["ref_features"]),
+            FeatureStats("d", 30, f["sample_mu"], f["sample_sigma"], f["sample_features"]),
+        )
+        assert recomputed == pytest.approx(adm["fd_digits"], rel=1e-9)
+        assert json.loads(str(f["scores"]))["fd_digits"] == adm["fd_digits"]
     # statistics from another evaluator are refused
     FeatureStats("other", 2, np.zeros(2), np.eye(2), np.zeros((2, 2))).save(tmp_path / "o.npz")
     r = rqgen("eval-gen", "--samples", real, "--ref", tmp_path / "o.npz", "--features",

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -129,6 +130,41 @@ def test_eval_vae_prints_one_json_object(trained):
     assert len(result["per_depth_psnr"]) == 4
     assert 0 < result["codebook_usage"] <= 1 and 1 <= result["perplexity"] <= 32
     assert result["rfid"] is None and "Inception" in result["rfid_note"] + "inception"
+
+
+def test_eval_vae_names_its_protocol_and_saves_what_it_scored(trained, tmp_path):
+    from rqgen.evaluate.adm import read_batch
+    from rqgen.evaluate.protocol import ResizedFiles
+    from rqgen.evaluate.stats import FeatureStats, frechet_distance
+    from rqgen.utils.images import to_uint8
+
+    rng = np.random.default_rng(0)
+    for i in range(6):  # wide photos: the crop chain decides what is scored
+        Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    args = ["eval-vae", "--vae", trained, "--data", tmp_path, "--json", "--features", "digits",
+            "--batch-size", 4]  # fmt: skip
+    res = json.loads(rqgen(*args, "--protocol", "adm", "--save-recons", tmp_path / "r.npz",
+                           "--save-features", tmp_path / "f.npz").stdout)  # fmt: skip
+    assert (
+        "center_crop_arr" in res["protocol"]["resize"] and "data range 1" in res["ssim_convention"]
+    )
+    assert res["lpips"] is None and "vgg16-397923af.pth" in res["lpips_note"]
+    vae = RQVAE.from_pretrained(trained).eval()
+    x = torch.stack(
+        [ResizedFiles(sorted(tmp_path.glob("*.png")), 32, "adm")[i][0] for i in range(6)]
+    )
+    with torch.no_grad():
+        xr = vae.decode_codes(vae.encode_to_codes(x)).clamp(-1, 1)
+    saved = next(read_batch(tmp_path / "r.npz").batches(6))
+    assert np.abs(saved.astype(int) - to_uint8(xr).astype(int)).max() <= 1  # float rounding
+    with np.load(tmp_path / "f.npz") as f:
+        a = FeatureStats("d", 6, f["ref_mu"], f["ref_sigma"], f["ref_features"])
+        b = FeatureStats("d", 6, f["sample_mu"], f["sample_sigma"], f["sample_features"])
+        assert frechet_distance(a, b) == pytest.approx(res["rfd_digits"], rel=1e-9)
+    official = json.loads(rqgen(*args, "--protocol", "official").stdout)
+    assert "Resize" in official["protocol"]["resize"] and official["psnr"] != res["psnr"]
 
 
 def test_reconstruct_writes_pairs_and_coarse_to_fine_strips(trained, tmp_path):
@@ -394,7 +430,6 @@ def test_a_stage1_step_reads_from_the_device_once(tmp_path, monkeypatch):
     calls = count_host_reads(monkeypatch)
     trainer.train_step(batches)  # with code restarts: the tiny codebook has dead codes
     assert calls == ["tolist in trainer.py"]
-
 
 
 def test_a_train_state_of_the_earlier_layout_still_resumes_exactly(tmp_path):

@@ -11,7 +11,7 @@ import time
 from tqdm import tqdm
 
 from rqgen import __version__, card
-from rqgen.cli import convert, data, eval_gen, evaluate, sample, train
+from rqgen.cli import convert, data, eval_gen, eval_ref, evaluate, sample, train
 from rqgen.errors import Interrupted, RqgenError
 
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         convert.add_convert_official,
         convert.add_push,
         eval_gen.add_eval_gen,
-        eval_gen.add_fid_stats,
+        eval_ref.add_fid_stats,
     ):
         add(sub)
     return parser

@@ -1,5 +1,8 @@
-"""`rqgen eval-gen`: FID / KID / IS (or the digits evaluator's analogues) of samples against
-a reference, in one process or split over torchrun ranks.
+"""`rqgen eval-gen`: FID / sFID / KID / IS / precision / recall (or the digits evaluator's
+analogues) of samples against a reference, under a named protocol (evaluate/protocol.py),
+in one process or split over torchrun ranks. The reference is a data source, rqgen's own
+statistics file or an ADM reference batch; the samples can be written as an ADM sample
+batch (--save-npz) and the features behind every score saved (--save-features).
 
 Every sample i is drawn with its own seed (seed·1000003 + i), so its image does not depend
 on the batch, the batch size or the rank that draws it; rank r draws samples r, r+N, ...,
@@ -11,43 +14,58 @@ with `world_size` in the output.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from rqgen.cli.common import POSITIVE_INT, add_device, add_sampling, number, sampling_config
-from rqgen.cli.evaluate import check_finite, keep_score
-from rqgen.data import build_dataset
-from rqgen.data.shards import is_shards
-from rqgen.distributed import Runtime, gather_objects, init_runtime, meet_after, shutdown_runtime
-from rqgen.errors import CheckpointError, ConfigError, DataError
-from rqgen.evaluate.clip import CLIPScorer
-from rqgen.evaluate.generation import (
-    FeatureStats,
-    build_evaluator,
-    check_digits_like,
-    frechet_distance,
-    inception_score,
-    kernel_distance,
-    merge_shares,
-    share_stats,
+from rqgen.cli.common import POSITIVE_INT, add_sampling, number, sampling_config
+from rqgen.cli.eval_ref import (
+    add_protocol,
+    batch_stats,
+    data_share,
+    data_stats,
+    eval_images,
+    indexed,
+    on_ranks,
+    rank_evaluator,
+    read_reference,
 )
+from rqgen.cli.evaluate import check_finite, keep_score
+from rqgen.distributed import gather_objects, meet_after
+from rqgen.errors import CheckpointError, ConfigError, DataError
+from rqgen.evaluate.adm import AdmBatch, write_batch
+from rqgen.evaluate.clip import CLIPScorer
+from rqgen.evaluate.protocol import PROTOCOLS, scores
+from rqgen.evaluate.stats import FeatureStats, merge_shares, save_features, share_stats
 from rqgen.pipeline import RQPipeline
 from rqgen.stage2.guidance import PerSampleSeeds
-from rqgen.utils.device import resolve_device
 from rqgen.utils.files import check_output_file, check_writable_dir, read_text
+from rqgen.utils.images import to_uint8
 
 
 def add_eval_gen(sub) -> None:
-    p = sub.add_parser("eval-gen", help="FID / KID / IS of samples against a reference")
+    p = sub.add_parser(
+        "eval-gen", help="FID / sFID / KID / IS / precision / recall of samples vs a reference"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="folder of generated images")
     src.add_argument("--model", help="RQ-Transformer directory: sample, stream to --out, score")
-    p.add_argument("--ref", required=True, help="data source (folder, bundled:...) or STATS.npz")
+    p.add_argument(
+        "--ref",
+        required=True,
+        help="data source (folder, bundled:...), STATS.npz (rqgen fid-stats) or an ADM "
+        "reference batch (.npz with arr_0 images and/or mu/sigma/mu_s/sigma_s)",
+    )
+    add_protocol(p)
+    p.add_argument(
+        "--save-npz", help="also write the samples as an ADM sample batch (arr_0, arr_1 labels)"
+    )
+    p.add_argument(
+        "--save-features", help="FILE.npz: the features and statistics behind every score"
+    )
     p.add_argument(
         "--n",
         "--num-samples",
@@ -79,31 +97,6 @@ def add_eval_gen(sub) -> None:
     )
     add_sampling(p)
     p.set_defaults(func=cmd_eval_gen)
-
-
-def _indexed(batches: Iterator, indices: list[int]) -> Iterator[tuple[list[int], object]]:
-    start = 0
-    for batch in batches:
-        yield indices[start : start + len(batch)], batch
-        start += len(batch)
-
-
-def _data_share(src: str, resolution: int, rt, batch_size: int, digits: bool, split: str = "val"):
-    """This rank's share of a data source as (indices, batch) pairs, and its size."""
-
-    if is_shards(src):  # the KID rows are chosen by index: that needs the count up front
-        raise DataError(
-            f"{src}: reference statistics are read from a folder, prepared "
-            "data or bundled:NAME, not from tar shards yet (unpack a sample of "
-            "them)"
-        )
-    data = build_dataset(src, resolution, split=split, labels=False)
-    mine = list(range(rt.rank, len(data), rt.world_size))
-    loader = DataLoader(Subset(data, mine), batch_size=batch_size, shuffle=False)
-    batches = (x for x, _ in tqdm(loader, desc="features", leave=False, disable=rt.rank > 0))
-    if digits:
-        batches = check_digits_like(batches, src)
-    return _indexed(batches, mine), len(data)
 
 
 def _conditions(args, pipe):
@@ -151,9 +144,12 @@ def _sample_share(args, rt, result: dict):
     if texts is not None:
         images = _with_clip_score(images, [texts[i] for i in mine], args.clip, rt.device, result)
     result.update(samples=str(out), sampling=dict(vars(sampling)), model=str(args.model))
+    labels = None
     if cond.dim() == 1:
         result["per_class"] = {str(c): int((cond == c).sum()) for c in cond.unique().tolist()}
-    return _indexed(images, mine), len(cond), pipe.vae.config.resolution
+        labels = cond.cpu().numpy() if pipe.conditioning == "class" else None
+    result["_written"] = (out, labels)
+    return indexed(images, mine), len(cond), pipe.vae.config.resolution
 
 
 def _with_clip_score(images, texts: list[str], clip: str | None, device, result: dict):
@@ -175,53 +171,8 @@ def _with_clip_score(images, texts: list[str], clip: str | None, device, result:
         yield batch
 
 
-def _runtime(device: str):
-    """Under torchrun: the process group (this rank's device); else a single process."""
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return init_runtime(device)
-    return Runtime(0, 1, resolve_device(device))
-
-
-def _on_ranks(device: str, body):
-    """body(rt) in one process, or on every torchrun rank; the process group is closed
-    after it (with no barrier after an error: another rank may be stuck)."""
-
-    rt = _runtime(device)
-    try:
-        result = body(rt)
-    except BaseException:
-        shutdown_runtime(finished=False)
-        raise
-    shutdown_runtime(finished=True)
-    return rt, result
-
-
-def _evaluator(args, rt):
-    """The evaluator on every rank; rank 0 builds it first, as it may train the digits
-    classifier and cache it for the others."""
-
-    build = lambda: build_evaluator(args.features, rt.device)  # noqa: E731
-    first = meet_after(rt, lambda: build() if rt.is_main else None)
-    rest = meet_after(rt, lambda: None if rt.is_main else build())
-    return first if rt.is_main else rest
-
-
-def _data_stats(src: str, resolution: int, evaluator, rt, args, split: str = "val"):
-    """Feature statistics of a data source, each rank scoring its share."""
-
-    def share():
-        data, n = _data_share(
-            src, resolution, rt, args.batch_size, args.features == "digits", split
-        )
-        return share_stats(data, evaluator, n), n
-
-    mine, n = meet_after(rt, share)
-    return merge_shares(gather_objects(mine, rt), evaluator, n, source=src)[0]
-
-
 def cmd_eval_gen(args) -> int:
-    rt, result = _on_ranks(args.device, lambda rt: _eval_gen(args, rt))
+    rt, result = on_ranks(args.device, lambda rt: _eval_gen(args, rt))
     if rt.is_main:
         protocol = (
             f"eval-gen ({result['evaluator']}) against {result['reference']}, "
@@ -242,57 +193,86 @@ def _sampling_words(result: dict) -> str:
 
 
 def _eval_gen(args, rt) -> dict:
-
-    evaluator = _evaluator(args, rt)
+    protocol = PROTOCOLS[args.protocol]
+    keep = None if args.save_features else protocol.keep  # saved features: every row
+    for path in (args.save_npz, args.save_features):
+        if path:
+            check_output_file(Path(path))  # before sampling, not after it
+    evaluator = rank_evaluator(args, rt)
     result: dict = {"evaluator": evaluator.name, "world_size": rt.world_size}
-    ref = None
-    if str(args.ref).endswith(".npz"):  # checked before any sampling: fail fast
-        ref = FeatureStats.load(args.ref)
-        if ref.evaluator != evaluator.name:
-            raise DataError(
-                f"'{args.ref}' was computed with {ref.evaluator!r}, not {evaluator.name!r}: "
-                "recompute it with rqgen fid-stats --features " + args.features
-            )
+    result["protocol"] = protocol.describe()
+    ref = read_reference(args, evaluator, keep)
 
     def samples():
         if args.model:
             return _sample_share(args, rt, result)
         resolution = args.resolution or 256
         result["samples"] = str(args.samples)
-        return (*_data_share(args.samples, resolution, rt, args.batch_size, False), resolution)
+        images, n, chain = data_share(args.samples, resolution, rt, args)
+        result["protocol"]["samples_resize"] = chain
+        return images, n, resolution
 
     def fake_share():
         images, total, resolution = samples()
-        share = share_stats(images, evaluator, total, with_logits=True)
+        share = share_stats(images, evaluator, total, keep, with_logits=True)
         sims = result.pop("clip_similarities", None)
         share["clip"] = torch.cat(sims) if sims else None
         return share, total, resolution
 
     share, total, resolution = meet_after(rt, fake_share)
     shares = gather_objects(share, rt)
-    fake, logits = merge_shares(shares, evaluator, total, source="samples")
-    if ref is None:
-        ref = _data_stats(args.ref, args.resolution or resolution, evaluator, rt, args)
-    kid, kid_std = kernel_distance(ref, fake)
+    fake, logits = merge_shares(shares, evaluator, total, keep, source="samples")
+    if isinstance(ref, AdmBatch):
+        ref, how = batch_stats(ref, evaluator, rt, args, keep)
+        result["protocol"]["reference_statistics"] = how
+    elif ref is None:
+        ref, chain = data_stats(args.ref, args.resolution or resolution, evaluator, rt, args, keep)
+        result["protocol"]["reference_resize"] = chain
     name = evaluator.score_names()
     result.update(
-        {
-            "reference": ref.source or str(args.ref),
-            "n_reference": ref.n,
-            "n_samples": fake.n,
-            name["fd"]: frechet_distance(ref, fake),
-            name["kd"]: kid,
-            name["kd"] + "_std": kid_std,
-        }
+        {"reference": ref.source or str(args.ref), "n_reference": ref.n, "n_samples": fake.n}
     )
-    if logits is not None:
-        result[name["is"]], result[name["is"] + "_std"] = inception_score(logits)
+    result.update(scores(protocol, name, ref, fake, logits))
     clips = [s["clip"] for s in shares if s.get("clip") is not None]
     if clips:
         result["clip_score"] = float(torch.cat(clips).mean())  # mean cosine, as Table 3
     check_finite(result, "eval-gen")
+    if rt.is_main:
+        _save(args, result, ref, fake, resolution)
     result["_names"] = (name, evaluator.short, evaluator.name)
     return result
+
+
+def _save(args, result: dict, ref: FeatureStats, fake: FeatureStats, resolution: int) -> None:
+    """--save-features and --save-npz, by rank 0 once the scores are in."""
+    if args.save_features:
+        save_features(args.save_features, ref, fake, result)
+        result["features_file"] = str(args.save_features)
+    written = result.pop("_written", None)
+    if args.save_npz:
+        if written:  # the PNGs just written, in index order: what was scored, exactly
+            out, labels = written
+            files = [_png(out, i) for i in range(fake.n)]
+            starts = range(0, len(files), 64)
+            batches = (np.stack([_read_png(f) for f in files[s : s + 64]]) for s in starts)
+        else:
+            data, _ = eval_images(args.samples, resolution, "val", PROTOCOLS[args.protocol].resize)
+            loader = DataLoader(data, batch_size=64)
+            batches, labels = (to_uint8(x) for x, _ in loader), None
+        write_batch(args.save_npz, batches, fake.n, resolution, labels)
+        result["npz"] = str(args.save_npz)
+
+
+def _png(out: Path, i: int) -> Path:
+    found = sorted(Path(out).glob(f"{i:06d}_*.png"))
+    if len(found) != 1:
+        raise DataError(f"sample {i} is not one file in {out} ({len(found)} found)")
+    return found[0]
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def _report(result: dict, as_json: bool) -> None:
@@ -300,42 +280,23 @@ def _report(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    kid_std = result[name["kd"] + "_std"]
-    spread = f" ± {kid_std:.5f}" if kid_std is not None else ""
-    kd = "KID" if name["kd"] == "kid" else f"KD({short})"
+    inception = short == "inception"
+    labels = {
+        "fd": name["label"],
+        "sfd": "sFID" if inception else f"sFD({short})",
+        "kd": "KID" if inception else f"KD({short})",
+        "is": "IS" if inception else f"IS({short})",
+        "precision": "precision",
+        "recall": "recall",
+    }
+    parts = []
+    for k, label in labels.items():
+        value = result.get(name[k])
+        if value is not None:
+            std = result.get(name[k] + "_std")
+            parts.append(f"{label} {value:.5g}" + (f" ± {std:.2g}" if std is not None else ""))
     print(
-        f"{name['label']} {result[name['fd']]:.3f}  {kd} {result[name['kd']]:.5f}{spread}  "
-        f"({result['n_samples']} samples vs {result['n_reference']} reference images of "
-        f"{result['reference']}; {full}; {result['world_size']} process(es))"
+        "  ".join(parts) + f"  ({result['n_samples']} samples vs {result['n_reference']} "
+        f"reference images of {result['reference']}; {full}; protocol "
+        f"{result['protocol']['name']}; {result['world_size']} process(es))"
     )
-
-
-def add_fid_stats(sub) -> None:
-    p = sub.add_parser("fid-stats", help="reference feature statistics for eval-gen (.npz)")
-    p.add_argument("data", help="folder or bundled:NAME[:SPLIT]")
-    p.add_argument("--out", required=True, help="STATS.npz")
-    p.add_argument("--features", choices=["inception", "digits"], default="inception")
-    p.add_argument("--resolution", type=number(int, 8), default=256)
-    p.add_argument("--split", default="val", help="bundled split, or 'train' for random crops")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
-    add_device(p)
-    p.set_defaults(func=cmd_fid_stats)
-
-
-def cmd_fid_stats(args) -> int:
-    """The statistics eval-gen computes of a reference, once, to a file (the same KID rows,
-    chosen by index; each torchrun rank scores its share)."""
-
-    if Path(args.out).suffix != ".npz":  # eval-gen --ref tells statistics from data by it
-        raise ConfigError(f"--out {args.out}: statistics files end in .npz (e.g. ref.npz)")
-    check_output_file(Path(args.out))  # before the features are computed, not after
-
-    def body(rt):
-        evaluator = _evaluator(args, rt)
-        return _data_stats(args.data, args.resolution, evaluator, rt, args, args.split)
-
-    rt, stats = _on_ranks(args.device, body)
-    if rt.is_main:
-        stats.save(args.out)
-        print(f"rqgen: wrote {args.out} ({stats.n} images of {args.data}, {stats.evaluator})")
-    return 0

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rqgen.card import record_evaluation
@@ -16,21 +17,44 @@ from rqgen.cli.common import (
     device_for,
 )
 from rqgen.data import build_dataset, load_image
-from rqgen.data.folder import DECODE_ERRORS
-from rqgen.errors import DataError, RqgenError
+from rqgen.data.folder import DECODE_ERRORS, ImageFolder
+from rqgen.errors import CheckpointError, DataError, RqgenError
+from rqgen.evaluate.adm import write_batch
+from rqgen.evaluate.generation import build_evaluator
+from rqgen.evaluate.protocol import RESIZE_WORDS, ResizedFiles
+from rqgen.evaluate.stats import save_features
 from rqgen.evaluate.vae import evaluate_vae, write_reconstructions
 from rqgen.stage1 import load_vae
-from rqgen.utils.files import check_writable_dir
+from rqgen.stage1.losses import LPIPS
+from rqgen.utils.files import check_output_file, check_writable_dir
+from rqgen.utils.images import to_uint8
 
 
 def add_eval_vae(sub) -> None:
-    p = sub.add_parser("eval-vae", help="PSNR, SSIM, per-depth PSNR, codebook usage, rFID")
+    p = sub.add_parser("eval-vae", help="PSNR, SSIM, LPIPS, per-depth PSNR, codebook usage, rFID")
     p.add_argument("--vae", required=True, help="directory written by train-vae / save_pretrained")
     p.add_argument("--data", required=True, help="image folder or bundled:NAME[:val]")
     p.add_argument("--limit", type=POSITIVE_INT, help="score at most N images")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     add_device(p)
     p.add_argument("--no-rfid", action="store_true", help="skip rFID even if Inception is present")
+    p.add_argument(
+        "--protocol",
+        choices=sorted(VAE_CHAINS),
+        default="rqgen",
+        help="how a folder's images become squares (rqgen: its loader; official: the RQ "
+        "code's Resize + CenterCrop; adm: guided-diffusion's center_crop_arr)",
+    )
+    p.add_argument(
+        "--features",
+        choices=["inception", "digits"],
+        default="inception",
+        help="network of rFID (inception: local torch-fidelity weights)",
+    )
+    p.add_argument("--save-recons", help="FILE.npz: the reconstructions as an ADM batch (arr_0)")
+    p.add_argument(
+        "--save-features", help="FILE.npz: the rFID features of the images and reconstructions"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.add_argument(
         "--card",
@@ -56,21 +80,50 @@ def check_finite(result: dict, what: str) -> None:
             )
 
 
-def cmd_eval_vae(args) -> int:
+VAE_CHAINS = {"rqgen": "loader", "official": "official", "adm": "adm"}
 
+
+def cmd_eval_vae(args) -> int:
+    for path in (args.save_recons, args.save_features):
+        if path:
+            check_output_file(Path(path))  # before the evaluation, not after it
     vae = load_vae(args.vae)
-    data = build_dataset(args.data, vae.config.resolution, split="val")
+    device = device_for(args.device)
+    res, chain = vae.config.resolution, VAE_CHAINS[args.protocol]
+    data = build_dataset(args.data, res, split="val")
+    if chain != "loader" and isinstance(data, ImageFolder):
+        data = ResizedFiles(data.paths, res, chain)
+    else:
+        chain = "loader"  # bundled and prepared sources are squares already
+    evaluator = build_evaluator("digits", device) if args.features == "digits" else None
+    lpips, lpips_note = _lpips(device)
+    recons = _ReconWriter(args.save_recons, data, args.limit, res) if args.save_recons else None
     result = evaluate_vae(
         vae,
         data,
         args.limit,
         args.batch_size,
-        device_for(args.device),
+        device,
         rfid=not args.no_rfid,
         progress=not args.json,
+        evaluator=evaluator,
+        lpips=lpips,
+        keep_features=bool(args.save_features),
+        on_batch=recons,
     )
-    result = {"vae": str(args.vae), "data": args.data, **result}
+    features = result.pop("_features", None)
+    protocol = {"name": args.protocol, "resize": RESIZE_WORDS[chain]}
+    result = {"vae": str(args.vae), "data": args.data, "protocol": protocol, **result}
+    if lpips_note:
+        result["lpips_note"] = lpips_note
     check_finite(result, f"eval-vae of {args.vae}")
+    if recons is not None:
+        result["recons"] = str(recons.finish())
+    if args.save_features:
+        if features is None:
+            raise DataError(f"no rFID features to save: {result.get('rfid_note')}")
+        save_features(args.save_features, *features, result)
+        result["features_file"] = str(args.save_features)
     if args.json:
         print(json.dumps(result))
     else:
@@ -78,8 +131,42 @@ def cmd_eval_vae(args) -> int:
             print(f"{k:>22}: {v}")
     if args.card:
         limit = f", the first {args.limit} images" if args.limit else ""
-        keep_score(args.vae, f"eval-vae on {args.data}{limit}", result)
+        keep_score(args.vae, f"eval-vae on {args.data}{limit} ({args.protocol})", result)
     return 0
+
+
+def _lpips(device) -> tuple[torch.nn.Module | None, str]:
+    """LPIPS (VGG) from the local files the training loss uses, or None and why not."""
+    try:
+        return LPIPS.from_pretrained().to(device), ""
+    except CheckpointError as e:
+        return None, str(e)
+
+
+class _ReconWriter:
+    """Reconstructions as uint8 into a memory-mapped .npy next to the output as they come,
+    then streamed into an ADM batch: memory stays one batch."""
+
+    def __init__(self, path: str, data, limit: int | None, size: int):
+        if not hasattr(data, "__len__"):
+            raise DataError("--save-recons needs a data source with a length (not tar shards)")
+        self.path, self.size = Path(path), size
+        self.n = min(limit or len(data), len(data))
+        self.tmp = self.path.with_name(f".{self.path.name}.rows.npy")
+        self.rows = np.lib.format.open_memmap(self.tmp, "w+", np.uint8, (self.n, size, size, 3))
+        self.done = 0
+
+    def __call__(self, x: torch.Tensor, xr: torch.Tensor) -> None:
+        self.rows[self.done : self.done + len(xr)] = to_uint8(xr)
+        self.done += len(xr)
+
+    def finish(self) -> Path:
+        try:
+            batches = (self.rows[s : s + 256] for s in range(0, self.done, 256))
+            return write_batch(self.path, batches, self.done, self.size)
+        finally:
+            del self.rows
+            self.tmp.unlink(missing_ok=True)
 
 
 def keep_score(model: str, protocol: str, result: dict) -> None:

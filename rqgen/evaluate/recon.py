@@ -19,6 +19,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(1.0 / mse.clamp_min(10.0 ** (-PSNR_MAX_DB / 10.0)))
 
 
+SSIM_WORDS = "images mapped from [-1, 1] to [0, 1], data range 1; gaussian window 11, σ 1.5"
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (gaussian window 11, sigma 1.5) of [-1,1] images, measured on [0,1]."""
     return structural_similarity_index_measure(

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from rqgen.errors import DataError
-from rqgen.evaluate.fid import FIDMeter, inception_fid_available
-from rqgen.evaluate.recon import CodeStats, psnr, ssim
+from rqgen.errors import CheckpointError, DataError, RqgenError
+from rqgen.evaluate.generation import Evaluator, build_evaluator
+from rqgen.evaluate.recon import SSIM_WORDS, CodeStats, psnr, ssim
+from rqgen.evaluate.stats import StatsAccumulator, frechet_distance
 from rqgen.family import family_of
 from rqgen.stage1.dqvae import DQVAE, unpack_codes
 from rqgen.stage1.rqvae import RQVAE
@@ -73,8 +74,18 @@ def evaluate_vae(
     device: str | torch.device = "cpu",
     rfid: bool = True,
     progress: bool = True,
+    evaluator: Evaluator | None = None,
+    lpips: torch.nn.Module | None = None,
+    keep_features: bool = False,
+    on_batch=None,
 ) -> dict:
-    """Score `vae` on `dataset`; returns the JSON-ready dict `rqgen eval-vae` prints."""
+    """Score `vae` on `dataset`; returns the JSON-ready dict `rqgen eval-vae` prints.
+
+    rFID is the Fréchet distance between the evaluator's features of the images and of
+    their reconstructions (Inception from local weights unless `evaluator` is given; null
+    with the reason when it cannot run); LPIPS the mean VGG distance when `lpips` is given.
+    `keep_features` keeps every feature row (result["_features"]: (images, reconstructions)
+    FeatureStats); `on_batch(x, xr)` sees each batch and its reconstruction."""
     vae = vae.to(device).eval()
     streamed = isinstance(dataset, IterableDataset)  # tar shards: no length, read in order
     if limit is not None and not streamed and limit < len(dataset):
@@ -84,11 +95,17 @@ def evaluate_vae(
     dq = not family_of(vae).residual  # dynamic granularity: fine mask, variable length
     stats = CodeStats(K)
     tokens = fine = 0.0
-    sums = {"psnr": 0.0, "ssim": 0.0, "ref": 0.0, "unquantized": 0.0}
+    sums = {"psnr": 0.0, "ssim": 0.0, "ref": 0.0, "unquantized": 0.0, "lpips": 0.0}
     depth_sums = [0.0] * D
     n = 0
-    use_fid, fid_note = inception_fid_available() if rfid else (False, "disabled")
-    fid = FIDMeter().to(device) if use_fid else None
+    fid_note = "disabled (--no-rfid)"
+    if rfid and evaluator is None:
+        try:
+            evaluator = build_evaluator("inception", device)
+        except (CheckpointError, RqgenError) as e:
+            fid_note = str(e)
+    keep = None if keep_features else 0
+    real, recon = StatsAccumulator(keep), StatsAccumulator(keep)
     for x, _ in tqdm(loader, desc="eval-vae", disable=not progress, leave=False):
         if limit is not None and streamed:
             if n >= limit:
@@ -112,9 +129,13 @@ def evaluate_vae(
         for d in range(1, D + 1):  # Table 6 analog: decode Ẑ(d) for every d
             xd = xr if d == D else vae.decode_codes(codes, d).clamp(-1, 1)
             depth_sums[d - 1] += float(psnr(xd, x).sum())
-        if fid is not None:
-            fid.update(x, real=True)
-            fid.update(xr, real=False)
+        if evaluator is not None and rfid:
+            real.update(evaluator.features(x))
+            recon.update(evaluator.features(xr))
+        if lpips is not None:
+            sums["lpips"] += float(lpips(xr, x).sum())
+        if on_batch is not None:
+            on_batch(x, xr)
         n += x.shape[0]
     if n == 0:
         raise DataError("the data gave no readable image to evaluate: check --data")
@@ -122,6 +143,8 @@ def evaluate_vae(
         "n_images": n,
         "psnr": sums["psnr"] / n,
         "ssim": sums["ssim"] / n,
+        "ssim_convention": SSIM_WORDS,
+        "lpips": sums["lpips"] / n if lpips is not None else None,
         "per_depth_psnr": [s / n for s in depth_sums],
         **({} if dq else {"unquantized_psnr": sums["unquantized"] / n}),
         "codebook_usage": stats.usage(),
@@ -139,9 +162,13 @@ def evaluate_vae(
         result["coarse_grid"] = vae.config.coarse_size
         result["fine_grid"] = vae.config.fine_size
         result["router"] = vae.config.router
-    if fid is not None:
-        result["rfid"] = fid.compute()
-        result["rfid_evaluator"] = fid.evaluator
+    if evaluator is not None and rfid:
+        name = evaluator.score_names()["fd"]
+        a, b = real.stats(evaluator.name, "images"), recon.stats(evaluator.name, "recons")
+        result["r" + name] = frechet_distance(a, b)
+        result["rfid_evaluator"] = evaluator.name
+        if keep_features:
+            result["_features"] = (a, b)
     else:
         result["rfid"] = None
         result["rfid_note"] = fid_note
