@@ -99,6 +99,10 @@ def _folders(root: Path) -> None:
     (root / "prompts_empty.txt").write_text("")
     (root / "stats.npz").write_bytes(b"PK\x03\x04 not a zip")
     np.savez(root / "other.npz", a=np.zeros(3))
+    np.savez(root / "adm_float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))  # not uint8
+    # Inception statistics only: no images for another network to score
+    np.savez(root / "adm_stats.npz", mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(2),
+             sigma_s=np.eye(2))  # fmt: skip
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "syntax.yaml").write_text("model: {ch: [1,\n")
     (root / "unknown_section.yaml").write_text("nonsense:\n  x: 1\n")
@@ -521,7 +525,8 @@ def _data_cases() -> list[Case]:
         *BASE["train-ar"](w), "--captions", w.bad("captions_short.txt")]))  # fmt: skip
     cases.append(Case("train-ar/--captions missing", lambda w: [
         *BASE["train-ar"](w), "--captions", w.bad("missing.txt")]))  # fmt: skip
-    for ref in ("stats.npz", "other.npz", "missing.npz", "empty"):
+    for ref in ("stats.npz", "other.npz", "missing.npz", "empty", "adm_float.npz",
+                "adm_stats.npz"):  # fmt: skip
         cases.append(Case(f"eval-gen/--ref {ref}", lambda w, r=ref: [
             "eval-gen", "--samples", w.bad("mixed"), "--ref", w.bad(r), "--features",
             "digits"]))  # fmt: skip
@@ -546,10 +551,15 @@ def _sampling_cases() -> list[Case]:
            ["--top-k", "1,2,3,4,5,6,7,8,9"]]  # fmt: skip
     cases = [Case(f"sample/{' '.join(b)}", lambda w, b=b: [*BASE["sample"](w), *b]) for b in bad]
     for b in (["--prompts", "/nonexistent/p.txt"], ["--per-class", "3", "--n", "5"],
-              ["--device", "cuda"], ["--features", "nope"]):  # fmt: skip
+              ["--device", "cuda"], ["--features", "nope"], ["--protocol", "fid"],
+              ["--save-npz", "/dev/null/s.npz"],
+              ["--save-features", "/dev/null/f.npz"]):  # fmt: skip
         cases.append(Case(f"eval-gen/{' '.join(b)}", lambda w, b=b: [*BASE["eval-gen"](w), *b]))
     cases.append(Case("eval-vae/--device cuda", lambda w: [*BASE["eval-vae"](w), "--device",
                                                            "cuda"]))  # fmt: skip
+    for b in (["--save-recons", "/dev/null/r.npz"], ["--protocol", "clean"],
+              ["--save-features", "f.npz", "--no-rfid"]):  # fmt: skip
+        cases.append(Case(f"eval-vae/{' '.join(b)}", lambda w, b=b: [*BASE["eval-vae"](w), *b]))
     cases.append(Case("train-vae/--device cuda", lambda w: [*BASE["train-vae"](w), "--device",
                                                             "cuda"]))  # fmt: skip
     return cases

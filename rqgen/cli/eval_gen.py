@@ -175,8 +175,8 @@ def cmd_eval_gen(args) -> int:
     rt, result = on_ranks(args.device, lambda rt: _eval_gen(args, rt))
     if rt.is_main:
         protocol = (
-            f"eval-gen ({result['evaluator']}) against {result['reference']}, "
-            f"{result['n_samples']} samples, {_sampling_words(result)}"
+            f"eval-gen, protocol {result['protocol']['name']} ({result['evaluator']}) against "
+            f"{result['reference']}, {result['n_samples']} samples, {_sampling_words(result)}"
         )
         _report(result, args.json)
         if args.model and args.card:

@@ -18,7 +18,7 @@ from rqgen.cli.common import (
 )
 from rqgen.data import build_dataset, load_image
 from rqgen.data.folder import DECODE_ERRORS, ImageFolder
-from rqgen.errors import CheckpointError, DataError, RqgenError
+from rqgen.errors import CheckpointError, ConfigError, DataError, RqgenError
 from rqgen.evaluate.adm import write_batch
 from rqgen.evaluate.generation import build_evaluator
 from rqgen.evaluate.protocol import RESIZE_WORDS, ResizedFiles
@@ -84,6 +84,8 @@ VAE_CHAINS = {"rqgen": "loader", "official": "official", "adm": "adm"}
 
 
 def cmd_eval_vae(args) -> int:
+    if args.save_features and args.no_rfid:
+        raise ConfigError("--save-features saves the rFID features: drop --no-rfid")
     for path in (args.save_recons, args.save_features):
         if path:
             check_output_file(Path(path))  # before the evaluation, not after it
@@ -95,7 +97,9 @@ def cmd_eval_vae(args) -> int:
         data = ResizedFiles(data.paths, res, chain)
     else:
         chain = "loader"  # bundled and prepared sources are squares already
-    evaluator = build_evaluator("digits", device) if args.features == "digits" else None
+    evaluator = None  # evaluate_vae tries Inception itself, and says why not in the JSON
+    if args.features == "digits" or args.save_features:  # features to save: fail now if none
+        evaluator = build_evaluator(args.features, device)
     lpips, lpips_note = _lpips(device)
     recons = _ReconWriter(args.save_recons, data, args.limit, res) if args.save_recons else None
     result = evaluate_vae(
