@@ -117,7 +117,7 @@ class RQPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Sequence[int | str] | int | str | None = None,
+        class_labels: Sequence[int | str | None] | int | str | None = None,
         prompt: str | Sequence[str] | None = None,
         num_images: int | None = None,
         guidance_scale: float = 1.0,
@@ -210,7 +210,7 @@ class RQPipeline:
                 ids = [ids[i % len(ids)] for i in range(n)]
         cond = torch.tensor(ids, dtype=torch.long)
         self.model.check_cond(cond)  # one-line error when an id is out of range
-        names = [self.classes[i] if i < len(self.classes) else str(i) for i in ids]
+        names = [self._file_name(i) for i in ids]
         return cond.to(self.device), names
 
     # ------------------------------------------------------------------ drawing
@@ -269,6 +269,8 @@ class RQPipeline:
     def _file_name(self, k) -> str:
         if self.conditioning != "class":
             return "text" if self.conditioning == "text" else "sample"
+        if k == self.model.config.num_classes:
+            return "none"  # the null class: unconditional samples, asked for explicitly
         return self.classes[k] if k < len(self.classes) else str(k)
 
     @torch.no_grad()
@@ -351,12 +353,26 @@ def _each(class_labels, prompt, per: int):
     return None, None, per
 
 
-def _class_id(label: int | str, classes: Sequence[str], num_classes: int) -> int:
+NULL_LABELS = (None, "none")  # a class model's unconditional samples, asked for by name
+
+
+def _class_id(label: int | str | None, classes: Sequence[str], num_classes: int) -> int:
+    """A class label -> its id; `None` / "none" -> the null class (unconditional samples
+    from a class-conditional model, asked for explicitly). An id past the last class is an
+    error, not the null class it happens to index."""
+    if label in NULL_LABELS or (isinstance(label, str) and label.lower() == "none"):
+        return num_classes
     if isinstance(label, str) and label in classes:
         return classes.index(label)
-    if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):
-        return int(label)
     names = ", ".join(f"{i}={name}" for i, name in enumerate(classes)) or "none recorded"
+    if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):
+        i = int(label)
+        if 0 <= i < num_classes:
+            return i
+        raise ConfigError(
+            f"class {i} is not one of this model's {num_classes} classes (ids 0.."
+            f"{num_classes - 1}: {names}); unconditional samples: class none"
+        )
     raise ConfigError(
         f"unknown class {label!r}: use an id 0..{num_classes - 1} or a name ({names})"
     )

@@ -544,6 +544,7 @@ def _data_cases() -> list[Case]:
 
 def _sampling_cases() -> list[Case]:
     bad = [["--class", "99"], ["--class", "banana"], ["--class", "-1"], ["--prompt", "a cat"],
+           ["--class", "10"], ["--unconditional", "--accept", "0.5"],
            ["--device", "cuda"], ["--device", "tpu"], ["--device", "cuda:x"],
            ["--clip-rerank", "2", "--clip", "/nonexistent/clip"],
            ["--save-codes", "/dev/null/codes.npy"], ["--dtype", "fp8"],

@@ -10,6 +10,7 @@ import torch
 
 from rqgen import RQPipeline
 from rqgen.errors import ConfigError
+from rqgen.stage2.guidance import PerSampleSeeds
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -40,8 +41,19 @@ def test_same_seed_same_images_and_bad_requests_are_one_line(class_ar):
         pipe(prompt="a digit")
     with pytest.raises(ConfigError, match="num_images=0"):
         pipe(num_images=0)
-    with pytest.raises(ConfigError, match="class id 12 is out of range"):
+    with pytest.raises(ConfigError, match="class 12 is not one of this model's 10 classes"):
         pipe(class_labels=[12])
+    # id 10 indexes the null class: an off-by-one, refused; unconditional is asked for by name
+    with pytest.raises(
+        ConfigError, match=r"class 10 is not one.*unconditional samples: class none"
+    ):
+        pipe(class_labels=[10])
+    free = pipe(class_labels=[None, "none"], seed=1)
+    assert free.names == ["none", "none"]
+    null = torch.full((2,), pipe.model.null_class)
+    _, direct = pipe.sample(null, None, PerSampleSeeds([0, 1]))
+    _, named = pipe.sample(pipe.conditions(["none", "none"])[0], None, PerSampleSeeds([0, 1]))
+    assert torch.equal(direct, named)  # "none" is the model's null class
 
 
 def test_diffusers_names_give_the_same_images_in_every_output_type(class_ar):

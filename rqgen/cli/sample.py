@@ -33,7 +33,19 @@ def add_sample(sub) -> None:
     p.add_argument("--vae", help="RQ-VAE directory (default: the one the model records)")
     p.add_argument("--n", type=POSITIVE_INT, default=16, help="number of images")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--class", dest="cls", help="class id or name (default: all classes in turn)")
+    g.add_argument(
+        "--class",
+        dest="cls",
+        help="class id or name (default: all classes in turn); 'none': unconditional samples "
+        "of a class-conditional model",
+    )
+    g.add_argument(
+        "--unconditional",
+        dest="cls",
+        action="store_const",
+        const="none",
+        help="unconditional samples of a class-conditional model (--class none)",
+    )
     g.add_argument("--prompt", help="caption, for text-conditional models")
     p.add_argument(
         "--out", required=True, help="FILE.png (or .jpg, .webp): one grid; else a folder of PNGs"
@@ -78,6 +90,8 @@ def cmd_sample(args) -> int:
     pipe = RQPipeline.from_pretrained(args.model, args.vae, device, args.dtype)
     labels = None if args.cls is None else [args.cls]
     cond, names = pipe.conditions(labels, args.prompt, args.n)
+    if args.accept is not None and "none" in names and pipe.conditioning == "class":
+        raise ConfigError("--accept scores samples against their class: not with --class none")
     sampling, gen = sampling_config(args), torch.Generator(device).manual_seed(args.seed)
     if args.clip_rerank is not None:
         if pipe.conditioning == "none":

@@ -110,9 +110,11 @@ def scores(
     ref: FeatureStats,
     fake: FeatureStats,
     logits: Tensor | None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """The protocol's scores of `fake` against `ref`, under the evaluator's names; a score
-    the inputs cannot give (no spatial statistics, too few rows) is null with the reason."""
+    the inputs cannot give (no spatial statistics, too few rows) is null with the reason.
+    The nearest-neighbour distances of precision/recall run on `device`."""
     out: dict = {}
     m = protocol.metrics
     if "fd" in m:
@@ -139,6 +141,6 @@ def scores(
                 out[names[k]] = None
             out[names["precision"] + "_note"] = f"needs more than {NEIGHBOURS} rows per side"
         else:
-            a, b = torch.from_numpy(ref.subset), torch.from_numpy(fake.subset)
+            a, b = (torch.from_numpy(x.subset).to(device) for x in (ref, fake))
             out[names["precision"]], out[names["recall"]] = precision_recall(a, b)
     return out
