@@ -32,3 +32,21 @@ def test_eval_gen_of_a_shipped_model_needs_an_out_folder(tmp_path, rqgen_cache):
     r = rqgen(*args, check=False, env_extra=rqgen_cache)
     assert r.returncode != 0 and "give --out DIR" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bundled_photo_tokenizer_reconstructs_held_out_photos_as_recorded():
+    import json
+
+    from rqgen.data import build_dataset
+    from rqgen.evaluate.recon import psnr
+    from rqgen.hub import bundled
+    from rqgen.stage1 import load_vae
+
+    vae = load_vae("bundled:photos-vae").eval()
+    recorded = json.loads((bundled("bundled:photos-vae") / "evaluations.json").read_text())
+    val = build_dataset("bundled:photos:val", 32, split="val")
+    x = torch.stack([val[i][0] for i in range(0, len(val), 4)])  # 64 of the 256 fixed crops
+    with torch.no_grad():
+        xr = vae.decode_codes(vae.encode_to_codes(x)).clamp(-1, 1)
+    ours = float(psnr(xr, x).mean())
+    assert abs(ours - recorded["eval-vae on bundled:photos:val"]["psnr"]) < 1.0, ours

@@ -198,7 +198,8 @@ def test_eval_gen_on_two_ranks_gives_the_images_and_scores_of_one_process(
     assert one["world_size"] == 1 and two["world_size"] == 2
     # the same images, scored in batches of other sizes (the evaluator's float32 rounding
     # depends on the batch) and summed in another order
-    for key in ("fd_digits", "kd_digits", "is_digits", "n_samples", "n_reference"):
+    for key in ("fd_digits", "sfd_digits", "kd_digits", "is_digits", "precision_digits",
+                "recall_digits", "n_samples", "n_reference"):  # fmt: skip
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(files) == 13

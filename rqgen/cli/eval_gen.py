@@ -232,6 +232,7 @@ def _eval_gen(args, rt) -> dict:
     result.update(
         {"reference": ref.source or str(args.ref), "n_reference": ref.n, "n_samples": fake.n}
     )
+    result["protocol"]["feature_rows"] = {"reference": len(ref.subset), "samples": len(fake.subset)}
     result.update(scores(protocol, name, ref, fake, logits, rt.device))
     clips = [s["clip"] for s in shares if s.get("clip") is not None]
     if clips:
