@@ -147,14 +147,30 @@ def test_eval_gen_cli_balanced_streamed_and_self_consistent(tmp_path, rqgen_cach
 
     first = np.asarray(Image.open(out / "000000_0.png").convert("RGB"))
     assert np.array_equal(next(batch.batches(1))[0], first)  # the PNG, exactly
+    # recomputed by independent code from the saved features: pytorch-fid's own Fréchet
+    # distance, and precision/recall by brute force in float64
+    from test_metrics import pytorch_fid_distance
+
     with np.load(tmp_path / "f.npz") as f:
         assert f["sample_features"].shape == (30, 128) and f["ref_features"].shape[0] == len(held)
-        recomputed = frechet_distance(
-            FeatureStats("d", 30, f["ref_mu"], f["ref_sigma"], f["ref_features"]),
-            FeatureStats("d", 30, f["sample_mu"], f["sample_sigma"], f["sample_features"]),
+        fd = pytorch_fid_distance()(f["sample_mu"], f["sample_sigma"], f["ref_mu"], f["ref_sigma"])
+        assert fd == pytest.approx(adm["fd_digits"], rel=1e-4)
+        ref_f, sam_f = (
+            torch.from_numpy(f[k]).double() for k in ("ref_features", "sample_features")
         )
-        assert recomputed == pytest.approx(adm["fd_digits"], rel=1e-9)
+        d = lambda u, v: torch.cdist(u, v) ** 2  # noqa: E731
+        r_ref, r_sam = d(ref_f, ref_f).sort(1).values[:, 3], d(sam_f, sam_f).sort(1).values[:, 3]
+        precision = float((d(sam_f, ref_f) <= r_ref).any(1).double().mean())
+        recall = float((d(ref_f, sam_f) <= r_sam).any(1).double().mean())
+        assert precision == pytest.approx(adm["precision_digits"], abs=1e-4)
+        assert recall == pytest.approx(adm["recall_digits"], abs=1e-4)
         assert json.loads(str(f["scores"]))["fd_digits"] == adm["fd_digits"]
+    # an ADM batch of the same images as a folder gives the same numbers as the folder
+    scored = ["eval-gen", "--samples", out, "--features", "digits", "--resolution", 32, "--json"]
+    as_folder = json.loads(rqgen(*scored, "--ref", real, env_extra=env).stdout)
+    as_batch = json.loads(rqgen(*scored, "--ref", tmp_path / "ref_batch.npz", env_extra=env).stdout)
+    for key in ("fd_digits", "sfd_digits", "kd_digits", "precision_digits", "recall_digits"):
+        assert as_batch[key] == pytest.approx(as_folder[key], rel=1e-6), key
     # statistics from another evaluator are refused
     FeatureStats("other", 2, np.zeros(2), np.eye(2), np.zeros((2, 2))).save(tmp_path / "o.npz")
     r = rqgen("eval-gen", "--samples", real, "--ref", tmp_path / "o.npz", "--features",
