@@ -88,6 +88,32 @@ def test_straight_through_gradient():
     torch.testing.assert_close(x.grad, torch.ones_like(x))
 
 
+def test_rotation_trick_keeps_the_forward_and_rotates_the_gradient():
+    q, x = trained()
+    x = x[:10].clone().double()
+    rot = ResidualQuantizer(8, 64, 4, gradient_estimator="rotation")
+    rot.load_state_dict(q.state_dict())
+    rot.eval()
+    z = x.clone().requires_grad_(True)
+    out = rot(z)
+    zhat = q.decode_codes(q.quantize(x)[0]).double()  # Ẑ, the reconstruction
+    torch.testing.assert_close(out.quantized, zhat, rtol=0, atol=1e-6)  # forward unchanged
+    assert torch.equal(out.codes, q(x).codes)
+    g = torch.randn(10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out.quantized.backward(g)
+    for i in range(10):  # dL/dz = (λR)ᵀ g, with R built as the paper writes it
+        e, qv = x[i], zhat[i]
+        u, qh = e / e.norm(), qv / qv.norm()
+        r = (u + qh) / (u + qh).norm()
+        R = torch.eye(8, dtype=torch.float64) - 2 * torch.outer(r, r) + 2 * torch.outer(qh, u)
+        torch.testing.assert_close(R @ e * (qv.norm() / e.norm()), qv)  # λR carries z onto Ẑ
+        want = (qv.norm() / e.norm()) * R.T @ g[i]
+        torch.testing.assert_close(z.grad[i], want, rtol=1e-4, atol=1e-5)  # fp32 inside
+    assert not torch.allclose(z.grad, g)  # not the straight-through gradient
+    with pytest.raises(ValueError, match="use ste or rotation"):
+        ResidualQuantizer(8, 64, 4, gradient_estimator="gumbel")
+
+
 def test_soft_labels_tau_to_zero_equal_argmin():
     q, x = trained(depth=4)
     codes, residuals = q.quantize(x[:200])

@@ -128,6 +128,7 @@ _AUTOENCODER = {
     "decay": unit(open_low=True),
     "commitment_weight": non_negative(),
     "restart_unused_codes": FLAG,
+    "gradient_estimator": Rule("choice", choices=("ste", "rotation")),
 }
 
 _TRAINING = {  # what both stages' training configs share

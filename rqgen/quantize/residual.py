@@ -43,6 +43,30 @@ class QuantizerOutput:
     commitment_loss: Tensor  # β · Σ_d ||z - sg[Ẑ(d)]||² (Eq. 7), a scalar
 
 
+def straight_through(z: Tensor, zhat: Tensor) -> Tensor:
+    """Ẑ in the forward pass; the gradient reaches z unchanged (VQ-VAE's estimator)."""
+    return z + (zhat - z).detach()
+
+
+def rotation_trick(z: Tensor, zhat: Tensor, eps: float = 1e-6) -> Tensor:
+    """Ẑ in the forward pass; in the backward pass the gradient reaches each vector z through
+    the fixed rotation and rescaling that carries z onto Ẑ (Fifty et al., ICLR 2025, Eq. 4):
+    q̃ = sg[λR] z with λ = ‖Ẑ‖/‖z‖, R = I − 2 r rᵀ + 2 q̂ ẑᵀ, ẑ = z/‖z‖, q̂ = Ẑ/‖Ẑ‖,
+    r = (ẑ + q̂)/‖ẑ + q̂‖. R is applied as two rank-one updates, never built."""
+    with torch.no_grad():
+        nz, nq = z.norm(dim=-1, keepdim=True), zhat.norm(dim=-1, keepdim=True)
+        u, q = z / nz.clamp_min(eps), zhat / nq.clamp_min(eps)
+        r = u + q
+        r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
+        scale = nq / nz.clamp_min(eps)
+    rotated = z - 2 * r * (r * z).sum(-1, keepdim=True) + 2 * q * (u * z).sum(-1, keepdim=True)
+    rotated = scale * rotated
+    return rotated + (zhat - rotated).detach()  # the forward value stays Ẑ
+
+
+ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
+
+
 class ResidualQuantizer(nn.Module):
     """Residual vector quantizer with EMA codebook(s) and dead-code restarts.
 
@@ -64,10 +88,14 @@ class ResidualQuantizer(nn.Module):
         init_from_data: bool = True,
         max_distance_elements: int = 1 << 19,
         min_rows: int = 256,
+        gradient_estimator: str = "ste",
     ) -> None:
         super().__init__()
         if depth < 1 or codebook_size < 2 or dim < 1:
             raise ValueError(f"need depth >= 1, codebook_size >= 2, dim >= 1; got {depth=}")
+        if gradient_estimator not in ESTIMATORS:
+            raise ValueError(f"gradient_estimator={gradient_estimator!r}: use ste or rotation")
+        self.gradient_estimator = gradient_estimator
         self.dim, self.codebook_size, self.depth = dim, codebook_size, depth
         self.shared_codebook = shared_codebook
         self.decay, self.eps = decay, eps
@@ -176,7 +204,7 @@ class ResidualQuantizer(nn.Module):
                     for d in range(self.depth)
                 )
             zhat = partials[-1]
-            quantized = zf + (zhat - zf).detach()  # straight-through estimator
+            quantized = ESTIMATORS[self.gradient_estimator](zf, zhat)
             if self.training and not self.frozen:
                 with torch.no_grad():
                     self._ema_update(residuals, codes, w)

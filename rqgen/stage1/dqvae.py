@@ -48,6 +48,9 @@ class DQVAEConfig:
     decay: float = 0.99
     commitment_weight: float = 0.25
     restart_unused_codes: bool = True
+    # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
+    # (the rotation trick, Fifty et al. 2025); the forward pass is the same
+    gradient_estimator: str = "ste"
     router: str = "entropy"  # entropy | learned
     fine_fraction: float = 0.5  # r: target share of regions that get fine codes
     budget_weight: float = 10.0  # γ of the learned router's budget loss
@@ -184,6 +187,7 @@ class DQVAE(nn.Module, Pretrained):
             decay=c.decay,
             commitment_weight=c.commitment_weight,
             restart_unused_codes=c.restart_unused_codes,
+            gradient_estimator=c.gradient_estimator,
         )
         self.position = PositionEncoding2D(c.fine_size, c.z_channels)
         self.decoder = Decoder(

@@ -35,6 +35,9 @@ class RQVAEConfig:
     decay: float = 0.99
     commitment_weight: float = 0.25  # β
     restart_unused_codes: bool = True
+    # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
+    # (the rotation trick, Fifty et al. 2025); the forward pass is the same
+    gradient_estimator: str = "ste"
     # GroupNorm groups: 0 keeps >= 4 channels per group in narrow layers (gcd(32, C/4)), which
     # is 32 at official widths; converted official models set 32 everywhere, as VQGAN does.
     norm_groups: int = 0
@@ -128,6 +131,7 @@ class RQVAE(nn.Module, Pretrained):
             decay=c.decay,
             commitment_weight=c.commitment_weight,
             restart_unused_codes=c.restart_unused_codes,
+            gradient_estimator=c.gradient_estimator,
         )
         if c.zero_init_residual:
             zero_init_residual_branches(self)
