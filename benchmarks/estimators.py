@@ -1,0 +1,62 @@
+"""Straight-through vs the rotation trick (model.gradient_estimator) for tiny32 on the photos.
+
+Trains each estimator at equal steps and seeds with the real CLI (the rate-distortion
+study's runner: `rqgen train-vae`, then `rqgen eval-vae` on the held-out crops) and reports
+PSNR, codebook usage and perplexity with 95% intervals over seeds, and the paired difference.
+
+    python benchmarks/estimators.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
+
+Results: benchmarks/results/estimators.md. Reruns resume from benchmarks/work/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+from rate_distortion import cell, parse_args, train_all  # noqa: E402
+
+VARIANTS = {
+    "straight-through (ste)": ["model.gradient_estimator=ste"],
+    "rotation trick": ["model.gradient_estimator=rotation"],
+}
+
+
+def main() -> None:
+    args = parse_args(__doc__, 150, "benchmarks/work/estimators")
+    seeds = args.seeds or [args.seed]
+    results = train_all({k: ("tiny32", v) for k, v in VARIANTS.items()}, args, seeds)
+    by = {(r["variant"], r["seed"]): r for r in results}
+    rows = [
+        "| estimator | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(4), seed 0 | codebook usage "
+        "| perplexity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        rs = [by[name, s] for s in seeds]
+        rows.append(
+            f"| {name} | {cell([r['psnr'] for r in rs])} | {cell([r['ssim'] for r in rs], 3)} | "
+            + ", ".join(f"{p:.2f}" for p in rs[0]["per_depth_psnr"])
+            + f" | {cell([100 * r['codebook_usage'] for r in rs], 0)}% "
+            f"| {cell([r['perplexity'] for r in rs], 0)} |"
+        )
+    a, b = VARIANTS
+    diffs = [by[b, s]["psnr"] - by[a, s]["psnr"] for s in seeds]
+    body = "\n".join([
+        f"tiny32 (8×8×4, K = 512, the preset's recipe) on the bundled photos, {args.steps} steps "
+        f"at batch 64, seeds {', '.join(map(str, seeds))}, scored on the "
+        f"{results[0]['n_images']} fixed crops of the held-out photos; means ± half-width of "
+        "the 95% Student-t interval over seeds.",
+        "",
+        *rows,
+        "",
+        f"Rotation − straight-through, PSNR (same seed): {cell(diffs)} dB "
+        f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}).",
+    ])  # fmt: skip
+    write_results("estimators", body, {"runs": results})
+
+
+if __name__ == "__main__":
+    main()
