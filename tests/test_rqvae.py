@@ -201,3 +201,23 @@ def test_patch_shortcut_is_learned_where_patches_exceed_the_code_vector():
     for p in (vae.patch_shortcut.down.weight, vae.patch_shortcut.up.weight,
               vae.encoder.conv_in.weight, vae.decoder.conv_out.weight):  # fmt: skip
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_quantizer_dropout_decodes_each_image_from_its_own_prefix():
+    torch.manual_seed(0)
+    vae = RQVAE(small_config(quantize_dropout=True)).train()
+    vae.quantizer.frozen = True  # no codebook update: the codes below decode as in forward
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    vae(x)  # the first training forward initialises the codebook from the data
+    torch.manual_seed(1)
+    out = vae(x)
+    torch.manual_seed(1)
+    depths = torch.randint(1, 5, (8,))  # what the forward drew
+    assert len(set(depths.tolist())) > 1
+    with torch.no_grad():
+        for b, d in enumerate(depths.tolist()):
+            want = vae.decode_codes(out.codes[b : b + 1], d)
+            torch.testing.assert_close(out.reconstruction[b : b + 1], want, atol=1e-5, rtol=1e-5)
+        vae.eval()
+        full = vae(x)  # evaluation: the whole stack, whatever the setting
+        torch.testing.assert_close(full.reconstruction, vae.decode_codes(full.codes))

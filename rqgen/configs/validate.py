@@ -157,6 +157,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "norm_groups": count(0),
         "zero_init_residual": FLAG,
         "patch_shortcut": FLAG,
+        "quantize_dropout": FLAG,
     },
     "DQVAEConfig": _AUTOENCODER
     | {

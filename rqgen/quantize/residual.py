@@ -175,12 +175,17 @@ class ResidualQuantizer(nn.Module):
         return torch.stack(codes, -1), torch.stack(partials), torch.stack(residuals)
 
     # ---------------------------------------------------------------------- forward
-    def forward(self, z: Tensor, weights: Tensor | None = None) -> QuantizerOutput:
+    def forward(
+        self, z: Tensor, weights: Tensor | None = None, depths: Tensor | None = None
+    ) -> QuantizerOutput:
         """Quantize z (..., dim). In training mode also updates the codebook (once).
 
         `weights` (..., broadcastable to z's leading shape) weigh each vector in the
         commitment loss and in the EMA statistics: DQ-VAE gives each of the four fine-grid
-        copies of a coarse code 1/4, so every region counts once."""
+        copies of a coarse code 1/4, so every region counts once. `depths` (1..D,
+        broadcastable to the leading shape) ends each vector's stack early: its quantized
+        output is the partial sum Ẑ(d) (quantizer dropout); codes, commitment and the
+        codebook update still see every depth."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"expected last dim {self.dim}, got shape {tuple(z.shape)}")
         lead = z.shape[:-1]
@@ -204,6 +209,9 @@ class ResidualQuantizer(nn.Module):
                     for d in range(self.depth)
                 )
             zhat = partials[-1]
+            if depths is not None:  # Ẑ(d) of each vector's own depth d
+                d = depths.to(device=zf.device, dtype=torch.long).expand(lead).reshape(1, -1, 1)
+                zhat = partials.gather(0, (d - 1).expand(1, -1, self.dim))[0]
             quantized = ESTIMATORS[self.gradient_estimator](zf, zhat)
             if self.training and not self.frozen:
                 with torch.no_grad():

@@ -35,6 +35,9 @@ class RQVAEConfig:
     decay: float = 0.99
     commitment_weight: float = 0.25  # β
     restart_unused_codes: bool = True
+    # quantizer dropout (SoundStream): in training each image's code stack ends at a random
+    # depth 1..D, so that every prefix Ẑ(d) decodes well and one tokenizer serves every rate
+    quantize_dropout: bool = False
     # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
     # (the rotation trick, Fifty et al. 2025); the forward pass is the same
     gradient_estimator: str = "ste"
@@ -175,7 +178,10 @@ class RQVAE(nn.Module, Pretrained):
         return self.decode(self.quantizer.decode_codes(codes, depth))
 
     def forward(self, x: Tensor) -> RQVAEOutput:
-        q = self.quantizer(self.encode(x))
+        depths = None
+        if self.training and self.config.quantize_dropout:  # each image its own prefix depth
+            depths = torch.randint(1, self.config.code_depth + 1, (len(x), 1, 1), device=x.device)
+        q = self.quantizer(self.encode(x), depths=depths)
         return RQVAEOutput(self.decode(q.quantized), q.codes, q.commitment_loss)
 
     @property
