@@ -8,13 +8,13 @@ TORCH  ?= torch==2.13.0
 
 # The CPU wheel of torch is installed first and pinned, so that no later requirement can pull
 # a multi-GB CUDA build. GPU users: install your CUDA torch into .venv first, then `make`.
+# pytorch-fid (the tests check FID against its own function) comes without its dependencies:
+# its torchvision would pull a CUDA torch, and the function needs none of it.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# the tests check FID against pytorch-fid's own function; its torchvision dependency
-	# would pull a CUDA torch, and the function needs none of it
 	$(PY) -m pip install -q --no-deps pytorch-fid==0.3.0
 	touch $(STAMP)
 
