@@ -364,7 +364,8 @@ def _class_id(label: int | str | None, classes: Sequence[str], num_classes: int)
         return num_classes
     if isinstance(label, str) and label in classes:
         return classes.index(label)
-    names = ", ".join(f"{i}={name}" for i, name in enumerate(classes)) or "none recorded"
+    names = ", ".join(f"{i}={name}" for i, name in enumerate(classes[:10])) or "none recorded"
+    names += f", ... ({len(classes)} in all)" if len(classes) > 10 else ""
     if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):
         i = int(label)
         if 0 <= i < num_classes:

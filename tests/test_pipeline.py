@@ -76,3 +76,11 @@ def test_diffusers_names_give_the_same_images_in_every_output_type(class_ar):
     ):
         with pytest.raises(ConfigError, match=match):
             pipe(class_labels=[3], **bad)
+
+
+def test_a_class_error_names_ten_classes_at_most():
+    from rqgen.pipeline import _class_id
+
+    with pytest.raises(ConfigError) as e:
+        _class_id(1000, [f"synset{i}" for i in range(1000)], 1000)
+    assert "9=synset9, ... (1000 in all)" in str(e.value) and len(str(e.value)) < 300

@@ -60,7 +60,8 @@ def test_bad_class_long_prompt_and_wrong_vae_are_clear(vae, class_ar, tmp_path):
     p = rqgen("sample", "--model", ar, "--n", 2, "--class", "12", "--out", tmp_path / "x.png",
               check=False)  # fmt: skip
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
-        "rqgen: error: class id 12 is out of range: this model knows 0..9"
+        "rqgen: error: class 12 is not one of this model's 10 classes (ids 0..9: 0=0, 1=1, 2=2, "
+        "3=3, 4=4, 5=5, 6=6, 7=7, 8=8, 9=9); unconditional samples: class none"
     )
     other = tmp_path / "other_vae"
     rqgen("train-vae", "--data", "bundled:digits", "--out", other, "--steps", 1, "--device", "cpu",
