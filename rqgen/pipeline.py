@@ -353,17 +353,14 @@ def _each(class_labels, prompt, per: int):
     return None, None, per
 
 
-NULL_LABELS = (None, "none")  # a class model's unconditional samples, asked for by name
-
-
 def _class_id(label: int | str | None, classes: Sequence[str], num_classes: int) -> int:
     """A class label -> its id; `None` / "none" -> the null class (unconditional samples
     from a class-conditional model, asked for explicitly). An id past the last class is an
     error, not the null class it happens to index."""
-    if label in NULL_LABELS or (isinstance(label, str) and label.lower() == "none"):
-        return num_classes
-    if isinstance(label, str) and label in classes:
+    if isinstance(label, str) and label in classes:  # a class named "none" is that class
         return classes.index(label)
+    if label is None or (isinstance(label, str) and label.lower() == "none"):
+        return num_classes
     names = ", ".join(f"{i}={name}" for i, name in enumerate(classes[:10])) or "none recorded"
     names += f", ... ({len(classes)} in all)" if len(classes) > 10 else ""
     if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):

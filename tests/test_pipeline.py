@@ -84,3 +84,5 @@ def test_a_class_error_names_ten_classes_at_most():
     with pytest.raises(ConfigError) as e:
         _class_id(1000, [f"synset{i}" for i in range(1000)], 1000)
     assert "9=synset9, ... (1000 in all)" in str(e.value) and len(str(e.value)) < 300
+    assert _class_id("none", ["cat", "none"], 2) == 1  # a class named "none" is that class
+    assert _class_id("None", ["cat", "dog"], 2) == 2 and _class_id(None, ["cat", "dog"], 2) == 2

@@ -16,13 +16,12 @@ from tqdm import tqdm
 
 from rqgen.cli.common import POSITIVE_INT, add_device, number
 from rqgen.data import build_dataset
-from rqgen.data.folder import ImageFolder
 from rqgen.data.shards import is_shards
 from rqgen.distributed import Runtime, gather_objects, init_runtime, meet_after, shutdown_runtime
 from rqgen.errors import ConfigError, DataError
 from rqgen.evaluate.adm import AdmBatch, from_uint8_nhwc, is_adm_batch, read_batch
 from rqgen.evaluate.generation import build_evaluator, check_digits_like
-from rqgen.evaluate.protocol import PROTOCOLS, ResizedFiles
+from rqgen.evaluate.protocol import PROTOCOLS, through_chain
 from rqgen.evaluate.stats import FeatureStats, merge_shares, share_stats
 from rqgen.utils.device import resolve_device
 from rqgen.utils.files import check_output_file
@@ -54,10 +53,9 @@ def eval_images(src: str, resolution: int, split: str, chain: str):
             "data or bundled:NAME, not from tar shards yet (unpack a sample of "
             "them)"
         )
-    data = build_dataset(src, resolution, split=split, labels=False)
-    if chain != "loader" and isinstance(data, ImageFolder):
-        return ResizedFiles(data.paths, resolution, chain), chain
-    return data, "loader"
+    return through_chain(
+        build_dataset(src, resolution, split=split, labels=False), resolution, chain
+    )
 
 
 def data_share(src: str, resolution: int, rt, args, split: str = "val", digits=False):

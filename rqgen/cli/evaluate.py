@@ -17,11 +17,11 @@ from rqgen.cli.common import (
     device_for,
 )
 from rqgen.data import build_dataset, load_image
-from rqgen.data.folder import DECODE_ERRORS, ImageFolder
+from rqgen.data.folder import DECODE_ERRORS
 from rqgen.errors import CheckpointError, ConfigError, DataError, RqgenError
 from rqgen.evaluate.adm import write_batch
 from rqgen.evaluate.generation import build_evaluator
-from rqgen.evaluate.protocol import RESIZE_WORDS, ResizedFiles
+from rqgen.evaluate.protocol import RESIZE_WORDS, through_chain
 from rqgen.evaluate.stats import save_features
 from rqgen.evaluate.vae import evaluate_vae, write_reconstructions
 from rqgen.stage1 import load_vae
@@ -91,12 +91,9 @@ def cmd_eval_vae(args) -> int:
             check_output_file(Path(path))  # before the evaluation, not after it
     vae = load_vae(args.vae)
     device = device_for(args.device)
-    res, chain = vae.config.resolution, VAE_CHAINS[args.protocol]
+    res = vae.config.resolution
     data = build_dataset(args.data, res, split="val")
-    if chain != "loader" and isinstance(data, ImageFolder):
-        data = ResizedFiles(data.paths, res, chain)
-    else:
-        chain = "loader"  # bundled and prepared sources are squares already
+    data, chain = through_chain(data, res, VAE_CHAINS[args.protocol])
     evaluator = None  # evaluate_vae tries Inception itself, and says why not in the JSON
     if args.features == "digits" or args.save_features:  # features to save: fail now if none
         evaluator = build_evaluator(args.features, device)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from rqgen.data.folder import DECODE_ERRORS, open_image
+from rqgen.data.folder import DECODE_ERRORS, ImageFolder, open_image
 from rqgen.errors import DataError
 from rqgen.evaluate.adm import RESIZE_CHAINS, from_uint8_nhwc
 from rqgen.evaluate.manifold import NEIGHBOURS, precision_recall
@@ -102,6 +102,15 @@ class ResizedFiles(Dataset):
                 f"{self.paths[i]} cannot be read ({e}): remove it from the evaluation set"
             ) from e
         return from_uint8_nhwc(np.ascontiguousarray(arr)[None])[0], 0
+
+
+def through_chain(data: Dataset, resolution: int, chain: str) -> tuple[Dataset, str]:
+    """A dataset as a protocol reads it, and the chain it went through: an image folder's
+    files through the resize chain; any other source (bundled, prepared) as its loader gives
+    it, since its images are squares already."""
+    if chain != "loader" and isinstance(data, ImageFolder):
+        return ResizedFiles(data.paths, resolution, chain), chain
+    return data, "loader"
 
 
 def scores(

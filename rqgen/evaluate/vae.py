@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from rqgen.errors import CheckpointError, DataError, RqgenError
+from rqgen.errors import DataError, RqgenError
 from rqgen.evaluate.generation import Evaluator, build_evaluator
 from rqgen.evaluate.recon import SSIM_WORDS, CodeStats, psnr, ssim
 from rqgen.evaluate.stats import StatsAccumulator, frechet_distance
@@ -102,7 +102,7 @@ def evaluate_vae(
     if rfid and evaluator is None:
         try:
             evaluator = build_evaluator("inception", device)
-        except (CheckpointError, RqgenError) as e:
+        except RqgenError as e:  # the weights or torch-fidelity missing
             fid_note = str(e)
     keep = None if keep_features else 0
     real, recon = StatsAccumulator(keep), StatsAccumulator(keep)

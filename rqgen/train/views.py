@@ -29,8 +29,9 @@ VIEW_BUDGET, MAX_VIEWS = 8192, 64
 
 
 def choose_crops(dataset: Dataset) -> int:
-    """Views per image for train.feature_crops=0: random views for image folders (prepared
-    or not) with fewer than VIEW_BUDGET / 2 images, else the centre crop. Bundled sets and
+    """Views per image for train.feature_crops=0: for image folders (prepared or not)
+    min(MAX_VIEWS, VIEW_BUDGET // images), so more than 4,096 images keep the centre crop
+    and counts of 2 and 10 are the centre + mirror and ten-crop policies. Bundled sets and
     tar shards keep the centre: their sources already vary (or are too big to multiply)."""
     return views_for(len(dataset)) if isinstance(dataset, (ImageFolder, PreparedImages)) else 1
 
