@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from rqgen.configs.stage2 import ARModelConfig, ar_transformer_config
-from rqgen.errors import CheckpointError
+from rqgen.errors import CheckpointError, ConfigError
 from rqgen.stage1.dqvae import DQVAE, DQVAEConfig
 from rqgen.stage1.rqvae import RQVAE, RQVAEConfig
 from rqgen.stage2.dq_sampling import sample_dq_codes
@@ -44,9 +44,18 @@ class Family:
         """The model_type of the VAE and of the transformer."""
         return self.vae.model_type, self.transformer.model_type
 
-    def code_depth(self, vae) -> int:
-        """Codes per position a soft target covers (1: one code per token)."""
-        return vae.quantizer.depth if self.residual else 1
+    def code_depth(self, vae, m: ARModelConfig | None = None) -> int:
+        """Codes per position the transformer models (1: one code per token): all D of the
+        tokenizer's, or the prefix `m.code_depth` asks for."""
+        full = vae.quantizer.depth if self.residual else 1
+        d = m.code_depth if m is not None and m.code_depth else full
+        if d > full:
+            what = f"{full} codes per position" if self.residual else "one code per token"
+            raise ConfigError(
+                f"model.code_depth={d}, but the {self.name}-VAE has {what}: choose "
+                f"model.code_depth in 1..{full} (0 for all)"
+            )
+        return d
 
     def conditioning(self, config) -> str:
         """class | text | none, from a transformer config."""
@@ -66,19 +75,20 @@ class Family:
                 dropout=m.dropout,
                 num_classes=num_classes,
             )
-        q, text = vae.quantizer, m.conditioning == "text"
+        q, text, d = vae.quantizer, m.conditioning == "text", self.code_depth(vae, m)
+        table = q.code_table() if q.shared_table else q.code_table()[:d]
         config = ar_transformer_config(
             m,
             q.codebook_size,
-            vae.config.code_shape,
+            [*vae.config.code_shape[:2], d],
             q.dim,
             num_classes,
             tokenizer.vocab_size if text else 0,
-            shared_codebook=q.shared_codebook,
+            shared_codebook=q.shared_table,
             vae_fingerprint=codebook_fingerprint(q.codebook),
             text_pad_id=tokenizer.pad_id if text else 0,
         )
-        return RQTransformer(config, q.codebook)
+        return RQTransformer(config, table)
 
     def sample(self, model, cond: Tensor, sampling: SamplingConfig, generator) -> Tensor:
         """Code maps for conditions `cond`: (B, H, W, D), or packed DQ maps (B, 2Hc, 2Hc, 2)."""

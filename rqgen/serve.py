@@ -26,7 +26,7 @@ def coarse_to_fine(pipe: RQPipeline, codes: torch.Tensor) -> Image.Image | None:
     if not pipe.family.residual:
         return None
     codes = codes[:1].to(next(vae.parameters()).device)
-    depths = range(1, vae.config.code_depth + 1)
+    depths = range(1, codes.shape[-1] + 1)  # the transformer may model a prefix of D
     with torch.no_grad():
         steps = [vae.decode_codes(codes, d).clamp(-1, 1).cpu() for d in depths]
     labels = [f"depth 1-{d}" if d > 1 else "depth 1" for d in depths]

@@ -275,3 +275,63 @@ def test_bf16_autocast_search_stays_fp32():
 def test_rejects_wrong_dim():
     with pytest.raises(ValueError, match="last dim"):
         ResidualQuantizer(8, 16, 2)(torch.randn(3, 7))
+
+
+def test_depth_scale_is_separate_codebooks_of_scaled_codes():
+    """A shared codebook c with per-depth scales s_d quantizes exactly like D separate
+    codebooks s_d·c: the same argmin codes, residuals, Q_τ (τ keeps its meaning) and draws."""
+    q, x = trained(depth=3, depth_scale=True)
+    table = q.code_table()
+    assert table.shape == (3, 64, 8) and not q.shared_table
+    for d in range(3):
+        torch.testing.assert_close(table[d], q.scale[d] * q.codebook[0])
+    ref = ResidualQuantizer(8, 64, 3, shared_codebook=False).eval()
+    ref.codebook.copy_(table)
+    codes, res = q.quantize(x[:256])
+    ref_codes, ref_res = ref.quantize(x[:256])
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(res, ref_res)
+    torch.testing.assert_close(q.decode_codes(codes), ref.decode_codes(codes))
+    torch.testing.assert_close(q(x[:256]).quantized, q.decode_codes(codes))
+    for d in range(3):
+        a, b = q.soft_labels(res[:, d], d, 0.5), ref.soft_labels(res[:, d], d, 0.5)
+        torch.testing.assert_close(a, b)
+    a, _ = q.quantize(x[:256], 0.5, torch.Generator().manual_seed(1))
+    b, _ = ref.quantize(x[:256], 0.5, torch.Generator().manual_seed(1))
+    assert (a == b).float().mean() > 0.99 and not torch.equal(a, codes)  # rounding may flip a tie
+
+
+def test_depth_scale_tracks_the_residual_norm_and_spreads_the_codes():
+    """s_d follows the mean norm of r_{d-1}; on features whose residuals shrink with depth the
+    deeper depths of a scaled shared codebook pick from more codes than unscaled ones do."""
+    x, _ = clustered(n_clusters=64, per=32, spread=0.3)
+    used, mse = {}, {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        q = ResidualQuantizer(8, 64, 4, depth_scale=scaled, decay=0.9).train()
+        for _ in range(60):
+            q(x)
+        codes, res = q.eval().quantize(x)
+        used[scaled] = [codes[:, d].unique().numel() for d in range(4)]
+        mse[scaled] = float((x - q.decode_codes(codes)).pow(2).mean())
+    norms = res.norm(dim=-1).mean(0)
+    torch.testing.assert_close(q.scale, norms, rtol=0.1, atol=0)
+    assert norms[3] < norms[0] / 4  # the scales the test is about
+    assert sum(used[True][1:]) > sum(used[False][1:]) and mse[True] < mse[False], (used, mse)
+
+
+def test_depth_scale_is_saved_only_where_it_is_used():
+    assert "scale" not in ResidualQuantizer(8, 16, 2).state_dict()  # old checkpoints load
+    q, _ = trained(depth=2, K=16, depth_scale=True)
+    fresh = ResidualQuantizer(8, 16, 2, depth_scale=True)
+    fresh.load_state_dict(q.state_dict())
+    torch.testing.assert_close(fresh.scale, q.scale)
+    assert not torch.allclose(q.scale, torch.ones(2))
+
+
+def test_quantize_a_prefix_only():
+    q, x = trained(depth=4)
+    codes, res = q.quantize(x[:64])
+    short, short_res = q.quantize(x[:64], depth=2)
+    assert torch.equal(short, codes[:, :2])
+    torch.testing.assert_close(short_res, res[:, :2])

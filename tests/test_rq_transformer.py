@@ -341,3 +341,26 @@ def test_checkpoints_and_train_states_with_the_former_module_names_load(tmp_path
     assert moved and all(
         torch.equal(opt.state[p[k]]["exp_avg"], fresh_opt.state[q[k]]["exp_avg"]) for k in moved
     )
+
+
+def test_a_transformer_over_a_scaled_prefix_embeds_the_tokenizers_own_vectors():
+    """Built for the first 2 of 4 depths of an RQ-VAE with per-depth scales, the transformer
+    embeds each code as the VAE's quantizer adds it (s_d·c(k)), and pairs with that VAE."""
+    from test_rqvae import small_config
+
+    from rqgen.configs.stage2 import ARModelConfig
+    from rqgen.family import RQ
+    from rqgen.stage1.rqvae import RQVAE
+
+    torch.manual_seed(0)
+    vae = RQVAE(small_config(depth_scale=True)).train()
+    vae(torch.rand(4, 3, 32, 32) * 2 - 1)  # initialises codebook and scales
+    vae.eval()
+    m = RQ.build(ARModelConfig(width=32, heads=2, spatial_layers=1, depth_layers=1, code_depth=2),
+                 vae, num_classes=0)  # fmt: skip
+    assert m.config.code_shape == [8, 8, 2] and m.codebook.shape == (2, 32, 16)
+    codes = vae.encode_to_codes(torch.rand(2, 3, 32, 32) * 2 - 1)
+    torch.testing.assert_close(m.code_vectors(codes[..., :2]), vae.quantizer.embed(codes[..., :2]))
+    m.check_vae(vae)  # a prefix of the VAE's stacks pairs with it
+    with pytest.raises(ConfigError, match="code_depth=5"):
+        RQ.build(ARModelConfig(code_depth=5), vae, num_classes=0)

@@ -202,3 +202,28 @@ def test_a_folder_without_classes_trains_an_unconditional_model_and_resumes(vae,
     again = rqgen("train-ar", "--vae", vae, "--data", walls, "--out", tmp_path / "ar", "--steps",
                   4, "--device", "cpu", *AR_TINY)  # fmt: skip
     assert "resuming at step" in again.stdout  # the same decision: the run continues
+
+
+def test_a_prefix_of_the_tokenizers_depth_trains_and_samples(vae, tmp_path):
+    """model.code_depth=2 on a depth-4 tokenizer: the transformer models the first two codes
+    of each stack and its samples decode from Ẑ(2); a depth the tokenizer lacks is refused."""
+    import torch
+
+    from rqgen.stage1 import load_vae
+
+    ar = tmp_path / "ar"
+    train_ar(vae, ar, 4, "model.code_depth=2")
+    assert json.loads((ar / "config.json").read_text())["config"]["code_shape"] == [8, 8, 2]
+    rqgen("sample", "--model", ar, "--n", 3, "--device", "cpu", "--out", tmp_path / "s",
+          "--save-codes", tmp_path / "codes.npy")  # fmt: skip
+    codes = torch.from_numpy(np.load(tmp_path / "codes.npy"))
+    assert codes.shape == (3, 8, 8, 2)
+    pixels = load_vae(vae).decode_codes(codes).clamp(-1, 1)  # Ẑ(2)
+    png = np.asarray(Image.open(sorted((tmp_path / "s").glob("00000_*.png"))[0]))[::4, ::4]
+    expected = ((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    assert np.abs(png.astype(int) - expected.astype(int)).max() <= 1
+    p = train_ar(vae, tmp_path / "bad", 1, "model.code_depth=5", check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "rqgen: error: model.code_depth=5, but the RQ-VAE has 4 codes per position: choose "
+        "model.code_depth in 1..4 (0 for all)"
+    )

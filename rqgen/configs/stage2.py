@@ -18,6 +18,9 @@ class ARModelConfig:
     depth_heads: int = 0  # heads of the depth transformer; 0: the same as `heads`
     spatial_layers: int = 8
     depth_layers: int = 4  # 0 with a 16×16×1 VQ: the flat VQ-GAN-style baseline
+    # codes per position the transformer models: the first d ≤ D of the tokenizer's stacks
+    # (images then decode from Ẑ(d)); 0: all D. One tokenizer serves every rate.
+    code_depth: int = 0
     position_layers: int = 2  # DQ-Transformer (with a DQ-VAE): position transformer
     content_layers: int = 6  # DQ-Transformer: content transformer
     dropout: float = 0.1

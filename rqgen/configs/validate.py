@@ -158,6 +158,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "zero_init_residual": FLAG,
         "patch_shortcut": FLAG,
         "quantize_dropout": FLAG,
+        "depth_scale": FLAG,
     },
     "DQVAEConfig": _AUTOENCODER
     | {
@@ -189,6 +190,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "depth_heads": count(0),
         "spatial_layers": count(),
         "depth_layers": count(0),
+        "code_depth": count(0),
         "position_layers": count(),
         "content_layers": count(),
         "dropout": unit(),

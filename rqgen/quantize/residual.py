@@ -18,6 +18,11 @@ Design choices, and why:
 - Under torch.distributed the statistics are summed over ranks with one all-reduce and the
   random choices (data init, restarts) are made on rank 0 and broadcast, so every rank holds
   the same codebook after every step, equal to a single process on the global batch.
+- `depth_scale=True` (not in the paper): the residual entering depth d is divided by a
+  per-depth scale s_d before the lookup and the code multiplied back, e(k_d) = s_d·c(k_d),
+  s_d an EMA of the mean norm of r_{d-1}. Residuals shrink with depth, so without it most of
+  a shared codebook sits at the depth-1 scale and the deeper depths choose among a few small
+  codes. `code_table()` gives the per-depth vectors s_d·c(k) that stage 2 embeds.
 - The nearest-code search runs in fp32 even under bf16 autocast (distances between nearby
   codes underflow bf16's 8-bit mantissa) and is chunked over rows so that N×K distances are
   never materialised at once (K = 16384 with millions of vectors would need tens of GB).
@@ -89,6 +94,7 @@ class ResidualQuantizer(nn.Module):
         max_distance_elements: int = 1 << 19,
         min_rows: int = 256,
         gradient_estimator: str = "ste",
+        depth_scale: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1 or codebook_size < 2 or dim < 1:
@@ -111,6 +117,9 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(n, codebook_size))  # EMA of counts
         self.register_buffer("embed_sum", codebook.clone())  # EMA of assigned vector sums
         self.register_buffer("initialized", torch.tensor(not init_from_data))
+        self.depth_scale = depth_scale
+        if depth_scale:  # only then in the state dict: unscaled checkpoints keep their keys
+            self.register_buffer("scale", torch.ones(depth))
 
     _known_initialized = False  # `initialized` as last read on the host
     frozen = False  # True: the codebook stays as it is (no EMA update, no restart) in training
@@ -126,6 +135,23 @@ class ResidualQuantizer(nn.Module):
     def codebook_index(self, d: int) -> int:
         """Which codebook serves depth d (0-based)."""
         return 0 if self.shared_codebook else d
+
+    def scale_at(self, d: int) -> Tensor | float:
+        """s_d: what the residual entering depth d (0-based) is divided by for the lookup."""
+        return self.scale[d] if self.depth_scale else 1.0
+
+    def code_table(self) -> Tensor:
+        """The code vectors e(k) each depth adds, (1 or D, K, dim): the codebook itself, or
+        with `depth_scale` one scaled copy s_d·c(k) per depth (what stage 2 embeds)."""
+        if not self.depth_scale:
+            return self.codebook
+        cb = self.codebook[[self.codebook_index(d) for d in range(self.depth)]]
+        return cb * self.scale[:, None, None]
+
+    @property
+    def shared_table(self) -> bool:
+        """Whether one table of code_table() serves every depth."""
+        return self.shared_codebook and not self.depth_scale
 
     # ----------------------------------------------------------------- search (Eq. 3)
     def _search(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
@@ -148,7 +174,7 @@ class ResidualQuantizer(nn.Module):
         for s in range(0, x.shape[0], rows):
             # ||x||² is the same for every code of a row, so argmin needs only ||e||² - 2x·e.
             dist = torch.addmm(cb_sq, x[s : s + rows], cb.t(), alpha=-2.0)
-            if tau is not None and tau > 0:
+            if tau is not None:
                 # Gumbel-max: argmin(d/τ - G) is a draw from softmax(-d/τ) = Q_τ (Eq. 15),
                 # computed chunk by chunk like the argmin.
                 u = torch.rand(dist.shape, device=x.device, generator=generator)
@@ -157,16 +183,23 @@ class ResidualQuantizer(nn.Module):
         return out
 
     def _residual_quantize(
-        self, x: Tensor, tau: float | Sequence[float] | None = None, generator=None
+        self,
+        x: Tensor,
+        tau: float | Sequence[float] | None = None,
+        generator=None,
+        depth: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Eq. 3-5 on flat fp32 rows. Returns codes (N, D), partial sums Ẑ(1..D) (D, N, dim)
-        and the residuals r_0..r_{D-1} (D, N, dim) that each depth quantized."""
+        """Eq. 3-5 on flat fp32 rows, for the first `depth` depths (default D). Returns codes
+        (N, D), partial sums Ẑ(1..D) (D, N, dim) and the residuals r_0..r_{D-1} (D, N, dim)
+        that each depth quantized. With a depth scale the lookup sees r / s_d, whose distances
+        are ||r - e(k)||² / s_d²: τ is divided by s_d² so that Q_τ stays the same (Eq. 15)."""
         codes, partials, residuals = [], [], []
         r, zhat = x, torch.zeros_like(x)
-        for d in range(self.depth):
-            c = self.codebook_index(d)
-            k = self._search(r, c, _at_depth(tau, d), generator)
-            e = F.embedding(k, self.codebook[c])
+        for d in range(self.depth if depth is None else depth):
+            c, s, t = self.codebook_index(d), self.scale_at(d), _at_depth(tau, d)
+            t = None if t is None or t <= 0 else t / s**2
+            k = self._search(r / s if self.depth_scale else r, c, t, generator)
+            e = F.embedding(k, self.codebook[c]) * s
             residuals.append(r)
             codes.append(k)
             r = r - e
@@ -228,8 +261,10 @@ class ResidualQuantizer(nn.Module):
         z: Tensor,
         tau: float | Sequence[float] | None = None,
         generator: torch.Generator | None = None,
+        depth: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Codes (..., D) and the residuals r_{d-1} (..., D, dim) they were chosen from.
+        """Codes (..., D) and the residuals r_{d-1} (..., D, dim) they were chosen from; with
+        `depth`, only the first `depth` of them (a prefix costs only its own lookups).
 
         Pure: never updates the codebook. With `tau` (one value, or one per depth), each code
         is drawn from Q_τ(· | r_{d-1}) instead of taken as the argmin (stochastic sampling,
@@ -238,10 +273,10 @@ class ResidualQuantizer(nn.Module):
         lead = z.shape[:-1]
         with torch.autocast(device_type=z.device.type, enabled=False):
             codes, _, residuals = self._residual_quantize(
-                z.float().reshape(-1, self.dim), tau, generator
+                z.float().reshape(-1, self.dim), tau, generator, depth
             )
-        residuals = residuals.permute(1, 0, 2).reshape(*lead, self.depth, self.dim)
-        return codes.reshape(*lead, self.depth), residuals
+        n = codes.shape[-1]
+        return codes.reshape(*lead, n), residuals.permute(1, 0, 2).reshape(*lead, n, self.dim)
 
     @torch.no_grad()
     def quantization_error(self, z: Tensor) -> Tensor:
@@ -254,10 +289,11 @@ class ResidualQuantizer(nn.Module):
     # ------------------------------------------------------------ codes -> vectors
     def embed(self, codes: Tensor) -> Tensor:
         """Per-depth code vectors e(k_d): (..., D') -> (..., D', dim), for any D' ≤ D."""
-        if self.shared_codebook:
+        if self.shared_table:
             return F.embedding(codes, self.codebook[0])
+        table = self.code_table()
         return torch.stack(
-            [F.embedding(codes[..., d], self.codebook[d]) for d in range(codes.shape[-1])], -2
+            [F.embedding(codes[..., d], table[d]) for d in range(codes.shape[-1])], -2
         )
 
     def partial_sums(self, codes: Tensor) -> Tensor:
@@ -277,7 +313,7 @@ class ResidualQuantizer(nn.Module):
         residual: (..., dim) -> probabilities (..., K). Builds the full (..., K) output, so
         call it on stage-2 sized batches, not on millions of vectors at once.
         """
-        cb = self.codebook[self.codebook_index(depth)]
+        cb = self.code_table()[0 if self.shared_table else depth]
         with torch.autocast(device_type=residual.device.type, enabled=False):
             r = residual.float()
             dist = (r.pow(2).sum(-1, keepdim=True) - 2 * r @ cb.t()) + cb.pow(2).sum(-1)
@@ -295,22 +331,34 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _init_codebook(self, z: Tensor) -> None:
-        """Data-dependent init: codebook d from random residuals r_{d-1} of the first batch."""
+        """Data-dependent init: codebook d from random residuals r_{d-1} of the first batch
+        (with a depth scale: divided by s_d, each s_d the mean norm of r_{d-1})."""
         r = z
-        for c in range(self.num_codebooks):
-            vectors = dist.random_rows(r, self.codebook_size)
-            self.codebook[c] = vectors
-            self.embed_sum[c] = vectors
-            self.cluster_size[c] = 1.0
-            if not self.shared_codebook:  # the next codebook sees this depth's residuals
-                r = r - F.embedding(self._search(r, c, None, None), self.codebook[c])
+        for d in range(self.depth if self.depth_scale else self.num_codebooks):
+            c = self.codebook_index(d)
+            if self.depth_scale:
+                self.scale[d] = _mean_norm(r).clamp_min(self.eps)
+            x = r / self.scale_at(d)
+            if d == c:  # the first depth a codebook serves: drawn from its residuals
+                vectors = dist.random_rows(x, self.codebook_size)
+                self.codebook[c] = vectors
+                self.embed_sum[c] = vectors
+                self.cluster_size[c] = 1.0
+            if d + 1 < self.depth and (self.depth_scale or not self.shared_codebook):
+                k = self._search(x, c, None, None)  # the next depth sees this one's residuals
+                r = r - F.embedding(k, self.codebook[c]) * self.scale_at(d)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def _ema_update(self, residuals: Tensor, codes: Tensor, w: Tensor | None = None) -> None:
         """One EMA step from this forward's assignments over all depths (with restarts);
-        `w` (N,) weighs each vector's contribution to counts and sums."""
+        `w` (N,) weighs each vector's contribution to counts and sums. With a depth scale
+        the codebook learns from r_{d-1} / s_d, the vectors its lookup saw, and then s_d
+        moves towards this step's mean norm of r_{d-1}."""
         n_cb, K = self.num_codebooks, self.codebook_size
+        if self.depth_scale:
+            norms = torch.stack([_mean_norm(r, w) for r in residuals])
+            residuals = residuals / self.scale[:, None, None]
         weighted = residuals if w is None else residuals * w[None, :, None]
         if w is None:
             ones = torch.ones_like(codes, dtype=torch.float)
@@ -340,6 +388,8 @@ class ResidualQuantizer(nn.Module):
 
         if self.restart_unused_codes:
             self._restart_dead_codes(residuals)
+        if self.depth_scale:
+            self.scale.mul_(self.decay).add_(norms.clamp_min(self.eps), alpha=1 - self.decay)
 
     @torch.no_grad()
     def _restart_dead_codes(self, residuals: Tensor) -> None:
@@ -360,7 +410,17 @@ class ResidualQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "shared" if self.shared_codebook else "separate"
-        return f"dim={self.dim}, K={self.codebook_size}, D={self.depth}, {kind} codebook"
+        scaled = ", scaled per depth" if self.depth_scale else ""
+        return f"dim={self.dim}, K={self.codebook_size}, D={self.depth}, {kind} codebook{scaled}"
+
+
+def _mean_norm(r: Tensor, w: Tensor | None = None) -> Tensor:
+    """Mean (or w-weighted mean) norm of the rows of r (N, dim) over all ranks."""
+    norm = r.norm(dim=-1)
+    w = torch.ones_like(norm) if w is None else w
+    sums = torch.stack([(norm * w).sum(), w.sum()])
+    dist.all_reduce_sum(sums)
+    return sums[0] / sums[1].clamp_min(1e-12)
 
 
 def _at_depth(tau: float | Sequence[float] | None, d: int) -> float | None:

@@ -41,6 +41,10 @@ class RQVAEConfig:
     # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
     # (the rotation trick, Fifty et al. 2025); the forward pass is the same
     gradient_estimator: str = "ste"
+    # the residual entering depth d divided by a per-depth scale (an EMA of its norm) before
+    # the lookup, and the code multiplied back: a shared codebook then serves every depth's
+    # scale (not in the paper; official models keep scale 1)
+    depth_scale: bool = False
     # GroupNorm groups: 0 keeps >= 4 channels per group in narrow layers (gcd(32, C/4)), which
     # is 32 at official widths; converted official models set 32 everywhere, as VQGAN does.
     norm_groups: int = 0
@@ -135,6 +139,7 @@ class RQVAE(nn.Module, Pretrained):
             commitment_weight=c.commitment_weight,
             restart_unused_codes=c.restart_unused_codes,
             gradient_estimator=c.gradient_estimator,
+            depth_scale=c.depth_scale,
         )
         if c.zero_init_residual:
             zero_init_residual_branches(self)

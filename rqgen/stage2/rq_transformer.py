@@ -240,13 +240,15 @@ class RQTransformer(nn.Module, Pretrained):
     def check_vae(self, vae) -> None:
         """One-line error when `vae` is not the RQ-VAE this transformer was trained with."""
         c, q = self.config, vae.quantizer
+        shape = list(vae.config.code_shape)
+        shape[2] = min(shape[2], c.D)  # the transformer may model a prefix of the stacks
         check_pairing(
             vae,
             "RQ-VAE",
             "K, code shape, dim",
             c.vae_fingerprint,
             (c.codebook_size, list(c.code_shape), c.embed_dim),
-            (q.codebook_size, list(vae.config.code_shape), q.dim),
+            (q.codebook_size, shape, q.dim),
         )
 
     @classmethod
@@ -257,8 +259,8 @@ class RQTransformer(nn.Module, Pretrained):
             codebook_size=q.codebook_size,
             code_shape=list(vae.config.code_shape),
             embed_dim=q.dim,
-            shared_codebook=q.shared_codebook,
+            shared_codebook=q.shared_table,
             vae_fingerprint=codebook_fingerprint(q.codebook),
             **overrides,
         )
-        return cls(config, q.codebook)
+        return cls(config, q.code_table())

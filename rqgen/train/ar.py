@@ -83,6 +83,7 @@ class ARTrainer(Trainer):
         self.vae = load_vae(vae_dir).to(self.rt.device).eval()
         self.family = family_of(self.vae)
         check_family(self.exp, self.family)
+        self.code_depth = self.family.code_depth(self.vae, self.exp.model)  # d ≤ D
         self.vae_fingerprint = codebook_fingerprint(self.vae.quantizer.codebook)
 
     def _check_resume(self) -> None:
@@ -108,7 +109,7 @@ class ARTrainer(Trainer):
             self.rt,
             captions,
             self.quiet,
-            self.family.code_depth(self.vae),
+            self.code_depth,
         )
         self.train_data, self.store = d, d.store
         self.train_set, self.val_set = d.train_set, d.val_set
@@ -217,21 +218,24 @@ class ARTrainer(Trainer):
         meet_after(self.rt, write)
 
     # ------------------------------------------------------------------ step
-    def _codes_and_targets(self, z: torch.Tensor, generator) -> tuple:
-        """Codes for this step (argmin, or drawn from Q_τ) and soft targets (Eq. 15). A DQ
-        item already is its token streams: trimmed to the longest sequence of the batch."""
+    def _codes_and_targets(self, z: torch.Tensor, generator, argmin: bool = False) -> tuple:
+        """The first d codes for this step (argmin, or drawn from Q_τ) and soft targets (Eq.
+        15); `argmin`: argmin codes only (validation). A DQ item already is its token
+        streams: trimmed to the longest sequence of the batch."""
+        d = self.code_depth
         if self.store.meta["kind"] == "codes":  # hard labels: the stored argmin codes
-            return z, None
+            return z[..., :d], None
         if self.store.meta["kind"] == "dq":  # token streams
             pad = self.model.config.vocab.content_pad
             length = int((z[:, 0] != pad).sum(1).max())
             return z[:, :, :length], None
         t, q = self.exp.train, self.vae.quantizer
-        codes, residuals = q.quantize(z, self.taus if t.stochastic_codes else None, generator)
+        taus = self.taus if t.stochastic_codes and not argmin else None
+        codes, residuals = q.quantize(z, taus, generator, depth=d)  # the first d codes only
         soft = None
-        if t.soft_labels:
+        if t.soft_labels and not argmin:
             soft = torch.stack(
-                [q.soft_labels(residuals[..., d, :], d, self.taus[d]) for d in range(q.depth)], -2
+                [q.soft_labels(residuals[..., i, :], i, self.taus[i]) for i in range(d)], -2
             )
         return codes, soft
 
@@ -298,10 +302,7 @@ class ARTrainer(Trainer):
             s = starts[min(j, len(starts) - 1)]
             z, cond = self.val_set.batch(s, s + self.micro_batch)
             z, cond = z.to(rt.device), cond.to(rt.device)
-            stored = self.store.meta["kind"] in ("codes", "dq")
-            codes = (
-                self._codes_and_targets(z, None)[0] if stored else self.vae.quantizer.quantize(z)[0]
-            )
+            codes = self._codes_and_targets(z, None, argmin=True)[0]
             with self._autocast():  # as training computes it
                 loss, _ = model.loss(codes, cond)
             if j < len(starts):
