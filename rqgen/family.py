@@ -24,6 +24,7 @@ from rqgen.stage2.dq_transformer import DQTransformer, DQTransformerConfig
 from rqgen.stage2.guidance import SamplingConfig
 from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig, codebook_fingerprint
 from rqgen.stage2.sampling import sample_codes
+from rqgen.stage2.speculative import sample_codes_speculative
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,12 @@ class Family:
 
     def sample(self, model, cond: Tensor, sampling: SamplingConfig, generator) -> Tensor:
         """Code maps for conditions `cond`: (B, H, W, D), or packed DQ maps (B, 2Hc, 2Hc, 2)."""
+        if self.residual and sampling.speculative:
+            return sample_codes_speculative(model, cond, sampling, generator)[0]
         if self.residual:
             return sample_codes(model, cond, sampling, generator)
+        if sampling.speculative:
+            raise ConfigError("--speculative is for RQ-Transformers: sample without it")
         return sample_dq_codes(model, cond, sampling, generator)
 
     def describe(self, model) -> str:

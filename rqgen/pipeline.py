@@ -130,13 +130,15 @@ class RQPipeline:
         batch_size: int = 64,
         compile: bool = False,
         seed: int | None = None,
+        speculative: int = 0,
     ) -> PipelineOutput:
         """Images for `class_labels` (ids or names; one image each, `num_images_per_prompt`
         each, or `num_images` cycled through them), a `prompt` (text models), or
         `num_images` unconditional samples. `generator`: a torch.Generator on the
         pipeline's device, or a seed (`seed` is the same); `output_type` sets what
         `.images` holds: "pil" (PIL images), "pt" ((B, 3, R, R) tensor in [0, 1]) or "np"
-        ((B, R, R, 3) float array in [0, 1])."""
+        ((B, R, R, 3) float array in [0, 1]). `speculative` = N: speculative Jacobi
+        decoding with N positions drafted per pass (RQ; the same distribution)."""
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels]
         if temperature <= 0 or guidance_scale < 0:
@@ -152,7 +154,7 @@ class RQPipeline:
                 raise ConfigError(f"num_images_per_prompt={num_images_per_prompt}: must be ≥ 1")
             class_labels, prompt, num_images = _each(class_labels, prompt, num_images_per_prompt)
         cond, names = self.conditions(class_labels, prompt, num_images)
-        sampling = SamplingConfig(temperature, top_k, top_p, guidance_scale, compile)
+        sampling = SamplingConfig(temperature, top_k, top_p, guidance_scale, compile, speculative)
         codes, pixels = self.sample(cond, sampling, self._generator(generator, seed), batch_size)
         pixels = pixels.float().cpu()
         unit = (pixels + 1) / 2

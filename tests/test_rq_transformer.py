@@ -6,7 +6,7 @@ import torch
 from rqgen.errors import ConfigError
 from rqgen.stage2.guidance import SamplingConfig, filter_logits
 from rqgen.stage2.rq_transformer import RQTransformer, RQTransformerConfig
-from rqgen.stage2.sampling import StaticDecoder, _guided_cond, _sample_cached, sample_codes
+from rqgen.stage2.sampling import StaticDecoder, _sample_cached, guided_cond, sample_codes
 
 
 def make(num_classes=3, text_vocab_size=0, K=16, shape=(3, 3, 3), depth_layers=2, **kw):
@@ -81,7 +81,7 @@ def test_cached_sampler_equals_uncached_reference(kw):
         assert torch.equal(a, b), f"cached and uncached samplers differ ({kw}, {cfg})"
         # the fixed-shape steps over static caches that --compile compiles, run eagerly
         static = torch.zeros(3, c.T, c.D, dtype=torch.long)
-        guided = _guided_cond(m, cond, cfg)
+        guided = guided_cond(m, cond, cfg)
         with torch.no_grad():
             _sample_cached(m, guided, static, cfg, torch.Generator().manual_seed(3),
                            StaticDecoder(m, len(guided), compiled=False))  # fmt: skip

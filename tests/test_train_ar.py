@@ -127,6 +127,13 @@ def test_sampling_in_bf16_and_compiled_from_the_cli(class_ar, tmp_path):
             codes[name].shape == (4, 8, 8, 4) and 0 <= codes[name].min() <= codes[name].max() < 32
         )
     assert (codes["compiled"] == codes["eager"]).all()  # fp32: compiling changes no code
+    rqgen(*args, "--speculative", 4, "--out", tmp_path / "spec.png", "--save-codes",
+          tmp_path / "spec.npy")  # fmt: skip
+    assert np.load(tmp_path / "spec.npy").shape == (4, 8, 8, 4)  # its law: tests/test_speculative
+    p = rqgen(*args, "--speculative", 4, "--compile", "--out", tmp_path / "x.png", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "rqgen: error: speculative sampling runs eagerly: drop --compile"
+    )
 
 
 def test_compiled_training_step_matches_eager(vae, tmp_path):

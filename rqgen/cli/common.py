@@ -103,6 +103,14 @@ def add_sampling(p) -> None:
         default=1.0,
         help="classifier-free guidance scale (1: off)",
     )
+    p.add_argument(
+        "--speculative",
+        type=number(int, 0),
+        default=0,
+        metavar="N",
+        help="speculative Jacobi decoding: N positions drafted and verified per spatial pass, "
+        "the same distribution in fewer passes (RQ; 0: off)",
+    )
     p.add_argument("--seed", type=number(int, 0), default=0, help="the same seed, the same images")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images sampled at once")
     add_device(p)
@@ -113,5 +121,10 @@ def add_sampling(p) -> None:
 def sampling_config(args):
 
     return SamplingConfig(
-        args.temperature, args.top_k, args.top_p, args.guidance_scale, args.compile
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.guidance_scale,
+        args.compile,
+        args.speculative,
     )

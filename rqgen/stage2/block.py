@@ -98,7 +98,7 @@ class StaticKVCache(nn.Module):
 
     def layer(self, i: int, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """What layer i's attention receives: its key and value buffers (B, H, L, Dh) and the
-        position (0-dim long tensor) of the first new token."""
+        position of the first new token (0-dim long tensor, or (B,): one per row)."""
         return self.layers[i].k, self.layers[i].v, pos
 
 
@@ -148,10 +148,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         elif isinstance(cache, tuple):  # StaticKVCache: fixed shapes, position as a tensor
             k_buf, v_buf, pos = cache
-            idx = pos + torch.arange(t, device=x.device)  # positions of the new tokens
-            k_buf[:, :, idx] = k  # indexed stores: in place under torch.compile
-            v_buf[:, :, idx] = v
-            visible = torch.arange(k_buf.shape[2], device=x.device)[None, :] <= idx[:, None]
+            keys = torch.arange(k_buf.shape[2], device=x.device)
+            if pos.dim() == 0:
+                idx = pos + torch.arange(t, device=x.device)  # positions of the new tokens
+                k_buf[:, :, idx] = k  # indexed stores: in place under torch.compile
+                v_buf[:, :, idx] = v
+                visible = keys[None, :] <= idx[:, None]
+            else:  # a position per row: rows that advance at their own pace (speculative)
+                idx = pos[:, None] + torch.arange(t, device=x.device)  # (B, t)
+                rows = torch.arange(b, device=x.device)[:, None]
+                k_buf[rows, :, idx] = k.transpose(1, 2)
+                v_buf[rows, :, idx] = v.transpose(1, 2)
+                visible = (keys[None, None, :] <= idx[:, :, None])[:, None]  # (B, 1, t, L)
             y = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=visible, dropout_p=p)
         else:
             start = cache.pos
@@ -220,7 +228,7 @@ class Transformer(nn.Module):
         pos: Tensor | None = None,
     ) -> Tensor:
         """x (B, t, C); with a list of `KVCache`s the t tokens follow those cached, with a
-        `StaticKVCache` they sit at positions pos.. (pos: 0-dim long tensor)."""
+        `StaticKVCache` they sit at positions pos.. (pos: 0-dim long tensor, or one per row)."""
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:

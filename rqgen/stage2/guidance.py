@@ -20,6 +20,8 @@ class SamplingConfig:
     guidance_scale: float = 1.0  # classifier-free guidance; 1.0 = off
     # fixed-shape steps over static KV caches, torch.compile'd (CUDA graphs on GPU)
     compile: bool = False
+    # speculative Jacobi decoding: positions drafted and verified per spatial pass; 0 = off
+    speculative: int = 0
 
     def check(self, depth: int) -> None:
         """Per-depth values must give one value per depth: a list of another length would be
@@ -112,13 +114,18 @@ def guide(logits: Tensor, n: int, scale: float) -> Tensor:
 def next_code(logits: Tensor, d: int, sampling: SamplingConfig, n: int, generator) -> Tensor:
     """One code per condition from the logits of depth (or step) d: guidance, temperature,
     top-k / top-p, then one draw."""
+    return draw(processed_logits(logits, d, sampling, n), generator)
+
+
+def processed_logits(logits: Tensor, d: int, sampling: SamplingConfig, n: int) -> Tensor:
+    """The logits codes of depth (or step) d are drawn from: guided (rows n.. are the
+    unconditional twins), tempered and filtered; (rows, ..., K) -> (n, ..., K) float."""
     logits = guide(logits.float(), n, sampling.guidance_scale)
     # a huge guidance scale or a tiny temperature overflows to +inf, and several +inf make
     # softmax NaN (garbage codes without a word): saturate at the largest float instead, so
     # the draw becomes the greedy choice it tends to
     big = torch.finfo(torch.float32).max
     logits = (logits / max(sampling.temperature, 1e-5)).clamp_(-big, big)
-    logits = filter_logits(
+    return filter_logits(
         logits, sampling.at_depth(sampling.top_k, d), sampling.at_depth(sampling.top_p, d)
     )
-    return draw(logits, generator)

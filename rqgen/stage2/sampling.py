@@ -21,7 +21,7 @@ from rqgen.stage2.guidance import Draws, SamplingConfig, next_code
 from rqgen.stage2.rq_transformer import RQTransformer
 
 
-def _guided_cond(model: RQTransformer, cond: Tensor, sampling: SamplingConfig) -> Tensor:
+def guided_cond(model: RQTransformer, cond: Tensor, sampling: SamplingConfig) -> Tensor:
     if sampling.guidance_scale == 1.0:
         return cond
     if model.config.text_vocab_size:
@@ -51,7 +51,7 @@ def sample_codes(
     n = cond.shape[0]
     codes = torch.zeros(n, c.T, c.D, dtype=torch.long, device=cond.device)
     generator = Draws.of(generator, c.T * c.D, cond.device)  # one draw per code
-    guided = _guided_cond(model, cond, sampling)
+    guided = guided_cond(model, cond, sampling)
     if use_cache:
         B = guided.shape[0]
         decoder = (

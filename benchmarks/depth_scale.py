@@ -1,0 +1,85 @@
+"""A shared codebook with per-depth scales (model.depth_scale) against separate codebooks at
+equal bits, on the photos or Fashion-MNIST.
+
+Trains tiny32 (8×8×4) three ways at equal steps and seeds with the real CLI (the rate-
+distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images):
+four separate codebooks of 128, one shared codebook of 128 (the same 28 bits per position),
+and the shared 128 with depth scales. Reports PSNR, per-depth PSNR, codebook usage and the
+distinct codes each depth picks, with 95% intervals over seeds and paired differences.
+
+    python benchmarks/depth_scale.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
+    python benchmarks/depth_scale.py --data fashion-mnist --steps 150 --seeds 0 1 2
+
+Results: benchmarks/results/depth_scale[_fashion_mnist].md. Reruns resume from benchmarks/work/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+from rate_distortion import cell, parse_args, residual_scales, run_dir, slug, train_all  # noqa: E402
+
+SEPARATE, SHARED, SCALED = (
+    "4 separate codebooks of 128",
+    "shared K=128",
+    "shared K=128, depth_scale=true",
+)
+K128 = ["model.code_depth=4", "model.codebook_size=128"]
+VARIANTS = {
+    SEPARATE: [*K128, "model.shared_codebook=false"],
+    SHARED: K128,
+    SCALED: [*K128, "model.depth_scale=true"],
+}
+PAIRS = [(SCALED, SEPARATE), (SCALED, SHARED), (SHARED, SEPARATE)]
+
+
+def main() -> None:
+    args = parse_args(__doc__, 150, "benchmarks/work/depth_scale")
+    seeds = args.seeds or [args.seed]
+    results = train_all({k: ("tiny32", v) for k, v in VARIANTS.items()}, args, seeds)
+    by = {(r["variant"], r["seed"]): r for r in results}
+    rows = [
+        "| variant | bits/image | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(4) (means) | codebook usage "
+        "| distinct codes per depth, seed " + str(seeds[0]) + " |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        rs = [by[name, s] for s in seeds]
+        depth = ", ".join(
+            f"{cell([r['per_depth_psnr'][d] for r in rs]).split(' ')[0]}" for d in range(4)
+        )
+        scales = residual_scales(run_dir(args, name, seeds[0]), args.val_data)
+        rows.append(
+            f"| {name} | {rs[0]['bits_per_image']:.0f} | {cell([r['psnr'] for r in rs])} "
+            f"| {cell([r['ssim'] for r in rs], 3)} | {depth} "
+            f"| {cell([100 * r['codebook_usage'] for r in rs], 0)}% "
+            f"| {scales['distinct_codes']} |"
+        )
+    diffs = [
+        "| difference (dB of PSNR, same seed) | mean ± 95% interval | per seed |",
+        "|---|---|---|",
+    ]
+    for a, b in PAIRS:
+        d = [by[a, s]["psnr"] - by[b, s]["psnr"] for s in seeds]
+        diffs.append(f"| {a} − {b} | {cell(d)} | {', '.join(f'{x:+.2f}' for x in d)} |")
+    body = "\n".join(
+        [
+            f"tiny32 (8×8×4, the preset's recipe) on {args.data}, {args.steps} steps at batch 64, "
+            f"seeds {', '.join(map(str, seeds))}, scored on the {results[0]['n_images']} "
+            f"held-out images ({args.val_data}); means ± half-width of the 95% Student-t "
+            "interval over seeds.",
+            "",
+            *rows,
+            "",
+            *diffs,
+        ]
+    )
+    name = "depth_scale" + ("" if args.data == "photos" else "_" + slug(args.data))
+    write_results(name, body, {"steps": args.steps, "seeds": seeds, "runs": results})
+
+
+if __name__ == "__main__":
+    main()
