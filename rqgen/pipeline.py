@@ -31,6 +31,7 @@ from rqgen.family import FAMILIES, Family, family_of
 from rqgen.hub import resolve
 from rqgen.stage1 import load_vae
 from rqgen.stage2.guidance import PerSampleSeeds, SamplingConfig
+from rqgen.stage2.int8 import quantize_int8
 from rqgen.stage2.text import TextTokenizer
 from rqgen.utils.device import PRECISIONS, resolve_device, resolve_precision
 from rqgen.utils.images import save_image, to_pil
@@ -66,8 +67,9 @@ class RQPipeline:
         """The transformer directory written by `rqgen train-ar`, or a hub repository
         'org/name[@revision]' pushed by `rqgen push` (its VAE is found from what it
         records, or given as `vae`, a directory or repository). `dtype` (fp32, bf16, fp16,
-        or auto: bf16 on CUDA) is the transformer's: its weights and KV caches are cast,
-        logits are sampled in fp32, and the VAE decodes in fp32."""
+        int8 on CPU, or auto: bf16 on CUDA) is the transformer's: its weights and KV caches
+        are cast (int8: its linear layers quantized), logits are sampled in fp32, and the VAE
+        decodes in fp32."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         path = resolve(path, local_files_only)
         meta = read_config(path)
@@ -85,7 +87,7 @@ class RQPipeline:
             vae = Path(path) / meta["vae"]
         vae_model = load_vae(vae, map_location=dev, local_files_only=local_files_only)
         model.check_vae(vae_model)  # before the cast: the fingerprint is of the fp32 codebook
-        model.to(PRECISIONS[resolve_precision(dtype, dev)])
+        cast(model, dtype, dev)
         tokenizer = None
         if family.conditioning(model.config) == "text":
             tokenizer = TextTokenizer.load(path, model.config.text_length)
@@ -111,7 +113,7 @@ class RQPipeline:
         self.vae.to(dev)
         self.model.to(dev)
         if dtype is not None:
-            self.model.to(PRECISIONS[resolve_precision(dtype, dev)])
+            cast(self.model, dtype, dev)
         return self
 
     @torch.no_grad()
@@ -376,6 +378,14 @@ def _class_id(label: int | str | None, classes: Sequence[str], num_classes: int)
     raise ConfigError(
         f"unknown class {label!r}: use an id 0..{num_classes - 1} or a name ({names})"
     )
+
+
+def cast(model: torch.nn.Module, dtype: str | None, device: torch.device) -> None:
+    """The transformer in the precision `dtype` names (int8: quantized, stage2/int8.py)."""
+    if (dtype or "").lower() == "int8":
+        quantize_int8(model)
+    else:
+        model.to(PRECISIONS[resolve_precision(dtype, device)])
 
 
 def _part(generator, start: int, size: int):

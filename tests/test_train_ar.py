@@ -117,7 +117,9 @@ def test_ddp_training_of_the_transformer(vae, tmp_path):
 def test_sampling_in_bf16_and_compiled_from_the_cli(class_ar, tmp_path):
     args = ["sample", "--model", class_ar, "--n", 4, "--class", "3", "--device", "cpu"]
     codes = {}
-    for name, flags in (("eager", []), ("bf16", ["--dtype", "bf16"]), ("compiled", ["--compile"])):
+    runs = (("eager", []), ("bf16", ["--dtype", "bf16"]), ("int8", ["--dtype", "int8"]),
+            ("compiled", ["--compile"]))  # fmt: skip
+    for name, flags in runs:
         rqgen(*args, *flags, "--out", tmp_path / f"{name}.png", "--save-codes",
               tmp_path / f"{name}.npy")  # fmt: skip
         img = np.asarray(Image.open(tmp_path / f"{name}.png"))

@@ -61,9 +61,10 @@ def add_dtype(p) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
         help="the transformer's precision while sampling; auto: bf16 on CUDA, fp32 on CPU "
-        "(whose bf16 is emulated and slower) (default: auto)",
+        "(whose bf16 is emulated and slower); int8: CPU, linear layers quantized "
+        "(default: auto)",
     )
 
 

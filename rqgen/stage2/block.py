@@ -114,6 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.resid_drop = nn.Dropout(dropout)
         self._fused: tuple | None = None  # (version key, W_qkv, b_qkv) for inference
+        self.qkv_int8: nn.Module | None = None  # the fused product in int8 (stage2/int8.py)
 
     def _split(self, y: Tensor) -> Tensor:
         b, t, c = y.shape
@@ -124,6 +125,9 @@ class CausalSelfAttention(nn.Module):
         when a weight changes). Used without autograd: sampling runs one token at a time,
         where each op dispatched costs about as much as its arithmetic."""
         b, t, c = x.shape
+        if self.qkv_int8 is not None:
+            y = self.qkv_int8(x)
+            return y.view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         lins = (self.query, self.key, self.value)
         key = tuple((p.data_ptr(), p._version) for lin in lins for p in (lin.weight, lin.bias))
         if self._fused is None or self._fused[0] != key:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rqgen.errors import ConfigError
 from rqgen.stage2.guidance import Draws, SamplingConfig, next_code
 from rqgen.stage2.rq_transformer import RQTransformer
 
@@ -52,6 +53,8 @@ def sample_codes(
     codes = torch.zeros(n, c.T, c.D, dtype=torch.long, device=cond.device)
     generator = Draws.of(generator, c.T * c.D, cond.device)  # one draw per code
     guided = guided_cond(model, cond, sampling)
+    if sampling.compile and getattr(model, "int8", False):
+        raise ConfigError("--compile cannot trace int8 layers: sample int8 without it")
     if use_cache:
         B = guided.shape[0]
         decoder = (
