@@ -29,7 +29,7 @@ test: $(STAMP)
 	  >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } \
 	  || echo "no chromium: the browser test of rqgen serve will be skipped"
 	$(VENV)/bin/ruff check rqgen tests benchmarks
-	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
