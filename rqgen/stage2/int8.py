@@ -1,10 +1,11 @@
 """int8 sampling on CPU: every linear layer of a transformer with int8 weights (one scale per
 output channel) and int8 activations quantized per call (dynamic quantization, fbgemm).
 
-On this project's CPUs a dynamic int8 product ran 1.5-3x faster than fp32 at batch 1-64,
-while weight-only int8 (dequantizing into an fp32 product) was far slower
-(benchmarks/results/int8.md); so activations are quantized too. The cost is accuracy: the
-logit error is stated and tested like bf16's (tests/test_rq_transformer.py). Inference
+Dynamic rather than weight-only: on this project's CPU torch's weight-only int8 product
+(`_weight_int8pack_mm`) ran an order of magnitude slower than fp32 in a development
+measurement (not kept as a benchmark), while the dynamic one is faster on wide models
+(benchmarks/results/int8.md). The cost is accuracy: the logit error is stated and tested
+like bf16's (tests/test_rq_transformer.py) and measured in the same results. Inference
 only: the quantized weights take no gradient.
 """
 
