@@ -66,7 +66,7 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     return k.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-def _probs(model, logits: Tensor, sampling: SamplingConfig, n: int) -> Tensor:
+def _probs(logits: Tensor, sampling: SamplingConfig, n: int) -> Tensor:
     """(rows, W, D, K) logits -> the sampling distribution (n, W, D, K) of every code: guidance,
     temperature and top-k / top-p per depth, as plain sampling draws from."""
     out = [processed_logits(logits[:, :, d], d, sampling, n) for d in range(logits.shape[2])]
@@ -148,7 +148,7 @@ def sample_codes_speculative(
         )
         stats.spatial_passes += 1
         stats.depth_passes += 1
-        p = _probs(model, logits, sampling, n)  # (n, N, D, K)
+        p = _probs(logits, sampling, n)  # (n, N, D, K)
         x = draft[..., None]
         ok = (uniforms(N, D) * q.gather(-1, x)[..., 0] < p.gather(-1, x)[..., 0]).reshape(n, -1)
         first_no = ok.long().cumprod(1).sum(1)  # the first rejected code, in (t, d) order
