@@ -61,3 +61,12 @@ def random_rows(pool: torch.Tensor, n: int) -> torch.Tensor:
     rows = pool[idx.clamp(0, pool.shape[0] - 1)] * mine[:, None].to(pool.dtype)
     all_reduce_sum(rows)
     return rows
+
+
+def mean_norm(r: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (or w-weighted mean) norm of the rows of r (N, dim) over all ranks."""
+    norm = r.norm(dim=-1)
+    w = torch.ones_like(norm) if w is None else w
+    sums = torch.stack([(norm * w).sum(), w.sum()])
+    all_reduce_sum(sums)
+    return sums[0] / sums[1].clamp_min(1e-12)

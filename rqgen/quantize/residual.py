@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rqgen.quantize import distributed as dist
+from rqgen.quantize.estimators import ESTIMATORS
 from rqgen.utils.device import exact_fp32
 
 
@@ -46,30 +47,6 @@ class QuantizerOutput:
     quantized: Tensor  # Ẑ with a straight-through gradient to z, same shape and dtype as z
     codes: Tensor  # (..., D) int64 code map M
     commitment_loss: Tensor  # β · Σ_d ||z - sg[Ẑ(d)]||² (Eq. 7), a scalar
-
-
-def straight_through(z: Tensor, zhat: Tensor) -> Tensor:
-    """Ẑ in the forward pass; the gradient reaches z unchanged (VQ-VAE's estimator)."""
-    return z + (zhat - z).detach()
-
-
-def rotation_trick(z: Tensor, zhat: Tensor, eps: float = 1e-6) -> Tensor:
-    """Ẑ in the forward pass; in the backward pass the gradient reaches each vector z through
-    the fixed rotation and rescaling that carries z onto Ẑ (Fifty et al., ICLR 2025, Eq. 4):
-    q̃ = sg[λR] z with λ = ‖Ẑ‖/‖z‖, R = I − 2 r rᵀ + 2 q̂ ẑᵀ, ẑ = z/‖z‖, q̂ = Ẑ/‖Ẑ‖,
-    r = (ẑ + q̂)/‖ẑ + q̂‖. R is applied as two rank-one updates, never built."""
-    with torch.no_grad():
-        nz, nq = z.norm(dim=-1, keepdim=True), zhat.norm(dim=-1, keepdim=True)
-        u, q = z / nz.clamp_min(eps), zhat / nq.clamp_min(eps)
-        r = u + q
-        r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
-        scale = nq / nz.clamp_min(eps)
-    rotated = z - 2 * r * (r * z).sum(-1, keepdim=True) + 2 * q * (u * z).sum(-1, keepdim=True)
-    rotated = scale * rotated
-    return rotated + (zhat - rotated).detach()  # the forward value stays Ẑ
-
-
-ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 
 
 class ResidualQuantizer(nn.Module):
@@ -337,7 +314,7 @@ class ResidualQuantizer(nn.Module):
         for d in range(self.depth if self.depth_scale else self.num_codebooks):
             c = self.codebook_index(d)
             if self.depth_scale:
-                self.scale[d] = _mean_norm(r).clamp_min(self.eps)
+                self.scale[d] = dist.mean_norm(r).clamp_min(self.eps)
             x = r / self.scale_at(d)
             if d == c:  # the first depth a codebook serves: drawn from its residuals
                 vectors = dist.random_rows(x, self.codebook_size)
@@ -357,7 +334,7 @@ class ResidualQuantizer(nn.Module):
         moves towards this step's mean norm of r_{d-1}."""
         n_cb, K = self.num_codebooks, self.codebook_size
         if self.depth_scale:
-            norms = torch.stack([_mean_norm(r, w) for r in residuals])
+            norms = torch.stack([dist.mean_norm(r, w) for r in residuals])
             residuals = residuals / self.scale[:, None, None]
         weighted = residuals if w is None else residuals * w[None, :, None]
         if w is None:
@@ -412,15 +389,6 @@ class ResidualQuantizer(nn.Module):
         kind = "shared" if self.shared_codebook else "separate"
         scaled = ", scaled per depth" if self.depth_scale else ""
         return f"dim={self.dim}, K={self.codebook_size}, D={self.depth}, {kind} codebook{scaled}"
-
-
-def _mean_norm(r: Tensor, w: Tensor | None = None) -> Tensor:
-    """Mean (or w-weighted mean) norm of the rows of r (N, dim) over all ranks."""
-    norm = r.norm(dim=-1)
-    w = torch.ones_like(norm) if w is None else w
-    sums = torch.stack([(norm * w).sum(), w.sum()])
-    dist.all_reduce_sum(sums)
-    return sums[0] / sums[1].clamp_min(1e-12)
 
 
 def _at_depth(tau: float | Sequence[float] | None, d: int) -> float | None:
