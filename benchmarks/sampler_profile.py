@@ -6,8 +6,8 @@ of `sample_codes`, of its matrix products alone (official_speed.matmul_floor) an
 ratio; then one profiled run split by what each operator is: products (addmm, mm, bmm),
 attention over the KV cache (scaled_dot_product_attention), GELU, copies (copy_: cache
 writes, bias broadcasts, repeats), other tensor operators (norms, adds, the draw) and what
-no operator accounts for (Python, dispatch). The split is of the
-profiled run; the speeds are of runs without the profiler.
+no operator accounts for (Python, dispatch). The speeds are of runs without the profiler;
+the operators' shares come from one profiled run, `unaccounted` from the unprofiled time.
 
     python benchmarks/sampler_profile.py [--batches 1,16,64,256] [--repeats 3]
 
