@@ -40,7 +40,7 @@ from common import interval, write_results  # noqa: E402
 from rqgen.data import BundledDigits  # noqa: E402
 from rqgen.demo import (  # noqa: E402
     DIGITS_AR_OVERRIDES,
-    DIGITS_RQVAE_OVERRIDES,
+    DIGITS_STAGE1_OVERRIDES,
     DIGITS_VAE_OVERRIDES,
 )
 from rqgen.evaluate.digits import score_digits, train_digit_classifier  # noqa: E402
@@ -109,7 +109,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         run(["train-vae", "--data", "bundled:digits", "--out", work / "vae", "--steps",
              args.vae_steps, "--device", "cpu", f"train.seed={seed}", *DIGITS_VAE_OVERRIDES,
-             *DIGITS_RQVAE_OVERRIDES],
+             *DIGITS_STAGE1_OVERRIDES],
             os.cpu_count() or 1, work / "vae.log")  # fmt: skip
         with ThreadPoolExecutor(args.jobs) as pool:
             outs = pool.map(lambda n, w=work, s=seed: train_ar(n, w, s, args), args.variants)

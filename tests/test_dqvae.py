@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rqgen import DQVAE, DQVAEConfig, ResidualQuantizer
 from rqgen.data import BundledDigits
@@ -113,6 +114,34 @@ def test_overfits_a_few_digits():
     with torch.no_grad():
         after = float(psnr(model(x).reconstruction.clamp(-1, 1), x).mean())
     assert after > before + 6 and after > 16, (before, after)
+
+
+def test_patch_shortcut_starts_as_the_patch_codec_at_both_grains(tmp_path):
+    """Untrained, with 64-dim codes (>= 3·4² patch values): a fine region's code vector is its
+    four 4×4 patches, a coarse region's is their mean, and unquantized decoding returns them."""
+    model = fitted(embed_dim=64, patch_shortcut=True, zero_init_residual=True).eval()
+    x = digits(6, "val")
+    z, gate, _ = model.encode(x)
+    patches = F.pixel_unshuffle(x, 4)  # (B, 48, 8, 8)
+    coarse = F.avg_pool2d(patches, 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    fine = gate.bool().repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None]
+    assert 0 < gate.mean() < 1  # both grains occur
+    want = torch.where(fine, patches, coarse)
+    torch.testing.assert_close(z[..., :48].permute(0, 3, 1, 2), want)
+    assert torch.equal(z[..., 48:], torch.zeros_like(z[..., 48:]))
+    torch.testing.assert_close(model.decode(z), F.pixel_shuffle(want, 4))
+    # trains through both paths; saved and loaded it decodes the same codes alike
+    model.train()
+    out = model(x)
+    ((out.reconstruction - x).pow(2).mean() + out.commitment_loss).backward()
+    for w in (model.patch_shortcut.down.weight, model.decoder.conv_out.weight):
+        assert w.grad is not None and w.grad.abs().sum() > 0
+    model.eval()
+    packed = model.encode_to_codes(x)
+    model.save_pretrained(tmp_path / "m")
+    back = DQVAE.from_pretrained(tmp_path / "m")
+    assert back.config.patch_shortcut and back.config.zero_init_residual
+    torch.testing.assert_close(back.decode_codes(packed), model.decode_codes(packed))
 
 
 def test_save_and_load_keep_the_router(tmp_path):

@@ -163,6 +163,9 @@ def _ffhq256() -> VAEExperiment:
 def _dq_tiny32() -> DQVAEExperiment:
     # 32 px: coarse 4×4 (f = 8), fine 8×8 (f = 4); the fine path and the decoder are tiny32's,
     # one more encoder level gives the coarse grid. About 44 codes per image at r = 0.5.
+    # tiny32's recipe (zero-initialised branches, the patch shortcut on the fine grid, its
+    # optimiser and schedule); benchmarks/results/dq_rate_distortion.md compares it at equal
+    # tokens with fixed-length codes.
     model = DQVAEConfig(
         resolution=32,
         ch=32,
@@ -174,20 +177,10 @@ def _dq_tiny32() -> DQVAEExperiment:
         z_channels=64,
         embed_dim=64,
         codebook_size=512,
+        zero_init_residual=True,
+        patch_shortcut=True,
     )
-    # the recipe tiny32 had before the learning-speed study: the DQ tables were measured
-    # with it, and the new one is not measured on DQ-VAE yet
-    train = dataclasses.replace(
-        _tiny32().train,
-        steps=600,
-        lr=4e-4,
-        beta1=0.5,
-        beta2=0.9,
-        lr_schedule="constant",
-        ckpt_every=200,
-        sample_every=200,
-    )
-    return DQVAEExperiment(model, train)
+    return DQVAEExperiment(model, _tiny32().train)
 
 
 def _dq_imagenet256() -> DQVAEExperiment:

@@ -169,6 +169,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "fine_fraction": unit(open_low=True),
         "budget_weight": non_negative(),
         "entropy_bins": count(2),
+        "zero_init_residual": FLAG,
+        "patch_shortcut": FLAG,
     },
     "VAETrainConfig": _TRAINING
     | {

@@ -4,8 +4,9 @@ per detailed region, chosen per image by a granularity router.
     h_f, h_c = E_fine(X), E_coarse(X)       one trunk; fine head before the last downsample
     g = router(X or h_c, h_f)                g = 1: the region gets four fine codes
     Z = where(g↑2, h_f, h_c↑2)               merged on the fine grid (nearest upsampling)
+        (+ where(g↑2, A·p, avg(A·p)↑2))      with the patch shortcut: p the f×f pixel patches
     M = Q(Z)                                 the shared EMA codebook of RQ-VAE with D = 1
-    X̂ = G(Ẑ + PE)                            PE: learned row/column + Fourier features
+    X̂ = G(Ẑ + PE) (+ unpatch(B·Ẑ))          PE: learned row/column + Fourier features
 
 A coarse code sits in all four fine cells of its region; those copies weigh 1/4 in the
 commitment loss and the codebook statistics, so every region counts once.
@@ -26,7 +27,14 @@ from torch import Tensor, nn
 from rqgen.checkpoint import Pretrained
 from rqgen.errors import ConfigError
 from rqgen.quantize import ResidualQuantizer
-from rqgen.stage1.blocks import Decoder, MidBlock, Normalize, down_levels
+from rqgen.stage1.blocks import (
+    Decoder,
+    MidBlock,
+    Normalize,
+    PatchShortcut,
+    down_levels,
+    zero_init_residual_branches,
+)
 from rqgen.stage1.dq_router import EntropyRouter, LearnedRouter
 
 
@@ -55,6 +63,11 @@ class DQVAEConfig:
     fine_fraction: float = 0.5  # r: target share of regions that get fine codes
     budget_weight: float = 10.0  # γ of the learned router's budget loss
     entropy_bins: int = 32
+    # residual branches initialised to zero (init only; dq-tiny32 sets it, as tiny32)
+    zero_init_residual: bool = False
+    # RQ-VAE's linear patch shortcut on the fine grid; a coarse region's shortcut code is the
+    # mean of its four fine ones (not in either paper; dq-tiny32 sets it, as tiny32)
+    patch_shortcut: bool = False
 
     @property
     def coarse_size(self) -> int:
@@ -83,9 +96,15 @@ class DQVAEOutput:
     fine_mask: Tensor  # (B, Hc, Hc) float, 1 = fine (differentiable for the learned router)
 
 
+def _spread(h: Tensor) -> Tensor:
+    """Coarse grid -> fine grid, each region's value in its four cells: (..., H, W) ->
+    (..., 2H, 2W)."""
+    return h.repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+
 def pack_codes(codes: Tensor, fine_mask: Tensor) -> Tensor:
     """codes (B, Hf, Hf), fine_mask (B, Hc, Hc) -> packed (B, Hf, Hf, 2)."""
-    grain = fine_mask.long().repeat_interleave(2, 1).repeat_interleave(2, 2)
+    grain = _spread(fine_mask.long())
     return torch.stack([codes.long(), grain], -1)
 
 
@@ -200,6 +219,13 @@ class DQVAE(nn.Module, Pretrained):
             z_channels=c.z_channels,
             dropout=c.dropout,
         )
+        if c.zero_init_residual:
+            zero_init_residual_branches(self)
+        self.patch_shortcut = None
+        if c.patch_shortcut:
+            factor = c.resolution // c.fine_size
+            self.patch_shortcut = PatchShortcut(c.in_channels, factor, c.embed_dim)
+            self.patch_shortcut.start_alone(self.quant_conv, self.decoder.conv_out)
 
     # ------------------------------------------------------------------ routing
     @property
@@ -223,14 +249,17 @@ class DQVAE(nn.Module, Pretrained):
         """Images -> (merged features (B, 2Hc, 2Hc, embed_dim) channel-last, gate, budget)."""
         h_coarse, h_fine = self.encoder(x)
         gate, budget = self.route(x, h_coarse, h_fine)
-        g = gate.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None]  # (B, 1, Hf, Hf)
-        h_coarse = h_coarse.repeat_interleave(2, 2).repeat_interleave(2, 3)
-        merged = torch.where(g > 0.5, h_fine, h_coarse)
+        g = _spread(gate)[:, None]  # (B, 1, Hf, Hf)
+        merged = torch.where(g > 0.5, h_fine, _spread(h_coarse))
         if self.training and isinstance(self.router, LearnedRouter):
             # the hard gate's value is 1 on the chosen branch; multiplying by it passes the
             # reconstruction gradient to the router's logits (straight-through)
             merged = merged * torch.where(g > 0.5, g, 1 - g)
-        return self.quant_conv(merged).permute(0, 2, 3, 1), gate, budget
+        z = self.quant_conv(merged)
+        if self.patch_shortcut is not None:
+            fine = self.patch_shortcut.encode(x)
+            z = z + torch.where(g > 0.5, fine, _spread(F.avg_pool2d(fine, 2)))
+        return z.permute(0, 2, 3, 1), gate, budget
 
     @torch.no_grad()
     def encode_to_codes(self, x: Tensor) -> Tensor:
@@ -243,8 +272,9 @@ class DQVAE(nn.Module, Pretrained):
     # ------------------------------------------------------------------ decode
     def decode(self, zhat: Tensor) -> Tensor:
         """Quantized features (B, 2Hc, 2Hc, embed_dim) -> images (B, 3, R, R)."""
-        h = self.post_quant_conv(zhat.permute(0, 3, 1, 2))
-        return self.decoder(self.position(h))
+        z = zhat.permute(0, 3, 1, 2)
+        x = self.decoder(self.position(self.post_quant_conv(z)))
+        return x if self.patch_shortcut is None else x + self.patch_shortcut.decode(z)
 
     @torch.no_grad()
     def decode_codes(self, packed: Tensor, depth: int | None = None) -> Tensor:
@@ -253,7 +283,7 @@ class DQVAE(nn.Module, Pretrained):
 
     def forward(self, x: Tensor) -> DQVAEOutput:
         z, gate, budget = self.encode(x)
-        fine = (gate > 0.5).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        fine = _spread(gate > 0.5)
         weights = torch.where(fine, 1.0, 0.25)  # each coarse region counts once
         q = self.quantizer(z, weights=weights)
         return DQVAEOutput(

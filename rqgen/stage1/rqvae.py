@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rqgen.checkpoint import Pretrained
 from rqgen.quantize import ResidualQuantizer
-from rqgen.stage1.blocks import Decoder, Encoder, zero_init_residual_branches
+from rqgen.stage1.blocks import Decoder, Encoder, PatchShortcut, zero_init_residual_branches
 
 
 @dataclass
@@ -67,39 +66,6 @@ class RQVAEConfig:
         return (self.latent_size, self.latent_size, self.code_depth)
 
 
-class PatchShortcut(nn.Module):
-    """Z = E(X) + A·patches(X) and X̂ = G(Ẑ) + unpatch(B·Ẑ): each f×f patch of pixels (3f²
-    values) maps linearly onto the code vector of its position, and back. Not in the paper:
-    the residual-autoencoding idea of DC-AE (Chen et al. 2024, space-to-channel shortcuts)
-    applied once around the whole network. A small autoencoder otherwise spends its first
-    thousands of steps learning what a linear patch codec does at once (tiny32 on photos:
-    26.6 dB unquantized after 1000 steps, where residual quantization of the raw 4×4 patches
-    alone reaches 29.5 dB at depth 4; benchmarks/results/stage1_learning.md).
-
-    Where the code vector has room (embed_dim >= 3f²), A and B start as the identity on the
-    first 3f² channels and the encoder's and decoder's own outputs start at zero: the untrained
-    model is exactly the raw-patch RQ codec, and the networks learn what it misses."""
-
-    def __init__(self, in_channels: int, factor: int, embed_dim: int):
-        super().__init__()
-        n = in_channels * factor * factor
-        self.factor = factor
-        self.down = nn.Conv2d(n, embed_dim, 1, bias=False)
-        self.up = nn.Conv2d(embed_dim, n, 1, bias=False)
-        self.starts_as_identity = embed_dim >= n
-        if self.starts_as_identity:
-            with torch.no_grad():
-                eye = torch.eye(n)
-                self.down.weight.zero_()[:n, :, 0, 0] = eye
-                self.up.weight.zero_()[:, :n, 0, 0] = eye
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.down(F.pixel_unshuffle(x, self.factor))
-
-    def decode(self, z: Tensor) -> Tensor:
-        return F.pixel_shuffle(self.up(z), self.factor)
-
-
 @dataclass
 class RQVAEOutput:
     reconstruction: Tensor  # X̂, (B, 3, R, R)
@@ -146,10 +112,7 @@ class RQVAE(nn.Module, Pretrained):
         self.patch_shortcut = None
         if c.patch_shortcut:
             self.patch_shortcut = PatchShortcut(c.in_channels, c.downsample_factor, c.embed_dim)
-            if self.patch_shortcut.starts_as_identity:  # the untrained model: the patch codec
-                for conv in (self.quant_conv, self.decoder.conv_out):
-                    nn.init.zeros_(conv.weight)
-                    nn.init.zeros_(conv.bias)
+            self.patch_shortcut.start_alone(self.quant_conv, self.decoder.conv_out)
         if c.norm_groups:
             for m in self.modules():
                 if isinstance(m, nn.GroupNorm):
