@@ -240,8 +240,11 @@ def main() -> None:
     p.add_argument("--paper-model", nargs="+", default=["ar-imagenet-1.4b"],
                    choices=[*sorted(PAPER_MODELS), "none"])  # fmt: skip
     p.add_argument("--skip-digits", action="store_true")
-    p.add_argument("--train", action="store_true",
-                   help="also the training check (gpu_train.py -> results/gpu_train.md)")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="also the training check (gpu_train.py -> results/gpu_train.md)",
+    )
     p.add_argument("--name", default="gpu", help="results/NAME.md")
     p.add_argument("--paper-batches", type=int, nargs="+", default=[100, 200, 500])
     p.add_argument("--flat-batches", type=int, nargs="+", default=[100, 200])
