@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from rqgen import RQVAE, RQVAEConfig
 from rqgen.configs import load_vae_experiment
 from rqgen.errors import CheckpointError, ConfigError
+from rqgen.stage1.blocks import PatchShortcut
 
 
 def small_config(**kw) -> RQVAEConfig:
@@ -188,19 +189,26 @@ def test_patch_shortcut_starts_as_the_raw_patch_codec_and_round_trips(tmp_path):
     torch.testing.assert_close(back.decode_codes(codes), vae.decode_codes(codes))
 
 
-def test_patch_shortcut_is_learned_where_patches_exceed_the_code_vector():
-    # 16-dim code vectors < 48 patch values: a learned projection, the networks from their
-    # usual initialisation; both paths receive gradients
+def test_patch_shortcut_starts_as_the_sub_patch_mean_where_patches_exceed_the_code():
+    # 16-dim code vectors < 48 values of a 4×4 patch: the shortcut starts as the codec of the
+    # mean of its four 2×2 sub-patches (12 values); both paths receive gradients
     torch.manual_seed(0)
-    vae = RQVAE(small_config(patch_shortcut=True)).train()
-    assert not vae.patch_shortcut.starts_as_identity
-    assert vae.quant_conv.weight.abs().sum() > 0
+    vae = RQVAE(small_config(patch_shortcut=True)).eval()
+    assert vae.patch_shortcut.starts_as_codec and vae.patch_shortcut.side == 2
     x = torch.rand(4, 3, 32, 32) * 2 - 1
+    mean = F.avg_pool2d(F.pixel_unshuffle(x, 2), 2)  # (B, 12, 8, 8): (c, u, v) of the 2×2
+    z = vae.encode(x)
+    torch.testing.assert_close(z[..., :12].permute(0, 3, 1, 2), mean)
+    assert torch.equal(z[..., 12:], torch.zeros_like(z[..., 12:]))
+    copied = F.pixel_shuffle(F.interpolate(mean, scale_factor=2, mode="nearest"), 2)
+    torch.testing.assert_close(vae.decode(z), copied)
+    vae.train()
     out = vae(x)
     (F.mse_loss(out.reconstruction, x) + out.commitment_loss).backward()
     for p in (vae.patch_shortcut.down.weight, vae.patch_shortcut.up.weight,
-              vae.encoder.conv_in.weight, vae.decoder.conv_out.weight):  # fmt: skip
+              vae.quant_conv.weight, vae.decoder.conv_out.weight):  # fmt: skip
         assert p.grad is not None and p.grad.abs().sum() > 0
+    assert not PatchShortcut(3, 4, 2).starts_as_codec  # not even one pixel fits: learned
 
 
 def test_quantizer_dropout_decodes_each_image_from_its_own_prefix():

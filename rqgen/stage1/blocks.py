@@ -229,7 +229,10 @@ class PatchShortcut(nn.Module):
 
     Where the code vector has room (embed_dim >= 3f²), A and B start as the identity on the
     first 3f² channels and the encoder's and decoder's own outputs start at zero: the untrained
-    model is exactly the raw-patch RQ codec, and the networks learn what it misses."""
+    model is exactly the raw-patch RQ codec, and the networks learn what it misses. Where it
+    has not, A starts as the mean of the patch's (f/s)² sub-patches of side s, the largest s
+    with 3s² values that fit, and B as copying that mean into each sub-patch: the untrained
+    model is that coarser codec (what a DQ-VAE's coarse regions start as)."""
 
     def __init__(self, in_channels: int, factor: int, embed_dim: int):
         super().__init__()
@@ -237,17 +240,27 @@ class PatchShortcut(nn.Module):
         self.factor = factor
         self.down = nn.Conv2d(n, embed_dim, 1, bias=False)
         self.up = nn.Conv2d(embed_dim, n, 1, bias=False)
-        self.starts_as_identity = embed_dim >= n
-        if self.starts_as_identity:
+        side = factor
+        while in_channels * side * side > embed_dim and side > 1:
+            side //= 2
+        self.side = side
+        self.starts_as_codec = in_channels * side * side <= embed_dim
+        if self.starts_as_codec:
+            # pixel_unshuffle orders a patch's values (channel, row, column); each goes to the
+            # same (channel, row, column) of its sub-patch in the code vector
+            c, i, j = torch.meshgrid(
+                torch.arange(in_channels), torch.arange(factor), torch.arange(factor), indexing="ij"
+            )
+            slot = (c * side + i % side) * side + j % side
+            copy = F.one_hot(slot.flatten(), embed_dim).float()  # (n, embed_dim)
             with torch.no_grad():
-                eye = torch.eye(n)
-                self.down.weight.zero_()[:n, :, 0, 0] = eye
-                self.up.weight.zero_()[:, :n, 0, 0] = eye
+                self.down.weight.copy_(copy.T[..., None, None] / (factor // side) ** 2)
+                self.up.weight.copy_(copy[..., None, None])
 
     def start_alone(self, *outputs: nn.Conv2d) -> None:
-        """Zero the networks' last layers (`outputs`) where the shortcut starts as the
-        identity: the untrained model is then exactly the raw-patch codec."""
-        if self.starts_as_identity:
+        """Zero the networks' last layers (`outputs`) where the shortcut starts as a codec:
+        the untrained model is then exactly that patch codec."""
+        if self.starts_as_codec:
             for conv in outputs:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
