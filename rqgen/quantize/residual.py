@@ -22,7 +22,10 @@ Design choices, and why:
   per-depth scale s_d before the lookup and the code multiplied back, e(k_d) = s_d·c(k_d),
   s_d an EMA of the mean norm of r_{d-1}. Residuals shrink with depth, so without it most of
   a shared codebook sits at the depth-1 scale and the deeper depths choose among a few small
-  codes. `code_table()` gives the per-depth vectors s_d·c(k) that stage 2 embeds.
+  codes. `depth_shift=True` likewise centres it first by μ_d, an EMA of its mean, and adds
+  μ_d back: e(k_d) = μ_d + s_d·c(k_d). The input z has a large mean that later residuals do
+  not, so a shared codebook otherwise keeps separate codes for depth 1. `code_table()`
+  gives the per-depth vectors e(k) that stage 2 embeds.
 - The nearest-code search runs in fp32 even under bf16 autocast (distances between nearby
   codes underflow bf16's 8-bit mantissa) and is chunked over rows so that N×K distances are
   never materialised at once (K = 16384 with millions of vectors would need tens of GB).
@@ -37,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rqgen.quantize import distributed as dist
+from rqgen.quantize.codebook import CodebookLearning
 from rqgen.quantize.estimators import ESTIMATORS
-from rqgen.utils.device import exact_fp32
+from rqgen.quantize.search import nearest
 
 
 @dataclass
@@ -49,7 +52,7 @@ class QuantizerOutput:
     commitment_loss: Tensor  # β · Σ_d ||z - sg[Ẑ(d)]||² (Eq. 7), a scalar
 
 
-class ResidualQuantizer(nn.Module):
+class ResidualQuantizer(CodebookLearning, nn.Module):
     """Residual vector quantizer with EMA codebook(s) and dead-code restarts.
 
     Input vectors are the last axis of z: (..., dim). Codes come back as (..., depth).
@@ -72,6 +75,7 @@ class ResidualQuantizer(nn.Module):
         min_rows: int = 256,
         gradient_estimator: str = "ste",
         depth_scale: bool = False,
+        depth_shift: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1 or codebook_size < 2 or dim < 1:
@@ -94,9 +98,11 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(n, codebook_size))  # EMA of counts
         self.register_buffer("embed_sum", codebook.clone())  # EMA of assigned vector sums
         self.register_buffer("initialized", torch.tensor(not init_from_data))
-        self.depth_scale = depth_scale
+        self.depth_scale, self.depth_shift = depth_scale, depth_shift
         if depth_scale:  # only then in the state dict: unscaled checkpoints keep their keys
             self.register_buffer("scale", torch.ones(depth))
+        if depth_shift:
+            self.register_buffer("shift", torch.zeros(depth, dim))
 
     _known_initialized = False  # `initialized` as last read on the host
     frozen = False  # True: the codebook stays as it is (no EMA update, no restart) in training
@@ -117,47 +123,43 @@ class ResidualQuantizer(nn.Module):
         """s_d: what the residual entering depth d (0-based) is divided by for the lookup."""
         return self.scale[d] if self.depth_scale else 1.0
 
+    @property
+    def per_depth(self) -> bool:
+        """Whether each depth maps the codebook through its own shift and scale."""
+        return self.depth_scale or self.depth_shift
+
+    def _lookup_space(self, r: Tensor, d: int) -> Tensor:
+        """(r - μ_d) / s_d: the residual entering depth d where its codebook's codes live."""
+        if self.depth_shift:
+            r = r - self.shift[d]
+        return r / self.scale[d] if self.depth_scale else r
+
+    def _code_space(self, c: Tensor, d: int) -> Tensor:
+        """e = μ_d + s_d·c: codebook vectors c as depth d adds them."""
+        if self.depth_scale:
+            c = c * self.scale[d]
+        return c + self.shift[d] if self.depth_shift else c
+
     def code_table(self) -> Tensor:
         """The code vectors e(k) each depth adds, (1 or D, K, dim): the codebook itself, or
-        with `depth_scale` one scaled copy s_d·c(k) per depth (what stage 2 embeds)."""
-        if not self.depth_scale:
+        with a depth scale or shift one copy μ_d + s_d·c(k) per depth (what stage 2 embeds)."""
+        if not self.per_depth:
             return self.codebook
-        cb = self.codebook[[self.codebook_index(d) for d in range(self.depth)]]
-        return cb * self.scale[:, None, None]
+        return torch.stack(
+            [self._code_space(self.codebook[self.codebook_index(d)], d) for d in range(self.depth)]
+        )
 
     @property
     def shared_table(self) -> bool:
         """Whether one table of code_table() serves every depth."""
-        return self.shared_codebook and not self.depth_scale
+        return self.shared_codebook and not self.per_depth
 
     # ----------------------------------------------------------------- search (Eq. 3)
     def _search(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
-        """Nearest code of each row of x (N, dim) in codebook c; or a sample from Q_τ. In
-        full fp32 (no TF32), so a GPU picks the codes a CPU does."""
-        if torch.compiler.is_compiling():
-            return self._search_chunks(x, c, tau, generator)
-        with exact_fp32():
-            return self._search_chunks(x, c, tau, generator)
-
-    def _search_chunks(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
-        cb = self.codebook[c]
-        cb_sq = cb.pow(2).sum(1)
-        # Chunks of ~2 MB of distances stay in cache between the matmul that writes them and
-        # the argmin that reads them (faster than one large block: benchmarks/results/
-        # design_notes.md), but never fewer than min_rows rows: each chunk reads the whole
-        # codebook again.
+        """Nearest code of each row of x (N, dim) in codebook c; or a sample from Q_τ."""
+        # chunks of ~2 MB of distances, never fewer than min_rows rows (search.py)
         rows = max(self.min_rows, self.max_distance_elements // self.codebook_size)
-        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        for s in range(0, x.shape[0], rows):
-            # ||x||² is the same for every code of a row, so argmin needs only ||e||² - 2x·e.
-            dist = torch.addmm(cb_sq, x[s : s + rows], cb.t(), alpha=-2.0)
-            if tau is not None:
-                # Gumbel-max: argmin(d/τ - G) is a draw from softmax(-d/τ) = Q_τ (Eq. 15),
-                # computed chunk by chunk like the argmin.
-                u = torch.rand(dist.shape, device=x.device, generator=generator)
-                dist = dist / tau + torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
-            out[s : s + rows] = dist.argmin(1)
-        return out
+        return nearest(x, self.codebook[c], rows, tau, generator)
 
     def _residual_quantize(
         self,
@@ -175,8 +177,8 @@ class ResidualQuantizer(nn.Module):
         for d in range(self.depth if depth is None else depth):
             c, s, t = self.codebook_index(d), self.scale_at(d), _at_depth(tau, d)
             t = None if t is None or t <= 0 else t / s**2
-            k = self._search(r / s if self.depth_scale else r, c, t, generator)
-            e = F.embedding(k, self.codebook[c]) * s
+            k = self._search(self._lookup_space(r, d), c, t, generator)
+            e = self._code_space(F.embedding(k, self.codebook[c]), d)
             residuals.append(r)
             codes.append(k)
             r = r - e
@@ -296,98 +298,10 @@ class ResidualQuantizer(nn.Module):
             dist = (r.pow(2).sum(-1, keepdim=True) - 2 * r @ cb.t()) + cb.pow(2).sum(-1)
             return torch.softmax(-dist / tau, dim=-1)
 
-    # ------------------------------------------------------------------ codebook
-    def _pool(self, residuals: Tensor, c: int) -> Tensor:
-        """Vectors that codebook c quantized this step: all depths if shared, else depth c.
-
-        Rows are ordered sample-major, so that under DDP the ranks' pools laid end to end
-        are the single-process pool of the global batch (see distributed.random_rows)."""
-        if self.shared_codebook:
-            return residuals.transpose(0, 1).reshape(-1, self.dim)
-        return residuals[c]
-
-    @torch.no_grad()
-    def _init_codebook(self, z: Tensor) -> None:
-        """Data-dependent init: codebook d from random residuals r_{d-1} of the first batch
-        (with a depth scale: divided by s_d, each s_d the mean norm of r_{d-1})."""
-        r = z
-        for d in range(self.depth if self.depth_scale else self.num_codebooks):
-            c = self.codebook_index(d)
-            if self.depth_scale:
-                self.scale[d] = dist.mean_norm(r).clamp_min(self.eps)
-            x = r / self.scale_at(d)
-            if d == c:  # the first depth a codebook serves: drawn from its residuals
-                vectors = dist.random_rows(x, self.codebook_size)
-                self.codebook[c] = vectors
-                self.embed_sum[c] = vectors
-                self.cluster_size[c] = 1.0
-            if d + 1 < self.depth and (self.depth_scale or not self.shared_codebook):
-                k = self._search(x, c, None, None)  # the next depth sees this one's residuals
-                r = r - F.embedding(k, self.codebook[c]) * self.scale_at(d)
-        self.initialized.fill_(True)
-
-    @torch.no_grad()
-    def _ema_update(self, residuals: Tensor, codes: Tensor, w: Tensor | None = None) -> None:
-        """One EMA step from this forward's assignments over all depths (with restarts);
-        `w` (N,) weighs each vector's contribution to counts and sums. With a depth scale
-        the codebook learns from r_{d-1} / s_d, the vectors its lookup saw, and then s_d
-        moves towards this step's mean norm of r_{d-1}."""
-        n_cb, K = self.num_codebooks, self.codebook_size
-        if self.depth_scale:
-            norms = torch.stack([dist.mean_norm(r, w) for r in residuals])
-            residuals = residuals / self.scale[:, None, None]
-        weighted = residuals if w is None else residuals * w[None, :, None]
-        if w is None:
-            ones = torch.ones_like(codes, dtype=torch.float)
-        else:
-            ones = w[:, None].expand(-1, self.depth)
-        # counts and sums packed in one tensor: a single all-reduce per step.
-        stats = torch.zeros(n_cb, K, self.dim + 1, device=codes.device)
-        if self.shared_codebook:  # one scatter over all depths at once
-            k = codes.t().reshape(-1)
-            stats[0, :, :-1].index_add_(0, k, weighted.reshape(-1, self.dim))
-            stats[0, :, -1] = torch.bincount(k, ones.t().reshape(-1), minlength=K).float()
-        else:
-            for d in range(self.depth):
-                stats[d, :, :-1].index_add_(0, codes[:, d], weighted[d])
-                stats[d, :, -1] = torch.bincount(codes[:, d], ones[:, d], minlength=K).float()
-        dist.all_reduce_sum(stats)
-        sums, counts = stats[..., :-1], stats[..., -1]
-
-        # one update stands for the D updates of a per-depth EMA when the codebook is shared
-        decay = self.decay ** (self.depth if self.shared_codebook else 1)
-        self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
-        self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
-        # Laplace smoothing keeps rarely used codes from dividing by ~0.
-        n = self.cluster_size.sum(-1, keepdim=True)
-        size = (self.cluster_size + self.eps) / (n + K * self.eps) * n
-        self.codebook.copy_(self.embed_sum / size.unsqueeze(-1))
-
-        if self.restart_unused_codes:
-            self._restart_dead_codes(residuals)
-        if self.depth_scale:
-            self.scale.mul_(self.decay).add_(norms.clamp_min(self.eps), alpha=1 - self.decay)
-
-    @torch.no_grad()
-    def _restart_dead_codes(self, residuals: Tensor) -> None:
-        """Jukebox-style restarts: codes whose EMA usage fell below the threshold are moved
-        onto random vectors of this step. cluster_size is identical on all ranks (it was
-        all-reduced), so all ranks agree on which codes are dead. Every code draws a
-        candidate and only the dead ones take it: no count is read back from the device."""
-        for c in range(self.num_codebooks):
-            dead = (self.cluster_size[c] < self.restart_threshold)[:, None]
-            vectors = dist.random_rows(self._pool(residuals, c), self.codebook_size)
-            self.codebook[c] = torch.where(dead, vectors, self.codebook[c])
-            self.embed_sum[c] = torch.where(
-                dead, vectors * self.restart_threshold, self.embed_sum[c]
-            )
-            self.cluster_size[c] = torch.where(
-                dead[:, 0], self.restart_threshold, self.cluster_size[c]
-            )
-
     def extra_repr(self) -> str:
         kind = "shared" if self.shared_codebook else "separate"
         scaled = ", scaled per depth" if self.depth_scale else ""
+        scaled += ", shifted per depth" if self.depth_shift else ""
         return f"dim={self.dim}, K={self.codebook_size}, D={self.depth}, {kind} codebook{scaled}"
 
 

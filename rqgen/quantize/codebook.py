@@ -1,0 +1,116 @@
+"""How the residual quantizer's codebook learns: data-dependent init, one EMA update per
+forward over all depths (with the per-depth shift and scale), Jukebox-style restarts.
+
+A mixin of `ResidualQuantizer` (its buffers and settings live there); every statistic goes
+through `distributed`, so all ranks hold the same codebook after every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rqgen.quantize import distributed as dist
+
+
+class CodebookLearning:
+    def _pool(self, residuals: Tensor, c: int) -> Tensor:
+        """Vectors that codebook c quantized this step: all depths if shared, else depth c.
+
+        Rows are ordered sample-major, so that under DDP the ranks' pools laid end to end
+        are the single-process pool of the global batch (see distributed.random_rows)."""
+        if self.shared_codebook:
+            return residuals.transpose(0, 1).reshape(-1, self.dim)
+        return residuals[c]
+
+    @torch.no_grad()
+    def _init_codebook(self, z: Tensor) -> None:
+        """Data-dependent init: codebook d from random residuals r_{d-1} of the first batch
+        (with a depth shift and scale: centred by μ_d, their mean, and divided by s_d, the
+        mean norm of r_{d-1} - μ_d)."""
+        r = z
+        for d in range(self.depth if self.per_depth else self.num_codebooks):
+            c = self.codebook_index(d)
+            if self.depth_shift:
+                self.shift[d] = dist.mean_rows(r)
+            if self.depth_scale:
+                centred = r - self.shift[d] if self.depth_shift else r
+                self.scale[d] = dist.mean_norm(centred).clamp_min(self.eps)
+            x = self._lookup_space(r, d)
+            if d == c:  # the first depth a codebook serves: drawn from its residuals
+                vectors = dist.random_rows(x, self.codebook_size)
+                self.codebook[c] = vectors
+                self.embed_sum[c] = vectors
+                self.cluster_size[c] = 1.0
+            if d + 1 < self.depth and (self.per_depth or not self.shared_codebook):
+                k = self._search(x, c, None, None)  # the next depth sees this one's residuals
+                r = r - self._code_space(F.embedding(k, self.codebook[c]), d)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, residuals: Tensor, codes: Tensor, w: Tensor | None = None) -> None:
+        """One EMA step from this forward's assignments over all depths (with restarts);
+        `w` (N,) weighs each vector's contribution to counts and sums. With a depth shift
+        or scale the codebook learns from (r_{d-1} - μ_d) / s_d, the vectors its lookup saw,
+        and then μ_d and s_d move towards this step's mean and centred mean norm of r_{d-1}."""
+        n_cb, K = self.num_codebooks, self.codebook_size
+        if self.per_depth:
+            centred = residuals - self.shift[:, None] if self.depth_shift else residuals
+            # per depth, one collective: the mean of [r, ||r - μ_d||]
+            moments = torch.stack(
+                [dist.mean_rows(torch.cat([r, c.norm(dim=-1, keepdim=True)], -1), w)
+                 for r, c in zip(residuals, centred)]
+            )  # fmt: skip
+            residuals = centred / self.scale[:, None, None] if self.depth_scale else centred
+        weighted = residuals if w is None else residuals * w[None, :, None]
+        if w is None:
+            ones = torch.ones_like(codes, dtype=torch.float)
+        else:
+            ones = w[:, None].expand(-1, self.depth)
+        # counts and sums packed in one tensor: a single all-reduce per step.
+        stats = torch.zeros(n_cb, K, self.dim + 1, device=codes.device)
+        if self.shared_codebook:  # one scatter over all depths at once
+            k = codes.t().reshape(-1)
+            stats[0, :, :-1].index_add_(0, k, weighted.reshape(-1, self.dim))
+            stats[0, :, -1] = torch.bincount(k, ones.t().reshape(-1), minlength=K).float()
+        else:
+            for d in range(self.depth):
+                stats[d, :, :-1].index_add_(0, codes[:, d], weighted[d])
+                stats[d, :, -1] = torch.bincount(codes[:, d], ones[:, d], minlength=K).float()
+        dist.all_reduce_sum(stats)
+        sums, counts = stats[..., :-1], stats[..., -1]
+
+        # one update stands for the D updates of a per-depth EMA when the codebook is shared
+        decay = self.decay ** (self.depth if self.shared_codebook else 1)
+        self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        # Laplace smoothing keeps rarely used codes from dividing by ~0.
+        n = self.cluster_size.sum(-1, keepdim=True)
+        size = (self.cluster_size + self.eps) / (n + K * self.eps) * n
+        self.codebook.copy_(self.embed_sum / size.unsqueeze(-1))
+
+        if self.restart_unused_codes:
+            self._restart_dead_codes(residuals)
+        if self.depth_shift:
+            self.shift.mul_(self.decay).add_(moments[:, :-1], alpha=1 - self.decay)
+        if self.depth_scale:
+            norms = moments[:, -1].clamp_min(self.eps)
+            self.scale.mul_(self.decay).add_(norms, alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, residuals: Tensor) -> None:
+        """Jukebox-style restarts: codes whose EMA usage fell below the threshold are moved
+        onto random vectors of this step. cluster_size is identical on all ranks (it was
+        all-reduced), so all ranks agree on which codes are dead. Every code draws a
+        candidate and only the dead ones take it: no count is read back from the device."""
+        for c in range(self.num_codebooks):
+            dead = (self.cluster_size[c] < self.restart_threshold)[:, None]
+            vectors = dist.random_rows(self._pool(residuals, c), self.codebook_size)
+            self.codebook[c] = torch.where(dead, vectors, self.codebook[c])
+            self.embed_sum[c] = torch.where(
+                dead, vectors * self.restart_threshold, self.embed_sum[c]
+            )
+            self.cluster_size[c] = torch.where(
+                dead[:, 0], self.restart_threshold, self.cluster_size[c]
+            )
