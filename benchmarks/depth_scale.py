@@ -4,9 +4,8 @@ equal bits, on the photos or Fashion-MNIST.
 Trains tiny32 (8×8×4) three ways at equal steps and seeds with the real CLI (the rate-
 distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images):
 four separate codebooks of 128, one shared codebook of 128 (the same 28 bits per position),
-the shared 128 with depth scales, and with depth scales and shifts. Reports PSNR, per-depth
-PSNR, codebook usage and the distinct codes each depth picks, with 95% intervals over seeds
-and paired differences.
+and the shared 128 with depth scales. Reports PSNR, per-depth PSNR, codebook usage and the
+distinct codes each depth picks, with 95% intervals over seeds and paired differences.
 
     python benchmarks/depth_scale.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/depth_scale.py --data fashion-mnist --steps 150 --seeds 0 1 2
@@ -23,26 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from rate_distortion import cell, parse_args, residual_scales, run_dir, slug, train_all  # noqa: E402
 
-SEPARATE, SHARED, SCALED, SHIFTED = (
+SEPARATE, SHARED, SCALED = (
     "4 separate codebooks of 128",
     "shared K=128",
     "shared K=128, depth_scale=true",
-    "shared K=128, depth_scale=true, depth_shift=true",
 )
 K128 = ["model.code_depth=4", "model.codebook_size=128"]
 VARIANTS = {
     SEPARATE: [*K128, "model.shared_codebook=false"],
     SHARED: K128,
     SCALED: [*K128, "model.depth_scale=true"],
-    SHIFTED: [*K128, "model.depth_scale=true", "model.depth_shift=true"],
 }
-PAIRS = [
-    (SHIFTED, SEPARATE),
-    (SHIFTED, SCALED),
-    (SCALED, SEPARATE),
-    (SCALED, SHARED),
-    (SHARED, SEPARATE),
-]
+PAIRS = [(SCALED, SEPARATE), (SCALED, SHARED), (SHARED, SEPARATE)]
 
 
 def main() -> None:

@@ -204,29 +204,3 @@ def test_the_codebook_search_runs_without_tf32(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert seen and not any(seen)  # the search: full fp32
-
-
-def _quantizer_on_ranks(rt, tmp):
-    return _quantizer_steps(rt.rank)
-
-
-def _quantizer_steps(rank: int | None, steps: int = 3):
-    """Training steps of a depth-shifted, depth-scaled quantizer: rank r sees half r of the
-    batch (None: the whole batch in one process)."""
-    from rqgen.quantize import ResidualQuantizer
-
-    torch.manual_seed(0)
-    x = torch.randn(64, 8) * 0.5 + 2
-    torch.manual_seed(1)
-    q = ResidualQuantizer(8, 16, 3, depth_scale=True, depth_shift=True).train()
-    for _ in range(steps):
-        q(x if rank is None else x.chunk(2)[rank])
-    return {k: v.clone() for k, v in q.state_dict().items()}
-
-
-def test_depth_shift_and_scale_statistics_equal_one_process_on_two_ranks(tmp_path):
-    ranks = _on_two_ranks(_quantizer_on_ranks, tmp_path)
-    one = _quantizer_steps(None)
-    for key in ("shift", "scale", "codebook", "cluster_size"):
-        assert torch.equal(ranks[0][key], ranks[1][key]), key  # every rank the same state
-        torch.testing.assert_close(ranks[0][key], one[key], msg=key)  # = the global batch's

@@ -277,17 +277,14 @@ def test_rejects_wrong_dim():
         ResidualQuantizer(8, 16, 2)(torch.randn(3, 7))
 
 
-@pytest.mark.parametrize("scale, shift", [(True, False), (True, True), (False, True)])
-def test_depth_scale_is_separate_codebooks_of_scaled_codes(scale, shift):
-    """A shared codebook c with per-depth shifts μ_d and scales s_d quantizes exactly like D
-    separate codebooks μ_d + s_d·c: the same argmin codes, residuals, Q_τ (τ keeps its
-    meaning) and draws."""
-    q, x = trained(depth=3, depth_scale=scale, depth_shift=shift)
+def test_depth_scale_is_separate_codebooks_of_scaled_codes():
+    """A shared codebook c with per-depth scales s_d quantizes exactly like D separate
+    codebooks s_d·c: the same argmin codes, residuals, Q_τ (τ keeps its meaning) and draws."""
+    q, x = trained(depth=3, depth_scale=True)
     table = q.code_table()
     assert table.shape == (3, 64, 8) and not q.shared_table
     for d in range(3):
-        want = q.codebook[0] * (q.scale[d] if scale else 1) + (q.shift[d] if shift else 0)
-        torch.testing.assert_close(table[d], want)
+        torch.testing.assert_close(table[d], q.scale[d] * q.codebook[0])
     ref = ResidualQuantizer(8, 64, 3, shared_codebook=False).eval()
     ref.codebook.copy_(table)
     codes, res = q.quantize(x[:256])
@@ -323,22 +320,8 @@ def test_depth_scale_tracks_the_residual_norm_and_spreads_the_codes():
     assert sum(used[True][1:]) > sum(used[False][1:]) and mse[True] < mse[False], (used, mse)
 
 
-def test_depth_shift_tracks_the_residual_mean_and_the_scale_its_centred_norm():
-    torch.manual_seed(0)
-    x = torch.randn(2048, 8) * 0.5 + 3  # a mean that depth 1's input has and later ones lack
-    q = ResidualQuantizer(8, 16, 3, depth_scale=True, depth_shift=True, decay=0.8).train()
-    for _ in range(40):
-        q(x)
-    _, res = q.eval().quantize(x)
-    mean = res.mean(0)  # (D, dim): the mean of r_{d-1} per depth
-    torch.testing.assert_close(q.shift, mean, atol=0.05, rtol=0.1)
-    torch.testing.assert_close(q.scale, (res - mean).norm(dim=-1).mean(0), rtol=0.1, atol=0)
-    assert q.shift[0].norm() > 8 > 10 * q.shift[1:].norm(dim=-1).max()
-
-
 def test_depth_scale_is_saved_only_where_it_is_used():
-    plain = ResidualQuantizer(8, 16, 2).state_dict()
-    assert "scale" not in plain and "shift" not in plain  # old checkpoints load
+    assert "scale" not in ResidualQuantizer(8, 16, 2).state_dict()  # old checkpoints load
     q, _ = trained(depth=2, K=16, depth_scale=True)
     fresh = ResidualQuantizer(8, 16, 2, depth_scale=True)
     fresh.load_state_dict(q.state_dict())

@@ -385,7 +385,7 @@ def test_a_transformer_over_a_scaled_prefix_embeds_the_tokenizers_own_vectors():
     from rqgen.stage1.rqvae import RQVAE
 
     torch.manual_seed(0)
-    vae = RQVAE(small_config(depth_scale=True, depth_shift=True)).train()
+    vae = RQVAE(small_config(depth_scale=True)).train()
     vae(torch.rand(4, 3, 32, 32) * 2 - 1)  # initialises codebook and scales
     vae.eval()
     m = RQ.build(ARModelConfig(width=32, heads=2, spatial_layers=1, depth_layers=1, code_depth=2),

@@ -207,8 +207,7 @@ def test_ddp_two_processes_match_one_process_and_share_the_codebook(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # Conv biases in front of per-channel GroupNorm get pure rounding-noise gradients, which
     # Adam with eps 1e-8 turns into ±lr steps; a larger eps keeps the comparison meaningful.
-    # with depth scales: their statistics are collectives too (a depth shift moves every
-    # distance by the ranks' rounding of its mean, so near-tie codes may flip: not compared)
+    # With depth scales on: their statistics are collectives too.
     eps = ["train.adam_eps=1e-6", "model.depth_scale=true"]
     rqgen(*train_args(one, 6, *eps))
     proc = subprocess.run(

@@ -159,7 +159,6 @@ RULES: dict[str, dict[str, Rule]] = {
         "patch_shortcut": FLAG,
         "quantize_dropout": FLAG,
         "depth_scale": FLAG,
-        "depth_shift": FLAG,
     },
     "DQVAEConfig": _AUTOENCODER
     | {

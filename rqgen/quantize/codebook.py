@@ -1,5 +1,5 @@
 """How the residual quantizer's codebook learns: data-dependent init, one EMA update per
-forward over all depths (with the per-depth shift and scale), Jukebox-style restarts.
+forward over all depths (with the per-depth scales), Jukebox-style restarts.
 
 A mixin of `ResidualQuantizer` (its buffers and settings live there); every statistic goes
 through `distributed`, so all ranks hold the same codebook after every step.
@@ -27,23 +27,19 @@ class CodebookLearning:
     @torch.no_grad()
     def _init_codebook(self, z: Tensor) -> None:
         """Data-dependent init: codebook d from random residuals r_{d-1} of the first batch
-        (with a depth shift and scale: centred by μ_d, their mean, and divided by s_d, the
-        mean norm of r_{d-1} - μ_d)."""
+        (with a depth scale: divided by s_d, each s_d the mean norm of r_{d-1})."""
         r = z
-        for d in range(self.depth if self.per_depth else self.num_codebooks):
+        for d in range(self.depth if self.depth_scale else self.num_codebooks):
             c = self.codebook_index(d)
-            if self.depth_shift:
-                self.shift[d] = dist.mean_rows(r)
             if self.depth_scale:
-                centred = r - self.shift[d] if self.depth_shift else r
-                self.scale[d] = dist.mean_norm(centred).clamp_min(self.eps)
+                self.scale[d] = dist.mean_norm(r).clamp_min(self.eps)
             x = self._lookup_space(r, d)
             if d == c:  # the first depth a codebook serves: drawn from its residuals
                 vectors = dist.random_rows(x, self.codebook_size)
                 self.codebook[c] = vectors
                 self.embed_sum[c] = vectors
                 self.cluster_size[c] = 1.0
-            if d + 1 < self.depth and (self.per_depth or not self.shared_codebook):
+            if d + 1 < self.depth and (self.depth_scale or not self.shared_codebook):
                 k = self._search(x, c, None, None)  # the next depth sees this one's residuals
                 r = r - self._code_space(F.embedding(k, self.codebook[c]), d)
         self.initialized.fill_(True)
@@ -51,18 +47,13 @@ class CodebookLearning:
     @torch.no_grad()
     def _ema_update(self, residuals: Tensor, codes: Tensor, w: Tensor | None = None) -> None:
         """One EMA step from this forward's assignments over all depths (with restarts);
-        `w` (N,) weighs each vector's contribution to counts and sums. With a depth shift
-        or scale the codebook learns from (r_{d-1} - μ_d) / s_d, the vectors its lookup saw,
-        and then μ_d and s_d move towards this step's mean and centred mean norm of r_{d-1}."""
+        `w` (N,) weighs each vector's contribution to counts and sums. With a depth scale
+        the codebook learns from r_{d-1} / s_d, the vectors its lookup saw, and then s_d
+        moves towards this step's mean norm of r_{d-1}."""
         n_cb, K = self.num_codebooks, self.codebook_size
-        if self.per_depth:
-            centred = residuals - self.shift[:, None] if self.depth_shift else residuals
-            # per depth, one collective: the mean of [r, ||r - μ_d||]
-            moments = torch.stack(
-                [dist.mean_rows(torch.cat([r, c.norm(dim=-1, keepdim=True)], -1), w)
-                 for r, c in zip(residuals, centred)]
-            )  # fmt: skip
-            residuals = centred / self.scale[:, None, None] if self.depth_scale else centred
+        if self.depth_scale:
+            norms = torch.stack([dist.mean_norm(r, w) for r in residuals])
+            residuals = residuals / self.scale[:, None, None]
         weighted = residuals if w is None else residuals * w[None, :, None]
         if w is None:
             ones = torch.ones_like(codes, dtype=torch.float)
@@ -92,11 +83,8 @@ class CodebookLearning:
 
         if self.restart_unused_codes:
             self._restart_dead_codes(residuals)
-        if self.depth_shift:
-            self.shift.mul_(self.decay).add_(moments[:, :-1], alpha=1 - self.decay)
         if self.depth_scale:
-            norms = moments[:, -1].clamp_min(self.eps)
-            self.scale.mul_(self.decay).add_(norms, alpha=1 - self.decay)
+            self.scale.mul_(self.decay).add_(norms.clamp_min(self.eps), alpha=1 - self.decay)
 
     @torch.no_grad()
     def _restart_dead_codes(self, residuals: Tensor) -> None:

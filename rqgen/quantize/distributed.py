@@ -63,14 +63,10 @@ def random_rows(pool: torch.Tensor, n: int) -> torch.Tensor:
     return rows
 
 
-def mean_rows(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean (or w-weighted mean) of the rows of x (N, ...) over all ranks: one collective."""
-    w = torch.ones(x.shape[0], device=x.device, dtype=x.dtype) if w is None else w
-    sums = torch.cat([(x * w.reshape(-1, *[1] * (x.dim() - 1))).sum(0).reshape(-1), w.sum()[None]])
-    all_reduce_sum(sums)
-    return (sums[:-1] / sums[-1].clamp_min(1e-12)).reshape(x.shape[1:])
-
-
 def mean_norm(r: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Mean (or w-weighted mean) norm of the rows of r (N, dim) over all ranks."""
-    return mean_rows(r.norm(dim=-1), w)
+    norm = r.norm(dim=-1)
+    w = torch.ones_like(norm) if w is None else w
+    sums = torch.stack([(norm * w).sum(), w.sum()])
+    all_reduce_sum(sums)
+    return sums[0] / sums[1].clamp_min(1e-12)

@@ -22,10 +22,7 @@ Design choices, and why:
   per-depth scale s_d before the lookup and the code multiplied back, e(k_d) = s_d·c(k_d),
   s_d an EMA of the mean norm of r_{d-1}. Residuals shrink with depth, so without it most of
   a shared codebook sits at the depth-1 scale and the deeper depths choose among a few small
-  codes. `depth_shift=True` likewise centres it first by μ_d, an EMA of its mean, and adds
-  μ_d back: e(k_d) = μ_d + s_d·c(k_d). The input z has a large mean that later residuals do
-  not, so a shared codebook otherwise keeps separate codes for depth 1. `code_table()`
-  gives the per-depth vectors e(k) that stage 2 embeds.
+  codes. `code_table()` gives the per-depth vectors s_d·c(k) that stage 2 embeds.
 - The nearest-code search runs in fp32 even under bf16 autocast (distances between nearby
   codes underflow bf16's 8-bit mantissa) and is chunked over rows so that N×K distances are
   never materialised at once (K = 16384 with millions of vectors would need tens of GB).
@@ -75,7 +72,6 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         min_rows: int = 256,
         gradient_estimator: str = "ste",
         depth_scale: bool = False,
-        depth_shift: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1 or codebook_size < 2 or dim < 1:
@@ -98,11 +94,9 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         self.register_buffer("cluster_size", torch.ones(n, codebook_size))  # EMA of counts
         self.register_buffer("embed_sum", codebook.clone())  # EMA of assigned vector sums
         self.register_buffer("initialized", torch.tensor(not init_from_data))
-        self.depth_scale, self.depth_shift = depth_scale, depth_shift
+        self.depth_scale = depth_scale
         if depth_scale:  # only then in the state dict: unscaled checkpoints keep their keys
             self.register_buffer("scale", torch.ones(depth))
-        if depth_shift:
-            self.register_buffer("shift", torch.zeros(depth, dim))
 
     _known_initialized = False  # `initialized` as last read on the host
     frozen = False  # True: the codebook stays as it is (no EMA update, no restart) in training
@@ -123,36 +117,26 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         """s_d: what the residual entering depth d (0-based) is divided by for the lookup."""
         return self.scale[d] if self.depth_scale else 1.0
 
-    @property
-    def per_depth(self) -> bool:
-        """Whether each depth maps the codebook through its own shift and scale."""
-        return self.depth_scale or self.depth_shift
-
     def _lookup_space(self, r: Tensor, d: int) -> Tensor:
-        """(r - μ_d) / s_d: the residual entering depth d where its codebook's codes live."""
-        if self.depth_shift:
-            r = r - self.shift[d]
+        """r / s_d: the residual entering depth d where its codebook's codes live."""
         return r / self.scale[d] if self.depth_scale else r
 
     def _code_space(self, c: Tensor, d: int) -> Tensor:
-        """e = μ_d + s_d·c: codebook vectors c as depth d adds them."""
-        if self.depth_scale:
-            c = c * self.scale[d]
-        return c + self.shift[d] if self.depth_shift else c
+        """e = s_d·c: codebook vectors c as depth d adds them."""
+        return c * self.scale[d] if self.depth_scale else c
 
     def code_table(self) -> Tensor:
         """The code vectors e(k) each depth adds, (1 or D, K, dim): the codebook itself, or
-        with a depth scale or shift one copy μ_d + s_d·c(k) per depth (what stage 2 embeds)."""
-        if not self.per_depth:
+        with `depth_scale` one scaled copy s_d·c(k) per depth (what stage 2 embeds)."""
+        if not self.depth_scale:
             return self.codebook
-        return torch.stack(
-            [self._code_space(self.codebook[self.codebook_index(d)], d) for d in range(self.depth)]
-        )
+        cb = self.codebook[[self.codebook_index(d) for d in range(self.depth)]]
+        return cb * self.scale[:, None, None]
 
     @property
     def shared_table(self) -> bool:
         """Whether one table of code_table() serves every depth."""
-        return self.shared_codebook and not self.per_depth
+        return self.shared_codebook and not self.depth_scale
 
     # ----------------------------------------------------------------- search (Eq. 3)
     def _search(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
@@ -301,7 +285,6 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
     def extra_repr(self) -> str:
         kind = "shared" if self.shared_codebook else "separate"
         scaled = ", scaled per depth" if self.depth_scale else ""
-        scaled += ", shifted per depth" if self.depth_shift else ""
         return f"dim={self.dim}, K={self.codebook_size}, D={self.depth}, {kind} codebook{scaled}"
 
 

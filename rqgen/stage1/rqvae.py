@@ -44,9 +44,6 @@ class RQVAEConfig:
     # the lookup, and the code multiplied back: a shared codebook then serves every depth's
     # scale (not in the paper; official models keep scale 1)
     depth_scale: bool = False
-    # the same residual first centred by a per-depth shift (an EMA of its mean), added back
-    # to the code: depth 1's input has a mean the deeper residuals lack (not in the paper)
-    depth_shift: bool = False
     # GroupNorm groups: 0 keeps >= 4 channels per group in narrow layers (gcd(32, C/4)), which
     # is 32 at official widths; converted official models set 32 everywhere, as VQGAN does.
     norm_groups: int = 0
@@ -109,7 +106,6 @@ class RQVAE(nn.Module, Pretrained):
             restart_unused_codes=c.restart_unused_codes,
             gradient_estimator=c.gradient_estimator,
             depth_scale=c.depth_scale,
-            depth_shift=c.depth_shift,
         )
         if c.zero_init_residual:
             zero_init_residual_branches(self)
