@@ -335,3 +335,47 @@ def test_quantize_a_prefix_only():
     short, short_res = q.quantize(x[:64], depth=2)
     assert torch.equal(short, codes[:, :2])
     torch.testing.assert_close(short_res, res[:, :2])
+
+
+# ------------------------------------------------------------------ dynamic depth
+
+
+def test_dynamic_allocation_is_optimal_on_shrinking_gains_and_always_a_prefix():
+    import itertools
+
+    from rqgen.quantize.dynamic import allocate
+
+    torch.manual_seed(0)
+    # energies whose gains shrink with depth: the greedy allocation is the exhaustive optimum
+    gains = torch.rand(4, 3, 4).sort(-1, descending=True).values
+    total = gains.sum(-1, keepdim=True)
+    energy = torch.cat([total, total - gains.cumsum(-1)], -1)  # e_0..e_4
+    for budget in (3, 5, 8, 12):
+        depths = allocate(energy, budget)
+        assert (depths.sum(1) == budget).all() and depths.min() >= 1 and depths.max() <= 4
+        got = energy.gather(-1, depths[..., None]).sum((1, 2))
+        for b in range(4):
+            feasible = [ds for ds in itertools.product(range(1, 5), repeat=3) if sum(ds) == budget]
+            best = min(sum(float(energy[b, n, d]) for n, d in enumerate(ds)) for ds in feasible)
+            assert float(got[b]) == pytest.approx(best, abs=1e-6)
+    # any energies: the budget is met exactly and within the depth range
+    rough = torch.rand(2, 16, 9).sort(-1, descending=True).values + torch.rand(2, 16, 9) * 0.1
+    for budget in (16, 40, 128):
+        d = allocate(rough, budget)
+        assert (d.sum(1) == budget).all() and d.min() >= 1 and d.max() <= 8
+    with pytest.raises(ValueError, match="does not fit"):
+        allocate(rough, 200)
+
+
+def test_dynamic_stacks_decode_each_position_from_its_own_prefix():
+    from rqgen.quantize.dynamic import decode_stacks, stack_depths, truncate
+
+    q, x = trained(depth=4)
+    codes, _ = q.quantize(x[:32])
+    depths = torch.randint(1, 5, (32,))
+    stacks = truncate(codes, depths, stop=q.codebook_size)
+    assert torch.equal(stack_depths(stacks, q.codebook_size), depths)
+    assert (stacks[torch.arange(4)[None] >= depths[:, None]] == q.codebook_size).all()
+    want = torch.stack([q.decode_codes(codes[i], int(depths[i])) for i in range(32)])
+    torch.testing.assert_close(decode_stacks(q, stacks), want)
+

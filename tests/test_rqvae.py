@@ -229,3 +229,24 @@ def test_quantizer_dropout_decodes_each_image_from_its_own_prefix():
         vae.eval()
         full = vae(x)  # evaluation: the whole stack, whatever the setting
         torch.testing.assert_close(full.reconstruction, vae.decode_codes(full.codes))
+
+
+def test_rq_vae_spends_its_code_budget_where_the_residual_is_largest():
+    from rqgen.quantize.dynamic import quantize_with_energy, stack_depths
+
+    torch.manual_seed(0)
+    vae = RQVAE(small_config()).train()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x[:2, :, :16] = 0  # half of two images is flat: their stacks there should be short
+    vae(x)  # initialises the codebook
+    vae.eval()
+    stacks = vae.encode_to_stacks(x, mean_depth=2.0)
+    depths = stack_depths(stacks, vae.config.codebook_size)  # (B, 8, 8)
+    assert (depths.flatten(1).sum(1) == 2 * 64).all()
+    assert depths[:2, :4].float().mean() < depths[:2, 4:].float().mean()
+    # the whole budget decodes like the fixed full-depth map
+    full = vae.encode_to_stacks(x, mean_depth=4.0)
+    torch.testing.assert_close(vae.decode_stacks(full), vae.decode_codes(vae.encode_to_codes(x)))
+    # and the dynamic map leaves no more residual energy than the fixed depth-2 one
+    codes, energy = quantize_with_energy(vae.quantizer, vae.encode(x))
+    assert energy.gather(-1, depths[..., None]).sum() <= energy[..., 2].sum()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rqgen.checkpoint import Pretrained
-from rqgen.quantize import ResidualQuantizer
+from rqgen.quantize import ResidualQuantizer, dynamic
 from rqgen.stage1.blocks import Decoder, Encoder, PatchShortcut, zero_init_residual_branches
 
 
@@ -144,6 +144,21 @@ class RQVAE(nn.Module, Pretrained):
     def decode_codes(self, codes: Tensor, depth: int | None = None) -> Tensor:
         """Codes (B, H, W, D) -> images from Ẑ(depth) (default: all D; Table 6 with d < D)."""
         return self.decode(self.quantizer.decode_codes(codes, depth))
+
+    @torch.no_grad()
+    def encode_to_stacks(self, x: Tensor, mean_depth: float) -> Tensor:
+        """Images -> a dynamic code map (B, H, W, D): round(mean_depth·H·W) codes per image,
+        spent where the residual is largest; slots past a stack's end hold K (dynamic.py)."""
+        z = self.encode(x)
+        B, H, W, _ = z.shape
+        codes, energy = dynamic.quantize_with_energy(self.quantizer, z)
+        depths = dynamic.allocate(energy.view(B, H * W, -1), round(mean_depth * H * W))
+        return dynamic.truncate(codes, depths.view(B, H, W), self.config.codebook_size)
+
+    @torch.no_grad()
+    def decode_stacks(self, codes: Tensor) -> Tensor:
+        """A dynamic code map (B, H, W, D) -> images, each position from its own Ẑ(d)."""
+        return self.decode(dynamic.decode_stacks(self.quantizer, codes))
 
     def forward(self, x: Tensor) -> RQVAEOutput:
         depths = None

@@ -1,0 +1,66 @@
+"""Dynamic depth (not in the RQ or DQ papers): each position spends as many residual codes as
+its residual needs, a flat sky fewer than a face, at a budget of codes per image.
+
+A quantizer of depth D leaves the residual energies e_d = ||r_d||² (d = 0..D; e_0 = ||z||²)
+at every position. Choosing depths d_n ≥ 1 with Σ_n d_n = budget to minimise Σ_n e_{d_n} is
+a knapsack over positions; taking the largest marginal gains e_{d-1} - e_d first solves it
+exactly when each position's gains shrink with depth. Gains that grow again are first
+lowered to their running minimum, so a position's chosen codes are always a prefix of its
+stack (its partial sum Ẑ(d_n), Eq. 5, is what decodes).
+
+Dynamic code maps keep the (..., D) layout of fixed ones, with `stop` (= K, one past the
+last code) in every slot past a position's depth: an end-of-stack code a depth transformer
+can predict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def quantize_with_energy(quantizer, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes (..., D) of z (..., dim) and the energies e_d = ||r_d||², d = 0..D: (..., D + 1)."""
+    codes, residuals = quantizer.quantize(z)  # residuals r_0..r_{D-1}: (..., D, dim)
+    last = residuals[..., -1, :] - quantizer.embed(codes[..., -1:])[..., 0, :]
+    return codes, torch.cat([residuals, last[..., None, :]], -2).pow(2).sum(-1)
+
+
+def allocate(energy: Tensor, budget: int, min_depth: int = 1) -> Tensor:
+    """Depths (B, N) in min_depth..D with Σ_n d_n = budget per image, for energies
+    (B, N, D + 1): the budget goes to the largest (running-minimum) marginal gains."""
+    B, N, D = energy.shape[0], energy.shape[1], energy.shape[2] - 1
+    if not min_depth * N <= budget <= D * N:
+        raise ValueError(f"a budget of {budget} codes does not fit {N} positions of depth "
+                         f"{min_depth}..{D}")  # fmt: skip
+    gains = (energy[..., :-1] - energy[..., 1:])[..., min_depth:]  # (B, N, D - min_depth)
+    gains = gains.cummin(-1).values  # non-increasing along depth: chosen codes form a prefix
+    extra = budget - min_depth * N
+    depths = torch.full((B, N), min_depth, dtype=torch.long, device=energy.device)
+    if extra:
+        # ties go to the shallower slot, so that no position skips a depth
+        slots = D - min_depth
+        order = gains.flatten(1) - torch.arange(slots, device=energy.device).repeat(N) * 1e-12
+        top = order.topk(extra, dim=1).indices // slots  # the position of each chosen gain
+        depths += torch.zeros_like(depths).scatter_add_(1, top, torch.ones_like(top))
+    return depths
+
+
+def truncate(codes: Tensor, depths: Tensor, stop: int) -> Tensor:
+    """Codes (..., D) with every slot past each position's depth (...,) set to `stop`."""
+    slot = torch.arange(codes.shape[-1], device=codes.device)
+    return torch.where(slot < depths[..., None], codes, torch.full_like(codes, stop))
+
+
+def stack_depths(codes: Tensor, stop: int) -> Tensor:
+    """How many codes each stack of a dynamic code map (..., D) holds: (...,)."""
+    return (codes != stop).sum(-1)
+
+
+def decode_stacks(quantizer, codes: Tensor) -> Tensor:
+    """Ẑ(d_n) of a dynamic code map (..., D) whose stacks end at `stop` = K: (..., dim)."""
+    stop = quantizer.codebook_size
+    keep = codes != stop
+    vectors = quantizer.embed(torch.where(keep, codes, torch.zeros_like(codes)))
+    return (vectors * keep[..., None]).sum(-2)
