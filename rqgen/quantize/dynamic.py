@@ -35,14 +35,13 @@ def allocate(energy: Tensor, budget: int, min_depth: int = 1) -> Tensor:
         raise ValueError(f"a budget of {budget} codes does not fit {N} positions of depth "
                          f"{min_depth}..{D}")  # fmt: skip
     gains = (energy[..., :-1] - energy[..., 1:])[..., min_depth:]  # (B, N, D - min_depth)
-    gains = gains.cummin(-1).values  # non-increasing along depth: chosen codes form a prefix
+    gains = gains.cummin(-1).values  # non-increasing along depth
     extra = budget - min_depth * N
     depths = torch.full((B, N), min_depth, dtype=torch.long, device=energy.device)
     if extra:
-        # ties go to the shallower slot, so that no position skips a depth
-        slots = D - min_depth
-        order = gains.flatten(1) - torch.arange(slots, device=energy.device).repeat(N) * 1e-12
-        top = order.topk(extra, dim=1).indices // slots  # the position of each chosen gain
+        # a position's depth is how many of its gains were chosen: with gains non-increasing
+        # along depth, its first ones, whichever of tied slots topk returned
+        top = gains.flatten(1).topk(extra, dim=1).indices // (D - min_depth)
         depths += torch.zeros_like(depths).scatter_add_(1, top, torch.ones_like(top))
     return depths
 
