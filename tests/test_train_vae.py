@@ -325,19 +325,23 @@ def test_bf16_weight_ema_and_grad_accumulation(tmp_path):
 
 def test_fp16_with_gradient_scalers_resumes_exactly(tmp_path):
     """fp16 autocast with the GAN and clipping: both gradient scalers are saved, and a run
-    resumed from step 2 ends where an unbroken one does."""
-    fp16 = ["train.precision=fp16", "train.disc_start=0", "train.disc_ndf=8", "train.grad_clip=1"]
+    resumed from step 2 ends where an unbroken one does. A constant learning rate: the
+    first run's cosine schedule would end at its own step 2."""
+    fp16 = ["train.precision=fp16", "train.disc_start=0", "train.disc_ndf=8", "train.grad_clip=1",
+            "train.lr_schedule=constant"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     rqgen(*train_args(straight, 4, *fp16))
     rqgen(*train_args(resumed, 2, *fp16))
     state = TrainState(resumed).counters()
     assert state["scaler"]["scale"] > 0 and state["scaler_d"]["scale"] > 0
+    at_2 = weights(resumed)
     rqgen(*train_args(resumed, 4, *fp16))
     rows = [r for r in metrics(resumed) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("d_loss" in r for r in rows)
     a, b = weights(straight), weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(at_2["decoder.conv_out.weight"], b["decoder.conv_out.weight"])  # stepped
     bad = rqgen(*train_args(tmp_path / "bad", 1, "train.precision=fp8"), check=False)
     assert bad.returncode == 2 and "train.precision=fp8: must be one of" in bad.stderr
 
