@@ -98,6 +98,8 @@ def _card(name: str, meta: dict, evals: dict, params: int | None) -> str:
     if kind == "rqvae":  # the code shape follows from the downsampling
         h = c["resolution"] // 2 ** (len(c["ch_mult"]) - 1)
         rows.insert(1, ("code shape (H, W, D)", f"{h} × {h} × {c['code_depth']}"))
+    if c.get("stop_code"):
+        rows.append(("code stacks", "dynamic depth: each ends at the stop code K"))
     if meta.get("conditioning"):
         rows.append(("conditioning", meta["conditioning"]))
     lines = [*header, f"# {name}", "", f"An rqgen {title}.", "", "| | |", "|---|---|"]

@@ -56,6 +56,12 @@ class Family:
                 f"model.code_depth={d}, but the {self.name}-VAE has {what}: choose "
                 f"model.code_depth in 1..{full} (0 for all)"
             )
+        mean = m.mean_depth if m is not None else 0
+        if mean and not 1 <= mean <= d:
+            raise ConfigError(
+                f"model.mean_depth={mean:g}: a stack holds 1..{d} codes, so choose a mean "
+                f"depth in 1..{d} (0: every stack full)"
+            )
         return d
 
     def conditioning(self, config) -> str:
@@ -88,6 +94,7 @@ class Family:
             shared_codebook=q.shared_table,
             vae_fingerprint=codebook_fingerprint(q.codebook),
             text_pad_id=tokenizer.pad_id if text else 0,
+            stop_code=m.mean_depth > 0,
         )
         return RQTransformer(config, table)
 

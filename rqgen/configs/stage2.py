@@ -21,6 +21,9 @@ class ARModelConfig:
     # codes per position the transformer models: the first d ≤ D of the tokenizer's stacks
     # (images then decode from Ẑ(d)); 0: all D. One tokenizer serves every rate.
     code_depth: int = 0
+    # > 0: dynamic depth (quantize/dynamic.py): round(mean_depth·H·W) codes per image, spent
+    # where the residual is largest; a stop code ends the shorter stacks. 0: every stack full
+    mean_depth: float = 0.0
     position_layers: int = 2  # DQ-Transformer (with a DQ-VAE): position transformer
     content_layers: int = 6  # DQ-Transformer: content transformer
     dropout: float = 0.1

@@ -193,6 +193,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "spatial_layers": count(),
         "depth_layers": count(0),
         "code_depth": count(0),
+        "mean_depth": non_negative(),
         "position_layers": count(),
         "content_layers": count(),
         "dropout": unit(),
@@ -336,6 +337,11 @@ def check_family(exp, family) -> None:
         raise ConfigError(
             f"{family.name}-Transformer is class-conditional or unconditional: "
             "use model.conditioning=class or none"
+        )
+    if not family.residual and m.mean_depth:
+        raise ConfigError(
+            f"model.mean_depth is for RQ-VAE codes; a {family.name}-VAE varies its "
+            "granularity itself: drop model.mean_depth"
         )
     if not family.residual and (t.soft_labels or t.stochastic_codes):
         raise ConfigError(

@@ -20,11 +20,28 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def quantize_with_energy(quantizer, z: Tensor) -> tuple[Tensor, Tensor]:
-    """Codes (..., D) of z (..., dim) and the energies e_d = ||r_d||², d = 0..D: (..., D + 1)."""
-    codes, residuals = quantizer.quantize(z)  # residuals r_0..r_{D-1}: (..., D, dim)
+def energies(quantizer, codes: Tensor, residuals: Tensor) -> Tensor:
+    """e_d = ||r_d||², d = 0..D: (..., D + 1), of codes (..., D) and the residuals
+    r_0..r_{D-1} (..., D, dim) they were chosen for (argmin or drawn from Q_τ)."""
     last = residuals[..., -1, :] - quantizer.embed(codes[..., -1:])[..., 0, :]
-    return codes, torch.cat([residuals, last[..., None, :]], -2).pow(2).sum(-1)
+    return torch.cat([residuals, last[..., None, :]], -2).pow(2).sum(-1)
+
+
+@torch.no_grad()
+def quantize_with_energy(quantizer, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes (..., D) of z (..., dim) and their energies (..., D + 1)."""
+    codes, residuals = quantizer.quantize(z)  # residuals r_0..r_{D-1}: (..., D, dim)
+    return codes, energies(quantizer, codes, residuals)
+
+
+@torch.no_grad()
+def stacks(quantizer, codes: Tensor, residuals: Tensor, mean_depth: float) -> Tensor:
+    """Code maps (B, H, W, D) cut to round(mean_depth·H·W) codes per image where the
+    residuals (B, H, W, D, dim) are largest: a dynamic code map."""
+    B, H, W, _ = codes.shape
+    energy = energies(quantizer, codes, residuals).view(B, H * W, -1)
+    depths = allocate(energy, round(mean_depth * H * W))
+    return truncate(codes, depths.view(B, H, W), quantizer.codebook_size)
 
 
 def allocate(energy: Tensor, budget: int, min_depth: int = 1) -> Tensor:
@@ -59,7 +76,6 @@ def stack_depths(codes: Tensor, stop: int) -> Tensor:
 
 def decode_stacks(quantizer, codes: Tensor) -> Tensor:
     """Ẑ(d_n) of a dynamic code map (..., D) whose stacks end at `stop` = K: (..., dim)."""
-    stop = quantizer.codebook_size
-    keep = codes != stop
+    keep = codes != quantizer.codebook_size
     vectors = quantizer.embed(torch.where(keep, codes, torch.zeros_like(codes)))
     return (vectors * keep[..., None]).sum(-2)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rqgen.quantize.codebook import CodebookLearning
+from rqgen.quantize.dynamic import decode_stacks
 from rqgen.quantize.estimators import ESTIMATORS
 from rqgen.quantize.search import nearest
 
@@ -264,11 +265,12 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         return self.embed(codes).cumsum(-2)
 
     def decode_codes(self, codes: Tensor, depth: int | None = None) -> Tensor:
-        """Ẑ(depth) = Σ_{d ≤ depth} e(k_d) (default: all D depths) -> (..., dim)."""
+        """Ẑ(depth) = Σ_{d ≤ depth} e(k_d) (default: all D depths) -> (..., dim); a stack
+        ends at its stop code K (a dynamic code map, quantize/dynamic.py)."""
         depth = codes.shape[-1] if depth is None else depth
         if not 1 <= depth <= codes.shape[-1]:
             raise ValueError(f"depth must be in 1..{codes.shape[-1]}, got {depth}")
-        return self.embed(codes[..., :depth]).sum(-2)
+        return decode_stacks(self, codes[..., :depth])
 
     def soft_labels(self, residual: Tensor, depth: int, tau: float) -> Tensor:
         """Q_τ(k | r) ∝ exp(-||r - e(k)||² / τ) over the codebook of `depth` (0-based), Eq. 15.

@@ -142,23 +142,22 @@ class RQVAE(nn.Module, Pretrained):
 
     @torch.no_grad()
     def decode_codes(self, codes: Tensor, depth: int | None = None) -> Tensor:
-        """Codes (B, H, W, D) -> images from Ẑ(depth) (default: all D; Table 6 with d < D)."""
+        """Codes (B, H, W, D) -> images from Ẑ(depth) (default: all D; Table 6 with d < D).
+        A dynamic code map's stacks end at their stop codes (quantize/dynamic.py)."""
         return self.decode(self.quantizer.decode_codes(codes, depth))
 
     @torch.no_grad()
     def encode_to_stacks(self, x: Tensor, mean_depth: float) -> Tensor:
         """Images -> a dynamic code map (B, H, W, D): round(mean_depth·H·W) codes per image,
         spent where the residual is largest; slots past a stack's end hold K (dynamic.py)."""
-        z = self.encode(x)
-        B, H, W, _ = z.shape
-        codes, energy = dynamic.quantize_with_energy(self.quantizer, z)
-        depths = dynamic.allocate(energy.view(B, H * W, -1), round(mean_depth * H * W))
-        return dynamic.truncate(codes, depths.view(B, H, W), self.config.codebook_size)
+        codes, residuals = self.quantizer.quantize(self.encode(x))
+        return dynamic.stacks(self.quantizer, codes, residuals, mean_depth)
 
     @torch.no_grad()
     def decode_stacks(self, codes: Tensor) -> Tensor:
-        """A dynamic code map (B, H, W, D) -> images, each position from its own Ẑ(d)."""
-        return self.decode(dynamic.decode_stacks(self.quantizer, codes))
+        """A dynamic code map (B, H, W, D) -> images, each position from its own Ẑ(d)
+        (what `decode_codes` does with any code map holding stop codes)."""
+        return self.decode_codes(codes)
 
     def forward(self, x: Tensor) -> RQVAEOutput:
         depths = None

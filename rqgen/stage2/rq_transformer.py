@@ -43,6 +43,9 @@ class RQTransformerConfig:
     text_loss_weight: float = 0.1  # official: 0.1 for text tokens, 0.9 for image codes
     text_pad_id: int = 0  # padding token: fills short captions; all-padding is CFG's null
     vae_fingerprint: str = ""  # hash of the codebook of the RQ-VAE the model was trained with
+    # dynamic depth (quantize/dynamic.py): code K ends a position's stack (one more class of
+    # the depth head, a zero code vector; every slot after it is K again)
+    stop_code: bool = False
 
     @property
     def T(self) -> int:
@@ -59,6 +62,11 @@ class RQTransformerConfig:
     @property
     def cond_length(self) -> int:
         return self.text_length if self.text_vocab_size else 1
+
+    @property
+    def classes(self) -> int:
+        """Outcomes of one code: K, and the end of a stack with `stop_code`."""
+        return self.codebook_size + self.stop_code
 
 
 def check_class_ids(cond: Tensor, num_classes: int) -> None:
@@ -130,7 +138,9 @@ class RQTransformer(nn.Module, Pretrained):
         self.embed_drop = nn.Dropout(c.dropout)
         self.spatial_transformer = Transformer(C, c.spatial_layers, c.heads, c.dropout)
         self.depth_transformer = Transformer(C, c.depth_layers, c.heads_depth, c.dropout)
-        self.classifier = nn.Sequential(nn.LayerNorm(C), RowLinear(C, c.codebook_size))
+        self.classifier = nn.Sequential(nn.LayerNorm(C), RowLinear(C, c.classes))
+        if c.stop_code:  # input of an ended slot: the spatial transformer sees each depth
+            self.stop_emb = nn.Parameter(torch.zeros(c.D, C))
         gpt_init(self, c.spatial_layers + c.depth_layers)
         for p in (self.pos_emb_hw, self.pos_emb_d, self.pos_emb_cond):
             nn.init.normal_(p, 0.0, 0.02)
@@ -140,18 +150,21 @@ class RQTransformer(nn.Module, Pretrained):
     def null_class(self) -> int:
         return self.config.num_classes
 
+    def table(self, depth: int) -> Tensor:
+        """The code vectors of depth d (0-based), with a zero vector for the stop code."""
+        t = self.codebook[0 if self.config.shared_codebook else depth]
+        return F.pad(t, (0, 0, 0, 1)) if self.config.stop_code else t
+
     def code_vectors(self, codes: Tensor) -> Tensor:
         """e(S_td) for codes (..., D') -> (..., D', embed_dim), from the frozen codebook."""
         if self.config.shared_codebook:
-            return F.embedding(codes, self.codebook[0])
-        return torch.stack(
-            [F.embedding(codes[..., d], self.codebook[d]) for d in range(codes.shape[-1])], -2
-        )
+            return F.embedding(codes, self.table(0))
+        return torch.stack([self.code_vector(codes[..., d], d) for d in range(codes.shape[-1])], -2)
 
     def code_vector(self, codes: Tensor, depth: int) -> Tensor:
         """e(S_td) for the codes (...,) of one depth d -> (..., embed_dim): codebook d when
         every depth has its own (`shared_codebook=False`)."""
-        return F.embedding(codes, self.codebook[0 if self.config.shared_codebook else depth])
+        return F.embedding(codes, self.table(depth))
 
     def check_cond(self, cond: Tensor) -> None:
         if not self.config.text_vocab_size and not self.conditions_checked:
@@ -165,10 +178,17 @@ class RQTransformer(nn.Module, Pretrained):
             self.check_cond(cond)
         return self.cond_emb(cond) + self.pos_emb_cond[:, : cond.shape[1]]
 
+    def code_inputs(self, codes: Tensor) -> Tensor:
+        """Stacks (..., D) -> Σ_d input_mlp(e(S_td)) (..., C) (Eq. 10 without PE_T); ended
+        slots add their stop embedding."""
+        x = self.input_mlp(self.code_vectors(codes)).sum(-2)
+        if self.config.stop_code:
+            x = x + ((codes == self.config.codebook_size)[..., None] * self.stop_emb).sum(-2)
+        return x
+
     def spatial_inputs(self, codes: Tensor) -> Tensor:
         """Codes (B, T', D) -> per-position inputs (B, T', C): Σ_d input_mlp(e(S_td)) + PE_T."""
-        x = self.input_mlp(self.code_vectors(codes)).sum(-2)
-        return x + self.pos_emb_hw[:, : codes.shape[1]]
+        return self.code_inputs(codes) + self.pos_emb_hw[:, : codes.shape[1]]
 
     def depth_inputs(self, h: Tensor, codes: Tensor) -> Tensor:
         """h (N, C) and the first D' codes (N, D') of each position -> (N, D'+1, C):
@@ -197,7 +217,11 @@ class RQTransformer(nn.Module, Pretrained):
         h_img = h[:, L - 1 :]  # the output at token L-1+t predicts position t
         v = self.depth_inputs(h_img.reshape(B * c.T, -1), codes.reshape(B * c.T, c.D)[:, :-1])
         out = self.depth_transformer(self.embed_drop(v))  # (B·T, D, C)
-        logits = self.classifier(out).view(B, c.T, c.D, c.codebook_size)
+        logits = self.classifier(out).view(B, c.T, c.D, c.classes)
+        if c.stop_code:  # no stack ends before its first code: p(stop at depth 1) = 0
+            first = torch.zeros(c.D, c.classes, dtype=torch.bool, device=logits.device)
+            first[0, c.codebook_size] = True
+            logits = logits.masked_fill(first, torch.finfo(logits.dtype).min / 4)
         text_logits = self.cond_classifier(h[:, : L - 1]) if c.text_vocab_size else None
         return logits, text_logits
 
@@ -220,12 +244,14 @@ class RQTransformer(nn.Module, Pretrained):
         cond: Tensor,
         soft_targets: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        K = self.config.codebook_size
-        flat = logits.reshape(-1, K).float()
-        if soft_targets is None:
+        c = self.config
+        flat = logits.reshape(-1, c.classes).float()
+        if c.stop_code:
+            img = self.stop_code_loss(flat, codes, soft_targets)
+        elif soft_targets is None:
             img = F.cross_entropy(flat, codes.reshape(-1))
         else:
-            img = -(soft_targets.reshape(-1, K) * F.log_softmax(flat, -1)).sum(-1).mean()
+            img = -(soft_targets.reshape(-1, c.classes) * F.log_softmax(flat, -1)).sum(-1).mean()
         parts = {"img_loss": img.detach()}
         if text_logits is None:
             return img, parts
@@ -235,6 +261,36 @@ class RQTransformer(nn.Module, Pretrained):
         )
         parts["text_loss"] = txt.detach()
         return (1 - w) * img + w * txt, parts
+
+    def stop_code_loss(self, flat: Tensor, codes: Tensor, soft: Tensor | None) -> Tensor:
+        """NLL over the codes of each stack up to and including its stop code: the slots
+        after it are forced (probability 1) and left out of the mean. Soft targets (..., K)
+        hold for the codes; a stop slot's target is the stop code."""
+        K, stop = self.config.codebook_size, codes == self.config.codebook_size
+        ended = F.pad(stop.cumsum(-1)[..., :-1], (1, 0)) > 0  # a stop came earlier
+        keep = ~ended.reshape(-1)
+        if soft is None:
+            return F.cross_entropy(flat[keep], codes.reshape(-1)[keep])
+        target = F.pad(soft, (0, 1)).reshape(-1, K + 1)
+        target = torch.where(stop.reshape(-1, 1), F.one_hot(codes.reshape(-1), K + 1), target)
+        return -(target[keep] * F.log_softmax(flat[keep], -1)).sum(-1).mean()
+
+    def constrain(self, logits: Tensor, depth: int, previous: Tensor | None) -> Tensor:
+        """Logits (rows, classes) of depth d given the codes (rows,) of depth d-1: no stack
+        ends before its first code, and an ended one stays ended. The excluded outcomes get
+        a huge finite negative, not -inf, so that guidance (a difference of logits) keeps
+        them excluded instead of turning them into NaN."""
+        c = self.config
+        if not c.stop_code:
+            return logits
+        low = torch.finfo(torch.float32).min / 4
+        logits = logits.float().clone()
+        if depth == 0:
+            logits[:, c.codebook_size] = low
+            return logits
+        ended = (previous == c.codebook_size)[:, None]
+        stop = torch.arange(c.classes, device=logits.device) == c.codebook_size
+        return torch.where(ended, torch.where(stop, 0.0, low), logits)
 
     # ------------------------------------------------------------------- pairing
     def check_vae(self, vae) -> None:

@@ -76,19 +76,23 @@ def _sample_cached(model, cond, codes, sampling, generator, decoder) -> None:
     for t in range(c.T):
         if t > 0:  # feed position t-1's codes: one token at spatial position L-1+t
             prev = codes[:, t - 1 : t].repeat(B // n, 1, 1)
-            x = model.input_mlp(model.code_vectors(prev)).sum(-2) + model.pos_emb_hw[:, t - 1]
+            x = model.code_inputs(prev) + model.pos_emb_hw[:, t - 1]
             h = decoder.spatial_step(x, c.cond_length + t - 1)
-        partial = None
+        partial = previous = None
         for d in range(c.D):
             if d == 0:
                 v = (h + model.pos_emb_d[:, 0])[:, None]
             else:
                 # depth d-1's own codebook: a one-wide slice through code_vectors would look
                 # every depth up in codebook 0
-                e = model.code_vector(codes[:, t, d - 1].repeat(B // n), d - 1)
+                previous = codes[:, t, d - 1].repeat(B // n)
+                e = model.code_vector(previous, d - 1)
                 partial = e if partial is None else partial + e  # Ẑ(d), Eq. 12
                 v = (model.head_mlp(partial) + model.pos_emb_d[:, d])[:, None]
-            codes[:, t, d] = next_code(decoder.depth_step(v, d), d, sampling, n, generator)
+            logits = model.constrain(decoder.depth_step(v, d), d, previous)
+            codes[:, t, d] = stay_ended(
+                model, next_code(logits, d, sampling, n, generator), previous
+            )
 
 
 def _sample_uncached(model, cond, codes, sampling, generator) -> None:
@@ -98,7 +102,20 @@ def _sample_uncached(model, cond, codes, sampling, generator) -> None:
     for t in range(c.T):
         for d in range(c.D):
             logits, _ = model(codes.repeat(B // n, 1, 1), cond)
-            codes[:, t, d] = next_code(logits[:, t, d], d, sampling, n, generator)
+            previous = codes[:, t, d - 1].repeat(B // n) if d else None
+            logits = model.constrain(logits[:, t, d], d, previous)
+            codes[:, t, d] = stay_ended(
+                model, next_code(logits, d, sampling, n, generator), previous
+            )
+
+
+def stay_ended(model: RQTransformer, code: Tensor, previous: Tensor | None) -> Tensor:
+    """A stack that has ended (stop code at depth d-1) keeps the stop code, whatever a draw
+    of probability zero (a uniform of exactly 0) returned."""
+    if previous is None or not model.config.stop_code:
+        return code
+    stop = model.config.codebook_size
+    return torch.where(previous[: code.shape[0]] == stop, stop, code)
 
 
 class EagerDecoder:

@@ -86,7 +86,7 @@ def window_logits(
     at = done[:, None] + torch.arange(width, device=done.device)  # (rows, width) positions
     before = (at - 1).clamp(min=0)  # position p's input holds the codes of p - 1
     prev = tentative.gather(1, before[..., None].expand(-1, -1, c.D))
-    x = model.input_mlp(model.code_vectors(prev)).sum(-2)
+    x = model.code_inputs(prev)
     x = x + model.pos_emb_hw[0, before.clamp(max=c.T - 1)]
     x = torch.where((at == 0)[..., None], last_cond[:, None], x)
     h = model.spatial_transformer(x, cache, c.cond_length - 1 + done)
@@ -124,6 +124,9 @@ def sample_codes_speculative(
     c, N = model.config, sampling.speculative
     if sampling.compile:
         raise ConfigError("speculative sampling runs eagerly: drop --compile")
+    if c.stop_code:
+        raise ConfigError("speculative sampling drafts full stacks: sample a dynamic-depth "
+                          "model without --speculative")  # fmt: skip
     model.eval()
     sampling.check(c.D)
     n, dev, K, D, T = cond.shape[0], cond.device, c.codebook_size, c.D, c.T

@@ -29,6 +29,7 @@ from rqgen.distributed import Runtime, from_rank0, init_runtime, meet_after
 from rqgen.errors import ConfigError
 from rqgen.family import family_of
 from rqgen.pipeline import RQPipeline
+from rqgen.quantize import dynamic
 from rqgen.stage1 import load_vae
 from rqgen.stage2.guidance import SamplingConfig
 from rqgen.stage2.rq_transformer import codebook_fingerprint
@@ -229,9 +230,11 @@ class ARTrainer(Trainer):
             pad = self.model.config.vocab.content_pad
             length = int((z[:, 0] != pad).sum(1).max())
             return z[:, :, :length], None
-        t, q = self.exp.train, self.vae.quantizer
+        t, q, mean_depth = self.exp.train, self.vae.quantizer, self.exp.model.mean_depth
         taus = self.taus if t.stochastic_codes and not argmin else None
         codes, residuals = q.quantize(z, taus, generator, depth=d)  # the first d codes only
+        if mean_depth:  # dynamic depth: the stacks cut where the residuals are smallest
+            codes = dynamic.stacks(q, codes, residuals, mean_depth)
         soft = None
         if t.soft_labels and not argmin:
             soft = torch.stack(
@@ -282,8 +285,7 @@ class ARTrainer(Trainer):
         return totals
 
     def _loss(self, codes, cond, soft):
-        # the forward through the wrapper (DDP, FSDP, compiled) that owns the gradients; the
-        # loss itself on the plain model (both models split forward and loss this way)
+        # the forward through the wrapper that owns the gradients; the loss on the plain model
         return self.model.loss_from_logits(*self.forward(codes, cond), codes, cond, soft)
 
     @torch.no_grad()

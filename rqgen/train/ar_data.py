@@ -147,7 +147,7 @@ def _features(exp, vae, dataset, data: str, out: Path, rt: Runtime, quiet: bool)
         resolution=res,
         crops=t.feature_crops,
         vae=vae_fingerprint(vae),
-        kind=store_kind(vae, t.soft_labels, t.stochastic_codes),
+        kind=store_kind(vae, t.soft_labels or t.stochastic_codes or exp.model.mean_depth > 0),
         seed=0 if t.feature_crops in FIXED_CROPS else t.seed,
     )
     views = meet_after(rt, lambda: views_dataset(dataset, data, res, t.feature_crops, t.seed))

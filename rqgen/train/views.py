@@ -146,12 +146,12 @@ def views_dataset(dataset: Dataset, data: str, resolution: int, crops: int, seed
     return _Views(base, resolution, crops, seed)
 
 
-def store_kind(vae: torch.nn.Module, soft_labels: bool, stochastic_codes: bool) -> str:
-    """fp16 features where codes are drawn or soft targets computed at every step; else the
-    argmin codes themselves (int16), which is all hard-label training reads."""
+def store_kind(vae: torch.nn.Module, features: bool) -> str:
+    """fp16 `features` where codes are drawn, soft targets computed or stacks cut at every
+    step; else the argmin codes themselves (int16), which is all hard-label training reads."""
     if not family_of(vae).residual:
         return "dq"  # the token streams of each image
-    return "features" if soft_labels or stochastic_codes else "codes"
+    return "features" if features else "codes"
 
 
 @torch.no_grad()
