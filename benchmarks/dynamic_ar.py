@@ -100,7 +100,11 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default="benchmarks/work/dynamic_ar")
+    p.add_argument("--only", nargs="*", help="subset of variant names (fixed d=1..4 always)")
     args = p.parse_args()
+    global VARIANTS
+    if args.only:
+        VARIANTS = {k: v for k, v in VARIANTS.items() if k.startswith("fixed") or k in args.only}
     args.seed, args.train_data, args.val_data = -1, "bundled:photos", "bundled:photos:val"
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(
@@ -134,7 +138,7 @@ def main() -> None:
         )
     pairs = ["| dynamic m − fixed d = m (same seed) | Δ PSNR (dB) | Δ NLL (bits/image) |",
              "|---|---|---|"]  # fmt: skip
-    for m in (2, 3):
+    for m in [m for m in (2, 3) if f"dynamic m={m}" in VARIANTS]:
         dp = [
             runs[f"dynamic m={m}", s]["psnr"] - runs[f"fixed d={m}", s]["psnr"] for s in args.seeds
         ]

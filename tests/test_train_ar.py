@@ -213,13 +213,21 @@ def test_a_folder_without_classes_trains_an_unconditional_model_and_resumes(vae,
     assert "resuming at step" in again.stdout  # the same decision: the run continues
 
 
+def assert_first_sample_decodes(vae, codes, folder) -> None:
+    """The first PNG `sample` wrote is what the VAE decodes the first saved code map to."""
+    from rqgen.stage1 import load_vae
+
+    pixels = load_vae(vae).decode_codes(codes).clamp(-1, 1)
+    png = np.asarray(Image.open(sorted(folder.glob("00000_*.png"))[0]))[::4, ::4]
+    expected = ((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    assert np.abs(png.astype(int) - expected.astype(int)).max() <= 1
+
+
 def test_dynamic_depth_trains_and_samples_stacks_that_end(vae, tmp_path):
     """model.mean_depth=2 on a depth-4 tokenizer: the transformer models where stacks end
     (stop code K = 32); its samples are stacks of 1..4 codes, decoded each from its own Ẑ(d).
     A mean depth the stacks cannot hold is refused."""
     import torch
-
-    from rqgen.stage1 import load_vae
 
     ar = tmp_path / "ar"
     train_ar(vae, ar, 4, "model.mean_depth=2")
@@ -230,10 +238,7 @@ def test_dynamic_depth_trains_and_samples_stacks_that_end(vae, tmp_path):
     stop = codes == 32
     assert codes.shape == (3, 8, 8, 4) and not stop[..., 0].any()
     assert (stop[..., :-1] <= stop[..., 1:]).all()  # once ended, a stack stays ended
-    pixels = load_vae(vae).decode_codes(codes).clamp(-1, 1)
-    png = np.asarray(Image.open(sorted((tmp_path / "s").glob("00000_*.png"))[0]))[::4, ::4]
-    expected = ((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-    assert np.abs(png.astype(int) - expected.astype(int)).max() <= 1
+    assert_first_sample_decodes(vae, codes, tmp_path / "s")
     p = train_ar(vae, tmp_path / "bad", 1, "model.mean_depth=4.5", check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
         "rqgen: error: model.mean_depth=4.5: a stack holds 1..4 codes, so choose a mean "
@@ -246,8 +251,6 @@ def test_a_prefix_of_the_tokenizers_depth_trains_and_samples(vae, tmp_path):
     of each stack and its samples decode from Ẑ(2); a depth the tokenizer lacks is refused."""
     import torch
 
-    from rqgen.stage1 import load_vae
-
     ar = tmp_path / "ar"
     train_ar(vae, ar, 4, "model.code_depth=2")
     assert json.loads((ar / "config.json").read_text())["config"]["code_shape"] == [8, 8, 2]
@@ -255,10 +258,7 @@ def test_a_prefix_of_the_tokenizers_depth_trains_and_samples(vae, tmp_path):
           "--save-codes", tmp_path / "codes.npy")  # fmt: skip
     codes = torch.from_numpy(np.load(tmp_path / "codes.npy"))
     assert codes.shape == (3, 8, 8, 2)
-    pixels = load_vae(vae).decode_codes(codes).clamp(-1, 1)  # Ẑ(2)
-    png = np.asarray(Image.open(sorted((tmp_path / "s").glob("00000_*.png"))[0]))[::4, ::4]
-    expected = ((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-    assert np.abs(png.astype(int) - expected.astype(int)).max() <= 1
+    assert_first_sample_decodes(vae, codes, tmp_path / "s")  # from Ẑ(2)
     p = train_ar(vae, tmp_path / "bad", 1, "model.code_depth=5", check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
         "rqgen: error: model.code_depth=5, but the RQ-VAE has 4 codes per position: choose "
