@@ -268,12 +268,14 @@ class RQTransformer(nn.Module, Pretrained):
         hold for the codes; a stop slot's target is the stop code."""
         K, stop = self.config.codebook_size, codes == self.config.codebook_size
         ended = F.pad(stop.cumsum(-1)[..., :-1], (1, 0)) > 0  # a stop came earlier
-        keep = ~ended.reshape(-1)
+        keep = (~ended).reshape(-1).float()  # a weighted mean: no data-dependent shapes
         if soft is None:
-            return F.cross_entropy(flat[keep], codes.reshape(-1)[keep])
-        target = F.pad(soft, (0, 1)).reshape(-1, K + 1)
-        target = torch.where(stop.reshape(-1, 1), F.one_hot(codes.reshape(-1), K + 1), target)
-        return -(target[keep] * F.log_softmax(flat[keep], -1)).sum(-1).mean()
+            nll = F.cross_entropy(flat, codes.reshape(-1), reduction="none")
+        else:
+            target = F.pad(soft, (0, 1)).reshape(-1, K + 1)
+            target = torch.where(stop.reshape(-1, 1), F.one_hot(codes.reshape(-1), K + 1), target)
+            nll = -(target * F.log_softmax(flat, -1)).sum(-1)
+        return (nll * keep).sum() / keep.sum()
 
     def constrain(self, logits: Tensor, depth: int, previous: Tensor | None) -> Tensor:
         """Logits (rows, classes) of depth d given the codes (rows,) of depth d-1: no stack
