@@ -32,6 +32,7 @@ from rate_distortion import cell, one, run, slug  # noqa: E402
 
 from rqgen.data import build_dataset  # noqa: E402
 from rqgen.evaluate import psnr  # noqa: E402
+from rqgen.quantize.dynamic import forced  # noqa: E402
 from rqgen.stage1.rqvae import RQVAE  # noqa: E402
 from rqgen.stage2.rq_transformer import RQTransformer  # noqa: E402
 
@@ -74,7 +75,7 @@ def score(vae_dir: Path, ar_dir: Path, images: torch.Tensor, mean_depth: float |
         flat = codes.reshape(len(x), c.T, c.D)
         lp = logits.float().log_softmax(-1).gather(-1, flat[..., None])[..., 0]
         stop = flat == c.codebook_size
-        drawn = ~(torch.nn.functional.pad(stop.cumsum(-1)[..., :-1], (1, 0)) > 0)
+        drawn = ~forced(flat, c.codebook_size)
         bits.append(-(lp * drawn).sum((1, 2)) / math.log(2))
         quality.append(psnr(vae.decode_codes(codes).clamp(-1, 1), x))
         codes_per_image.append((~stop).sum((1, 2)).float())

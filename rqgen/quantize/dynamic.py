@@ -69,6 +69,11 @@ def truncate(codes: Tensor, depths: Tensor, stop: int) -> Tensor:
     return torch.where(slot < depths[..., None], codes, torch.full_like(codes, stop))
 
 
+def forced(codes: Tensor, stop: int) -> Tensor:
+    """The slots (..., D) after each stack's stop code: stops again, forced rather than drawn."""
+    return torch.nn.functional.pad((codes == stop).cumsum(-1)[..., :-1], (1, 0)) > 0
+
+
 def stack_depths(codes: Tensor, stop: int) -> Tensor:
     """How many codes each stack of a dynamic code map (..., D) holds: (...,)."""
     return (codes != stop).sum(-1)

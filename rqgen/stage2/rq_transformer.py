@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from rqgen.checkpoint import Pretrained
 from rqgen.errors import CheckpointError, ConfigError
+from rqgen.quantize.dynamic import forced
 from rqgen.stage2.block import RowLinear, Transformer, gpt_init
 
 
@@ -267,8 +268,7 @@ class RQTransformer(nn.Module, Pretrained):
         after it are forced (probability 1) and left out of the mean. Soft targets (..., K)
         hold for the codes; a stop slot's target is the stop code."""
         K, stop = self.config.codebook_size, codes == self.config.codebook_size
-        ended = F.pad(stop.cumsum(-1)[..., :-1], (1, 0)) > 0  # a stop came earlier
-        keep = (~ended).reshape(-1).float()  # a weighted mean: no data-dependent shapes
+        keep = (~forced(codes, K)).reshape(-1).float()  # a weighted mean: no data-dependent shapes
         if soft is None:
             nll = F.cross_entropy(flat, codes.reshape(-1), reduction="none")
         else:
