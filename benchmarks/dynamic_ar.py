@@ -11,6 +11,10 @@ code ending each stack). Each is scored on the held-out photo crops: bits per im
 the argmin codes, stop codes included) and the PSNR of what those codes decode to.
 
     python benchmarks/dynamic_ar.py --seeds 0 1 2 --jobs 2 --threads 1
+    python benchmarks/dynamic_ar.py --data fashion-mnist --seeds 0 1 2
+
+Fashion-MNIST: 10000 of its training images, scored on 1000 test images (Debian's
+dataset-fashion-mnist, installed when missing).
 
 Reruns resume from benchmarks/work/dynamic_ar. Results: benchmarks/results/dynamic_ar.md.
 """
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import fashion_mnist, write_results  # noqa: E402
 from rate_distortion import cell, one, run, slug  # noqa: E402
 
 from rqgen.data import build_dataset  # noqa: E402
@@ -102,11 +106,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default="benchmarks/work/dynamic_ar")
     p.add_argument("--only", nargs="*", help="subset of variant names (fixed d=1..4 always)")
+    p.add_argument("--data", choices=["photos", "fashion-mnist"], default="photos")
     args = p.parse_args()
     global VARIANTS
     if args.only:
         VARIANTS = {k: v for k, v in VARIANTS.items() if k.startswith("fixed") or k in args.only}
     args.seed, args.train_data, args.val_data = -1, "bundled:photos", "bundled:photos:val"
+    if args.data != "photos":  # 10000 training images, 1000 held-out test images
+        args.workdir += "_" + slug(args.data)
+        train, val = fashion_mnist(Path(args.workdir) / "data", 10000, 1000)
+        args.train_data, args.val_data = str(train), str(val)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(
             lambda s: one("tiny32 8x8x4", ["model.code_depth=4"], args, "tiny32", s),
@@ -147,19 +156,21 @@ def main() -> None:
             runs[f"dynamic m={m}", s]["bits"] - runs[f"fixed d={m}", s]["bits"] for s in args.seeds
         ]
         pairs.append(f"| m = d = {m} | {cell(dp)} | {cell(db, 0)} |")
+    held_out = "bundled:photos:val" if args.data == "photos" else "Fashion-MNIST test images"
     body = (
         f"Per seed ({', '.join(map(str, args.seeds))}): one tiny32 8×8×4 tokenizer (K = 512, "
-        f"{args.steps} steps at batch 64 on bundled:photos), and one unconditional ar-tiny "
+        f"{args.steps} steps at batch 64 on {args.data}), and one unconditional ar-tiny "
         f"RQ-Transformer per row ({args.ar_steps} steps, soft labels and stochastic codes as "
         "the preset has them, its best checkpoint on the validation split). Scored on the "
-        f"{len(images)} held-out crops (bundled:photos:val): the transformer's NLL of their "
+        f"{len(images)} held-out images ({held_out}): the transformer's NLL of their "
         "argmin codes (dynamic: of the stacks cut at that mean depth, each stop code counted) "
         "and the PSNR they decode to. Means ± half-width of the 95% Student-t interval over "
         "seeds; the curve column interpolates each seed's fixed-depth (NLL, PSNR) points "
         "linearly (– outside their range).\n\n" + "\n".join(rows) + "\n\n" + "\n".join(pairs) + "\n"
     )
     data = {"seeds": args.seeds, "runs": {f"{n} | {s}": v for (n, s), v in runs.items()}}
-    print(write_results("dynamic_ar", body, data))
+    name = "dynamic_ar" + ("" if args.data == "photos" else "_" + slug(args.data))
+    print(write_results(name, body, data))
 
 
 if __name__ == "__main__":
