@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fashion_mnist, write_results  # noqa: E402
-from rate_distortion import cell, one, run, slug  # noqa: E402
+from common import write_results  # noqa: E402
+from rate_distortion import cell, choose_data, one, run, slug  # noqa: E402
 
 from rqgen.data import build_dataset  # noqa: E402
 from rqgen.evaluate import psnr  # noqa: E402
@@ -111,11 +111,8 @@ def main() -> None:
     global VARIANTS
     if args.only:
         VARIANTS = {k: v for k, v in VARIANTS.items() if k.startswith("fixed") or k in args.only}
-    args.seed, args.train_data, args.val_data = -1, "bundled:photos", "bundled:photos:val"
-    if args.data != "photos":  # 10000 training images, 1000 held-out test images
-        args.workdir += "_" + slug(args.data)
-        train, val = fashion_mnist(Path(args.workdir) / "data", 10000, 1000)
-        args.train_data, args.val_data = str(train), str(val)
+    args.seed = -1
+    choose_data(args)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(
             lambda s: one("tiny32 8x8x4", ["model.code_depth=4"], args, "tiny32", s),

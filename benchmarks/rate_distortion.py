@@ -130,12 +130,18 @@ def parse_args(doc: str, steps: int, workdir: str) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="subset of variant names")
     p.add_argument("--data", choices=["photos", "fashion-mnist"], default="photos")
     args = p.parse_args()
+    choose_data(args)
+    return args
+
+
+def choose_data(args: argparse.Namespace) -> None:
+    """args.train_data / val_data for `args.data`: the bundled photos, or 10000 Fashion-MNIST
+    training images and 1000 of its test images (in a workdir of their own)."""
     args.train_data, args.val_data = "bundled:photos", "bundled:photos:val"
     if args.data != "photos":
         args.workdir += "_" + slug(args.data)
         train, val = fashion_mnist(Path(args.workdir) / "data", 10000, 1000)
         args.train_data, args.val_data = str(train), str(val)
-    return args
 
 
 def train_all(variants: dict[str, tuple[str, list[str]]], args, seeds=None) -> list[dict]:
