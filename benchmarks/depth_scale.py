@@ -20,7 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import cell, parse_args, residual_scales, run_dir, slug, train_all  # noqa: E402
+from rate_distortion import (  # noqa: E402
+    cell,
+    parse_args,
+    residual_scales,
+    results_name,
+    run_dir,
+    train_all,
+)
 
 SEPARATE, SHARED, SCALED = (
     "4 separate codebooks of 128",
@@ -46,7 +53,8 @@ def main() -> None:
         "| distinct codes per depth, seed " + str(seeds[0]) + " |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in VARIANTS:
+    trained = [k for k in VARIANTS if not args.only or k in args.only]
+    for name in trained:
         rs = [by[name, s] for s in seeds]
         depth = ", ".join(
             f"{cell([r['per_depth_psnr'][d] for r in rs]).split(' ')[0]}" for d in range(4)
@@ -62,7 +70,7 @@ def main() -> None:
         "| difference (dB of PSNR, same seed) | mean ± 95% interval | per seed |",
         "|---|---|---|",
     ]
-    for a, b in PAIRS:
+    for a, b in (pair for pair in PAIRS if set(pair) <= set(trained)):
         d = [by[a, s]["psnr"] - by[b, s]["psnr"] for s in seeds]
         diffs.append(f"| {a} − {b} | {cell(d)} | {', '.join(f'{x:+.2f}' for x in d)} |")
     body = "\n".join(
@@ -77,7 +85,7 @@ def main() -> None:
             *diffs,
         ]
     )
-    name = "depth_scale" + ("" if args.data == "photos" else "_" + slug(args.data))
+    name = results_name("depth_scale", args)
     write_results(name, body, {"steps": args.steps, "seeds": seeds, "runs": results})
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import cell, parse_args, slug, train_all  # noqa: E402
+from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E402
 
 COARSE = ["model.ch_mult=[1,2,4,4]"]  # tiny32 with one more level: f = 8, a 4×4 grid
 VARIANTS = {  # name: (preset, overrides)
@@ -101,7 +101,7 @@ def main() -> None:
         + "\n".join(diffs)
         + "\n"
     )
-    name = "dq_rate_distortion" + ("" if args.data == "photos" else "_" + slug(args.data))
+    name = results_name("dq_rate_distortion", args)
     data = {"steps": args.steps, "seeds": seeds, "results": results}
     print(write_results(name, body, data))
 

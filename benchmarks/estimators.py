@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import cell, parse_args, train_all  # noqa: E402
+from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E402
 
 VARIANTS = {
     "straight-through (ste)": ["model.gradient_estimator=ste"],
@@ -55,7 +55,7 @@ def main() -> None:
         f"Rotation − straight-through, PSNR (same seed): {cell(diffs)} dB "
         f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}).",
     ])  # fmt: skip
-    write_results("estimators", body, {"runs": results})
+    write_results(results_name("estimators", args), body, {"runs": results})
 
 
 if __name__ == "__main__":

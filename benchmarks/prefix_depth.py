@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import cell, parse_args, train_all  # noqa: E402
+from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E402
 
 ARCHS = {"tiny32": [], "paper architecture": ["model.patch_shortcut=false"]}
 DEPTHS = (1, 2, 4)
@@ -87,7 +87,8 @@ def main() -> None:
             *diffs,
         ]
     )
-    write_results("prefix_depth", body, {"steps": args.steps, "seeds": seeds, "runs": results})
+    data = {"steps": args.steps, "seeds": seeds, "runs": results}
+    write_results(results_name("prefix_depth", args), body, data)
 
 
 if __name__ == "__main__":

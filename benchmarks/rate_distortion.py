@@ -130,8 +130,20 @@ def parse_args(doc: str, steps: int, workdir: str) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="subset of variant names")
     p.add_argument("--data", choices=["photos", "fashion-mnist"], default="photos")
     args = p.parse_args()
+    args.default_steps = steps
+    if args.steps != steps:  # never resume a run of another length
+        args.workdir += f"_{args.steps}steps"
     choose_data(args)
     return args
+
+
+def results_name(base: str, args: argparse.Namespace) -> str:
+    """benchmarks/results name of a study: suffixed by its data and by its steps when they
+    are not the study's default, so a longer run never overwrites the default table."""
+    data = "" if args.data == "photos" else "_" + slug(args.data)
+    default = getattr(args, "default_steps", args.steps)
+    steps = "" if args.steps == default else f"_{args.steps}steps"
+    return base + data + steps
 
 
 def choose_data(args: argparse.Namespace) -> None:
@@ -250,8 +262,7 @@ def main() -> None:
             f"code norm per codebook {v['median_code_norm']}; distinct codes picked per depth "
             f"{v['distinct_codes']}" for name, v in scales.items()) + "\n"  # fmt: skip
     data = {"steps": args.steps, "seeds": seeds, "results": results, "scales": scales}
-    name = "rate_distortion" + ("" if args.data == "photos" else "_" + slug(args.data))
-    print(write_results(name, body, data))
+    print(write_results(results_name("rate_distortion", args), body, data))
 
 
 if __name__ == "__main__":
