@@ -204,3 +204,36 @@ def test_the_codebook_search_runs_without_tf32(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert seen and not any(seen)  # the search: full fp32
+
+
+# ------------------------------------------------------------ the quantizer's statistics
+
+
+def _quantizer_steps(rank: int | None) -> dict:
+    """A shared codebook with depth scales trained 4 steps on 2 × 256 vectors: all of them
+    on one process (rank None) or one rank's half; its state and codes for fresh vectors."""
+    from rqgen.quantize.residual import ResidualQuantizer
+
+    torch.manual_seed(0)
+    q = ResidualQuantizer(16, 32, 4, depth_scale=True).train()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):  # anisotropic, so that the scale matrices are far from s·I
+        x = torch.randn(512, 16, generator=g) * torch.linspace(0.1, 2.0, 16)
+        q(x if rank is None else x[rank * 256 : (rank + 1) * 256])
+    codes, _ = q.eval().quantize(torch.randn(256, 16, generator=g))
+    return {**q.state_dict(), "scale_inv": q.scale_inv, "codes": codes}
+
+
+def _quantizer_on_rank(rt, tmp) -> dict:
+    return _quantizer_steps(rt.rank)
+
+
+def test_depth_scale_statistics_on_two_ranks_equal_one_process(tmp_path):
+    """The second moments behind the scale matrices, the EMA sums and the restarts are
+    collectives: 2 ranks holding half the batch each end with one process's quantizer."""
+    one = _quantizer_steps(None)
+    two = _on_two_ranks(_quantizer_on_rank, tmp_path)
+    torch.testing.assert_close(two[0], two[1], rtol=0, atol=0)  # ranks agree exactly
+    assert torch.equal(two[0].pop("codes"), one.pop("codes"))
+    for k, v in one.items():
+        torch.testing.assert_close(two[0][k], v, rtol=1e-5, atol=1e-6, msg=k)
