@@ -1,5 +1,5 @@
-"""A shared codebook with per-depth scales (model.depth_scale) against separate codebooks at
-equal bits, on the photos or Fashion-MNIST.
+"""A shared codebook with per-depth scale matrices (model.depth_scale) against separate
+codebooks at equal bits, on the photos or Fashion-MNIST.
 
 Trains tiny32 (8×8×4) three ways at equal steps and seeds with the real CLI (the rate-
 distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images):
@@ -9,8 +9,11 @@ distinct codes each depth picks, with 95% intervals over seeds and paired differ
 
     python benchmarks/depth_scale.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/depth_scale.py --data fashion-mnist --steps 150 --seeds 0 1 2
+    python benchmarks/depth_scale.py --steps 1000 --seeds 0 1 2 --only \
+        "4 separate codebooks of 128" "shared K=128, depth_scale=true"   # the preset's steps
 
-Results: benchmarks/results/depth_scale[_fashion_mnist].md. Reruns resume from benchmarks/work/.
+Results: benchmarks/results/depth_scale[_fashion_mnist][_1000steps].md. Reruns resume from
+benchmarks/work/.
 """
 
 from __future__ import annotations
