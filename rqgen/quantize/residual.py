@@ -111,13 +111,17 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
     _known_initialized = False  # `initialized` as last read on the host
     frozen = False  # True: the codebook stays as it is (no EMA update, no restart) in training
 
+    def upgrade_state(self, state: dict, prefix: str = "") -> None:
+        """Older checkpoints held one scale s_d per depth: they load as S_d = s_d·I (in place)."""
+        old = state.get(prefix + "scale")
+        if self.depth_scale and old is not None and old.dim() == 1:
+            eye = torch.eye(self.dim, dtype=old.dtype, device=old.device)
+            state[prefix + "scale"] = old[:, None, None] * eye
+            state.setdefault(prefix + "moment", old[:, None, None] ** 2 * eye / self.dim)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self._known_initialized = False  # a loaded state may be uninitialised
-        old = state_dict.get(prefix + "scale")
-        if self.depth_scale and old is not None and old.dim() == 1:  # scalar s_d: S_d = s_d·I
-            eye = torch.eye(self.dim, device=old.device)
-            state_dict[prefix + "scale"] = old[:, None, None] * eye
-            state_dict.setdefault(prefix + "moment", old[:, None, None] ** 2 * eye / self.dim)
+        self.upgrade_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.depth_scale:
             self.scale_inv.copy_(torch.linalg.inv(self.scale))
