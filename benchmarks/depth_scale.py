@@ -1,5 +1,5 @@
-"""A shared codebook with per-depth scale matrices (model.depth_scale) against separate
-codebooks at equal bits, on the photos or Fashion-MNIST.
+"""A shared codebook with per-depth scales (model.depth_scale) against separate codebooks at
+equal bits, on the photos or Fashion-MNIST.
 
 Trains tiny32 (8×8×4) three ways at equal steps and seeds with the real CLI (the rate-
 distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images):

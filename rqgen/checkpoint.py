@@ -107,9 +107,6 @@ def load_state_dict_into(module: torch.nn.Module, path: str | os.PathLike, apply
     except Exception as e:  # safetensors raises several types for truncated files
         raise CheckpointError(f"cannot read weights {path}: {e}") from e
     state = current_names(state, getattr(module, "former_names", {}))
-    for prefix, sub in module.named_modules():  # older layouts of a submodule's state
-        if hasattr(sub, "upgrade_state"):
-            sub.upgrade_state(state, prefix + "." if prefix else "")
     own = module.state_dict()
     optional = set(getattr(module, "optional_state", ()))  # may be absent from older files
     missing = sorted(set(own) - set(state) - optional)

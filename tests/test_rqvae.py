@@ -250,30 +250,3 @@ def test_rq_vae_spends_its_code_budget_where_the_residual_is_largest():
     # and the dynamic map leaves no more residual energy than the fixed depth-2 one
     codes, energy = quantize_with_energy(vae.quantizer, vae.encode(x))
     assert energy.gather(-1, depths[..., None]).sum() <= energy[..., 2].sum()
-
-
-def test_a_model_saved_with_scalar_depth_scales_loads_as_scale_matrices(tmp_path):
-    """Models saved when `depth_scale` meant one number s_d per depth still load through
-    from_pretrained: S_d = s_d·I, and they encode to the codes the scalar lookup gives."""
-    from safetensors.torch import load_file, save_file
-
-    torch.manual_seed(0)
-    vae = RQVAE(small_config(depth_scale=True)).train()
-    vae(torch.rand(4, 3, 32, 32) * 2 - 1)  # initialises the codebook
-    vae.save_pretrained(tmp_path / "m")
-    weights = tmp_path / "m" / "model.safetensors"
-    state = load_file(str(weights))
-    s = torch.tensor([3.0, 1.0, 0.5, 0.25])
-    state["quantizer.scale"] = s  # the older layout: one number per depth, no moments
-    del state["quantizer.moment"]
-    save_file(state, str(weights))
-    old = RQVAE.from_pretrained(tmp_path / "m").eval()
-    torch.testing.assert_close(old.quantizer.scale, s[:, None, None] * torch.eye(16))
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    z = old.encode(x).reshape(-1, 16)
-    c, expected = old.quantizer.codebook[0], []
-    for d in range(4):  # the scalar lookup: nearest c(k) to r / s_d, then r -= s_d·c(k)
-        k = torch.cdist(z / s[d], c).argmin(-1)
-        expected.append(k)
-        z = z - s[d] * c[k]
-    assert torch.equal(old.encode_to_codes(x).reshape(-1, 4), torch.stack(expected, -1))

@@ -207,10 +207,8 @@ def test_ddp_two_processes_match_one_process_and_share_the_codebook(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # Conv biases in front of per-channel GroupNorm get pure rounding-noise gradients, which
     # Adam with eps 1e-8 turns into ±lr steps; a larger eps keeps the comparison meaningful.
-    # (Depth scales are left off: their scale matrices move code choices that sit on a tie by
-    # float rounding, which no loss tolerance separates from a bug; test_distributed checks
-    # their statistics on 2 ranks directly.)
-    eps = ["train.adam_eps=1e-6"]
+    # With depth scales on: their statistics are collectives too.
+    eps = ["train.adam_eps=1e-6", "model.depth_scale=true"]
     rqgen(*train_args(one, 6, *eps))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

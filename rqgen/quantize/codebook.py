@@ -27,12 +27,12 @@ class CodebookLearning:
     @torch.no_grad()
     def _init_codebook(self, z: Tensor) -> None:
         """Data-dependent init: codebook d from random residuals r_{d-1} of the first batch
-        (with a depth scale: mapped by S_d⁻¹, each M_d the second moment of r_{d-1})."""
+        (with a depth scale: divided by s_d, each s_d the mean norm of r_{d-1})."""
         r = z
         for d in range(self.depth if self.depth_scale else self.num_codebooks):
             c = self.codebook_index(d)
             if self.depth_scale:
-                self._set_moment(d, dist.second_moment(r))
+                self.scale[d] = dist.mean_norm(r).clamp_min(self.eps)
             x = self._lookup_space(r, d)
             if d == c:  # the first depth a codebook serves: drawn from its residuals
                 vectors = dist.random_rows(x, self.codebook_size)
@@ -40,7 +40,7 @@ class CodebookLearning:
                 self.embed_sum[c] = vectors
                 self.cluster_size[c] = 1.0
             if d + 1 < self.depth and (self.depth_scale or not self.shared_codebook):
-                k = self._search(r, d, None, None)  # the next depth sees this one's residuals
+                k = self._search(x, c, None, None)  # the next depth sees this one's residuals
                 r = r - self._code_space(F.embedding(k, self.codebook[c]), d)
         self.initialized.fill_(True)
 
@@ -48,12 +48,12 @@ class CodebookLearning:
     def _ema_update(self, residuals: Tensor, codes: Tensor, w: Tensor | None = None) -> None:
         """One EMA step from this forward's assignments over all depths (with restarts);
         `w` (N,) weighs each vector's contribution to counts and sums. With a depth scale
-        the codebook learns from S_d⁻¹·r_{d-1}, and then M_d moves towards this step's
-        second moment of r_{d-1}."""
+        the codebook learns from r_{d-1} / s_d, the vectors its lookup saw, and then s_d
+        moves towards this step's mean norm of r_{d-1}."""
         n_cb, K = self.num_codebooks, self.codebook_size
         if self.depth_scale:
-            moments = [dist.second_moment(r, w) for r in residuals]
-            residuals = torch.stack([self._lookup_space(r, d) for d, r in enumerate(residuals)])
+            norms = torch.stack([dist.mean_norm(r, w) for r in residuals])
+            residuals = residuals / self.scale[:, None, None]
         weighted = residuals if w is None else residuals * w[None, :, None]
         if w is None:
             ones = torch.ones_like(codes, dtype=torch.float)
@@ -84,19 +84,7 @@ class CodebookLearning:
         if self.restart_unused_codes:
             self._restart_dead_codes(residuals)
         if self.depth_scale:
-            for d, m in enumerate(moments):
-                self._set_moment(d, self.decay * self.moment[d].double() + (1 - self.decay) * m)
-
-    @torch.no_grad()
-    def _set_moment(self, d: int, m: Tensor) -> None:
-        """M_d = m, and from it S_d = √dim·(M_d + εI)^½ and S_d⁻¹ (one eigendecomposition)."""
-        self.moment[d] = m
-        m = m.double()  # (float64 moments: see distributed.second_moment)
-        eye = torch.eye(self.dim, dtype=m.dtype, device=m.device)
-        values, vectors = torch.linalg.eigh(m + 0.01 * m.diagonal().mean().clamp_min(1e-12) * eye)
-        root = (values.clamp_min(1e-12) * self.dim).sqrt()
-        self.scale[d] = (vectors * root) @ vectors.t()
-        self.scale_inv[d] = (vectors / root) @ vectors.t()
+            self.scale.mul_(self.decay).add_(norms.clamp_min(self.eps), alpha=1 - self.decay)
 
     @torch.no_grad()
     def _restart_dead_codes(self, residuals: Tensor) -> None:

@@ -63,12 +63,10 @@ def random_rows(pool: torch.Tensor, n: int) -> torch.Tensor:
     return rows
 
 
-def second_moment(r: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """E[r r^T] (or its w-weighted mean) over the rows of r (N, dim) on all ranks: (dim, dim)
-    float64. In float64 so that the sums over ranks equal one process's sum over the global
-    batch to far below float32's rounding: the scale matrices made from it then agree."""
-    r = r.double()
-    w = torch.ones(r.shape[0], dtype=r.dtype, device=r.device) if w is None else w.double()
-    stats = torch.cat([((r * w[:, None]).t() @ r).reshape(-1), w.sum()[None]])
-    all_reduce_sum(stats)
-    return stats[:-1].reshape(r.shape[1], r.shape[1]) / stats[-1].clamp_min(1e-12)
+def mean_norm(r: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (or w-weighted mean) norm of the rows of r (N, dim) over all ranks."""
+    norm = r.norm(dim=-1)
+    w = torch.ones_like(norm) if w is None else w
+    sums = torch.stack([(norm * w).sum(), w.sum()])
+    all_reduce_sum(sums)
+    return sums[0] / sums[1].clamp_min(1e-12)

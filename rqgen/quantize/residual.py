@@ -18,17 +18,11 @@ Design choices, and why:
 - Under torch.distributed the statistics are summed over ranks with one all-reduce and the
   random choices (data init, restarts) are made on rank 0 and broadcast, so every rank holds
   the same codebook after every step, equal to a single process on the global batch.
-- `depth_scale=True` (not in the paper): a per-depth scale matrix S_d maps the shared
-  codebook into each depth, e(k_d) = S_d·c(k_d), with S_d = √dim·(M_d + εI)^½ and M_d an
-  EMA of E[r r^T] over the residuals r_{d-1} entering depth d (ε: 1% of M_d's mean
-  eigenvalue). The codebook learns from S_d⁻¹·r_{d-1}, so every depth's residuals reach it
-  whitened, with unit mean norm. Residuals shrink with depth, and the encoder's output is
-  far from white while deeper residuals are close to it: without the scale most of a shared
-  codebook sits at the depth-1 scale (the deeper depths choose among a few small codes);
-  with a scalar scale (S_d = s_d·I, what older checkpoints hold) depth 1 crowds out of a
-  codebook shaped by the deeper depths. Codes are searched among the vectors S_d·c(k)
-  themselves (`code_table()`, also what stage 2 embeds), so the choice is the nearest in
-  the residual's own space and τ keeps its meaning.
+- `depth_scale=True` (not in the paper): the residual entering depth d is divided by a
+  per-depth scale s_d before the lookup and the code multiplied back, e(k_d) = s_d·c(k_d),
+  s_d an EMA of the mean norm of r_{d-1}. Residuals shrink with depth, so without it most of
+  a shared codebook sits at the depth-1 scale and the deeper depths choose among a few small
+  codes. `code_table()` gives the per-depth vectors s_d·c(k) that stage 2 embeds.
 - The nearest-code search runs in fp32 even under bf16 autocast (distances between nearby
   codes underflow bf16's 8-bit mantissa) and is chunked over rows so that N×K distances are
   never materialised at once (K = 16384 with millions of vectors would need tens of GB).
@@ -103,28 +97,14 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         self.register_buffer("initialized", torch.tensor(not init_from_data))
         self.depth_scale = depth_scale
         if depth_scale:  # only then in the state dict: unscaled checkpoints keep their keys
-            eye = torch.eye(dim).expand(depth, dim, dim)
-            self.register_buffer("moment", eye / dim)  # M_d, the EMA of E[r r^T]
-            self.register_buffer("scale", eye.clone())  # S_d
-            self.register_buffer("scale_inv", eye.clone(), persistent=False)  # S_d⁻¹
+            self.register_buffer("scale", torch.ones(depth))
 
     _known_initialized = False  # `initialized` as last read on the host
     frozen = False  # True: the codebook stays as it is (no EMA update, no restart) in training
 
-    def upgrade_state(self, state: dict, prefix: str = "") -> None:
-        """Older checkpoints held one scale s_d per depth: they load as S_d = s_d·I (in place)."""
-        old = state.get(prefix + "scale")
-        if self.depth_scale and old is not None and old.dim() == 1:
-            eye = torch.eye(self.dim, dtype=old.dtype, device=old.device)
-            state[prefix + "scale"] = old[:, None, None] * eye
-            state.setdefault(prefix + "moment", old[:, None, None] ** 2 * eye / self.dim)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._known_initialized = False  # a loaded state may be uninitialised
-        self.upgrade_state(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.depth_scale:
-            self.scale_inv.copy_(torch.linalg.inv(self.scale))
+        super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def num_codebooks(self) -> int:
@@ -134,21 +114,25 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         """Which codebook serves depth d (0-based)."""
         return 0 if self.shared_codebook else d
 
+    def scale_at(self, d: int) -> Tensor | float:
+        """s_d: what the residual entering depth d (0-based) is divided by for the lookup."""
+        return self.scale[d] if self.depth_scale else 1.0
+
     def _lookup_space(self, r: Tensor, d: int) -> Tensor:
-        """S_d⁻¹·r: the residual entering depth d where its codebook's codes live."""
-        return r @ self.scale_inv[d].t() if self.depth_scale else r
+        """r / s_d: the residual entering depth d where its codebook's codes live."""
+        return r / self.scale[d] if self.depth_scale else r
 
     def _code_space(self, c: Tensor, d: int) -> Tensor:
-        """e = S_d·c: codebook vectors c as depth d adds them."""
-        return c @ self.scale[d].t() if self.depth_scale else c
+        """e = s_d·c: codebook vectors c as depth d adds them."""
+        return c * self.scale[d] if self.depth_scale else c
 
     def code_table(self) -> Tensor:
         """The code vectors e(k) each depth adds, (1 or D, K, dim): the codebook itself, or
-        with `depth_scale` one copy S_d·c(k) per depth (what stage 2 embeds)."""
+        with `depth_scale` one scaled copy s_d·c(k) per depth (what stage 2 embeds)."""
         if not self.depth_scale:
             return self.codebook
         cb = self.codebook[[self.codebook_index(d) for d in range(self.depth)]]
-        return cb @ self.scale.transpose(1, 2)
+        return cb * self.scale[:, None, None]
 
     @property
     def shared_table(self) -> bool:
@@ -156,13 +140,11 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         return self.shared_codebook and not self.depth_scale
 
     # ----------------------------------------------------------------- search (Eq. 3)
-    def _search(self, r: Tensor, d: int, tau: float | None, generator) -> Tensor:
-        """Nearest code vector e(k) of depth d (0-based) for each row of r (N, dim), in the
-        residual's own space; or a sample from Q_τ."""
-        table = self._code_space(self.codebook[self.codebook_index(d)], d)
+    def _search(self, x: Tensor, c: int, tau: float | None, generator) -> Tensor:
+        """Nearest code of each row of x (N, dim) in codebook c; or a sample from Q_τ."""
         # chunks of ~2 MB of distances, never fewer than min_rows rows (search.py)
         rows = max(self.min_rows, self.max_distance_elements // self.codebook_size)
-        return nearest(r, table, rows, tau, generator)
+        return nearest(x, self.codebook[c], rows, tau, generator)
 
     def _residual_quantize(
         self,
@@ -173,13 +155,15 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Eq. 3-5 on flat fp32 rows, for the first `depth` depths (default D). Returns codes
         (N, D), partial sums Ẑ(1..D) (D, N, dim) and the residuals r_0..r_{D-1} (D, N, dim)
-        that each depth quantized."""
+        that each depth quantized. With a depth scale the lookup sees r / s_d, whose distances
+        are ||r - e(k)||² / s_d²: τ is divided by s_d² so that Q_τ stays the same (Eq. 15)."""
         codes, partials, residuals = [], [], []
         r, zhat = x, torch.zeros_like(x)
         for d in range(self.depth if depth is None else depth):
-            t = _at_depth(tau, d)
-            k = self._search(r, d, None if t is None or t <= 0 else t, generator)
-            e = self._code_space(F.embedding(k, self.codebook[self.codebook_index(d)]), d)
+            c, s, t = self.codebook_index(d), self.scale_at(d), _at_depth(tau, d)
+            t = None if t is None or t <= 0 else t / s**2
+            k = self._search(self._lookup_space(r, d), c, t, generator)
+            e = self._code_space(F.embedding(k, self.codebook[c]), d)
             residuals.append(r)
             codes.append(k)
             r = r - e

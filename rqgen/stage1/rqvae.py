@@ -40,10 +40,9 @@ class RQVAEConfig:
     # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
     # (the rotation trick, Fifty et al. 2025); the forward pass is the same
     gradient_estimator: str = "ste"
-    # a per-depth scale matrix (from an EMA of the residual's second moment) whitens the
-    # residual entering depth d before the shared codebook learns from it, and maps each code
-    # back: one codebook then serves every depth's scale and shape (not in the paper;
-    # official models have none)
+    # the residual entering depth d divided by a per-depth scale (an EMA of its norm) before
+    # the lookup, and the code multiplied back: a shared codebook then serves every depth's
+    # scale (not in the paper; official models keep scale 1)
     depth_scale: bool = False
     # GroupNorm groups: 0 keeps >= 4 channels per group in narrow layers (gcd(32, C/4)), which
     # is 32 at official widths; converted official models set 32 everywhere, as VQGAN does.
