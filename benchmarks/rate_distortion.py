@@ -141,8 +141,7 @@ def results_name(base: str, args: argparse.Namespace) -> str:
     """benchmarks/results name of a study: suffixed by its data and by its steps when they
     are not the study's default, so a longer run never overwrites the default table."""
     data = "" if args.data == "photos" else "_" + slug(args.data)
-    default = getattr(args, "default_steps", args.steps)
-    steps = "" if args.steps == default else f"_{args.steps}steps"
+    steps = "" if args.steps == args.default_steps else f"_{args.steps}steps"
     return base + data + steps
 
 
