@@ -378,4 +378,3 @@ def test_dynamic_stacks_decode_each_position_from_its_own_prefix():
     assert (stacks[torch.arange(4)[None] >= depths[:, None]] == q.codebook_size).all()
     want = torch.stack([q.decode_codes(codes[i], int(depths[i])) for i in range(32)])
     torch.testing.assert_close(decode_stacks(q, stacks), want)
-
