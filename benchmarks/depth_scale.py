@@ -4,13 +4,18 @@ equal bits, on the photos or Fashion-MNIST.
 Trains tiny32 (8×8×4) three ways at equal steps and seeds with the real CLI (the rate-
 distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images):
 four separate codebooks of 128, one shared codebook of 128 (the same 28 bits per position),
-and the shared 128 with depth scales. Reports PSNR, per-depth PSNR, codebook usage and the
+and the shared 128 with depth scales. Then two refits of each separate model's codebook at
+its frozen encoder and decoder (`rqgen refit-codebook`, 1000 EMA updates on training crops):
+one shared, scaled codebook of 128, and four separate ones again (the control: what the
+refit itself costs). Reports PSNR, per-depth PSNR, codebook usage and the
 distinct codes each depth picks, with 95% intervals over seeds and paired differences.
 
     python benchmarks/depth_scale.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/depth_scale.py --data fashion-mnist --steps 150 --seeds 0 1 2
     python benchmarks/depth_scale.py --steps 1000 --seeds 0 1 2 --only \
         "4 separate codebooks of 128" "shared K=128, depth_scale=true"   # the preset's steps
+    python benchmarks/depth_scale.py --steps 1000 --seeds 0 1 2 --only \
+        "4 separate codebooks of 128" "separate, refit" "shared K=128, refit from separate"
 
 Results: benchmarks/results/depth_scale[_fashion_mnist][_1000steps].md. Reruns resume from
 benchmarks/work/.
@@ -19,6 +24,7 @@ benchmarks/work/.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +34,9 @@ from rate_distortion import (  # noqa: E402
     parse_args,
     residual_scales,
     results_name,
+    run,
     run_dir,
+    score,
     train_all,
 )
 
@@ -43,20 +51,46 @@ VARIANTS = {
     SHARED: K128,
     SCALED: [*K128, "model.depth_scale=true"],
 }
-PAIRS = [(SCALED, SEPARATE), (SCALED, SHARED), (SHARED, SEPARATE)]
+# new codebooks for the separate model of the same seed, at its frozen autoencoder
+AFTER, CONTROL = "shared K=128, refit from separate", "separate, refit"
+REFITS = {AFTER: ["model.shared_codebook=true", "model.depth_scale=true"], CONTROL: []}
+PAIRS = [(SCALED, SEPARATE), (SCALED, SHARED), (SHARED, SEPARATE), (AFTER, SEPARATE),
+         (AFTER, CONTROL), (AFTER, SCALED)]  # fmt: skip
+
+
+def refit(args, seeds: list[int]) -> list[dict]:
+    """Each wanted refit of each seed's separate model, `args.jobs` at a time."""
+    jobs = [(k, s) for s in seeds for k in REFITS if not args.only or k in args.only]
+
+    def one_refit(job: tuple[str, int]) -> dict:
+        name, seed = job
+        out = run_dir(args, name, seed)
+        if not (out / "config.json").is_file():  # written last
+            out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "rqgen", "refit-codebook", "--vae",
+                   str(run_dir(args, SEPARATE, seed)), "--data", args.train_data, "--out",
+                   str(out), "--seed", str(seed), "--device", "cpu", *REFITS[name]]  # fmt: skip
+            run(cmd, args.threads, out / "bench.log")
+        return score(name, out, args, seed)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(one_refit, jobs))
 
 
 def main() -> None:
     args = parse_args(__doc__, 150, "benchmarks/work/depth_scale")
     seeds = args.seeds or [args.seed]
+    if args.only and set(args.only) & set(REFITS):
+        args.only = [*args.only, SEPARATE]  # what they start from
     results = train_all({k: ("tiny32", v) for k, v in VARIANTS.items()}, args, seeds)
+    results += refit(args, seeds)
     by = {(r["variant"], r["seed"]): r for r in results}
     rows = [
         "| variant | bits/image | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(4) (means) | codebook usage "
         "| distinct codes per depth, seed " + str(seeds[0]) + " |",
         "|---|---|---|---|---|---|---|",
     ]
-    trained = [k for k in VARIANTS if not args.only or k in args.only]
+    trained = [k for k in [*VARIANTS, *REFITS] if not args.only or k in args.only]
     for name in trained:
         rs = [by[name, s] for s in seeds]
         depth = ", ".join(
@@ -81,7 +115,8 @@ def main() -> None:
             f"tiny32 (8×8×4, the preset's recipe) on {args.data}, {args.steps} steps at batch 64, "
             f"seeds {', '.join(map(str, seeds))}, scored on the {results[0]['n_images']} "
             f"held-out images ({args.val_data}); means ± half-width of the 95% Student-t "
-            "interval over seeds.",
+            "interval over seeds. Refits: `rqgen refit-codebook` (1000 EMA updates at batch "
+            "64, encoder and decoder frozen) of the separate model of the same seed.",
             "",
             *rows,
             "",

@@ -93,25 +93,14 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None
         args.threads,
         log,
     )
-    res = json.loads(
-        run(
-            [
-                py,
-                "-m",
-                "rqgen",
-                "eval-vae",
-                "--vae",
-                str(out),
-                "--data",
-                args.val_data,
-                "--json",
-                "--device",
-                "cpu",
-            ],
-            args.threads,
-            log,
-        )
-    )
+    return score(name, out, args, seed)
+
+
+def score(name: str, out: Path, args, seed: int) -> dict:
+    """`rqgen eval-vae` of the model in `out` on the held-out images, as a result row."""
+    cmd = [sys.executable, "-m", "rqgen", "eval-vae", "--vae", str(out), "--data",
+           args.val_data, "--json", "--device", "cpu"]  # fmt: skip
+    res = json.loads(run(cmd, args.threads, out / "bench.log"))
     res["bits_per_image"] = res["tokens_per_image"] * math.log2(res["codebook_size"])
     res["variant"], res["seed"] = name, seed
     print(f"{name}: PSNR {res['psnr']:.2f} dB", flush=True)

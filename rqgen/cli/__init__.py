@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate.add_eval_vae,
         evaluate.add_reconstruct,
         train.add_train_ar,
+        train.add_refit_codebook,
         train.add_plan,
         sample.add_sample,
         sample.add_serve,

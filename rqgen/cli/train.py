@@ -1,12 +1,16 @@
-"""`train-vae`, `train-ar` and `plan`: training both stages and sizing it for GPUs."""
+"""`train-vae`, `train-ar`, `refit-codebook` and `plan`: training both stages, a new codebook
+for a trained RQ-VAE, and sizing training for GPUs."""
 
 from __future__ import annotations
 
 import json
 import os
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from rqgen.checkpoint import read_config
-from rqgen.cli.common import POSITIVE_INT, add_device, number
+from rqgen.cli.common import POSITIVE_INT, add_device, device_for, number
 from rqgen.configs import (
     PAPER_MODELS,
     ar_transformer_config,
@@ -16,8 +20,10 @@ from rqgen.configs import (
 from rqgen.distributed import shutdown_runtime
 from rqgen.errors import ConfigError
 from rqgen.family import family_of
+from rqgen.stage1 import load_vae
 from rqgen.train.ar import train_ar
 from rqgen.train.plan import GiB, plan, recommend
+from rqgen.train.refit import refit_codebook
 from rqgen.train.vae import train_vae
 
 
@@ -99,6 +105,52 @@ def cmd_train_ar(args) -> int:
     )
     if _is_rank0():
         print(f"rqgen: transformer saved to {out} (sample with: rqgen sample --model {out})")
+    return 0
+
+
+def add_refit_codebook(sub) -> None:
+    p = sub.add_parser(
+        "refit-codebook",
+        help="a new codebook for a trained RQ-VAE (e.g. one shared, scaled codebook for its "
+        "separate ones), fit to its latents with encoder and decoder frozen",
+    )
+    p.add_argument("--vae", required=True, help="the trained RQ-VAE (directory or hub repository)")
+    p.add_argument("--data", required=True, help="training images: its latents fit the codebook")
+    p.add_argument("--out", required=True, help="where the new RQ-VAE is written")
+    p.add_argument("--steps", type=POSITIVE_INT, default=1000, help="EMA updates (default: 1000)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per update")
+    p.add_argument("--seed", type=int, default=0)
+    add_device(p)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="quantizer settings, e.g. model.shared_codebook=true model.depth_scale=true",
+    )
+    p.set_defaults(func=cmd_refit_codebook)
+
+
+def cmd_refit_codebook(args) -> int:
+
+    bad = [o for o in args.overrides if "=" not in o or not o.startswith("model.")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not model.key=value (model.depth_scale=true)")
+    try:
+        given = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from e
+    changes = given.get("model", {})
+    vae = load_vae(args.vae)
+    model = refit_codebook(
+        vae, args.data, changes, args.steps, args.batch_size, args.seed, device_for(args.device)
+    )
+    model.save_pretrained(args.out, refit_from=str(args.vae), data=args.data, steps=args.steps)
+    c = model.config
+    kind = "shared" if c.shared_codebook else "separate"
+    scaled = ", scaled per depth" if c.depth_scale else ""
+    print(
+        f"rqgen: RQ-VAE with a new {kind} codebook (K={c.codebook_size}, D={c.code_depth}"
+        f"{scaled}) saved to {args.out}; score it with rqgen eval-vae --vae {args.out} --data ..."
+    )
     return 0
 
 

@@ -1,0 +1,82 @@
+"""A new codebook for a trained RQ-VAE, fit at frozen weights (`rqgen refit-codebook`).
+
+Why: training with one shared codebook from the start drags the autoencoder down (at the
+tiny32 preset's 1000 steps, ~1 dB below four separate codebooks at equal bits), while the
+autoencoder trained with separate codebooks keeps most of its quality when its codebooks
+are replaced by one shared, scaled codebook fit to its latents afterwards; fine-tuning
+encoder and decoder on that codebook lost more than it gained
+(benchmarks/results/depth_scale_1000steps.md). The same refit serves another K or depth.
+
+The new quantizer starts over as in training (data init on the first batch, then one EMA
+update per batch, with restarts) on the encoder's latents of random training crops;
+encoder and decoder are copied unchanged. Single process: it only encodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from rqgen.data import build_dataset
+from rqgen.errors import ConfigError, DataError
+from rqgen.stage1.rqvae import RQVAE
+
+# the model.* settings a refit may change: the quantizer's alone
+QUANTIZER_SETTINGS = (
+    "codebook_size",
+    "code_depth",
+    "shared_codebook",
+    "depth_scale",
+    "decay",
+    "restart_unused_codes",
+)
+
+
+def refit_codebook(
+    vae: RQVAE,
+    data: str,
+    changes: dict,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> RQVAE:
+    """`vae` with a new quantizer (its settings changed by `changes`, model.* keys without
+    the prefix) fit by `steps` EMA updates on batches of `data`; `vae` is not modified."""
+    if not isinstance(vae, RQVAE):
+        raise ConfigError(f"refit-codebook takes an RQ-VAE, not a {vae.model_type}")
+    other = sorted(set(changes) - set(QUANTIZER_SETTINGS))
+    if other:
+        allowed = ", ".join(f"model.{k}" for k in QUANTIZER_SETTINGS)
+        raise ConfigError(f"model.{other[0]} is not a quantizer setting: a refit changes {allowed}")
+    raw = {**dataclasses.asdict(vae.config), **changes}
+    config = RQVAE.config_from_dict(raw, "the model.* settings given")
+    model = RQVAE(config).to(device).eval()
+    kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("quantizer.")}
+    missing, _ = model.load_state_dict(kept, strict=False)
+    assert all(k.startswith("quantizer.") for k in missing), missing  # same autoencoder
+
+    images = build_dataset(data, config.resolution, "train")
+    if len(images) < batch_size:
+        raise DataError(
+            f"{data} has {len(images)} training images, fewer than a batch of {batch_size}: "
+            "give a smaller --batch-size"
+        )
+    draw = torch.Generator().manual_seed(seed)
+    loader = DataLoader(images, batch_size, shuffle=True, drop_last=True, generator=draw)
+    torch.manual_seed(seed)  # the data init's and the restarts' draws
+    quantizer = model.quantizer.train()
+    done = 0
+    with torch.no_grad(), tqdm(total=steps, desc="refit-codebook", disable=not progress) as bar:
+        while done < steps:
+            for x, _ in loader:
+                quantizer(model.encode(x.to(device)))
+                done += 1
+                bar.update(1)
+                if done == steps:
+                    break
+    return model.eval()
