@@ -437,6 +437,8 @@ BASE = {  # a valid command line per command, to which one bad option is added
         w.tmp / "g",
     ],  # fmt: skip
     "push": lambda w: ["push", "--model", w.bad("missing"), "--repo", "org/name"],
+    "refit-codebook": lambda w: ["refit-codebook", "--vae", w.vae, "--data", "bundled:digits",
+                                 "--out", w.tmp / "r", "--steps", 1],  # fmt: skip
     "fid-stats": lambda w: [
         "fid-stats",
         "bundled:digits:val",

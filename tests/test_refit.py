@@ -45,3 +45,5 @@ def test_a_shared_scaled_codebook_is_fit_to_a_separate_models_latents(tmp_path, 
     assert RQVAE.from_pretrained(tmp_path / "k16").quantizer.codebook.shape == (2, 16, 16)
     assert main([*argv[:-1], "train.lr=1"]) == 2
     assert "is not model.key=value" in capsys.readouterr().err
+    assert main(argv) == 2  # never over a model already there (the source included)
+    assert "exists and is not empty" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -139,6 +140,9 @@ def cmd_refit_codebook(args) -> int:
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from e
     changes = given.get("model", {})
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not empty: give a new directory")
     vae = load_vae(args.vae)
     model = refit_codebook(
         vae, args.data, changes, args.steps, args.batch_size, args.seed, device_for(args.device)

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from rqgen.configs.validate import check_fields
 from rqgen.data import build_dataset
 from rqgen.errors import ConfigError, DataError
 from rqgen.stage1.rqvae import RQVAE
@@ -53,8 +54,8 @@ def refit_codebook(
     if other:
         allowed = ", ".join(f"model.{k}" for k in QUANTIZER_SETTINGS)
         raise ConfigError(f"model.{other[0]} is not a quantizer setting: a refit changes {allowed}")
-    raw = {**dataclasses.asdict(vae.config), **changes}
-    config = RQVAE.config_from_dict(raw, "the model.* settings given")
+    config = dataclasses.replace(vae.config, **changes)
+    check_fields(config, "model")  # types and ranges, as train-vae checks them
     model = RQVAE(config).to(device).eval()
     kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("quantizer.")}
     missing, _ = model.load_state_dict(kept, strict=False)
