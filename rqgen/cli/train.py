@@ -24,7 +24,7 @@ from rqgen.family import family_of
 from rqgen.stage1 import load_vae
 from rqgen.train.ar import train_ar
 from rqgen.train.plan import GiB, plan, recommend
-from rqgen.train.refit import refit_codebook
+from rqgen.train.refit import refinable, refit_codebook
 from rqgen.train.vae import train_vae
 
 
@@ -120,6 +120,13 @@ def add_refit_codebook(sub) -> None:
     p.add_argument("--out", required=True, help="where the new RQ-VAE is written")
     p.add_argument("--steps", type=POSITIVE_INT, default=1000, help="EMA updates (default: 1000)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per update")
+    p.add_argument(
+        "--refine",
+        type=number(int, 0),
+        default=10,
+        help="least-squares iterations on the final error after the EMA (0: none; only "
+        "where codebooks × K ≤ 4096)",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_device(p)
     p.add_argument(
@@ -145,12 +152,19 @@ def cmd_refit_codebook(args) -> int:
         raise ConfigError(f"--out {out} exists and is not empty: give a new directory")
     vae = load_vae(args.vae)
     model = refit_codebook(
-        vae, args.data, changes, args.steps, args.batch_size, args.seed, device_for(args.device)
+        vae, args.data, changes, args.steps, args.batch_size, args.seed,
+        device_for(args.device), refine=args.refine,
+    )  # fmt: skip
+    model.save_pretrained(
+        args.out, refit_from=str(args.vae), data=args.data, steps=args.steps, refine=args.refine
     )
-    model.save_pretrained(args.out, refit_from=str(args.vae), data=args.data, steps=args.steps)
     c = model.config
     kind = "shared" if c.shared_codebook else "separate"
     scaled = ", scaled per depth" if c.depth_scale else ""
+    if args.refine and not refinable(model):
+        q = model.quantizer
+        print(f"rqgen: no least-squares refinement: {q.num_codebooks * q.codebook_size} code "
+              f"vectors, more than its limit of {q.MAX_REFINE_CODES}")  # fmt: skip
     print(
         f"rqgen: RQ-VAE with a new {kind} codebook (K={c.codebook_size}, D={c.code_depth}"
         f"{scaled}) saved to {args.out}; score it with rqgen eval-vae --vae {args.out} --data ..."

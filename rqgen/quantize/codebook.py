@@ -1,5 +1,6 @@
 """How the residual quantizer's codebook learns: data-dependent init, one EMA update per
-forward over all depths (with the per-depth scales), Jukebox-style restarts.
+forward over all depths (with the per-depth scales), Jukebox-style restarts; and, at a frozen
+encoder, a least-squares refinement on the final error.
 
 A mixin of `ResidualQuantizer` (its buffers and settings live there); every statistic goes
 through `distributed`, so all ranks hold the same codebook after every step.
@@ -102,3 +103,43 @@ class CodebookLearning:
             self.cluster_size[c] = torch.where(
                 dead[:, 0], self.restart_threshold, self.cluster_size[c]
             )
+
+    # every code vector of every codebook in one system: (num_codebooks·K)² floats
+    MAX_REFINE_CODES = 4096
+
+    @torch.no_grad()
+    def refine(self, z: Tensor, iterations: int) -> None:
+        """Alternate greedy codes (Eq. 3-4) and the codebook that minimises the final error
+        Σ_n ||z_n − Σ_d s_d·c(k_nd)||² for those codes (Eq. 5 with the scales): one linear
+        system over all code vectors, since every depth's code is a term of the same sum.
+        The EMA update instead fits each code to the mean of the residuals it was chosen for
+        at each depth, which is not the final error when the codebook is shared. For latents
+        z (N, dim) of a frozen encoder; unused codes keep their vectors. Single process."""
+        n_cols = self.num_codebooks * self.codebook_size
+        if n_cols > self.MAX_REFINE_CODES:
+            raise ValueError(f"refine solves for {n_cols} code vectors: at most "
+                             f"{self.MAX_REFINE_CODES}")  # fmt: skip
+        z = z.float().reshape(-1, self.dim)
+        s = self.scale if self.depth_scale else torch.ones(self.depth, device=z.device)
+        for _ in range(iterations):
+            codes = self._residual_quantize(z)[0]
+            col = codes + torch.tensor(
+                [self.codebook_index(d) * self.codebook_size for d in range(self.depth)],
+                device=z.device,
+            )
+            # normal equations A·E = B of min_E Σ_n ||z_n − Σ_d s_d E[col_nd]||²
+            A = torch.zeros(n_cols * n_cols, device=z.device)
+            B = torch.zeros(n_cols, self.dim, device=z.device)
+            for d in range(self.depth):
+                B.index_add_(0, col[:, d], z * s[d])
+                for e in range(self.depth):
+                    pair = col[:, d] * n_cols + col[:, e]
+                    A.index_add_(0, pair, (s[d] * s[e]).expand(len(z)))
+            A = A.reshape(n_cols, n_cols)
+            used = A.diagonal() > 0
+            E = self.codebook.reshape(n_cols, self.dim).clone()
+            ridge = 1e-3 * A.diagonal()[used].mean()  # towards the current vectors
+            system = A[used][:, used] + ridge * torch.eye(int(used.sum()), device=z.device)
+            E[used] = torch.linalg.solve(system, B[used] + ridge * E[used])
+            self.codebook.copy_(E.reshape(self.codebook.shape))
+        self.embed_sum.copy_(self.codebook * self.cluster_size.unsqueeze(-1))  # EMA goes on

@@ -8,15 +8,19 @@ encoder and decoder on that codebook lost more than it gained
 (benchmarks/results/depth_scale_1000steps.md). The same refit serves another K or depth.
 
 The new quantizer starts over as in training (data init on the first batch, then one EMA
-update per batch, with restarts) on the encoder's latents of random training crops;
-encoder and decoder are copied unchanged. Single process: it only encodes.
+update per batch, with restarts) on the encoder's latents of random training crops, then a
+few least-squares steps on the final error refine it; encoder and decoder are copied
+unchanged. Single process: it only encodes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -45,9 +49,12 @@ def refit_codebook(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    refine: int = 10,
 ) -> RQVAE:
     """`vae` with a new quantizer (its settings changed by `changes`, model.* keys without
-    the prefix) fit by `steps` EMA updates on batches of `data`; `vae` is not modified."""
+    the prefix) fit by `steps` EMA updates on batches of `data`, then `refine` iterations
+    of the least-squares refinement (quantize/codebook.py) where its system is small enough
+    (`refinable`); `vae` is not modified."""
     if not isinstance(vae, RQVAE):
         raise ConfigError(f"refit-codebook takes an RQ-VAE, not a {vae.model_type}")
     other = sorted(set(changes) - set(QUANTIZER_SETTINGS))
@@ -57,6 +64,7 @@ def refit_codebook(
     config = dataclasses.replace(vae.config, **changes)
     check_fields(config, "model")  # types and ranges, as train-vae checks them
     model = RQVAE(config).to(device).eval()
+    refine = refine if refinable(model) else 0
     kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("quantizer.")}
     missing, _ = model.load_state_dict(kept, strict=False)
     assert all(k.startswith("quantizer.") for k in missing), missing  # same autoencoder
@@ -71,13 +79,31 @@ def refit_codebook(
     loader = DataLoader(images, batch_size, shuffle=True, drop_last=True, generator=draw)
     torch.manual_seed(seed)  # the data init's and the restarts' draws
     quantizer = model.quantizer.train()
-    done = 0
-    with torch.no_grad(), tqdm(total=steps, desc="refit-codebook", disable=not progress) as bar:
-        while done < steps:
-            for x, _ in loader:
-                quantizer(model.encode(x.to(device)))
-                done += 1
-                bar.update(1)
-                if done == steps:
-                    break
+    batches = _batches(loader, steps + (REFINE_BATCHES if refine else 0))
+    with torch.no_grad():
+        fit = itertools.islice(batches, steps)
+        for x in tqdm(fit, desc="refit-codebook", total=steps, disable=not progress):
+            quantizer(model.encode(x.to(device)))
+        if refine:  # the final error of the latents of further batches
+            z = torch.cat([model.encode(x.to(device)).flatten(0, -2) for x in batches])
+            quantizer.refine(z, refine)
     return model.eval()
+
+
+REFINE_BATCHES = 64  # whose latents the least-squares refinement fits
+
+
+def refinable(vae: RQVAE) -> bool:
+    """Whether the least-squares refinement's system is small enough for `vae`'s codebook."""
+    q = vae.quantizer
+    return q.num_codebooks * q.codebook_size <= q.MAX_REFINE_CODES
+
+
+def _batches(loader: DataLoader, n: int) -> Iterator[Tensor]:
+    """n batches of images, passing over the loader again as often as needed."""
+    while n > 0:
+        for x, _ in loader:
+            yield x
+            n -= 1
+            if n == 0:
+                return
