@@ -23,6 +23,7 @@ benchmarks/work/.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,12 +66,13 @@ def refit(args, seeds: list[int]) -> list[dict]:
     def one_refit(job: tuple[str, int]) -> dict:
         name, seed = job
         out = run_dir(args, name, seed)
-        if not (out / "config.json").is_file():  # written last
-            out.mkdir(parents=True, exist_ok=True)
+        if not (out / "config.json").is_file():  # written last; refit wants a new --out
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "rqgen", "refit-codebook", "--vae",
                    str(run_dir(args, SEPARATE, seed)), "--data", args.train_data, "--out",
                    str(out), "--seed", str(seed), "--device", "cpu", *REFITS[name]]  # fmt: skip
-            run(cmd, args.threads, out / "bench.log")
+            run(cmd, args.threads, out.with_name(out.name + ".log"))
         return score(name, out, args, seed)
 
     with ThreadPoolExecutor(args.jobs) as pool:
