@@ -5,7 +5,8 @@ Trains tiny32 (8×8×4) three ways at equal steps and seeds with the real CLI (t
 distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images):
 four separate codebooks of 128, one shared codebook of 128 (the same 28 bits per position),
 and the shared 128 with depth scales. Then two refits of each separate model's codebook at
-its frozen encoder and decoder (`rqgen refit-codebook`, 1000 EMA updates on training crops):
+its frozen encoder and decoder (`rqgen refit-codebook`: 1000 EMA updates on training crops,
+then 10 least-squares iterations):
 one shared, scaled codebook of 128, and four separate ones again (the control: what the
 refit itself costs). Reports PSNR, per-depth PSNR, codebook usage and the
 distinct codes each depth picks, with 95% intervals over seeds and paired differences.
@@ -118,7 +119,8 @@ def main() -> None:
             f"seeds {', '.join(map(str, seeds))}, scored on the {results[0]['n_images']} "
             f"held-out images ({args.val_data}); means ± half-width of the 95% Student-t "
             "interval over seeds. Refits: `rqgen refit-codebook` (1000 EMA updates at batch "
-            "64, encoder and decoder frozen) of the separate model of the same seed.",
+            "64, then 10 least-squares iterations; encoder and decoder frozen) of the separate "
+            "model of the same seed.",
             "",
             *rows,
             "",
