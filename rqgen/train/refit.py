@@ -1,11 +1,11 @@
 """A new codebook for a trained RQ-VAE, fit at frozen weights (`rqgen refit-codebook`).
 
-Why: training with one shared codebook from the start drags the autoencoder down (at the
-tiny32 preset's 1000 steps, ~1 dB below four separate codebooks at equal bits), while the
-autoencoder trained with separate codebooks keeps most of its quality when its codebooks
-are replaced by one shared, scaled codebook fit to its latents afterwards; fine-tuning
-encoder and decoder on that codebook lost more than it gained
-(benchmarks/results/depth_scale_1000steps.md). The same refit serves another K or depth.
+Why: training with one shared codebook from the start drags the autoencoder down against
+four separate codebooks at equal bits, while the autoencoder trained with separate codebooks
+keeps most of its quality when they are replaced afterwards by one shared, scaled codebook
+fit to its latents; fine-tuning encoder and decoder on that codebook lost more than it
+gained (benchmarks/results/depth_scale_1000steps.md, README). The same refit serves
+another K or depth.
 
 The new quantizer starts over as in training (data init on the first batch, then one EMA
 update per batch, with restarts) on the encoder's latents of random training crops, then a
