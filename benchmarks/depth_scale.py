@@ -6,10 +6,10 @@ distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out 
 four separate codebooks of 128, one shared codebook of 128 (the same 28 bits per position),
 and the shared 128 with depth scales. Then two refits of each separate model's codebook at
 its frozen encoder and decoder (`rqgen refit-codebook`: 1000 EMA updates on training crops,
-then 10 least-squares iterations):
-one shared, scaled codebook of 128, and four separate ones again (the control: what the
-refit itself costs). Reports PSNR, per-depth PSNR, codebook usage and the
-distinct codes each depth picks, with 95% intervals over seeds and paired differences.
+then 10 least-squares iterations): one shared, scaled codebook of 128, and four separate
+ones again (the control: what the refit itself costs). Reports PSNR, per-depth PSNR,
+codebook usage and the distinct codes each depth picks, with 95% intervals over seeds and
+paired differences.
 
     python benchmarks/depth_scale.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/depth_scale.py --data fashion-mnist --steps 150 --seeds 0 1 2

@@ -24,7 +24,7 @@ from rqgen.family import family_of
 from rqgen.stage1 import load_vae
 from rqgen.train.ar import train_ar
 from rqgen.train.plan import GiB, plan, recommend
-from rqgen.train.refit import refinable, refit_codebook
+from rqgen.train.refit import refit_codebook
 from rqgen.train.vae import train_vae
 
 
@@ -161,7 +161,7 @@ def cmd_refit_codebook(args) -> int:
     c = model.config
     kind = "shared" if c.shared_codebook else "separate"
     scaled = ", scaled per depth" if c.depth_scale else ""
-    if args.refine and not refinable(model):
+    if args.refine and not model.quantizer.refinable:
         q = model.quantizer
         print(f"rqgen: no least-squares refinement: {q.num_codebooks * q.codebook_size} code "
               f"vectors, more than its limit of {q.MAX_REFINE_CODES}")  # fmt: skip

@@ -107,6 +107,11 @@ class CodebookLearning:
     # every code vector of every codebook in one system: (num_codebooks·K)² floats
     MAX_REFINE_CODES = 4096
 
+    @property
+    def refinable(self) -> bool:
+        """Whether `refine`'s system (all code vectors at once) is small enough."""
+        return self.num_codebooks * self.codebook_size <= self.MAX_REFINE_CODES
+
     @torch.no_grad()
     def refine(self, z: Tensor, iterations: int) -> None:
         """Alternate greedy codes (Eq. 3-4) and the codebook that minimises the final error
@@ -116,7 +121,7 @@ class CodebookLearning:
         at each depth, which is not the final error when the codebook is shared. For latents
         z (N, dim) of a frozen encoder; unused codes keep their vectors. Single process."""
         n_cols = self.num_codebooks * self.codebook_size
-        if n_cols > self.MAX_REFINE_CODES:
+        if not self.refinable:
             raise ValueError(f"refine solves for {n_cols} code vectors: at most "
                              f"{self.MAX_REFINE_CODES}")  # fmt: skip
         z = z.float().reshape(-1, self.dim)

@@ -54,7 +54,7 @@ def refit_codebook(
     """`vae` with a new quantizer (its settings changed by `changes`, model.* keys without
     the prefix) fit by `steps` EMA updates on batches of `data`, then `refine` iterations
     of the least-squares refinement (quantize/codebook.py) where its system is small enough
-    (`refinable`); `vae` is not modified."""
+    (`ResidualQuantizer.refinable`); `vae` is not modified."""
     if not isinstance(vae, RQVAE):
         raise ConfigError(f"refit-codebook takes an RQ-VAE, not a {vae.model_type}")
     other = sorted(set(changes) - set(QUANTIZER_SETTINGS))
@@ -64,7 +64,7 @@ def refit_codebook(
     config = dataclasses.replace(vae.config, **changes)
     check_fields(config, "model")  # types and ranges, as train-vae checks them
     model = RQVAE(config).to(device).eval()
-    refine = refine if refinable(model) else 0
+    refine = refine if model.quantizer.refinable else 0
     kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("quantizer.")}
     missing, _ = model.load_state_dict(kept, strict=False)
     assert all(k.startswith("quantizer.") for k in missing), missing  # same autoencoder
@@ -91,12 +91,6 @@ def refit_codebook(
 
 
 REFINE_BATCHES = 64  # whose latents the least-squares refinement fits
-
-
-def refinable(vae: RQVAE) -> bool:
-    """Whether the least-squares refinement's system is small enough for `vae`'s codebook."""
-    q = vae.quantizer
-    return q.num_codebooks * q.codebook_size <= q.MAX_REFINE_CODES
 
 
 def _batches(loader: DataLoader, n: int) -> Iterator[Tensor]:
