@@ -1,15 +1,16 @@
 """A shared codebook with per-depth scales (model.depth_scale) against separate codebooks at
 equal bits, on the photos or Fashion-MNIST.
 
-Trains tiny32 (8×8×4) three ways at equal steps and seeds with the real CLI (the rate-
-distortion study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images):
-four separate codebooks of 128, one shared codebook of 128 (the same 28 bits per position),
-and the shared 128 with depth scales. Then two refits of each separate model's codebook at
-its frozen encoder and decoder (`rqgen refit-codebook`: 1000 EMA updates on training crops,
-then 10 least-squares iterations): one shared, scaled codebook of 128, and four separate
-ones again (the control: what the refit itself costs). Reports PSNR, per-depth PSNR,
-codebook usage and the distinct codes each depth picks, with 95% intervals over seeds and
-paired differences.
+Trains tiny32 (8×8×4) at equal steps and seeds with the real CLI (the rate-distortion
+study's runner: `rqgen train-vae`, then `rqgen eval-vae` on held-out images): four separate
+codebooks of 128, one shared codebook of 128 (the same 28 bits per position), and the shared
+128 with depth scales; the scaled shared and the separate codebooks again with Eq. 7's
+commitment to the decoded sum only (model.commitment=final). Then two refits of each
+separate model's codebook at its frozen encoder and decoder (`rqgen refit-codebook`: 1000
+EMA updates on training crops, then 10 least-squares iterations): one shared, scaled
+codebook of 128, and four separate ones again (the control: what the refit itself costs).
+Reports PSNR, per-depth PSNR, codebook usage and the distinct codes each depth picks, with
+95% intervals over seeds and paired differences.
 
     python benchmarks/depth_scale.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/depth_scale.py --data fashion-mnist --steps 150 --seeds 0 1 2
@@ -17,6 +18,9 @@ paired differences.
         "4 separate codebooks of 128" "shared K=128, depth_scale=true"   # the preset's steps
     python benchmarks/depth_scale.py --steps 1000 --seeds 0 1 2 --only \
         "4 separate codebooks of 128" "separate, refit" "shared K=128, refit from separate"
+    python benchmarks/depth_scale.py --steps 1000 --seeds 0 1 2 --only \
+        "4 separate codebooks of 128" "shared K=128, depth_scale=true, commitment=final" \
+        "4 separate codebooks of 128, commitment=final"
 
 Results: benchmarks/results/depth_scale[_fashion_mnist][_1000steps].md. Reruns resume from
 benchmarks/work/.
@@ -48,16 +52,23 @@ SEPARATE, SHARED, SCALED = (
     "shared K=128, depth_scale=true",
 )
 K128 = ["model.code_depth=4", "model.codebook_size=128"]
+# Eq. 7's commitment to the decoded sum only (model.commitment=final), both ways
+SCALED_FINAL = "shared K=128, depth_scale=true, commitment=final"
+SEPARATE_FINAL = "4 separate codebooks of 128, commitment=final"
 VARIANTS = {
     SEPARATE: [*K128, "model.shared_codebook=false"],
     SHARED: K128,
     SCALED: [*K128, "model.depth_scale=true"],
+    SCALED_FINAL: [*K128, "model.depth_scale=true", "model.commitment=final"],
+    SEPARATE_FINAL: [*K128, "model.shared_codebook=false", "model.commitment=final"],
 }
 # new codebooks for the separate model of the same seed, at its frozen autoencoder
 AFTER, CONTROL = "shared K=128, refit from separate", "separate, refit"
 REFITS = {AFTER: ["model.shared_codebook=true", "model.depth_scale=true"], CONTROL: []}
 PAIRS = [(SCALED, SEPARATE), (SCALED, SHARED), (SHARED, SEPARATE), (AFTER, SEPARATE),
-         (AFTER, CONTROL), (AFTER, SCALED)]  # fmt: skip
+         (AFTER, CONTROL), (AFTER, SCALED), (SCALED_FINAL, SEPARATE),
+         (SCALED_FINAL, SEPARATE_FINAL), (SCALED_FINAL, SCALED),
+         (SEPARATE_FINAL, SEPARATE)]  # fmt: skip
 
 
 def refit(args, seeds: list[int]) -> list[dict]:

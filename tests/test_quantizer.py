@@ -81,6 +81,27 @@ def test_commitment_loss_is_beta_times_sum_over_depths():
     torch.testing.assert_close(out.commitment_loss, expected)
 
 
+def test_final_commitment_pulls_z_towards_the_decoded_sum_only():
+    q, x = trained(depth=4)
+    final = ResidualQuantizer(8, 64, 4, commitment="final").eval()
+    final.load_state_dict(q.state_dict())
+    x = x[:64].clone().requires_grad_(True)
+    out, ref = final(x), q(x)  # the forward pass is the same; only the loss differs
+    torch.testing.assert_close(out.quantized, ref.quantized)
+    zhat = q.partial_sums(out.codes)[:, -1]
+    torch.testing.assert_close(out.commitment_loss, 0.25 * F.mse_loss(x, zhat))
+    (grad,) = torch.autograd.grad(out.commitment_loss, x)
+    torch.testing.assert_close(grad, 0.25 * 2 * (x - zhat).detach() / x.numel())
+    # under quantizer dropout the output, and so the target, is each vector's own Ẑ(d)
+    depths = torch.randint(1, 5, (64,), generator=torch.Generator().manual_seed(0))
+    cut = final(x, depths=depths)
+    own = q.partial_sums(cut.codes)[torch.arange(64), depths - 1]
+    torch.testing.assert_close(cut.quantized, own)
+    torch.testing.assert_close(cut.commitment_loss, 0.25 * F.mse_loss(x, own))
+    with pytest.raises(ValueError, match="commitment"):
+        ResidualQuantizer(8, 64, 4, commitment="last")
+
+
 def test_straight_through_gradient():
     q, x = trained()
     x = x[:10].clone().requires_grad_(True)

@@ -159,6 +159,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "patch_shortcut": FLAG,
         "quantize_dropout": FLAG,
         "depth_scale": FLAG,
+        "commitment": Rule("choice", choices=("all", "final")),
     },
     "DQVAEConfig": _AUTOENCODER
     | {

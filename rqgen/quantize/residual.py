@@ -23,6 +23,9 @@ Design choices, and why:
   s_d an EMA of the mean norm of r_{d-1}. Residuals shrink with depth, so without it most of
   a shared codebook sits at the depth-1 scale and the deeper depths choose among a few small
   codes. `code_table()` gives the per-depth vectors s_d·c(k) that stage 2 embeds.
+- `commitment="final"` (not in the paper): Eq. 7's commitment to the decoded sum only,
+  ||z - sg[Ẑ]||², instead of to every partial sum. Eq. 7 also pulls z towards Ẑ(1), which
+  a shared codebook fits worse than separate ones; the final sum is what the decoder sees.
 - The nearest-code search runs in fp32 even under bf16 autocast (distances between nearby
   codes underflow bf16's 8-bit mantissa) and is chunked over rows so that N×K distances are
   never materialised at once (K = 16384 with millions of vectors would need tens of GB).
@@ -47,7 +50,7 @@ from rqgen.quantize.search import nearest
 class QuantizerOutput:
     quantized: Tensor  # Ẑ with a straight-through gradient to z, same shape and dtype as z
     codes: Tensor  # (..., D) int64 code map M
-    commitment_loss: Tensor  # β · Σ_d ||z - sg[Ẑ(d)]||² (Eq. 7), a scalar
+    commitment_loss: Tensor  # β · Σ_d ||z - sg[Ẑ(d)]||² (Eq. 7), or β·||z - sg[Ẑ]||², a scalar
 
 
 class ResidualQuantizer(CodebookLearning, nn.Module):
@@ -73,12 +76,16 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         min_rows: int = 256,
         gradient_estimator: str = "ste",
         depth_scale: bool = False,
+        commitment: str = "all",
     ) -> None:
         super().__init__()
         if depth < 1 or codebook_size < 2 or dim < 1:
             raise ValueError(f"need depth >= 1, codebook_size >= 2, dim >= 1; got {depth=}")
         if gradient_estimator not in ESTIMATORS:
             raise ValueError(f"gradient_estimator={gradient_estimator!r}: use ste or rotation")
+        if commitment not in ("all", "final"):
+            raise ValueError(f"commitment={commitment!r}: use all (Eq. 7) or final")
+        self.commitment = commitment
         self.gradient_estimator = gradient_estimator
         self.dim, self.codebook_size, self.depth = dim, codebook_size, depth
         self.shared_codebook = shared_codebook
@@ -181,8 +188,8 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         commitment loss and in the EMA statistics: DQ-VAE gives each of the four fine-grid
         copies of a coarse code 1/4, so every region counts once. `depths` (1..D,
         broadcastable to the leading shape) ends each vector's stack early: its quantized
-        output is the partial sum Ẑ(d) (quantizer dropout); codes, commitment and the
-        codebook update still see every depth."""
+        output is the partial sum Ẑ(d) (quantizer dropout); codes, the codebook update and
+        Eq. 7's commitment still see every depth (`commitment="final"`: the output Ẑ(d))."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"expected last dim {self.dim}, got shape {tuple(z.shape)}")
         lead = z.shape[:-1]
@@ -197,18 +204,18 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
                         self._init_codebook(zf.detach())
                     self._known_initialized = True
                 codes, partials, residuals = self._residual_quantize(zf.detach())
-            # Eq. 7: commitment to every partial sum, summed over depths.
-            if w is None:
-                commit = sum(F.mse_loss(zf, partials[d]) for d in range(self.depth))
-            else:  # weighted mean over vectors, mean over channels
-                commit = sum(
-                    ((zf - partials[d]).pow(2).mean(-1) * w).sum() / w.sum().clamp_min(1e-12)
-                    for d in range(self.depth)
-                )
             zhat = partials[-1]
             if depths is not None:  # Ẑ(d) of each vector's own depth d
                 d = depths.to(device=zf.device, dtype=torch.long).expand(lead).reshape(1, -1, 1)
                 zhat = partials.gather(0, (d - 1).expand(1, -1, self.dim))[0]
+            # Eq. 7: commitment to every partial sum, summed over depths; or to the output only
+            targets = list(partials) if self.commitment == "all" else [zhat]
+            if w is None:
+                commit = sum(F.mse_loss(zf, t) for t in targets)
+            else:  # weighted mean over vectors, mean over channels
+                commit = sum(
+                    ((zf - t).pow(2).mean(-1) * w).sum() / w.sum().clamp_min(1e-12) for t in targets
+                )
             quantized = ESTIMATORS[self.gradient_estimator](zf, zhat)
             if self.training and not self.frozen:
                 with torch.no_grad():

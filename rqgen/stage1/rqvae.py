@@ -44,6 +44,9 @@ class RQVAEConfig:
     # the lookup, and the code multiplied back: a shared codebook then serves every depth's
     # scale (not in the paper; official models keep scale 1)
     depth_scale: bool = False
+    # commitment (Eq. 7) to every partial sum Ẑ(1..D) ("all", the paper's) or to the decoded
+    # sum Ẑ only ("final"; not in the paper)
+    commitment: str = "all"
     # GroupNorm groups: 0 keeps >= 4 channels per group in narrow layers (gcd(32, C/4)), which
     # is 32 at official widths; converted official models set 32 everywhere, as VQGAN does.
     norm_groups: int = 0
@@ -106,6 +109,7 @@ class RQVAE(nn.Module, Pretrained):
             restart_unused_codes=c.restart_unused_codes,
             gradient_estimator=c.gradient_estimator,
             depth_scale=c.depth_scale,
+            commitment=c.commitment,
         )
         if c.zero_init_residual:
             zero_init_residual_branches(self)
