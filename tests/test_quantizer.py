@@ -83,10 +83,9 @@ def test_commitment_loss_is_beta_times_sum_over_depths():
 
 def test_final_commitment_pulls_z_towards_the_decoded_sum_only():
     q, x = trained(depth=4)
-    final = ResidualQuantizer(8, 64, 4, commitment="final").eval()
-    final.load_state_dict(q.state_dict())
     x = x[:64].clone().requires_grad_(True)
-    out, ref = final(x), q(x)  # the forward pass is the same; only the loss differs
+    ref, q.commitment = q(x), "final"
+    out = q(x)  # the forward pass is the same; only the loss differs
     torch.testing.assert_close(out.quantized, ref.quantized)
     zhat = q.partial_sums(out.codes)[:, -1]
     torch.testing.assert_close(out.commitment_loss, 0.25 * F.mse_loss(x, zhat))
@@ -94,12 +93,10 @@ def test_final_commitment_pulls_z_towards_the_decoded_sum_only():
     torch.testing.assert_close(grad, 0.25 * 2 * (x - zhat).detach() / x.numel())
     # under quantizer dropout the output, and so the target, is each vector's own Ẑ(d)
     depths = torch.randint(1, 5, (64,), generator=torch.Generator().manual_seed(0))
-    cut = final(x, depths=depths)
+    cut = q(x, depths=depths)
     own = q.partial_sums(cut.codes)[torch.arange(64), depths - 1]
     torch.testing.assert_close(cut.quantized, own)
     torch.testing.assert_close(cut.commitment_loss, 0.25 * F.mse_loss(x, own))
-    with pytest.raises(ValueError, match="commitment"):
-        ResidualQuantizer(8, 64, 4, commitment="last")
 
 
 def test_straight_through_gradient():
@@ -293,9 +290,11 @@ def test_bf16_autocast_search_stays_fp32():
     assert (ref != ref_rounded).float().mean() < 0.2
 
 
-def test_rejects_wrong_dim():
+def test_rejects_wrong_dim_and_unknown_commitment():
     with pytest.raises(ValueError, match="last dim"):
         ResidualQuantizer(8, 16, 2)(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="use all .Eq. 7. or final"):
+        ResidualQuantizer(8, 64, 4, commitment="last")
 
 
 def test_depth_scale_is_separate_codebooks_of_scaled_codes():
