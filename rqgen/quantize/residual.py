@@ -209,13 +209,12 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
                 d = depths.to(device=zf.device, dtype=torch.long).expand(lead).reshape(1, -1, 1)
                 zhat = partials.gather(0, (d - 1).expand(1, -1, self.dim))[0]
             # Eq. 7: commitment to every partial sum, summed over depths; or to the output only
-            targets = list(partials) if self.commitment == "all" else [zhat]
+            targets = partials if self.commitment == "all" else zhat[None]
+            err = (zf - targets).pow(2).mean(-1)  # (targets, N): mean over channels
             if w is None:
-                commit = sum(F.mse_loss(zf, t) for t in targets)
-            else:  # weighted mean over vectors, mean over channels
-                commit = sum(
-                    ((zf - t).pow(2).mean(-1) * w).sum() / w.sum().clamp_min(1e-12) for t in targets
-                )
+                commit = err.mean(-1).sum()
+            else:  # weighted mean over vectors
+                commit = ((err * w).sum(-1) / w.sum().clamp_min(1e-12)).sum()
             quantized = ESTIMATORS[self.gradient_estimator](zf, zhat)
             if self.training and not self.frozen:
                 with torch.no_grad():
