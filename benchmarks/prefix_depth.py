@@ -1,5 +1,6 @@
 """One tokenizer at every rate: the prefixes Ẑ(1), Ẑ(2), Ẑ(4) of one D = 8 RQ-VAE, with and
-without quantizer dropout (model.quantize_dropout), against dedicated D = 1, 2, 4 models.
+without quantizer dropout (model.quantize_dropout; drawing every depth 1..8, or only the
+rates compared, model.quantize_dropout_depths), against dedicated D = 1, 2, 4 models.
 
 Two architectures at 32 px: tiny32 (with its patch shortcut) and the paper's (tiny32 with
 model.patch_shortcut=false: encoder and decoder only). Every model trains at equal steps and
@@ -23,6 +24,7 @@ from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E
 
 ARCHS = {"tiny32": [], "paper architecture": ["model.patch_shortcut=false"]}
 DEPTHS = (1, 2, 4)
+MODELS = ("D=8", "D=8, quantizer dropout", "D=8, quantizer dropout to 1, 2, 4, 8")
 
 
 def variants() -> dict[str, tuple[str, list[str]]]:
@@ -32,6 +34,15 @@ def variants() -> dict[str, tuple[str, list[str]]]:
         out[f"{arch}, D=8, quantizer dropout"] = (
             "tiny32",
             [*extra, "model.code_depth=8", "model.quantize_dropout=true"],
+        )
+        out[f"{arch}, D=8, quantizer dropout to 1, 2, 4, 8"] = (  # the rates compared
+            "tiny32",
+            [
+                *extra,
+                "model.code_depth=8",
+                "model.quantize_dropout=true",
+                "model.quantize_dropout_depths=[1,2,4,8]",
+            ],
         )
         for d in DEPTHS:
             out[f"{arch}, D={d}"] = ("tiny32", [*extra, f"model.code_depth={d}"])
@@ -58,7 +69,7 @@ def main() -> None:
             + " | ".join(cell(dedicated[d]) for d in DEPTHS)
             + " | |"
         )
-        for model in ("D=8", "D=8, quantizer dropout"):
+        for model in [m for m in MODELS if (f"{arch}, {m}", seeds[0]) in by]:
             rs = [by[f"{arch}, {model}", s] for s in seeds]
             prefix = {d: [r["per_depth_psnr"][d - 1] for r in rs] for d in (*DEPTHS, 8)}
             rows.append(

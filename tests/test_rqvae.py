@@ -211,16 +211,18 @@ def test_patch_shortcut_starts_as_the_sub_patch_mean_where_patches_exceed_the_co
     assert not PatchShortcut(3, 4, 2).starts_as_codec  # not even one pixel fits: learned
 
 
-def test_quantizer_dropout_decodes_each_image_from_its_own_prefix():
+@pytest.mark.parametrize("choices", [[], [1, 3]])
+def test_quantizer_dropout_decodes_each_image_from_its_own_prefix(choices):
     torch.manual_seed(0)
-    vae = RQVAE(small_config(quantize_dropout=True)).train()
+    vae = RQVAE(small_config(quantize_dropout=True, quantize_dropout_depths=choices)).train()
     vae.quantizer.frozen = True  # no codebook update: the codes below decode as in forward
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     vae(x)  # the first training forward initialises the codebook from the data
     torch.manual_seed(1)
     out = vae(x)
     torch.manual_seed(1)
-    depths = torch.randint(1, 5, (8,))  # what the forward drew
+    table = torch.tensor(choices or [1, 2, 3, 4])
+    depths = table[torch.randint(len(table), (8,))]  # what the forward drew
     assert len(set(depths.tolist())) > 1
     with torch.no_grad():
         for b, d in enumerate(depths.tolist()):

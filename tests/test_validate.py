@@ -70,6 +70,8 @@ def test_an_out_of_range_value_is_refused_in_one_line(load, preset, section, nam
      "train.batch_size=10 must be divisible by train.grad_accum=4"),
     (load_vae_experiment, "dq-tiny32", ["model.decoder_ch_mult=[1,2,4,4]"], "needs 3 levels"),
     (load_vae_experiment, "tiny32", ["model.norm_groups=5"], "model.norm_groups=5 does not divide"),
+    (load_vae_experiment, "tiny32", ["model.quantize_dropout=true",
+     "model.quantize_dropout_depths=[1,8]"], "depths ≤ model.code_depth=4"),
     (load_vae_experiment, "tiny32", ["train.lr=nan"], "train.lr=nan: must be a number > 0"),
     (load_vae_experiment, "tiny32", ["model.codebook_size=0"],
      "model.codebook_size=0: must be an integer ≥ 2"),

@@ -158,6 +158,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "zero_init_residual": FLAG,
         "patch_shortcut": FLAG,
         "quantize_dropout": FLAG,
+        "quantize_dropout_depths": Rule("ints", low=1),
         "depth_scale": FLAG,
         "commitment": Rule("choice", choices=("all", "final")),
     },
@@ -277,6 +278,12 @@ def _check_autoencoder(m) -> None:
         raise ConfigError(
             f"model.decoder_ch_mult={_show(m.decoder_ch_mult)} needs {len(m.ch_mult) - 1} levels "
             f"(one fewer than model.ch_mult) so that it starts from the fine grid"
+        )
+    drop = getattr(m, "quantize_dropout_depths", [])
+    if drop and (not m.quantize_dropout or max(drop) > m.code_depth):
+        raise ConfigError(
+            f"model.quantize_dropout_depths={_show(drop)} needs model.quantize_dropout=true "
+            f"and depths ≤ model.code_depth={m.code_depth}"
         )
     groups = getattr(m, "norm_groups", 0)
     if groups:

@@ -37,6 +37,9 @@ class RQVAEConfig:
     # quantizer dropout (SoundStream): in training each image's code stack ends at a random
     # depth 1..D, so that every prefix Ẑ(d) decodes well and one tokenizer serves every rate
     quantize_dropout: bool = False
+    # the depths it draws from, uniformly (empty: every depth 1..D); [1, 2, 4, 8] gives the
+    # rates one serves more of the training signal than 1..8 would
+    quantize_dropout_depths: list[int] = field(default_factory=list)
     # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
     # (the rotation trick, Fifty et al. 2025); the forward pass is the same
     gradient_estimator: str = "ste"
@@ -166,7 +169,9 @@ class RQVAE(nn.Module, Pretrained):
     def forward(self, x: Tensor) -> RQVAEOutput:
         depths = None
         if self.training and self.config.quantize_dropout:  # each image its own prefix depth
-            depths = torch.randint(1, self.config.code_depth + 1, (len(x), 1, 1), device=x.device)
+            choices = self.config.quantize_dropout_depths or range(1, self.config.code_depth + 1)
+            table = torch.tensor(list(choices), device=x.device)
+            depths = table[torch.randint(len(table), (len(x), 1, 1), device=x.device)]
         q = self.quantizer(self.encode(x), depths=depths)
         return RQVAEOutput(self.decode(q.quantized), q.codes, q.commitment_loss)
 
