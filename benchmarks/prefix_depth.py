@@ -9,8 +9,12 @@ eval-vae` on the held-out photos, whose per-depth PSNRs are the prefix decodings
 (#29): each prefix within 0.5 dB of the dedicated model of its depth.
 
     python benchmarks/prefix_depth.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
+    python benchmarks/prefix_depth.py --steps 1000 --seeds 0 1 2 --jobs 3 --threads 1 --only \
+        'paper architecture, D=8' 'paper architecture, D=8, quantizer dropout' \
+        'paper architecture, D=8, quantizer dropout to 1, 2, 4, 8' \
+        'paper architecture, D=1' 'paper architecture, D=2' 'paper architecture, D=4'
 
-Results: benchmarks/results/prefix_depth.md. Reruns resume from benchmarks/work/.
+Results: benchmarks/results/prefix_depth[_1000steps].md. Reruns resume from benchmarks/work/.
 """
 
 from __future__ import annotations
