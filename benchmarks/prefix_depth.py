@@ -1,6 +1,7 @@
 """One tokenizer at every rate: the prefixes Ẑ(1), Ẑ(2), Ẑ(4) of one D = 8 RQ-VAE, with and
 without quantizer dropout (model.quantize_dropout; drawing every depth 1..8, or only the
-rates compared, model.quantize_dropout_depths), against dedicated D = 1, 2, 4 models.
+rates compared, model.quantize_dropout_depths; with one shared codebook or a codebook of K
+per depth), against dedicated D = 1, 2, 4 models.
 
 Two architectures at 32 px: tiny32 (with its patch shortcut) and the paper's (tiny32 with
 model.patch_shortcut=false: encoder and decoder only). Every model trains at equal steps and
@@ -12,6 +13,7 @@ eval-vae` on the held-out photos, whose per-depth PSNRs are the prefix decodings
     python benchmarks/prefix_depth.py --steps 1000 --seeds 0 1 2 --jobs 3 --threads 1 --only \
         'paper architecture, D=8' 'paper architecture, D=8, quantizer dropout' \
         'paper architecture, D=8, quantizer dropout to 1, 2, 4, 8' \
+        'paper architecture, D=8, separate codebooks, quantizer dropout' \
         'paper architecture, D=1' 'paper architecture, D=2' 'paper architecture, D=4'
 
 Results: benchmarks/results/prefix_depth[_1000steps].md. Reruns resume from benchmarks/work/.
@@ -28,7 +30,12 @@ from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E
 
 ARCHS = {"tiny32": [], "paper architecture": ["model.patch_shortcut=false"]}
 DEPTHS = (1, 2, 4)
-MODELS = ("D=8", "D=8, quantizer dropout", "D=8, quantizer dropout to 1, 2, 4, 8")
+MODELS = (
+    "D=8",
+    "D=8, quantizer dropout",
+    "D=8, quantizer dropout to 1, 2, 4, 8",
+    "D=8, separate codebooks, quantizer dropout",
+)
 
 
 def variants() -> dict[str, tuple[str, list[str]]]:
@@ -46,6 +53,17 @@ def variants() -> dict[str, tuple[str, list[str]]]:
                 "model.code_depth=8",
                 "model.quantize_dropout=true",
                 "model.quantize_dropout_depths=[1,2,4,8]",
+            ],
+        )
+        # a codebook per depth (each of K, so equal bits per code): depth 1's codebook is
+        # all depth 1's, as a dedicated D = 1 model's is, not shared with seven finer scales
+        out[f"{arch}, D=8, separate codebooks, quantizer dropout"] = (
+            "tiny32",
+            [
+                *extra,
+                "model.code_depth=8",
+                "model.quantize_dropout=true",
+                "model.shared_codebook=false",
             ],
         )
         for d in DEPTHS:

@@ -97,10 +97,22 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None
 
 
 def score(name: str, out: Path, args, seed: int) -> dict:
-    """`rqgen eval-vae` of the model in `out` on the held-out images, as a result row."""
-    cmd = [sys.executable, "-m", "rqgen", "eval-vae", "--vae", str(out), "--data",
-           args.val_data, "--json", "--device", "cpu"]  # fmt: skip
-    res = json.loads(run(cmd, args.threads, out / "bench.log"))
+    """`rqgen eval-vae` of the model in `out` on the held-out images, as a result row. The
+    scores are kept in `out/eval.json` beside the model file's size and time and the data, so
+    a rerun (another table from the same runs) scores a model again only when it changed."""
+    weights = (out / "model.safetensors").stat()
+    key = {"weights": [weights.st_size, weights.st_mtime_ns], "data": args.val_data}
+    kept = out / "eval.json"
+    saved = json.loads(kept.read_text()) if kept.exists() else {}
+    if saved.get("key") == key:
+        res = saved["result"]
+    else:
+        cmd = [sys.executable, "-m", "rqgen", "eval-vae", "--vae", str(out), "--data",
+               args.val_data, "--json", "--device", "cpu"]  # fmt: skip
+        res = json.loads(run(cmd, args.threads, out / "bench.log"))
+        tmp = kept.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "result": res}))
+        tmp.replace(kept)
     res["bits_per_image"] = res["tokens_per_image"] * math.log2(res["codebook_size"])
     res["variant"], res["seed"] = name, seed
     print(f"{name}: PSNR {res['psnr']:.2f} dB", flush=True)
