@@ -4,18 +4,20 @@ every position (the prefix Ẑ(d)) against the same total spent where the residu
 
 A dynamic map also tells each position's depth, 3 bits for 1..8 against the 9 bits of a code
 (K = 512), so at equal bits per image it holds d − 1/3 codes per position on average where
-the fixed map holds d. Both are scored on the held-out photo crops (PSNR as eval-vae); the
+the fixed map holds d. Both are scored on the held-out images (PSNR as eval-vae); the
 models are the D = 8 tokenizers of benchmarks/prefix_depth.py (with and without quantizer
-dropout, tiny32 and the paper's architecture), so run that first (same --steps and seeds):
+dropout, tiny32 and the paper's architecture), so run that first (same --steps, --data and
+seeds; the tokenizers found are scored, the rest skipped):
 
     python benchmarks/dynamic_depth.py --seeds 0 1 2
+    python benchmarks/dynamic_depth.py --steps 1000 --seeds 0 1 2
+    python benchmarks/dynamic_depth.py --data fashion-mnist --seeds 0 1 2
 
-Results: benchmarks/results/dynamic_depth.md.
+Results: benchmarks/results/dynamic_depth[_fashion_mnist][_1000steps].md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -24,15 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import cell, slug  # noqa: E402
+from prefix_depth import ARCHS  # noqa: E402
+from prefix_depth import MODELS as D8  # noqa: E402
+from rate_distortion import cell, parse_args, results_name, run_dir  # noqa: E402
 
 from rqgen.data import build_dataset  # noqa: E402
 from rqgen.evaluate import psnr  # noqa: E402
 from rqgen.quantize.dynamic import stack_depths  # noqa: E402
 from rqgen.stage1.rqvae import RQVAE  # noqa: E402
 
-MODELS = [f"{arch}, D=8{extra}" for arch in ("tiny32", "paper architecture")
-          for extra in ("", ", quantizer dropout")]  # fmt: skip
+MODELS = [f"{arch}, {m}" for arch in ARCHS for m in D8]  # every D = 8 tokenizer
 DEPTHS = (2, 3, 4, 6)
 
 
@@ -57,19 +60,15 @@ def scores(model_dir: Path, images: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--workdir", default="benchmarks/work/prefix_depth")
-    p.add_argument("--data", default="bundled:photos:val")
-    args = p.parse_args()
+    args = parse_args(__doc__, 150, "benchmarks/work/prefix_depth")  # the prefix study's runs
+    args.seeds = args.seeds or [args.seed]
     torch.set_grad_enabled(False)
-    val = build_dataset(args.data, 32, "val")
+    val = build_dataset(args.val_data, 32, "val")
     images = torch.stack([val[i][0] for i in range(len(val))])
-    root = Path(args.workdir)
     runs = {}
-    for model in MODELS:
+    for model in [m for m in MODELS if not args.only or m in args.only]:
         for s in args.seeds:
-            d = root / (slug(model) if s == 0 else f"seed{s}/{slug(model)}")
+            d = run_dir(args, model, s)
             if (d / "model.safetensors").is_file():
                 runs[model, s] = scores(d, images)
                 print(model, s, runs[model, s], flush=True)
@@ -93,18 +92,19 @@ def main() -> None:
                 f"| {cell([a - b for a, b in zip(same, fixed)])} | {cell(entropy)} |"
             )
     body = (
-        f"PSNR (dB) on the {len(images)} held-out crops ({args.data}) of the prefix study's "
-        f"D = 8 tokenizers, seeds {', '.join(map(str, args.seeds))} (means ± half-width of the "
-        "95% Student-t interval over seeds; differences paired by seed). The dynamic maps "
-        "spend a per-image budget of codes on the largest residual energies in the latent "
-        "space (greedy on the marginal gains), every position keeping at least one code. The "
-        "last column is the empirical entropy of the equal-codes depth maps: what a depth "
-        "map costs when entropy-coded, against the 3 bits the equal-bits column charges.\n\n"
+        f"PSNR (dB) on the {len(images)} held-out images ({args.val_data}) of the prefix "
+        f"study's D = 8 tokenizers ({args.steps} steps), seeds "
+        f"{', '.join(map(str, args.seeds))} (means ± half-width of the 95% Student-t "
+        "interval over seeds; differences paired by seed). The dynamic maps spend a per-image "
+        "budget of codes on the largest residual energies in the latent space (greedy on the "
+        "marginal gains), every position keeping at least one code. The last column is the "
+        "empirical entropy of the equal-codes depth maps: what a depth map costs when "
+        "entropy-coded, against the 3 bits the equal-bits column charges.\n\n"
         + "\n".join(rows)
         + "\n"
     )
     data = {"seeds": args.seeds, "runs": {f"{m} | {s}": v for (m, s), v in runs.items()}}
-    print(write_results("dynamic_depth", body, data))
+    print(write_results(results_name("dynamic_depth", args), body, data))
 
 
 if __name__ == "__main__":
