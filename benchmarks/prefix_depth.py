@@ -6,17 +6,22 @@ per depth), against dedicated D = 1, 2, 4 models.
 Two architectures at 32 px: tiny32 (with its patch shortcut) and the paper's (tiny32 with
 model.patch_shortcut=false: encoder and decoder only). Every model trains at equal steps and
 seeds with the real CLI (the rate-distortion study's runner) and is scored by `rqgen
-eval-vae` on the held-out photos, whose per-depth PSNRs are the prefix decodings. The target
-(#29): each prefix within 0.5 dB of the dedicated model of its depth.
+eval-vae` on held-out images (the photos, or `--data fashion-mnist`), whose per-depth PSNRs
+are the prefix decodings. The target (#29): each prefix within 0.5 dB of the dedicated model
+of its depth.
 
     python benchmarks/prefix_depth.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
+    python benchmarks/prefix_depth.py --data fashion-mnist --seeds 0 1 2 --jobs 2 --threads 1 \
+        --only 'tiny32, D=8' 'tiny32, D=8, quantizer dropout' 'tiny32, D=1' 'tiny32, D=2' \
+        'tiny32, D=4'
     python benchmarks/prefix_depth.py --steps 1000 --seeds 0 1 2 --jobs 3 --threads 1 --only \
         'paper architecture, D=8' 'paper architecture, D=8, quantizer dropout' \
         'paper architecture, D=8, quantizer dropout to 1, 2, 4, 8' \
         'paper architecture, D=8, separate codebooks, quantizer dropout' \
         'paper architecture, D=1' 'paper architecture, D=2' 'paper architecture, D=4'
 
-Results: benchmarks/results/prefix_depth[_1000steps].md. Reruns resume from benchmarks/work/.
+Results: benchmarks/results/prefix_depth[_fashion_mnist][_1000steps].md. Reruns resume from
+benchmarks/work/.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def main() -> None:
             )
     body = "\n".join(
         [
-            f"PSNR (dB) on the {results[0]['n_images']} held-out photo crops "
+            f"PSNR (dB) on the {results[0]['n_images']} held-out images "
             f"({args.val_data}), {args.steps} steps at batch 64, seeds "
             f"{', '.join(map(str, seeds))}; means ± half-width of the 95% Student-t interval "
             "over seeds. A D = 8 model's Ẑ(d) is the decoding of its first d codes.",
