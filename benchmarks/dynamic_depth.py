@@ -5,9 +5,9 @@ every position (the prefix Ẑ(d)) against the same total spent where the residu
 A dynamic map also tells each position's depth, 3 bits for 1..8 against the 9 bits of a code
 (K = 512), so at equal bits per image it holds d − 1/3 codes per position on average where
 the fixed map holds d. Both are scored on the held-out images (PSNR as eval-vae); the
-models are the D = 8 tokenizers of benchmarks/prefix_depth.py (with and without quantizer
-dropout, tiny32 and the paper's architecture), so run that first (same --steps, --data and
-seeds; the tokenizers found are scored, the rest skipped):
+models are the D = 8 tokenizers of benchmarks/prefix_depth.py (every one of both
+architectures: plain, with quantizer dropout, with a codebook per depth), so run that
+first (same --steps, --data and seeds; the tokenizers found are scored, the rest skipped):
 
     python benchmarks/dynamic_depth.py --seeds 0 1 2
     python benchmarks/dynamic_depth.py --steps 1000 --seeds 0 1 2
