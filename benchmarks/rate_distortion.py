@@ -99,7 +99,8 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None
 def score(name: str, out: Path, args, seed: int) -> dict:
     """`rqgen eval-vae` of the model in `out` on the held-out images, as a result row. The
     scores are kept in `out/eval.json` beside the model file's size and time and the data, so
-    a rerun (another table from the same runs) scores a model again only when it changed."""
+    a rerun (another table from the same runs) scores a model again only when it changed;
+    delete the file to rescore after changing the evaluation itself."""
     weights = (out / "model.safetensors").stat()
     key = {"weights": [weights.st_size, weights.st_mtime_ns], "data": args.val_data}
     kept = out / "eval.json"
