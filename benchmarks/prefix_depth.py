@@ -1,7 +1,8 @@
 """One tokenizer at every rate: the prefixes Ẑ(1), Ẑ(2), Ẑ(4) of one D = 8 RQ-VAE, with and
 without quantizer dropout (model.quantize_dropout; drawing every depth 1..8, or only the
-rates compared, model.quantize_dropout_depths; with one shared codebook or a codebook of K
-per depth), against dedicated D = 1, 2, 4 models.
+rates compared, model.quantize_dropout_depths, where a depth listed n times is drawn n times
+as often; with one shared codebook or a codebook of K per depth), against dedicated D = 1,
+2, 4 models.
 
 Two architectures at 32 px: tiny32 (with its patch shortcut) and the paper's (tiny32 with
 model.patch_shortcut=false: encoder and decoder only). Every model trains at equal steps and
@@ -18,6 +19,7 @@ of its depth.
         'paper architecture, D=8' 'paper architecture, D=8, quantizer dropout' \
         'paper architecture, D=8, quantizer dropout to 1, 2, 4, 8' \
         'paper architecture, D=8, separate codebooks, quantizer dropout' \
+        'paper architecture, D=8, separate codebooks, quantizer dropout, d=1 4x as often' \
         'paper architecture, D=1' 'paper architecture, D=2' 'paper architecture, D=4'
 
 Results: benchmarks/results/prefix_depth[_fashion_mnist][_1000steps].md. Reruns resume from
@@ -40,6 +42,7 @@ MODELS = (
     "D=8, quantizer dropout",
     "D=8, quantizer dropout to 1, 2, 4, 8",
     "D=8, separate codebooks, quantizer dropout",
+    "D=8, separate codebooks, quantizer dropout, d=1 4x as often",
 )
 
 
@@ -68,6 +71,17 @@ def variants() -> dict[str, tuple[str, list[str]]]:
                 *extra,
                 "model.code_depth=8",
                 "model.quantize_dropout=true",
+                "model.shared_codebook=false",
+            ],
+        )
+        # the same, with d = 1 listed four times: 4 of every 11 images decode from Ẑ(1)
+        out[f"{arch}, D=8, separate codebooks, quantizer dropout, d=1 4x as often"] = (
+            "tiny32",
+            [
+                *extra,
+                "model.code_depth=8",
+                "model.quantize_dropout=true",
+                "model.quantize_dropout_depths=[1,1,1,1,2,3,4,5,6,7,8]",
                 "model.shared_codebook=false",
             ],
         )
