@@ -38,7 +38,8 @@ class RQVAEConfig:
     # depth 1..D, so that every prefix Ẑ(d) decodes well and one tokenizer serves every rate
     quantize_dropout: bool = False
     # the depths it draws from, uniformly (empty: every depth 1..D); listing only the rates a
-    # model will serve, e.g. [1, 2, 4, 8], gives each a larger share of the training signal
+    # model will serve, e.g. [1, 2, 4, 8], gives each a larger share of the training signal,
+    # and a depth listed n times is drawn n times as often
     quantize_dropout_depths: list[int] = field(default_factory=list)
     # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
     # (the rotation trick, Fifty et al. 2025); the forward pass is the same
