@@ -5,8 +5,9 @@ study's runner: `rqgen train-vae`, then `rqgen eval-vae` on the held-out crops) 
 PSNR, codebook usage and perplexity with 95% intervals over seeds, and the paired difference.
 
     python benchmarks/estimators.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
+    python benchmarks/estimators.py --steps 1000 --seeds 0 1 2 --jobs 2 --threads 1
 
-Results: benchmarks/results/estimators.md. Reruns resume from benchmarks/work/.
+Results: benchmarks/results/estimators[_1000steps].md. Reruns resume from benchmarks/work/.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E402
+from rate_distortion import cell, parse_args, results_name, train_all, val_curve  # noqa: E402
 
 VARIANTS = {
     "straight-through (ste)": ["model.gradient_estimator=ste"],
@@ -44,6 +45,17 @@ def main() -> None:
         )
     a, b = VARIANTS
     diffs = [by[b, s]["psnr"] - by[a, s]["psnr"] for s in seeds]
+    # the same held-out images, scored by the trainer at each evaluation: when they part
+    curves = {(n, s): val_curve(args, n, s) for n in VARIANTS for s in seeds}
+    steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+    during = [
+        "| step | " + " | ".join(f"{n}" for n in VARIANTS) + " | rotation − straight-through |",
+        "|---|---|---|---|",
+    ]
+    for t in steps:
+        each = {n: [curves[n, s][t] for s in seeds] for n in VARIANTS}
+        gap = [x - y for x, y in zip(each[b], each[a])]
+        during.append(f"| {t} | {cell(each[a])} | {cell(each[b])} | {cell(gap)} |")
     body = "\n".join([
         f"tiny32 (8×8×4, K = 512, the preset's recipe) on the bundled photos, {args.steps} steps "
         f"at batch 64, seeds {', '.join(map(str, seeds))}, scored on the "
@@ -54,6 +66,11 @@ def main() -> None:
         "",
         f"Rotation − straight-through, PSNR (same seed): {cell(diffs)} dB "
         f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}).",
+        "",
+        "Held-out PSNR (dB) during training, as the trainer scores the same images at each "
+        "evaluation:",
+        "",
+        *during,
     ])  # fmt: skip
     write_results(results_name("estimators", args), body, {"runs": results})
 

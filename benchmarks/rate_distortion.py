@@ -64,6 +64,13 @@ def run_dir(args, name: str, seed: int) -> Path:
     return Path(args.workdir) / (slug(name) if seed == args.seed else f"seed{seed}/{slug(name)}")
 
 
+def val_curve(args, name: str, seed: int) -> dict[int, float]:
+    """{step: held-out PSNR} the trainer logged at each evaluation of a finished run."""
+    lines = (run_dir(args, name, seed) / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    return {r["step"]: r["val_psnr"] for r in rows if "val_psnr" in r}
+
+
 def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None) -> dict:
     seed = args.seed if seed is None else seed
     out = run_dir(args, name, seed)
