@@ -23,13 +23,16 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is a broken suite, not a pass. The web demo's
 # test drives Debian's chromium: installed here when missing and we may (root with apt-get).
+# Tests run in one worker per core (pytest-xdist, at most 4): most run the CLI in one torch
+# thread, so a second worker uses the core a serial run leaves idle.
 test: $(STAMP)
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || { apt-get update -q \
 	  >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } \
 	  || echo "no chromium: the browser test of rqgen serve will be skipped"
 	$(VENV)/bin/ruff check rqgen tests benchmarks
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --durations=15 tests; \
+	  rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
