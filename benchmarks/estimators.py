@@ -49,7 +49,7 @@ def main() -> None:
     curves = {(n, s): val_curve(args, n, s) for n in VARIANTS for s in seeds}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     during = [
-        "| step | " + " | ".join(f"{n}" for n in VARIANTS) + " | rotation − straight-through |",
+        "| step | " + " | ".join(VARIANTS) + " | rotation − straight-through |",
         "|---|---|---|---|",
     ]
     for t in steps:

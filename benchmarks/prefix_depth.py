@@ -49,41 +49,22 @@ MODELS = (
 def variants() -> dict[str, tuple[str, list[str]]]:
     out = {}
     for arch, extra in ARCHS.items():
-        out[f"{arch}, D=8"] = ("tiny32", [*extra, "model.code_depth=8"])
-        out[f"{arch}, D=8, quantizer dropout"] = (
-            "tiny32",
-            [*extra, "model.code_depth=8", "model.quantize_dropout=true"],
-        )
-        out[f"{arch}, D=8, quantizer dropout to 1, 2, 4, 8"] = (  # the rates compared
-            "tiny32",
-            [
-                *extra,
-                "model.code_depth=8",
-                "model.quantize_dropout=true",
-                "model.quantize_dropout_depths=[1,2,4,8]",
-            ],
-        )
+        d8 = [*extra, "model.code_depth=8"]
+        dropout = [*d8, "model.quantize_dropout=true"]
         # a codebook per depth (each of K, so equal bits per code): depth 1's codebook is
         # all depth 1's, as a dedicated D = 1 model's is, not shared with seven finer scales
-        out[f"{arch}, D=8, separate codebooks, quantizer dropout"] = (
+        separate = [*dropout, "model.shared_codebook=false"]
+        out[f"{arch}, D=8"] = ("tiny32", d8)
+        out[f"{arch}, D=8, quantizer dropout"] = ("tiny32", dropout)
+        out[f"{arch}, D=8, quantizer dropout to 1, 2, 4, 8"] = (  # the rates compared
             "tiny32",
-            [
-                *extra,
-                "model.code_depth=8",
-                "model.quantize_dropout=true",
-                "model.shared_codebook=false",
-            ],
+            [*dropout, "model.quantize_dropout_depths=[1,2,4,8]"],
         )
+        out[f"{arch}, D=8, separate codebooks, quantizer dropout"] = ("tiny32", separate)
         # the same, with d = 1 listed four times: 4 of every 11 images decode from Ẑ(1)
         out[f"{arch}, D=8, separate codebooks, quantizer dropout, d=1 4x as often"] = (
             "tiny32",
-            [
-                *extra,
-                "model.code_depth=8",
-                "model.quantize_dropout=true",
-                "model.quantize_dropout_depths=[1,1,1,1,2,3,4,5,6,7,8]",
-                "model.shared_codebook=false",
-            ],
+            [*separate, "model.quantize_dropout_depths=[1,1,1,1,2,3,4,5,6,7,8]"],
         )
         for d in DEPTHS:
             out[f"{arch}, D={d}"] = ("tiny32", [*extra, f"model.code_depth={d}"])
