@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from rate_distortion import cell, parse_args, results_name, train_all, val_curve  # noqa: E402
+from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E402
 
 VARIANTS = {
     "straight-through (ste)": ["model.gradient_estimator=ste"],
@@ -46,7 +46,7 @@ def main() -> None:
     a, b = VARIANTS
     diffs = [by[b, s]["psnr"] - by[a, s]["psnr"] for s in seeds]
     # the same held-out images, scored by the trainer at each evaluation: when they part
-    curves = {(n, s): val_curve(args, n, s) for n in VARIANTS for s in seeds}
+    curves = {(n, s): dict(by[n, s].get("val_curve", [])) for n in VARIANTS for s in seeds}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     during = [
         "| step | " + " | ".join(VARIANTS) + " | rotation − straight-through |",

@@ -13,7 +13,8 @@ Table 4 comparison; RQ 8×8×4 with four separate codebooks of K/4 = 128 (C.3: t
 of code vectors as the shared one), and with one shared codebook of 128 (the same bits as the
 separate ones). With several seeds: means with 95% Student-t intervals
 and paired differences (same seed) for each trend the paper claims.
-Reruns resume unfinished trainings from benchmarks/work/.
+Reruns resume unfinished trainings from benchmarks/work/; finished ones are kept as records
+in benchmarks/results/runs/ (benchmarks/ledger.py), so a fresh checkout skips them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ledger  # noqa: E402
 from common import fashion_mnist, interval, write_results  # noqa: E402
 
 VARIANTS = {
@@ -64,43 +66,35 @@ def run_dir(args, name: str, seed: int) -> Path:
     return Path(args.workdir) / (slug(name) if seed == args.seed else f"seed{seed}/{slug(name)}")
 
 
-def val_curve(args, name: str, seed: int) -> dict[int, float]:
-    """{step: held-out PSNR} the trainer logged at each evaluation of a finished run."""
-    lines = (run_dir(args, name, seed) / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    return {r["step"]: r["val_psnr"] for r in rows if "val_psnr" in r}
+def val_curve(out: Path) -> list[list[float]]:
+    """[step, held-out PSNR] at each evaluation the trainer logged in run folder `out`."""
+    path = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [[r["step"], r["val_psnr"]] for r in rows if "val_psnr" in r]
 
 
-def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None) -> dict:
+def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None,
+        keep_model: bool = False) -> dict:  # fmt: skip
+    """Train (or resume) and score one run; a run with a record is not trained again unless
+    the study reads its model folder afterwards (`keep_model`)."""
     seed = args.seed if seed is None else seed
     out = run_dir(args, name, seed)
+    settings = [f"train.seed={seed}", "train.num_workers=0", *overrides]
+    key = ledger.run_key(config, [*settings, f"train.steps={args.steps}"], args.data)
+    kept = ledger.get(key)
+    if kept is not None and not (keep_model or (out / "model.safetensors").is_file()):
+        print(f"{name}: PSNR {kept['psnr']:.2f} dB (kept record)", flush=True)
+        return {**kept, "variant": name, "seed": seed}
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
     py = sys.executable
     run(
-        [
-            py,
-            "-m",
-            "rqgen",
-            "train-vae",
-            "--data",
-            args.train_data,
-            "--out",
-            str(out),
-            "--steps",
-            str(args.steps),
-            "--device",
-            "cpu",
-            "--config",
-            config,
-            f"train.seed={seed}",
-            "train.num_workers=0",
-            *overrides,
-        ],
+        [py, "-m", "rqgen", "train-vae", "--data", args.train_data, "--out", str(out),
+         "--steps", str(args.steps), "--device", "cpu", "--config", config, *settings],
         args.threads,
         log,
-    )
-    return score(name, out, args, seed)
+    )  # fmt: skip
+    return {**ledger.put(key, score(name, out, args, seed)), "variant": name, "seed": seed}
 
 
 def score(name: str, out: Path, args, seed: int) -> dict:
@@ -122,6 +116,9 @@ def score(name: str, out: Path, args, seed: int) -> dict:
         tmp.write_text(json.dumps({"key": key, "result": res}))
         tmp.replace(kept)
     res["bits_per_image"] = res["tokens_per_image"] * math.log2(res["codebook_size"])
+    res["val_curve"] = val_curve(out)
+    if json.loads((out / "config.json").read_text()).get("model_type") == "rqvae":
+        res["scales"] = residual_scales(out, args.val_data)
     res["variant"], res["seed"] = name, seed
     print(f"{name}: PSNR {res['psnr']:.2f} dB", flush=True)
     return res
@@ -164,12 +161,17 @@ def choose_data(args: argparse.Namespace) -> None:
         args.train_data, args.val_data = str(train), str(val)
 
 
-def train_all(variants: dict[str, tuple[str, list[str]]], args, seeds=None) -> list[dict]:
-    """Train and score {name: (preset, overrides)} for each seed, `args.jobs` at a time."""
+def train_all(
+    variants: dict[str, tuple[str, list[str]]], args, seeds=None, keep_models=()
+) -> list[dict]:
+    """Train and score {name: (preset, overrides)} for each seed, `args.jobs` at a time;
+    `keep_models`: the variants whose model folders the study reads afterwards."""
     chosen = [(k, v, seed) for seed in (seeds or [args.seed]) for k, v in variants.items()
               if not args.only or k in args.only]  # fmt: skip
     with ThreadPoolExecutor(args.jobs) as pool:
-        return list(pool.map(lambda c: one(c[0], c[1][1], args, c[1][0], c[2]), chosen))
+        return list(pool.map(
+            lambda c: one(c[0], c[1][1], args, c[1][0], c[2], c[0] in keep_models), chosen
+        ))  # fmt: skip
 
 
 def cell(values: list[float], digits: int = 2) -> str:
@@ -213,6 +215,20 @@ def residual_scales(model_dir: Path, data: str) -> dict:
         "median_code_norm": [round(float(book.norm(dim=-1).median()), 3) for book in q.codebook],
         "distinct_codes": [int(codes[:, d].unique().numel()) for d in range(q.depth)],
     }
+
+
+def trained_at(results: list[dict]) -> str:
+    """The commits at which the runs were kept (a study may gather them over sittings)."""
+    commits = {r["commit"] for r in results if r.get("commit")}
+    if not commits:
+        return ""
+    return (
+        "\nRuns kept (benchmarks/results/runs/) at commit "
+        + ", ".join(
+            f"{c} ({sum(r.get('commit') == c for r in results)} of them)" for c in sorted(commits)
+        )
+        + ".\n"
+    )
 
 
 def main() -> None:
@@ -260,15 +276,16 @@ def main() -> None:
         + f"\n\nReference codec ({ref['reference_codec']}, 1536 bits): {bicubic:.2f} dB.\n\n"
         "The paper's trends, as paired differences:\n\n" + "\n".join(trends) + "\n"
     )
-    scales = {}
-    for name in ("RQ 8x8x4", "RQ 8x8x4, 4 separate codebooks of 128"):
-        if (name, seeds[0]) in by:
-            scales[name] = residual_scales(run_dir(args, name, seeds[0]), args.val_data)
+    pair = [
+        by.get((n, seeds[0]), {}) for n in ("RQ 8x8x4", "RQ 8x8x4, 4 separate codebooks of 128")
+    ]
+    scales = {r["variant"]: r["scales"] for r in pair if "scales" in r}
     if scales:
         body += "\nResidual scales (seed " + str(seeds[0]) + ", held-out crops):\n\n" + "\n".join(
             f"- {name}: mean residual norm entering depth 1..D {v['residual_norm']}; median "
             f"code norm per codebook {v['median_code_norm']}; distinct codes picked per depth "
             f"{v['distinct_codes']}" for name, v in scales.items()) + "\n"  # fmt: skip
+    body += trained_at(results)
     data = {"steps": args.steps, "seeds": seeds, "results": results, "scales": scales}
     print(write_results(results_name("rate_distortion", args), body, data))
 

@@ -1,0 +1,35 @@
+"""The benchmarks' run records: a kept run is found again only under the same resolved
+config and data, so a study never reuses a run that trained something else."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ledger  # noqa: E402
+
+
+def test_key_is_the_resolved_config_and_data():
+    key = ledger.run_key("tiny32", ["train.seed=1", "model.code_depth=4"], "photos")
+    # the preset's defaults spelled out, in another order: the same run
+    same = ledger.run_key("tiny32", ["model.gradient_estimator=ste", "train.seed=1"], "photos")
+    assert key == same
+    assert key != ledger.run_key("tiny32", ["train.seed=2"], "photos")
+    assert key != ledger.run_key("tiny32", ["train.seed=1"], "fashion-mnist")
+    assert key != ledger.run_key("tiny32", ["train.seed=1", "train.steps=999"], "photos")
+
+
+def test_records_round_trip_and_refuse_another_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger, "RUNS", tmp_path)
+    key = ledger.run_key("tiny32", ["train.seed=0"], "photos")
+    assert ledger.get(key) is None
+    kept = ledger.put(key, {"psnr": 30.5, "variant": "RQ 8x8x4", "seed": 0}, trained_at="abc")
+    assert ledger.get(key) == kept == {"psnr": 30.5, "commit": "abc"}
+    (path,) = tmp_path.iterdir()
+    record = json.loads(path.read_text())
+    record["key"]["config"]["train"]["seed"] = 5  # a record edited by hand
+    path.write_text(json.dumps(record))
+    with pytest.raises(RuntimeError, match="holds another run"):
+        ledger.get(key)
