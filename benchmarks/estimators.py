@@ -70,7 +70,7 @@ def main() -> None:
         "Held-out PSNR (dB) during training, as the trainer scores the same images at each "
         "evaluation:",
         "",
-        *during,
+        *(during if steps else ["(not kept in these runs' records)"]),
     ])  # fmt: skip
     write_results(results_name("estimators", args), body, {"runs": results})
 
