@@ -6,8 +6,9 @@ A dynamic map also tells each position's depth, 3 bits for 1..8 against the 9 bi
 (K = 512), so at equal bits per image it holds d − 1/3 codes per position on average where
 the fixed map holds d. Both are scored on the held-out images (PSNR as eval-vae); the
 models are the D = 8 tokenizers of benchmarks/prefix_depth.py (every one of both
-architectures: plain, with quantizer dropout, with a codebook per depth), so run that
-first (same --steps, --data and seeds; the tokenizers found are scored, the rest skipped):
+architectures: plain, with quantizer dropout, with a codebook per depth; --only picks some),
+the same runs in the same folders: those missing (its records keep scores, not models) are
+trained first.
 
     python benchmarks/dynamic_depth.py --seeds 0 1 2
     python benchmarks/dynamic_depth.py --steps 1000 --seeds 0 1 2
@@ -26,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from prefix_depth import ARCHS  # noqa: E402
+from prefix_depth import ARCHS, variants  # noqa: E402
 from prefix_depth import MODELS as D8  # noqa: E402
-from rate_distortion import cell, parse_args, results_name, run_dir  # noqa: E402
+from rate_distortion import cell, parse_args, results_name, run_dir, train_all  # noqa: E402
 
 from rqgen.data import build_dataset  # noqa: E402
 from rqgen.evaluate import psnr  # noqa: E402
@@ -65,13 +66,13 @@ def main() -> None:
     torch.set_grad_enabled(False)
     val = build_dataset(args.val_data, 32, "val")
     images = torch.stack([val[i][0] for i in range(len(val))])
+    wanted = [m for m in MODELS if not args.only or m in args.only]
+    train_all({m: variants()[m] for m in wanted}, args, args.seeds, keep_models=wanted)
     runs = {}
-    for model in [m for m in MODELS if not args.only or m in args.only]:
+    for model in wanted:
         for s in args.seeds:
-            d = run_dir(args, model, s)
-            if (d / "model.safetensors").is_file():
-                runs[model, s] = scores(d, images)
-                print(model, s, runs[model, s], flush=True)
+            runs[model, s] = scores(run_dir(args, model, s), images)
+            print(model, s, runs[model, s], flush=True)
     rows = [
         "| tokenizer | d | fixed Ẑ(d) | dynamic, equal bits (d − 1/3 codes) | dynamic − fixed "
         "| dynamic, equal codes (d) | dynamic − fixed | depth map entropy (bits/position) |",

@@ -49,8 +49,11 @@ def put(key: dict, result: dict, source: str | None = None, trained_at: str | No
     this checkout's commit unless `trained_at` says otherwise, and first reported in `source`
     when that is not the study that keeps it; returns it as `get` would."""
     result = {k: v for k, v in result.items() if k not in ("variant", "seed", "commit")}
-    record = {"key": key, "commit": trained_at or commit(), "source": source, "result": result}
+    result = json.loads(json.dumps(result))  # as it reads back
     path = _path(key)
+    if path.is_file() and (old := json.loads(path.read_text()))["result"] == result:
+        return {**result, "commit": old["commit"]}  # the same run scored again: as it was
+    record = {"key": key, "commit": trained_at or commit(), "source": source, "result": result}
     RUNS.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")

@@ -27,6 +27,10 @@ def test_records_round_trip_and_refuse_another_run(tmp_path, monkeypatch):
     assert ledger.get(key) is None
     kept = ledger.put(key, {"psnr": 30.5, "variant": "RQ 8x8x4", "seed": 0}, trained_at="abc")
     assert ledger.get(key) == kept == {"psnr": 30.5, "commit": "abc"}
+    # the same run scored again later keeps its record; a changed score replaces it
+    assert ledger.put(key, {"psnr": 30.5}, trained_at="later")["commit"] == "abc"
+    assert ledger.put(key, {"psnr": 30.6}, trained_at="later")["commit"] == "later"
+    assert ledger.get(key) == {"psnr": 30.6, "commit": "later"}
     (path,) = tmp_path.iterdir()
     record = json.loads(path.read_text())
     record["key"]["config"]["train"]["seed"] = 5  # a record edited by hand
