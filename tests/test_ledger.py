@@ -2,6 +2,7 @@
 config and data, so a study never reuses a run that trained something else."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +38,14 @@ def test_records_round_trip_and_refuse_another_run(tmp_path, monkeypatch):
     path.write_text(json.dumps(record))
     with pytest.raises(RuntimeError, match="holds another run"):
         ledger.get(key)
+
+
+def test_records_are_not_ignored_by_git():
+    """Records are kept by committing them: an ignore rule would drop them silently."""
+    probe = ledger.RUNS / "0123456789abcdef0123.json"
+    root = Path(__file__).resolve().parents[1]
+    found = subprocess.run(["git", "-C", str(root), "rev-parse"], capture_output=True)
+    if found.returncode != 0:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", str(probe)])
+    assert ignored.returncode == 1  # 1: not ignored
