@@ -62,12 +62,13 @@ def scores(model_dir: Path, images: torch.Tensor) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__, 150, "benchmarks/work/prefix_depth")  # the prefix study's runs
-    args.seeds = args.seeds or [args.seed]
+    seeds = args.seeds = args.seeds or [args.seed]
     torch.set_grad_enabled(False)
     val = build_dataset(args.val_data, 32, "val")
     images = torch.stack([val[i][0] for i in range(len(val))])
     wanted = [m for m in MODELS if not args.only or m in args.only]
-    train_all({m: variants()[m] for m in wanted}, args, args.seeds, keep_models=wanted)
+    every = variants()
+    train_all({m: every[m] for m in wanted}, args, args.seeds, keep_models=wanted)
     runs = {}
     for model in wanted:
         for s in args.seeds:
@@ -78,10 +79,7 @@ def main() -> None:
         "| dynamic, equal codes (d) | dynamic − fixed | depth map entropy (bits/position) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for model in MODELS:
-        seeds = [s for s in args.seeds if (model, s) in runs]
-        if not seeds:
-            continue
+    for model in wanted:
         for d in DEPTHS:
             fixed = [runs[model, s]["fixed"][d] for s in seeds]
             bits = [runs[model, s]["equal_bits"][d] for s in seeds]
