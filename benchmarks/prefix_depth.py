@@ -20,7 +20,8 @@ of its depth.
         'paper architecture, D=8, quantizer dropout to 1, 2, 4, 8' \
         'paper architecture, D=8, separate codebooks, quantizer dropout' \
         'paper architecture, D=8, separate codebooks, quantizer dropout, d=1 4x as often' \
-        'paper architecture, D=1' 'paper architecture, D=2' 'paper architecture, D=4'
+        'paper architecture, D=1' 'paper architecture, D=2' 'paper architecture, D=4' \
+        'tiny32, D=8' 'tiny32, D=1' 'tiny32, D=2' 'tiny32, D=4'   # rate_distortion's records
 
 Results: benchmarks/results/prefix_depth[_fashion_mnist][_1000steps].md. Reruns resume from
 benchmarks/work/.
