@@ -68,10 +68,10 @@ def main() -> None:
     images = torch.stack([val[i][0] for i in range(len(val))])
     wanted = [m for m in MODELS if not args.only or m in args.only]
     every = variants()
-    train_all({m: every[m] for m in wanted}, args, args.seeds, keep_models=wanted)
+    train_all({m: every[m] for m in wanted}, args, seeds, keep_models=wanted)
     runs = {}
     for model in wanted:
-        for s in args.seeds:
+        for s in seeds:
             runs[model, s] = scores(run_dir(args, model, s), images)
             print(model, s, runs[model, s], flush=True)
     rows = [
