@@ -1,12 +1,14 @@
 """How far the rotation trick's gradient is from straight-through's, per code depth D.
 
-In the forward pass both estimators give Ẑ; in the backward pass straight-through hands the
-decoder's gradient g to z unchanged, the rotation trick hands it λRᵀg, R the rotation that
-carries z's direction onto Ẑ's (estimators.py). In RQ Ẑ = Ẑ(D) approaches z as D grows, so
-the two should agree more the deeper the stack. Measured on the rate-distortion study's
-tiny32 RQ 8×8×D models (straight-through trained; trained here when their folders are
-missing): the gradient of the reconstruction MSE over the held-out crops with respect to z
-under each estimator, compared per vector and over the whole batch.
+In the forward pass the estimators all give Ẑ; in the backward pass straight-through hands
+the decoder's gradient g to z unchanged, the rotation trick hands it λRᵀg, R the rotation that
+carries z's direction onto Ẑ's, and rotation_per_depth the mean over depths of the rotations
+carrying each residual onto its code (estimators.py). In RQ Ẑ = Ẑ(D) approaches z as D
+grows, so the first should agree with straight-through more the deeper the stack; a
+residual and its code stay apart at every depth, so the second need not. Measured on the
+rate-distortion study's tiny32 RQ 8×8×D models (straight-through trained; trained here
+when their folders are missing): the gradient of the reconstruction MSE over the held-out
+crops with respect to z under each estimator, compared per vector and over the batch.
 
     python benchmarks/estimator_gradients.py --steps 1000 --seeds 0 1 2
 
@@ -33,10 +35,13 @@ from rate_distortion import (  # noqa: E402
 )
 
 from rqgen.data import build_dataset  # noqa: E402
-from rqgen.quantize.estimators import ESTIMATORS  # noqa: E402
+from rqgen.quantize.estimators import cross  # noqa: E402
 from rqgen.stage1.rqvae import RQVAE  # noqa: E402
 
 MODELS = ["RQ 8x8x1", "RQ 8x8x2", "RQ 8x8x4", "RQ 8x8x8"]
+# an estimator's columns: (name, suffix) around its tag
+COLUMNS = [("cos_grad", "_median"), ("cos_grad", "_p10"), ("cos_grad", "_batch"),
+           ("norm_ratio_grad", "")]  # fmt: skip
 
 
 def agreement(vae: RQVAE, images: torch.Tensor) -> dict:
@@ -47,21 +52,27 @@ def agreement(vae: RQVAE, images: torch.Tensor) -> dict:
     _, partials, _ = vae.quantizer._residual_quantize(flat)
     zhat = partials[-1]
     grads = {}
-    for name in ("ste", "rotation"):
+    for name in ("ste", "rotation", "rotation_per_depth"):
         leaf = flat.clone().requires_grad_(True)
-        out = ESTIMATORS[name](leaf, zhat).reshape(z.shape)
+        out = cross(name, leaf, zhat, partials).reshape(z.shape)
         F.mse_loss(vae.decode(out), images).backward()
         grads[name] = leaf.grad
-    g, h = grads["ste"], grads["rotation"]
-    per = F.cosine_similarity(g, h, dim=-1)
-    return {
+    g = grads["ste"]
+    out = {
         "cos_z_zhat": F.cosine_similarity(flat, zhat, dim=-1).median().item(),
         "norm_ratio_zhat_z": (zhat.norm(dim=-1) / flat.norm(dim=-1)).median().item(),
-        "cos_grad_median": per.median().item(),
-        "cos_grad_p10": per.quantile(0.1).item(),
-        "cos_grad_batch": F.cosine_similarity(g.flatten(), h.flatten(), dim=0).item(),
-        "norm_ratio_grad": (h.norm() / g.norm()).item(),
     }
+    for name in ("rotation", "rotation_per_depth"):
+        h, tag = grads[name], "" if name == "rotation" else "_per_depth"
+        per = F.cosine_similarity(g, h, dim=-1)
+        whole = F.cosine_similarity(g.flatten(), h.flatten(), dim=0)
+        out |= {
+            f"cos_grad{tag}_median": per.median().item(),
+            f"cos_grad{tag}_p10": per.quantile(0.1).item(),
+            f"cos_grad{tag}_batch": whole.item(),
+            f"norm_ratio_grad{tag}": (h.norm() / g.norm()).item(),
+        }
+    return out
 
 
 def main() -> None:
@@ -77,16 +88,17 @@ def main() -> None:
             vae = RQVAE.from_pretrained(run_dir(args, m, s)).eval()
             runs[m, s] = agreement(vae, images)
             print(m, s, runs[m, s], flush=True)
-    cols = ["cos_z_zhat", "norm_ratio_zhat_z", "cos_grad_median", "cos_grad_p10",
-            "cos_grad_batch", "norm_ratio_grad"]  # fmt: skip
     rows = [
-        "| model | cos(z, Ẑ), median | ‖Ẑ‖/‖z‖, median | cos(g_rot, g_ste) per vector, median "
-        "| same, 10th percentile | same, whole batch | ‖g_rot‖/‖g_ste‖, whole batch |",
-        "|---|---|---|---|---|---|---|",
+        "| model | estimator | cos(z, Ẑ), median | ‖Ẑ‖/‖z‖, median | cos(g, g_ste) per "
+        "vector, median | same, 10th percentile | same, whole batch | ‖g‖/‖g_ste‖, whole batch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in wanted:
-        rows.append(f"| {m} | " + " | ".join(cell([runs[m, s][c] for s in seeds], 3)
-                                             for c in cols) + " |")  # fmt: skip
+        for tag, name in (("", "rotation"), ("_per_depth", "rotation_per_depth")):
+            cols = ["cos_z_zhat", "norm_ratio_zhat_z"]
+            cols += [f"{c}{tag}{end}" for c, end in COLUMNS]
+            cells = [cell([runs[m, s][c] for s in seeds], 3) for c in cols]
+            rows.append(f"| {m} | {name} | " + " | ".join(cells) + " |")
     body = "\n".join([
         f"tiny32 RQ 8×8×D (K = 512, straight-through trained, {args.steps} steps at batch 64), "
         f"seeds {', '.join(map(str, seeds))}; gradients of the reconstruction MSE over the "

@@ -128,7 +128,7 @@ _AUTOENCODER = {
     "decay": unit(open_low=True),
     "commitment_weight": non_negative(),
     "restart_unused_codes": FLAG,
-    "gradient_estimator": Rule("choice", choices=("ste", "rotation")),
+    "gradient_estimator": Rule("choice", choices=("ste", "rotation", "rotation_per_depth")),
 }
 
 _TRAINING = {  # what both stages' training configs share

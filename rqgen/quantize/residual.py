@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from rqgen.quantize.codebook import CodebookLearning
 from rqgen.quantize.dynamic import decode_stacks
-from rqgen.quantize.estimators import ESTIMATORS
+from rqgen.quantize.estimators import ESTIMATORS, cross
 from rqgen.quantize.search import nearest
 
 
@@ -82,7 +82,9 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
         if depth < 1 or codebook_size < 2 or dim < 1:
             raise ValueError(f"need depth >= 1, codebook_size >= 2, dim >= 1; got {depth=}")
         if gradient_estimator not in ESTIMATORS:
-            raise ValueError(f"gradient_estimator={gradient_estimator!r}: use ste or rotation")
+            raise ValueError(
+                f"gradient_estimator={gradient_estimator!r}: use {', '.join(ESTIMATORS)}"
+            )
         if commitment not in ("all", "final"):
             raise ValueError(f"commitment={commitment!r}: use all (Eq. 7) or final")
         self.commitment = commitment
@@ -204,10 +206,10 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
                         self._init_codebook(zf.detach())
                     self._known_initialized = True
                 codes, partials, residuals = self._residual_quantize(zf.detach())
-            zhat = partials[-1]
+            zhat, d = partials[-1], None
             if depths is not None:  # Ẑ(d) of each vector's own depth d
-                d = depths.to(device=zf.device, dtype=torch.long).expand(lead).reshape(1, -1, 1)
-                zhat = partials.gather(0, (d - 1).expand(1, -1, self.dim))[0]
+                d = depths.to(device=zf.device, dtype=torch.long).expand(lead).reshape(-1)
+                zhat = partials.gather(0, (d - 1)[None, :, None].expand(1, -1, self.dim))[0]
             # Eq. 7: commitment to every partial sum, summed over depths; or to the output only
             targets = partials if self.commitment == "all" else zhat[None]
             err = (zf - targets).pow(2).mean(-1)  # (targets, N): mean over channels
@@ -215,7 +217,7 @@ class ResidualQuantizer(CodebookLearning, nn.Module):
                 commit = err.mean(-1).sum()
             else:  # weighted mean over vectors
                 commit = ((err * w).sum(-1) / w.sum().clamp_min(1e-12)).sum()
-            quantized = ESTIMATORS[self.gradient_estimator](zf, zhat)
+            quantized = cross(self.gradient_estimator, zf, zhat, partials, d)
             if self.training and not self.frozen:
                 with torch.no_grad():
                     self._ema_update(residuals, codes, w)

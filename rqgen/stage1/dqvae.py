@@ -56,8 +56,9 @@ class DQVAEConfig:
     decay: float = 0.99
     commitment_weight: float = 0.25
     restart_unused_codes: bool = True
-    # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
-    # (the rotation trick, Fifty et al. 2025); the forward pass is the same
+    # how the gradient crosses the quantizer: ste (straight through, the paper's), rotation
+    # (the rotation trick, Fifty et al. 2025, from z onto Ẑ) or rotation_per_depth (from
+    # each depth's residual onto its code, averaged); the forward pass is the same
     gradient_estimator: str = "ste"
     router: str = "entropy"  # entropy | learned
     fine_fraction: float = 0.5  # r: target share of regions that get fine codes

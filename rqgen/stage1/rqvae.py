@@ -41,8 +41,9 @@ class RQVAEConfig:
     # model will serve, e.g. [1, 2, 4, 8], gives each a larger share of the training signal,
     # and a depth listed n times is drawn n times as often
     quantize_dropout_depths: list[int] = field(default_factory=list)
-    # how the gradient crosses the quantizer: ste (straight through, the paper's) or rotation
-    # (the rotation trick, Fifty et al. 2025); the forward pass is the same
+    # how the gradient crosses the quantizer: ste (straight through, the paper's), rotation
+    # (the rotation trick, Fifty et al. 2025, from z onto Ẑ) or rotation_per_depth (from
+    # each depth's residual onto its code, averaged); the forward pass is the same
     gradient_estimator: str = "ste"
     # the residual entering depth d divided by a per-depth scale (an EMA of its norm) before
     # the lookup, and the code multiplied back: a shared codebook then serves every depth's
