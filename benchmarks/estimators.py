@@ -1,8 +1,10 @@
-"""Straight-through vs the rotation trick (model.gradient_estimator) for tiny32 on the photos.
+"""Straight-through vs the rotation trick, from z onto Ẑ or per depth (model.gradient_estimator),
+for tiny32 on the photos.
 
 Trains each estimator at equal steps and seeds with the real CLI (the rate-distortion
 study's runner: `rqgen train-vae`, then `rqgen eval-vae` on the held-out crops) and reports
-PSNR, codebook usage and perplexity with 95% intervals over seeds, and the paired difference.
+PSNR, codebook usage and perplexity with 95% intervals over seeds, and the paired
+differences from straight-through.
 
     python benchmarks/estimators.py --steps 150 --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/estimators.py --steps 1000 --seeds 0 1 2 --jobs 2 --threads 1
@@ -22,7 +24,9 @@ from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E
 VARIANTS = {
     "straight-through (ste)": ["model.gradient_estimator=ste"],
     "rotation trick": ["model.gradient_estimator=rotation"],
+    "rotation trick per depth": ["model.gradient_estimator=rotation_per_depth"],
 }
+BASE = "straight-through (ste)"  # what each other estimator is paired with
 
 
 def main() -> None:
@@ -30,12 +34,13 @@ def main() -> None:
     seeds = args.seeds or [args.seed]
     results = train_all({k: ("tiny32", v) for k, v in VARIANTS.items()}, args, seeds)
     by = {(r["variant"], r["seed"]): r for r in results}
+    names = [k for k in VARIANTS if (k, seeds[0]) in by]
     rows = [
         "| estimator | PSNR (dB) | SSIM | PSNR of Ẑ(1)..Ẑ(4), seed 0 | codebook usage "
         "| perplexity |",
         "|---|---|---|---|---|---|",
     ]
-    for name in VARIANTS:
+    for name in names:
         rs = [by[name, s] for s in seeds]
         rows.append(
             f"| {name} | {cell([r['psnr'] for r in rs])} | {cell([r['ssim'] for r in rs], 3)} | "
@@ -43,19 +48,31 @@ def main() -> None:
             + f" | {cell([100 * r['codebook_usage'] for r in rs], 0)}% "
             f"| {cell([r['perplexity'] for r in rs], 0)} |"
         )
-    a, b = VARIANTS
-    diffs = [by[b, s]["psnr"] - by[a, s]["psnr"] for s in seeds]
+    others = [n for n in names if n != BASE and BASE in names]
+    diffs = ["| difference (dB of PSNR, same seed) | mean ± 95% interval | per seed |",
+             "|---|---|---|"]  # fmt: skip
+    for name in others:
+        d = [by[name, s]["psnr"] - by[BASE, s]["psnr"] for s in seeds]
+        diffs.append(f"| {name} − {BASE} | {cell(d)} | {', '.join(f'{x:+.2f}' for x in d)} |")
     # the same held-out images, scored by the trainer at each evaluation: when they part
-    curves = {(n, s): dict(by[n, s].get("val_curve", [])) for n in VARIANTS for s in seeds}
-    steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+    curves = {(n, s): dict(by[n, s].get("val_curve", [])) for n in names for s in seeds}
+    kept = [n for n in names if all(curves[n, s] for s in seeds)]
+    paired = [n for n in kept if n != BASE] if BASE in kept else []
+    steps = []
+    if kept:
+        steps = sorted(set.intersection(*(set(curves[n, s]) for n in kept for s in seeds)))
     during = [
-        "| step | " + " | ".join(VARIANTS) + " | rotation − straight-through |",
-        "|---|---|---|---|",
+        "| step | " + " | ".join(kept) + "".join(f" | {n} − {BASE}" for n in paired) + " |",
+        "|---" * (len(kept) + len(paired) + 1) + "|",
     ]
     for t in steps:
-        each = {n: [curves[n, s][t] for s in seeds] for n in VARIANTS}
-        gap = [x - y for x, y in zip(each[b], each[a])]
-        during.append(f"| {t} | {cell(each[a])} | {cell(each[b])} | {cell(gap)} |")
+        each = {n: [curves[n, s][t] for s in seeds] for n in kept}
+        gaps = [[x - y for x, y in zip(each[n], each[BASE])] for n in paired]
+        during.append(
+            f"| {t} | " + " | ".join(cell(each[n]) for n in kept)
+            + "".join(f" | {cell(g)}" for g in gaps) + " |"
+        )  # fmt: skip
+    missing = [n for n in names if n not in kept]
     body = "\n".join([
         f"tiny32 (8×8×4, K = 512, the preset's recipe) on the bundled photos, {args.steps} steps "
         f"at batch 64, seeds {', '.join(map(str, seeds))}, scored on the "
@@ -64,13 +81,12 @@ def main() -> None:
         "",
         *rows,
         "",
-        f"Rotation − straight-through, PSNR (same seed): {cell(diffs)} dB "
-        f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}).",
+        *diffs,
         "",
         "Held-out PSNR (dB) during training, as the trainer scores the same images at each "
-        "evaluation:",
+        "evaluation" + (f" (not kept for {', '.join(missing)})" if missing else "") + ":",
         "",
-        *(during if steps else ["(not kept in these runs' records)"]),
+        *(during if steps and BASE in kept else ["(not kept in these runs' records)"]),
     ])  # fmt: skip
     write_results(results_name("estimators", args), body, {"runs": results})
 
