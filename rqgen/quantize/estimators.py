@@ -21,21 +21,22 @@ def rotation_trick(z: Tensor, zhat: Tensor) -> Tensor:
     return rotated + (zhat - rotated).detach()  # the forward value stays Ẑ
 
 
-def rotation_per_depth(z: Tensor, partials: Tensor, depths: Tensor | None = None) -> Tensor:
+def rotation_per_depth(
+    z: Tensor, zhat: Tensor, partials: Tensor, depths: Tensor | None = None
+) -> Tensor:
     """Ẑ(d) in the forward pass; in the backward pass the mean over depths j ≤ d of the
     rotation trick taking each depth's residual r_{j-1} = z − Ẑ(j−1) onto its code e(k_j),
     as residual-VQ libraries apply the trick per layer (there summed; the mean keeps the
     gradient straight-through's size, and is straight-through when every code equals its
-    residual). partials: Ẑ(1..D) (D, N, dim), no gradient; depths: each vector's d (N,),
-    default D."""
+    residual). zhat: each vector's Ẑ(d) (N, dim); partials: Ẑ(1..D) (D, N, dim), no gradient;
+    depths: each vector's d (N,), default D."""
     prev = torch.cat([torch.zeros_like(partials[:1]), partials[:-1]])
     rotated = _rotate(z - prev, partials - prev)  # (D, N, dim)
     push = rotated - rotated.detach()  # zero forward; the rotated gradient backward
     n = len(partials)
     if depths is None:
-        return partials[-1] + push.sum(0) / n
+        return zhat + push.sum(0) / n
     used = torch.arange(1, n + 1, device=z.device)[:, None] <= depths  # (D, N)
-    zhat = partials.gather(0, (depths - 1)[None, :, None].expand(1, -1, z.shape[-1]))[0]
     return zhat + (push * used[..., None]).sum(0) / depths[:, None]
 
 
@@ -57,7 +58,7 @@ def cross(
     """The quantizer's output Ẑ(d) (`zhat`: each vector's own depth, default D) carrying the
     gradient `estimator` hands to z. partials: Ẑ(1..D); depths: each vector's d or None."""
     if estimator == "rotation_per_depth":
-        return rotation_per_depth(z, partials, depths)
+        return rotation_per_depth(z, zhat, partials, depths)
     return {"ste": straight_through, "rotation": rotation_trick}[estimator](z, zhat)
 
 

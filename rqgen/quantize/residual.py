@@ -48,7 +48,7 @@ from rqgen.quantize.search import nearest
 
 @dataclass
 class QuantizerOutput:
-    quantized: Tensor  # Ẑ with a straight-through gradient to z, same shape and dtype as z
+    quantized: Tensor  # Ẑ, its gradient to z per `gradient_estimator`; z's shape and dtype
     codes: Tensor  # (..., D) int64 code map M
     commitment_loss: Tensor  # β · Σ_d ||z - sg[Ẑ(d)]||² (Eq. 7), or β·||z - sg[Ẑ]||², a scalar
 
