@@ -104,7 +104,7 @@ def main() -> None:
         "| distinct codes per depth, seed " + str(seeds[0]) + " |",
         "|---|---|---|---|---|---|---|",
     ]
-    trained = [k for k in [*VARIANTS, *REFITS] if not args.only or k in args.only]
+    trained = [k for k in [*VARIANTS, *REFITS] if all((k, s) in by for s in seeds)]
     for name in trained:
         rs = [by[name, s] for s in seeds]
         depth = ", ".join(

@@ -79,8 +79,8 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None
     the study reads its model folder afterwards (`keep_model`)."""
     seed = args.seed if seed is None else seed
     out = run_dir(args, name, seed)
-    settings = [f"train.seed={seed}", "train.num_workers=0", *overrides]
-    key = ledger.run_key(config, [*settings, f"train.steps={args.steps}"], args.data)
+    settings = run_settings(overrides, seed)
+    key = run_key(config, overrides, args, seed)
     kept = ledger.get(key)
     if kept is not None and not (keep_model or (out / "model.safetensors").is_file()):
         print(f"{name}: PSNR {kept['psnr']:.2f} dB (kept record)", flush=True)
@@ -95,6 +95,26 @@ def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None
         log,
     )  # fmt: skip
     return {**ledger.put(key, score(name, out, args, seed)), "variant": name, "seed": seed}
+
+
+def run_key(config: str, overrides: list[str], args, seed: int) -> dict:
+    """The ledger key of one run as `one` trains it."""
+    settings = [*run_settings(overrides, seed), f"train.steps={args.steps}"]
+    return ledger.run_key(config, settings, args.data)
+
+
+def run_settings(overrides: list[str], seed: int) -> list[str]:
+    return [f"train.seed={seed}", "train.num_workers=0", *overrides]
+
+
+def recorded(variants: dict[str, tuple[str, list[str]]], args, seeds: list[int]) -> list[dict]:
+    """The kept records of those `variants` that have one at every seed; nothing trains."""
+    out = []
+    for name, (config, overrides) in variants.items():
+        kept = [ledger.get(run_key(config, overrides, args, s)) for s in seeds]
+        if all(kept):
+            out += [{**r, "variant": name, "seed": s} for r, s in zip(kept, seeds)]
+    return out
 
 
 def score(name: str, out: Path, args, seed: int) -> dict:
@@ -133,7 +153,7 @@ def parse_args(doc: str, steps: int, workdir: str) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="*", help="several seeds (default: --seed)")
     p.add_argument("--workdir", default=workdir)
-    p.add_argument("--only", nargs="*", help="subset of variant names")
+    p.add_argument("--only", nargs="*", help="variants to train; the rest join from records")
     p.add_argument("--data", choices=["photos", "fashion-mnist"], default="photos")
     args = p.parse_args()
     args.default_steps = steps
@@ -165,13 +185,18 @@ def train_all(
     variants: dict[str, tuple[str, list[str]]], args, seeds=None, keep_models=()
 ) -> list[dict]:
     """Train and score {name: (preset, overrides)} for each seed, `args.jobs` at a time;
-    `keep_models`: the variants whose model folders the study reads afterwards."""
-    chosen = [(k, v, seed) for seed in (seeds or [args.seed]) for k, v in variants.items()
+    `keep_models`: the variants whose model folders the study reads afterwards. With --only,
+    the other variants join from their records where every seed has one, so a table rebuilt
+    after training a few variants keeps the rest."""
+    seeds = seeds or [args.seed]
+    chosen = [(k, v, seed) for seed in seeds for k, v in variants.items()
               if not args.only or k in args.only]  # fmt: skip
     with ThreadPoolExecutor(args.jobs) as pool:
-        return list(pool.map(
+        results = list(pool.map(
             lambda c: one(c[0], c[1][1], args, c[1][0], c[2], c[0] in keep_models), chosen
         ))  # fmt: skip
+    others = {k: v for k, v in variants.items() if args.only and k not in args.only}
+    return results + recorded(others, args, seeds)
 
 
 def cell(values: list[float], digits: int = 2) -> str:

@@ -49,3 +49,23 @@ def test_records_are_not_ignored_by_git():
         pytest.skip("not a git checkout")
     ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", str(probe)])
     assert ignored.returncode == 1  # 1: not ignored
+
+
+def test_only_trains_its_subset_and_keeps_the_other_recorded_variants(tmp_path, monkeypatch):
+    """A table rebuilt with --only keeps every variant recorded at every seed, trains none."""
+    import argparse
+
+    import rate_distortion as rd
+
+    monkeypatch.setattr(ledger, "RUNS", tmp_path)
+    trained = []
+    monkeypatch.setattr(rd, "one", lambda name, o, a, c, seed, keep: trained.append(name)
+                        or {"psnr": 1.0, "variant": name, "seed": seed})  # fmt: skip
+    args = argparse.Namespace(steps=10, data="photos", only=["a"], seed=0, jobs=1)
+    variants = {n: ("tiny32", [f"model.code_depth={d}"]) for n, d in [("a", 1), ("b", 2), ("c", 4)]}
+    for seed in (0, 1):  # b recorded at both seeds, c at one only
+        ledger.put(rd.run_key("tiny32", variants["b"][1], args, seed), {"psnr": 2.0 + seed})
+    ledger.put(rd.run_key("tiny32", variants["c"][1], args, 0), {"psnr": 3.0})
+    got = {(r["variant"], r["seed"]): r["psnr"] for r in rd.train_all(variants, args, [0, 1])}
+    assert trained == ["a", "a"]
+    assert got == {("a", 0): 1.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 3.0}
