@@ -59,12 +59,16 @@ def torchrun_two_nodes(vae, out, steps, *extra):
         port = s.getsockname()[1]
     args = ["--vae", str(vae), "--data", "bundled:digits", "--out", str(out), "--steps",
             str(steps), "--device", "cpu", *AR_TINY, "train.eval_every=2", *extra]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+           "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
     procs = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-                          "--nproc_per_node", "1", "--node_rank", str(node), "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), "-m", "rqgen", "train-ar",
-                          *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
+        subprocess.Popen(
+            [*run, "--node_rank", str(node), "-m", "rqgen", "train-ar", *args],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for node in (0, 1)
     ]
     errors = [p.communicate(timeout=300)[1] for p in procs]
