@@ -20,6 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 from rate_distortion import cell, parse_args, results_name, train_all  # noqa: E402
@@ -47,6 +49,31 @@ PAIRS = [
     ("DQ r=2/3, entropy router", "RQ 4x4x3"),
     ("DQ r=2/3, entropy router", "VQ 8x8 (fine grid)"),
 ]
+
+
+FIXED = ["VQ 4x4 (coarse grid)", "RQ 4x4x2", "RQ 4x4x3"]  # the fixed-length curve: 16, 32, 48
+
+
+def at_equal_tokens(by: dict, seeds: list[int]) -> list[str]:
+    """Each DQ model against the RQ 4×4×D curve read at the tokens DQ spent on the held-out
+    crops (its entropy threshold is fitted on training crops, so these are not its nominal
+    budget): linear in tokens between D = 1, 2, 3 and held at D = 3 above 48 tokens."""
+    rows = [
+        "| DQ − RQ 4×4×D at DQ's tokens (dB, same seed) | tokens/image | mean ± 95% interval "
+        "| per seed |",
+        "|---|---|---|---|",
+    ]
+    if any((n, s) not in by for n in FIXED for s in seeds):
+        return []
+    for name in [k for k in VARIANTS if k.startswith("DQ") and (k, seeds[0]) in by]:
+        d = []
+        for s in seeds:
+            curve = [(by[n, s]["tokens_per_image"], by[n, s]["psnr"]) for n in FIXED]
+            rq = float(np.interp(by[name, s]["tokens_per_image"], *zip(*curve)))
+            d.append(by[name, s]["psnr"] - rq)
+        tokens = cell([by[name, s]["tokens_per_image"] for s in seeds], 1)
+        rows.append(f"| {name} | {tokens} | {cell(d)} | {', '.join(f'{x:+.2f}' for x in d)} |")
+    return rows
 
 
 def main() -> None:
@@ -101,6 +128,11 @@ def main() -> None:
         + "\n".join(diffs)
         + "\n"
     )
+    if curve := at_equal_tokens(by, seeds):
+        body += (
+            "\nAt the tokens each DQ model spent (the fixed-length curve read there; held at "
+            "RQ 4×4×3's PSNR above 48 tokens, which favours DQ):\n\n" + "\n".join(curve) + "\n"
+        )
     name = results_name("dq_rate_distortion", args)
     data = {"steps": args.steps, "seeds": seeds, "results": results}
     print(write_results(name, body, data))
