@@ -32,6 +32,31 @@ PAIRS = [("rotation trick", BASE), ("rotation trick per depth", BASE),
          ("rotation trick per depth", "rotation trick")]  # fmt: skip
 
 
+def training_losses(by: dict, names: list[str], seeds: list[int]) -> list[str]:
+    """The training reconstruction MSE and commitment loss (β Σ_d ||z − sg[Ẑ(d)]||², Eq. 7)
+    averaged over each interval between evaluations, for the runs whose records keep them:
+    whether an estimator stops fitting or stops quantizing. Means over the seeds that have
+    them (their number in the header)."""
+    have = {n: [s for s in seeds if by[n, s].get("train_curve")] for n in names}
+    cols = [n for n in names if have[n]]
+    if not cols:
+        return []
+    curve = {(n, s): {int(t): (r, c) for t, r, c in by[n, s]["train_curve"]} for n in cols
+             for s in have[n]}  # fmt: skip
+    steps = sorted(set.intersection(*(set(c) for c in curve.values())))
+    head = " | ".join(f"{n} ({len(have[n])} seed{'s' * (len(have[n]) > 1)})" for n in cols)
+    rows = ["", "Training losses (×10⁻³), reconstruction MSE / commitment, means over the "
+            "interval ending at each step:", "", f"| step | {head} |", "|---" * (len(cols) + 1)
+            + "|"]  # fmt: skip
+    for t in steps:
+        cells = []
+        for n in cols:
+            r, c = zip(*(curve[n, s][t] for s in have[n]))
+            cells.append(f"{1e3 * sum(r) / len(r):.2f} / {1e3 * sum(c) / len(c):.2f}")
+        rows.append(f"| {t} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     args = parse_args(__doc__, 150, "benchmarks/work/estimators")
     seeds = args.seeds or [args.seed]
@@ -75,6 +100,7 @@ def main() -> None:
             + "".join(f" | {cell(g)}" for g in gaps) + " |"
         )  # fmt: skip
     missing = [n for n in names if n not in kept]
+    losses = training_losses(by, names, seeds)
     body = "\n".join([
         f"tiny32 (8×8×4, K = 512, the preset's recipe) on the bundled photos, {args.steps} steps "
         f"at batch 64, seeds {', '.join(map(str, seeds))}, scored on the "
@@ -89,6 +115,7 @@ def main() -> None:
         "evaluation" + (f" (not kept for {', '.join(missing)})" if missing else "") + ":",
         "",
         *(during if steps else ["(not kept in these runs' records)"]),
+        *losses,
     ])  # fmt: skip
     write_results(results_name("estimators", args), body, {"runs": results})
 

@@ -66,11 +66,27 @@ def run_dir(args, name: str, seed: int) -> Path:
     return Path(args.workdir) / (slug(name) if seed == args.seed else f"seed{seed}/{slug(name)}")
 
 
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def val_curve(out: Path) -> list[list[float]]:
     """[step, held-out PSNR] at each evaluation the trainer logged in run folder `out`."""
-    path = out / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [[r["step"], r["val_psnr"]] for r in rows if "val_psnr" in r]
+    return [[r["step"], r["val_psnr"]] for r in metrics(out) if "val_psnr" in r]
+
+
+def train_curve(out: Path) -> list[list[float]]:
+    """[step, reconstruction loss, commitment loss] at each evaluation: the means of the
+    training losses logged since the previous one, so a curve says whether a model stopped
+    fitting its training images or stopped quantizing them well."""
+    rows, curve, start = metrics(out), [], 0
+    for t in [r["step"] for r in rows if "val_psnr" in r]:
+        span = [r for r in rows if start < r["step"] <= t and "rec" in r]
+        if span:
+            curve.append([t, *(sum(r[k] for r in span) / len(span) for k in ("rec", "commit"))])
+        start = t
+    return curve
 
 
 def one(name: str, overrides: list[str], args, config: str = "tiny32", seed=None,
@@ -137,6 +153,7 @@ def score(name: str, out: Path, args, seed: int) -> dict:
         tmp.replace(kept)
     res["bits_per_image"] = res["tokens_per_image"] * math.log2(res["codebook_size"])
     res["val_curve"] = val_curve(out)
+    res["train_curve"] = train_curve(out)
     if json.loads((out / "config.json").read_text()).get("model_type") == "rqvae":
         res["scales"] = residual_scales(out, args.val_data)
     res["variant"], res["seed"] = name, seed

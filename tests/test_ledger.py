@@ -69,3 +69,15 @@ def test_only_trains_its_subset_and_keeps_the_other_recorded_variants(tmp_path, 
     got = {(r["variant"], r["seed"]): r["psnr"] for r in rd.train_all(variants, args, [0, 1])}
     assert trained == ["a", "a"]
     assert got == {("a", 0): 1.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 3.0}
+
+
+def test_train_curve_averages_each_interval_between_evaluations(tmp_path):
+    import rate_distortion
+
+    rows = [{"step": s, "rec": s / 10, "commit": 1.0} for s in (10, 20, 30, 40)]
+    rows.insert(2, {"step": 20, "val_psnr": 25.0})
+    rows.append({"step": 40, "val_psnr": 26.0})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert rate_distortion.train_curve(tmp_path) == [[20, 1.5, 1.0], [40, 3.5, 1.0]]
+    assert rate_distortion.val_curve(tmp_path) == [[20, 25.0], [40, 26.0]]
+    assert rate_distortion.train_curve(tmp_path / "absent") == []
