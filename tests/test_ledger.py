@@ -1,6 +1,7 @@
 """The benchmarks' run records: a kept run is found again only under the same resolved
 config and data, so a study never reuses a run that trained something else."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import ledger  # noqa: E402
+import rate_distortion as rd  # noqa: E402
 
 
 def test_key_is_the_resolved_config_and_data():
@@ -53,10 +55,6 @@ def test_records_are_not_ignored_by_git():
 
 def test_only_trains_its_subset_and_keeps_the_other_recorded_variants(tmp_path, monkeypatch):
     """A table rebuilt with --only keeps every variant recorded at every seed, trains none."""
-    import argparse
-
-    import rate_distortion as rd
-
     monkeypatch.setattr(ledger, "RUNS", tmp_path)
     trained = []
     monkeypatch.setattr(rd, "one", lambda name, o, a, c, seed, keep: trained.append(name)
@@ -72,12 +70,10 @@ def test_only_trains_its_subset_and_keeps_the_other_recorded_variants(tmp_path, 
 
 
 def test_train_curve_averages_each_interval_between_evaluations(tmp_path):
-    import rate_distortion
-
     rows = [{"step": s, "rec": s / 10, "commit": 1.0} for s in (10, 20, 30, 40)]
     rows.insert(2, {"step": 20, "val_psnr": 25.0})
     rows.append({"step": 40, "val_psnr": 26.0})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert rate_distortion.train_curve(tmp_path) == [[20, 1.5, 1.0], [40, 3.5, 1.0]]
-    assert rate_distortion.val_curve(tmp_path) == [[20, 25.0], [40, 26.0]]
-    assert rate_distortion.train_curve(tmp_path / "absent") == []
+    assert rd.train_curve(tmp_path) == [[20, 1.5, 1.0], [40, 3.5, 1.0]]
+    assert rd.val_curve(tmp_path) == [[20, 25.0], [40, 26.0]]
+    assert rd.train_curve(tmp_path / "absent") == []
