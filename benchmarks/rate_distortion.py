@@ -28,6 +28,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402
 from common import fashion_mnist, interval, write_results  # noqa: E402
@@ -173,6 +175,7 @@ def parse_args(doc: str, steps: int, workdir: str) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="variants to train; the rest join from records")
     p.add_argument("--data", choices=["photos", "fashion-mnist"], default="photos")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)  # this process's work too; the table says so
     args.default_steps = steps
     if args.steps != steps:  # never resume a run of another length
         args.workdir += f"_{args.steps}steps"
