@@ -57,6 +57,29 @@ def training_losses(by: dict, names: list[str], seeds: list[int]) -> list[str]:
     return rows
 
 
+def stack_scales(by: dict, names: list[str], seeds: list[int]) -> list[str]:
+    """How large z is and how much of it each depth leaves (mean norms on the held-out crops,
+    from the records that keep them): an estimator can lower the commitment loss by
+    shrinking z as well as by quantizing it better; only the ratio says which."""
+    rows, depth = [], 0
+    for n in names:
+        have = [by[n, s].get("scales") for s in seeds]
+        have = [h for h in have if h and "final_residual_norm" in h]
+        if not have:
+            continue
+        z = [h["residual_norm"][0] for h in have]
+        left = [[*h["residual_norm"][1:], h["final_residual_norm"]] for h in have]
+        depth = len(left[0])
+        ratios = [cell([x[d] / zz for x, zz in zip(left, z)], 3) for d in range(depth)]
+        rows.append(f"| {n} | {len(have)} | {cell(z)} | " + " | ".join(ratios) + " |")
+    if not rows:
+        return []
+    head = " | ".join(f"d = {d + 1}" for d in range(depth))
+    return ["", "The code stack's scale on the held-out crops: mean ‖z‖, and the mean norm left "
+            "after depth d relative to it (‖z − Ẑ(d)‖ / ‖z‖):", "",
+            f"| estimator | seeds | ‖z‖ | {head} |", "|---" * (depth + 3) + "|", *rows]  # fmt: skip
+
+
 def main() -> None:
     args = parse_args(__doc__, 150, "benchmarks/work/estimators")
     seeds = args.seeds or [args.seed]
@@ -100,7 +123,7 @@ def main() -> None:
             + "".join(f" | {cell(g)}" for g in gaps) + " |"
         )  # fmt: skip
     missing = [n for n in names if n not in kept]
-    losses = training_losses(by, names, seeds)
+    losses = training_losses(by, names, seeds) + stack_scales(by, names, seeds)
     body = "\n".join([
         f"tiny32 (8×8×4, K = 512, the preset's recipe) on the bundled photos, {args.steps} steps "
         f"at batch 64, seeds {', '.join(map(str, seeds))}, scored on the "

@@ -242,9 +242,7 @@ TRENDS = [
 def residual_scales(model_dir: Path, data: str) -> dict:
     """Why a shared codebook can lose to separate ones: the mean norm of the residual entering
     each depth, the median code norm of each codebook, and the distinct codes each depth picks
-    on the held-out crops."""
-    import torch
-
+    on the held-out crops; and the mean norm of what is left after the last depth."""
     from rqgen.data import build_dataset
     from rqgen.stage1.rqvae import RQVAE
 
@@ -253,12 +251,14 @@ def residual_scales(model_dir: Path, data: str) -> dict:
     q = m.quantizer
     with torch.no_grad():
         codes, residuals = q.quantize(m.encode(val).reshape(-1, q.dim))
+        left = residuals[:, -1] - q.embed(codes)[:, -1]  # r_D = z − Ẑ(D)
     return {
         "residual_norm": [
             round(float(residuals[:, d].norm(dim=-1).mean()), 3) for d in range(q.depth)
         ],  # fmt: skip
         "median_code_norm": [round(float(book.norm(dim=-1).median()), 3) for book in q.codebook],
         "distinct_codes": [int(codes[:, d].unique().numel()) for d in range(q.depth)],
+        "final_residual_norm": round(float(left.norm(dim=-1).mean()), 4),
     }
 
 
