@@ -8,7 +8,9 @@ grows, so the first should agree with straight-through more the deeper the stack
 residual and its code stay apart at every depth, so the second need not. Measured on the
 rate-distortion study's tiny32 RQ 8×8×D models (straight-through trained; trained here
 when their folders are missing): the gradient of the reconstruction MSE over the held-out
-crops with respect to z under each estimator, compared per vector and over the batch.
+crops with respect to z under each estimator, compared per vector and over the batch; and
+how much of each descent step grows or shrinks z, against the commitment loss's pull
+towards the shorter partial sums Ẑ(d), which only the reconstruction gradient resists.
 
     python benchmarks/estimator_gradients.py --steps 1000 --seeds 0 1 2
 
@@ -41,7 +43,13 @@ from rqgen.stage1.rqvae import RQVAE  # noqa: E402
 MODELS = ["RQ 8x8x1", "RQ 8x8x2", "RQ 8x8x4", "RQ 8x8x8"]
 # an estimator's columns: (name, suffix) around its tag
 COLUMNS = [("cos_grad", "_median"), ("cos_grad", "_p10"), ("cos_grad", "_batch"),
-           ("norm_ratio_grad", "")]  # fmt: skip
+           ("norm_ratio_grad", ""), ("outward", "")]  # fmt: skip
+
+
+def outward(step: torch.Tensor, z: torch.Tensor) -> float:
+    """How much of a descent step (N, dim) points along z, away from 0: Σ step·ẑ / Σ ‖step‖.
+    Positive grows z, negative shrinks it; the EMA codebook follows z's scale either way."""
+    return ((step * F.normalize(z, dim=-1)).sum() / step.norm(dim=-1).sum()).item()
 
 
 def agreement(vae: RQVAE, images: torch.Tensor) -> dict:
@@ -61,6 +69,9 @@ def agreement(vae: RQVAE, images: torch.Tensor) -> dict:
     out = {
         "cos_z_zhat": F.cosine_similarity(flat, zhat, dim=-1).median().item(),
         "norm_ratio_zhat_z": (zhat.norm(dim=-1) / flat.norm(dim=-1)).median().item(),
+        "outward_ste": outward(-g, flat),
+        # Eq. 7's pull on z (all depths): −∇ Σ_d ||z − sg[Ẑ(d)]||²
+        "outward_commit": outward(-2 * (flat[None] - partials).sum(0), flat),
     }
     for name in ("rotation", "rotation_per_depth"):
         h, tag = grads[name], "" if name == "rotation" else "_per_depth"
@@ -71,6 +82,7 @@ def agreement(vae: RQVAE, images: torch.Tensor) -> dict:
             f"cos_grad{tag}_p10": per.quantile(0.1).item(),
             f"cos_grad{tag}_batch": whole.item(),
             f"norm_ratio_grad{tag}": (h.norm() / g.norm()).item(),
+            f"outward{tag}": outward(-h, flat),
         }
     return out
 
@@ -90,13 +102,14 @@ def main() -> None:
             print(m, s, runs[m, s], flush=True)
     rows = [
         "| model | estimator | cos(z, Ẑ), median | ‖Ẑ‖/‖z‖, median | cos(g, g_ste) per "
-        "vector, median | same, 10th percentile | same, whole batch | ‖g‖/‖g_ste‖, whole batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "vector, median | same, 10th percentile | same, whole batch | ‖g‖/‖g_ste‖, whole batch "
+        "| outward share of −g | same, straight-through | same, commitment pull |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in wanted:
         for tag, name in (("", "rotation"), ("_per_depth", "rotation_per_depth")):
             cols = ["cos_z_zhat", "norm_ratio_zhat_z"]
-            cols += [f"{c}{tag}{end}" for c, end in COLUMNS]
+            cols += [f"{c}{tag}{end}" for c, end in COLUMNS] + ["outward_ste", "outward_commit"]
             cells = [cell([runs[m, s][c] for s in seeds], 3) for c in cols]
             rows.append(f"| {m} | {name} | " + " | ".join(cells) + " |")
     body = "\n".join([
@@ -104,7 +117,9 @@ def main() -> None:
         f"seeds {', '.join(map(str, seeds))}; gradients of the reconstruction MSE over the "
         f"{len(images)} held-out crops ({args.val_data}) with respect to the encoder's output "
         "z, under each estimator at the same weights. Means ± half-width of the 95% "
-        "Student-t interval over seeds.",
+        "Student-t interval over seeds. Outward share: Σ step·ẑ / Σ ‖step‖ over the crops' "
+        "vectors for the descent step −g (positive grows z), and for the commitment loss's "
+        "pull towards every Ẑ(d) (Eq. 7).",
         "",
         *rows,
     ])  # fmt: skip
